@@ -1,0 +1,453 @@
+//! Validated settings for one virtual network.
+//!
+//! Everything the data plane and the namespace set-up need is decided here,
+//! once, from typed values: the CLI (and any embedder) builds a [`Config`]
+//! through [`ConfigBuilder`], which checks the combination and derives the
+//! addresses of the virtual network from its CIDR.
+//!
+//! The default network is slirp4netns's: 10.0.2.0/24, gateway .2 (which may
+//! stand for the host's loopback), DNS forwarder .3, guest .100.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::fd::RawFd;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// Default MTU of the TAP device: the largest an Ethernet TAP takes.
+pub const DEFAULT_MTU: u32 = 65520;
+/// Default TAP device name inside the namespace.
+pub const DEFAULT_TAP: &str = "tap0";
+
+/// An IPv4 network in CIDR notation (`10.0.2.0/24`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Ipv4Cidr {
+    addr: Ipv4Addr,
+    prefix: u8,
+}
+
+impl Ipv4Cidr {
+    /// A CIDR from an address and a prefix length (0..=32); host bits are kept.
+    pub fn new(addr: Ipv4Addr, prefix: u8) -> Result<Self, ConfigError> {
+        if prefix > 32 {
+            return Err(ConfigError::Cidr(format!(
+                "{addr}/{prefix}: prefix length must be 0-32"
+            )));
+        }
+        Ok(Self { addr, prefix })
+    }
+
+    /// The address part as written.
+    pub fn addr(&self) -> Ipv4Addr {
+        self.addr
+    }
+
+    /// The prefix length.
+    pub fn prefix(&self) -> u8 {
+        self.prefix
+    }
+
+    /// The network mask as a number.
+    pub fn mask(&self) -> u32 {
+        if self.prefix == 0 {
+            0
+        } else {
+            u32::MAX << (32 - self.prefix)
+        }
+    }
+
+    /// The network address (host bits cleared).
+    pub fn network(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.addr) & self.mask())
+    }
+
+    /// Whether `ip` lies inside this network.
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        u32::from(ip) & self.mask() == u32::from(self.addr) & self.mask()
+    }
+
+    /// The address `n` hosts above the network address (`nth(2)` is .2 of a /24).
+    pub fn nth(&self, n: u32) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.network()).wrapping_add(n))
+    }
+
+    /// The broadcast address of the network.
+    pub fn broadcast(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.network()) | !self.mask())
+    }
+}
+
+impl fmt::Display for Ipv4Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl FromStr for Ipv4Cidr {
+    type Err = ConfigError;
+
+    /// Parses `A.B.C.D/N`; a bare address means `/32`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (a, p) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: Ipv4Addr = a
+            .parse()
+            .map_err(|_| ConfigError::Cidr(format!("{s}: not an IPv4 address")))?;
+        let prefix = match p {
+            None => 32,
+            Some(p) => p
+                .parse::<u8>()
+                .map_err(|_| ConfigError::Cidr(format!("{s}: bad prefix length")))?,
+        };
+        Self::new(addr, prefix)
+    }
+}
+
+/// Where NATed guest traffic may go, besides the gateway and the DNS forwarder.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OutboundPolicy {
+    /// Any destination outside the loopback, link-local-to-us and special ranges.
+    Any,
+    /// Only destinations inside one of these networks (empty: none at all).
+    Only(Vec<Ipv4Cidr>),
+}
+
+impl OutboundPolicy {
+    /// Whether a NATed flow to `ip` is allowed by this policy.
+    pub fn allows(&self, ip: Ipv4Addr) -> bool {
+        match self {
+            OutboundPolicy::Any => true,
+            OutboundPolicy::Only(nets) => nets.iter().any(|n| n.contains(ip)),
+        }
+    }
+}
+
+impl fmt::Display for OutboundPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OutboundPolicy::Any => f.write_str("any"),
+            OutboundPolicy::Only(v) if v.is_empty() => f.write_str("none"),
+            OutboundPolicy::Only(v) => {
+                let parts: Vec<String> = v.iter().map(|c| c.to_string()).collect();
+                f.write_str(&parts.join(","))
+            }
+        }
+    }
+}
+
+/// Parses a `--dns-upstream` value: `IP`, `IP:PORT`, `[V6]:PORT`.
+pub fn parse_upstream(s: &str) -> Result<SocketAddr, ConfigError> {
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        return Ok(sa);
+    }
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, 53));
+    }
+    Err(ConfigError::Dns(format!(
+        "{s}: expected IP or IP:PORT (for IPv6 with a port: [ADDR]:PORT)"
+    )))
+}
+
+/// Errors found while validating settings; each names the offending value.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// A malformed network.
+    #[error("invalid CIDR {0}")]
+    Cidr(String),
+    /// An MTU outside what a TAP and the stack can carry.
+    #[error("MTU {0} is out of range: it must be between 68 and 65521")]
+    Mtu(u32),
+    /// An unusable TAP name.
+    #[error("invalid TAP name {0:?}: it must be 1-15 characters without '/', whitespace or ':'")]
+    TapName(String),
+    /// A malformed DNS upstream.
+    #[error("invalid DNS upstream {0}")]
+    Dns(String),
+    /// Options that contradict each other.
+    #[error("{0}")]
+    Conflict(String),
+}
+
+/// Complete, validated settings for a virtual network.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub(crate) tap_name: String,
+    pub(crate) mtu: u32,
+    pub(crate) configure: bool,
+    pub(crate) cidr: Ipv4Cidr,
+    pub(crate) allow_host_loopback: bool,
+    pub(crate) outbound: OutboundPolicy,
+    pub(crate) outbound_addr: Option<Ipv4Addr>,
+    pub(crate) dns_upstreams: Vec<SocketAddr>,
+    pub(crate) disable_dns: bool,
+    pub(crate) ready_fd: Option<RawFd>,
+    pub(crate) exit_fd: Option<RawFd>,
+    pub(crate) udp_idle_timeout: Duration,
+    pub(crate) dns_timeout: Duration,
+}
+
+impl Config {
+    /// Starts a builder with the defaults described on each setter.
+    pub fn builder() -> ConfigBuilder {
+        ConfigBuilder::default()
+    }
+
+    /// TAP device name inside the namespace.
+    pub fn tap_name(&self) -> &str {
+        &self.tap_name
+    }
+    /// MTU of the TAP device.
+    pub fn mtu(&self) -> u32 {
+        self.mtu
+    }
+    /// Whether rnet configures the TAP (addresses, route, MTU, lo up).
+    pub fn configure(&self) -> bool {
+        self.configure
+    }
+    /// The virtual IPv4 network.
+    pub fn cidr(&self) -> Ipv4Cidr {
+        self.cidr
+    }
+    /// The gateway address (net + 2).
+    pub fn gateway(&self) -> Ipv4Addr {
+        self.cidr.nth(2)
+    }
+    /// The DNS forwarder address (net + 3).
+    pub fn dns(&self) -> Ipv4Addr {
+        self.cidr.nth(3)
+    }
+    /// The address configured on the guest's TAP (net + 100).
+    pub fn guest(&self) -> Ipv4Addr {
+        self.cidr.nth(100)
+    }
+    /// Whether the gateway reaches the host's 127.0.0.1.
+    pub fn allow_host_loopback(&self) -> bool {
+        self.allow_host_loopback
+    }
+    /// The outbound allow-list.
+    pub fn outbound(&self) -> &OutboundPolicy {
+        &self.outbound
+    }
+    /// Source address for outgoing host sockets.
+    pub fn outbound_addr(&self) -> Option<Ipv4Addr> {
+        self.outbound_addr
+    }
+    /// DNS upstreams in the order they are tried (empty: read /etc/resolv.conf).
+    pub fn dns_upstreams(&self) -> &[SocketAddr] {
+        &self.dns_upstreams
+    }
+    /// Whether DNS traffic to the forwarder is dropped.
+    pub fn disable_dns(&self) -> bool {
+        self.disable_dns
+    }
+}
+
+/// Builder for [`Config`]; [`ConfigBuilder::build`] validates.
+#[derive(Clone, Debug)]
+pub struct ConfigBuilder {
+    tap_name: String,
+    mtu: u32,
+    configure: bool,
+    cidr: Ipv4Cidr,
+    allow_host_loopback: bool,
+    outbound: OutboundPolicy,
+    outbound_addr: Option<Ipv4Addr>,
+    dns_upstreams: Vec<SocketAddr>,
+    disable_dns: bool,
+    ready_fd: Option<RawFd>,
+    exit_fd: Option<RawFd>,
+    udp_idle_timeout: Duration,
+    dns_timeout: Duration,
+}
+
+impl Default for ConfigBuilder {
+    fn default() -> Self {
+        Self {
+            tap_name: DEFAULT_TAP.to_string(),
+            mtu: DEFAULT_MTU,
+            configure: true,
+            cidr: Ipv4Cidr {
+                addr: Ipv4Addr::new(10, 0, 2, 0),
+                prefix: 24,
+            },
+            allow_host_loopback: false,
+            outbound: OutboundPolicy::Any,
+            outbound_addr: None,
+            dns_upstreams: Vec::new(),
+            disable_dns: false,
+            ready_fd: None,
+            exit_fd: None,
+            udp_idle_timeout: Duration::from_secs(60),
+            dns_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+impl ConfigBuilder {
+    /// TAP device name (default `tap0`); an existing TAP of that name is reused.
+    pub fn tap_name(mut self, name: impl Into<String>) -> Self {
+        self.tap_name = name.into();
+        self
+    }
+    /// MTU (default 65520).
+    pub fn mtu(mut self, mtu: u32) -> Self {
+        self.mtu = mtu;
+        self
+    }
+    /// Whether to configure the TAP (default true).
+    pub fn configure(mut self, yes: bool) -> Self {
+        self.configure = yes;
+        self
+    }
+    /// The virtual network (default 10.0.2.0/24).
+    pub fn cidr(mut self, cidr: Ipv4Cidr) -> Self {
+        self.cidr = cidr;
+        self
+    }
+    /// Let the gateway address reach the host's 127.0.0.1 (default false).
+    pub fn allow_host_loopback(mut self, yes: bool) -> Self {
+        self.allow_host_loopback = yes;
+        self
+    }
+    /// Where other NATed traffic may go (default: anywhere public or private,
+    /// never loopback).
+    pub fn outbound(mut self, policy: OutboundPolicy) -> Self {
+        self.outbound = policy;
+        self
+    }
+    /// Bind outgoing host sockets to this address.
+    pub fn outbound_addr(mut self, addr: Option<Ipv4Addr>) -> Self {
+        self.outbound_addr = addr;
+        self
+    }
+    /// DNS upstreams, tried in order (default: the nameservers of /etc/resolv.conf).
+    pub fn dns_upstreams(mut self, ups: Vec<SocketAddr>) -> Self {
+        self.dns_upstreams = ups;
+        self
+    }
+    /// Drop all traffic to the DNS forwarder (default false).
+    pub fn disable_dns(mut self, yes: bool) -> Self {
+        self.disable_dns = yes;
+        self
+    }
+    /// Write `1` to this fd once the network is usable, then close it.
+    pub fn ready_fd(mut self, fd: Option<RawFd>) -> Self {
+        self.ready_fd = fd;
+        self
+    }
+    /// Exit when this fd reports hang-up.
+    pub fn exit_fd(mut self, fd: Option<RawFd>) -> Self {
+        self.exit_fd = fd;
+        self
+    }
+    /// How long an idle UDP flow keeps its host socket (default 60 s).
+    pub fn udp_idle_timeout(mut self, t: Duration) -> Self {
+        self.udp_idle_timeout = t;
+        self
+    }
+    /// How long to wait for one DNS upstream before trying the next (default 2 s).
+    pub fn dns_timeout(mut self, t: Duration) -> Self {
+        self.dns_timeout = t;
+        self
+    }
+
+    /// Checks the settings and returns the finished [`Config`].
+    pub fn build(self) -> Result<Config, ConfigError> {
+        if !(68..=65521).contains(&self.mtu) {
+            return Err(ConfigError::Mtu(self.mtu));
+        }
+        let n = &self.tap_name;
+        if n.is_empty()
+            || n.len() > 15
+            || n.contains(['/', ':'])
+            || n.chars().any(char::is_whitespace)
+        {
+            return Err(ConfigError::TapName(n.clone()));
+        }
+        if !(1..=25).contains(&self.cidr.prefix) {
+            return Err(ConfigError::Cidr(format!(
+                "{}: prefix length needs to be 1-25",
+                self.cidr
+            )));
+        }
+        if self.cidr.addr != self.cidr.network() {
+            return Err(ConfigError::Cidr(format!(
+                "{}: CIDR needs to be a network address like {}/{}",
+                self.cidr,
+                self.cidr.network(),
+                self.cidr.prefix
+            )));
+        }
+        Ok(Config {
+            tap_name: self.tap_name,
+            mtu: self.mtu,
+            configure: self.configure,
+            cidr: self.cidr,
+            allow_host_loopback: self.allow_host_loopback,
+            outbound: self.outbound,
+            outbound_addr: self.outbound_addr,
+            dns_upstreams: self.dns_upstreams,
+            disable_dns: self.disable_dns,
+            ready_fd: self.ready_fd,
+            exit_fd: self.exit_fd,
+            udp_idle_timeout: self.udp_idle_timeout,
+            dns_timeout: self.dns_timeout,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidr_parse_and_derive() {
+        let c: Ipv4Cidr = "10.0.135.128/25".parse().unwrap();
+        assert_eq!(c.nth(100), Ipv4Addr::new(10, 0, 135, 228));
+        assert!(c.contains(Ipv4Addr::new(10, 0, 135, 255)));
+        assert!(!c.contains(Ipv4Addr::new(10, 0, 135, 127)));
+        assert_eq!(
+            "1.2.3.4".parse::<Ipv4Cidr>().unwrap(),
+            Ipv4Cidr::new(Ipv4Addr::new(1, 2, 3, 4), 32).unwrap()
+        );
+        assert!("1.2.3/8".parse::<Ipv4Cidr>().is_err());
+        assert!("1.2.3.4/33".parse::<Ipv4Cidr>().is_err());
+    }
+
+    #[test]
+    fn builder_validates() {
+        assert!(Config::builder().build().is_ok());
+        assert_eq!(
+            Config::builder().mtu(10).build().unwrap_err(),
+            ConfigError::Mtu(10)
+        );
+        assert!(Config::builder().tap_name("a/b").build().is_err());
+        let host: Ipv4Cidr = "10.0.2.100/24".parse().unwrap();
+        assert!(Config::builder().cidr(host).build().is_err());
+        let wide: Ipv4Cidr = "10.0.0.0/26".parse().unwrap();
+        assert!(Config::builder().cidr(wide).build().is_err());
+    }
+
+    #[test]
+    fn policy() {
+        let p = OutboundPolicy::Only(vec!["198.18.0.0/30".parse().unwrap()]);
+        assert!(p.allows(Ipv4Addr::new(198, 18, 0, 2)));
+        assert!(!p.allows(Ipv4Addr::new(198, 18, 0, 4)));
+        assert!(!OutboundPolicy::Only(vec![]).allows(Ipv4Addr::new(1, 1, 1, 1)));
+    }
+
+    #[test]
+    fn upstream() {
+        assert_eq!(
+            parse_upstream("127.0.0.1").unwrap(),
+            "127.0.0.1:53".parse().unwrap()
+        );
+        assert_eq!(
+            parse_upstream("127.0.0.1:5353").unwrap(),
+            "127.0.0.1:5353".parse().unwrap()
+        );
+        assert!(parse_upstream("x").is_err());
+    }
+}

@@ -1,0 +1,958 @@
+//! The event loop: one thread owns the TAP, the smoltcp interface, every
+//! flow and every host socket.
+//!
+//! # Theory of operation
+//!
+//! `mio` (epoll, edge-triggered) reports readiness for the TAP, each host
+//! socket, the waker used by [`crate::Handle::stop`], the target's pidfd and
+//! the `--exit-fd`. Each flow lives in a slab; its index is its epoll token,
+//! so an event reaches its flow without a search, and guest frames find
+//! theirs through hash maps keyed by addresses. A loop iteration:
+//!
+//! 1. waits for events or the earliest timer;
+//! 2. reads a bounded batch of frames from the TAP and dispatches each
+//!    ([`crate::stack::classify`]), marking the flows it touched dirty;
+//! 3. fires due timers (TCP retransmissions, idle UDP flows, DNS failover);
+//! 4. services each dirty flow once: moves bytes between its smoltcp socket
+//!    and its host socket, lets it transmit, and re-arms its timer.
+//!
+//! Work per frame is a classification, one or two hash lookups and smoltcp
+//! processing against a one-socket set, independent of the number of flows.
+//! Timers live in a binary heap with lazy invalidation.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::ops::Range;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration as StdDuration;
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token, Waker};
+use slab::Slab;
+use smoltcp::iface::SocketSet;
+use smoltcp::time::{Duration, Instant};
+use smoltcp::wire::Icmpv4DstUnreachable;
+use tracing::{debug, info, warn};
+
+use crate::config::Config;
+use crate::nat::icmp::{self, IcmpFlow};
+use crate::nat::tcp::{self, Step, TcpFlow, TcpKey};
+use crate::nat::udp::UdpFlow;
+use crate::nat::{Deny, Route, route};
+use crate::services::dns::DnsQuery;
+use crate::stack::classify::{Verdict, classify};
+use crate::stack::emit::{self, Header};
+use crate::stack::{self, Stack};
+use crate::stats::{DropReason, Stats};
+use crate::tap::{ReadOutcome, Tap};
+
+const TAP: Token = Token(0);
+const WAKER: Token = Token(1);
+const PIDFD: Token = Token(2);
+const EXIT_FD: Token = Token(3);
+const FIRST_FLOW: usize = 16;
+
+/// Frames read from the TAP per loop iteration before other work runs.
+const TAP_BATCH: usize = 256;
+/// DNS queries in flight at once; more are dropped (the guest retries).
+const MAX_DNS_QUERIES: usize = 1024;
+
+/// Why the event loop ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitReason {
+    /// The target process exited.
+    TargetExited,
+    /// The exit fd hung up.
+    ExitFd,
+    /// [`crate::Handle::stop`] was called (or a signal asked for it).
+    Stopped,
+    /// The TAP went away (its namespace was destroyed).
+    TapClosed,
+}
+
+/// Shared between the loop and its handles.
+pub struct Control {
+    pub(crate) stop: AtomicBool,
+    pub(crate) waker: Waker,
+}
+
+impl Control {
+    /// Asks the loop to end and wakes it.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.waker.wake();
+    }
+}
+
+enum Flow {
+    Tcp(Box<TcpFlow>),
+    Udp(UdpFlow),
+    Icmp(IcmpFlow),
+    Dns(DnsQuery),
+}
+
+/// A classified frame, with offsets into the TAP receive buffer instead of
+/// borrowed slices so handlers may use the whole engine.
+#[derive(Debug)]
+enum Action {
+    Drop(DropReason),
+    Arp,
+    Tcp {
+        src: SocketAddrV4,
+        dst: SocketAddrV4,
+        syn_only: bool,
+        ip_off: usize,
+    },
+    Udp {
+        src: SocketAddrV4,
+        dst: SocketAddrV4,
+        payload: Range<usize>,
+        ip_off: usize,
+    },
+    Echo {
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        ident: u16,
+        seq: u16,
+        icmp: Range<usize>,
+        ip_off: usize,
+    },
+}
+
+impl Action {
+    fn from_verdict(v: Verdict<'_>, frame: &[u8]) -> Self {
+        let off = |s: &[u8]| s.as_ptr() as usize - frame.as_ptr() as usize;
+        let range = |s: &[u8]| off(s)..off(s) + s.len();
+        match v {
+            Verdict::Drop(r) => Action::Drop(r),
+            Verdict::Arp => Action::Arp,
+            Verdict::Tcp {
+                src,
+                dst,
+                syn_only,
+                ip,
+            } => Action::Tcp {
+                src,
+                dst,
+                syn_only,
+                ip_off: off(ip),
+            },
+            Verdict::Udp {
+                src,
+                dst,
+                payload,
+                ip,
+            } => Action::Udp {
+                src,
+                dst,
+                payload: range(payload),
+                ip_off: off(ip),
+            },
+            Verdict::Echo {
+                src,
+                dst,
+                ident,
+                seq,
+                icmp,
+            } => Action::Echo {
+                src,
+                dst,
+                ident,
+                seq,
+                icmp: range(icmp),
+                ip_off: 14,
+            },
+        }
+    }
+}
+
+struct Slot {
+    flow: Flow,
+    /// Unique over the engine's lifetime: slab indices are reused, ids not.
+    id: u64,
+    /// The deadline of this flow's live timer entry.
+    sched: Option<Instant>,
+    dirty: bool,
+}
+
+/// The data plane of one network.
+pub struct Engine {
+    cfg: Arc<Config>,
+    upstreams: Vec<SocketAddr>,
+    poll: Poll,
+    tap: Tap,
+    tap_readable: bool,
+    stack: Stack,
+    services: SocketSet<'static>,
+    flows: Slab<Slot>,
+    next_id: u64,
+    tcp_index: HashMap<TcpKey, usize>,
+    udp_index: HashMap<SocketAddrV4, usize>,
+    icmp_index: HashMap<(Ipv4Addr, u16), usize>,
+    timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
+    dirty: Vec<(usize, u64)>,
+    stats: Arc<Stats>,
+    control: Arc<Control>,
+    /// Kept open for as long as the loop watches the target.
+    _pidfd: Option<OwnedFd>,
+    exit_fd: Option<RawFd>,
+    ping_warned: bool,
+}
+
+impl Engine {
+    /// Sets up the loop over `tap`; `pid` is watched when given.
+    pub fn new(
+        cfg: Arc<Config>,
+        tap: Tap,
+        pid: Option<i32>,
+        upstreams: Vec<SocketAddr>,
+    ) -> io::Result<(Self, Arc<Control>, Arc<Stats>)> {
+        let poll = Poll::new()?;
+        let waker = Waker::new(poll.registry(), WAKER)?;
+        let control = Arc::new(Control {
+            stop: AtomicBool::new(false),
+            waker,
+        });
+        let mut tap = tap;
+        poll.registry()
+            .register(&mut SourceFd(&tap.as_raw_fd()), TAP, Interest::READABLE)?;
+        let stack = Stack::new(&cfg, tap.tx(), stack::now());
+        let pidfd = match pid {
+            Some(p) => {
+                let fd = pidfd_open(p)?;
+                poll.registry().register(
+                    &mut SourceFd(&fd.as_raw_fd()),
+                    PIDFD,
+                    Interest::READABLE,
+                )?;
+                Some(fd)
+            }
+            None => None,
+        };
+        if let Some(fd) = cfg.exit_fd {
+            set_nonblocking(fd)?;
+            poll.registry()
+                .register(&mut SourceFd(&fd), EXIT_FD, Interest::READABLE)?;
+        }
+        let stats = Arc::new(Stats::default());
+        let engine = Self {
+            exit_fd: cfg.exit_fd,
+            cfg,
+            upstreams,
+            poll,
+            tap,
+            tap_readable: true,
+            stack,
+            services: SocketSet::new(Vec::new()),
+            flows: Slab::new(),
+            next_id: 1,
+            tcp_index: HashMap::new(),
+            udp_index: HashMap::new(),
+            icmp_index: HashMap::new(),
+            timers: BinaryHeap::new(),
+            dirty: Vec::new(),
+            stats: stats.clone(),
+            control: control.clone(),
+            _pidfd: pidfd,
+            ping_warned: false,
+        };
+        Ok((engine, control, stats))
+    }
+
+    /// Runs until the target exits, the exit fd hangs up, the TAP goes away
+    /// or a stop is requested. Every host socket is closed on return.
+    pub fn run(mut self) -> io::Result<ExitReason> {
+        let mut events = Events::with_capacity(1024);
+        loop {
+            let timeout = self.next_timeout(stack::now());
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            let now = stack::now();
+            for ev in events.iter() {
+                match ev.token() {
+                    TAP => self.tap_readable = true,
+                    WAKER => {}
+                    PIDFD => return Ok(ExitReason::TargetExited),
+                    EXIT_FD => {
+                        if self.exit_fd_hung_up() {
+                            return Ok(ExitReason::ExitFd);
+                        }
+                    }
+                    Token(t) => {
+                        let r = ev.is_readable() || ev.is_read_closed() || ev.is_error();
+                        let w = ev.is_writable() || ev.is_write_closed() || ev.is_error();
+                        self.flow_event(t - FIRST_FLOW, r, w);
+                    }
+                }
+            }
+            if self.control.stop.load(Ordering::SeqCst) {
+                return Ok(ExitReason::Stopped);
+            }
+            if self.tap_readable && self.read_tap(now)? {
+                return Ok(ExitReason::TapClosed);
+            }
+            self.fire_timers(now);
+            self.service_dirty(now);
+        }
+    }
+
+    fn next_timeout(&self, now: Instant) -> Option<StdDuration> {
+        if self.tap_readable || !self.dirty.is_empty() {
+            return Some(StdDuration::ZERO);
+        }
+        self.timers.peek().map(|Reverse((at, _, _))| {
+            if *at <= now {
+                StdDuration::ZERO
+            } else {
+                StdDuration::from_micros((*at - now).total_micros())
+            }
+        })
+    }
+
+    fn exit_fd_hung_up(&self) -> bool {
+        let Some(fd) = self.exit_fd else { return false };
+        let mut buf = [0u8; 64];
+        loop {
+            // SAFETY: reading into a stack buffer of the given length from an
+            // fd the caller handed to us for this purpose.
+            let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+            match n {
+                0 => return true,
+                n if n > 0 => continue,
+                _ => {
+                    let e = io::Error::last_os_error();
+                    return !matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    );
+                }
+            }
+        }
+    }
+
+    /// Reads a batch of frames; true when the TAP is gone.
+    fn read_tap(&mut self, now: Instant) -> io::Result<bool> {
+        for _ in 0..TAP_BATCH {
+            match self.tap.read_frame()? {
+                ReadOutcome::Frame(n) => {
+                    self.stats.frames_in.fetch_add(1, Ordering::Relaxed);
+                    self.stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+                    self.on_frame(n, now);
+                }
+                ReadOutcome::WouldBlock => {
+                    self.tap_readable = false;
+                    break;
+                }
+                ReadOutcome::Closed => return Ok(true),
+            }
+        }
+        self.stats
+            .frames_out
+            .store(self.stack.frames_out, Ordering::Relaxed);
+        Ok(false)
+    }
+
+    fn on_frame(&mut self, len: usize, now: Instant) {
+        // Classify while borrowing the frame, then act on offsets into the
+        // TAP's receive buffer, which stays untouched until the next read.
+        let (action, src_mac) = {
+            let (rx, _) = self.tap.split();
+            let frame = &rx[..len];
+            let c = classify(frame, self.stack.mac, &self.stack.addrs);
+            (Action::from_verdict(c.verdict, frame), c.src_mac)
+        };
+        if !matches!(action, Action::Drop(_)) {
+            self.stack.guest_mac = Some(src_mac);
+        }
+        match action {
+            Action::Drop(r) => self.stats.count_drop(r),
+            Action::Arp => {
+                let (rx, tx) = self.tap.split();
+                self.stack.ingress(now, &rx[..len], tx, &mut self.services);
+            }
+            Action::Echo {
+                src,
+                dst,
+                ident,
+                seq,
+                icmp,
+                ip_off,
+            } => {
+                if self.stack.addrs.is_virtual(dst) {
+                    let h = header(&mut self.stack);
+                    let (rx, mut tx) = self.tap.split();
+                    let data = &rx[icmp.start + 8..icmp.end];
+                    if tx.build(|buf| emit::echo_reply(buf, &h, dst, src, ident, seq, data)) {
+                        self.stack.frames_out += 1;
+                    }
+                    return;
+                }
+                match route(&self.cfg, SocketAddrV4::new(dst, 0)) {
+                    Route::Host(_) => self.relay_echo(src, dst, ident, icmp, now),
+                    Route::Dns | Route::Deny(_) => {
+                        self.deny(Deny::NotAllowed, src, dst, ip_off, len)
+                    }
+                }
+            }
+            Action::Udp {
+                src,
+                dst,
+                payload,
+                ip_off,
+            } => match route(&self.cfg, dst) {
+                Route::Host(target) => self.udp_out(src, target, payload, now),
+                Route::Dns => self.dns_query(src, payload, now),
+                Route::Deny(d) => self.deny(d, *src.ip(), *dst.ip(), ip_off, len),
+            },
+            Action::Tcp {
+                src,
+                dst,
+                syn_only,
+                ip_off,
+            } => {
+                if let Some(&idx) = self.tcp_index.get(&(src, dst)) {
+                    let slot = &mut self.flows[idx];
+                    if let Flow::Tcp(f) = &mut slot.flow {
+                        let (rx, tx) = self.tap.split();
+                        self.stack.ingress(now, &rx[..len], tx, &mut f.sockets);
+                    }
+                    let id = slot.id;
+                    self.mark_dirty(idx, id);
+                } else if syn_only {
+                    self.tcp_open(src, dst, len, ip_off, now);
+                } else {
+                    // A stray segment: with no listener smoltcp answers RST.
+                    self.stats.count_drop(DropReason::NoFlow);
+                    let (rx, tx) = self.tap.split();
+                    self.stack.ingress(now, &rx[..len], tx, &mut self.services);
+                }
+            }
+        }
+    }
+
+    /// Starts a TCP flow for the SYN in the current TAP frame.
+    fn tcp_open(
+        &mut self,
+        src: SocketAddrV4,
+        dst: SocketAddrV4,
+        len: usize,
+        ip_off: usize,
+        now: Instant,
+    ) {
+        let (target, bind) = match route(&self.cfg, dst) {
+            Route::Host(t) => (t, self.cfg.outbound_addr()),
+            Route::Dns => match self.upstreams.first() {
+                Some(t) => (*t, None),
+                None => {
+                    self.stats.count_drop(DropReason::Policy);
+                    return;
+                }
+            },
+            Route::Deny(d) => {
+                self.deny(d, *src.ip(), *dst.ip(), ip_off, len);
+                return;
+            }
+        };
+        let (rx, tx) = self.tap.split();
+        let frame = &rx[..len];
+        let ip = &frame[ip_off..];
+        match TcpFlow::open((src, dst), target, bind, ip) {
+            Ok(mut f) => {
+                self.stack.ingress(now, frame, tx, &mut f.sockets);
+                let entry = self.flows.vacant_entry();
+                let idx = entry.key();
+                let id = self.next_id;
+                self.next_id += 1;
+                if let Err(e) = self.poll.registry().register(
+                    &mut f.host,
+                    Token(idx + FIRST_FLOW),
+                    Interest::READABLE | Interest::WRITABLE,
+                ) {
+                    warn!(error = %e, "cannot watch host socket");
+                    self.stats.count_drop(DropReason::HostSocket);
+                    return;
+                }
+                debug!(guest = %src, dst = %dst, %target, "tcp flow");
+                entry.insert(Slot {
+                    flow: Flow::Tcp(Box::new(f)),
+                    id,
+                    sched: None,
+                    dirty: false,
+                });
+                self.tcp_index.insert((src, dst), idx);
+                self.stats.tcp_opened.fetch_add(1, Ordering::Relaxed);
+                self.stats.tcp_flows.fetch_add(1, Ordering::Relaxed);
+                self.mark_dirty(idx, id);
+            }
+            Err(e) => {
+                debug!(guest = %src, dst = %dst, error = %e, "host connect failed at once");
+                match tcp::connect_error_reply(&e) {
+                    Some(code) => self.icmp_error(code, *dst.ip(), *src.ip(), ip_off, len),
+                    None => {
+                        // No listener exists, so smoltcp resets the SYN.
+                        self.stack.ingress(now, frame, tx, &mut self.services);
+                    }
+                }
+                if e.raw_os_error() == Some(libc::EMFILE) || e.raw_os_error() == Some(libc::ENFILE)
+                {
+                    self.stats.count_drop(DropReason::HostSocket);
+                }
+            }
+        }
+    }
+
+    /// ICMP unreachable for the packet at `ip_off` in the current TAP frame.
+    fn icmp_error(
+        &mut self,
+        code: Icmpv4DstUnreachable,
+        from: Ipv4Addr,
+        to: Ipv4Addr,
+        ip_off: usize,
+        len: usize,
+    ) {
+        let h = header(&mut self.stack);
+        let (rx, mut tx) = self.tap.split();
+        let orig = &rx[ip_off..len];
+        if tx.build(|buf| emit::dst_unreachable(buf, &h, from, to, code, orig)) {
+            self.stack.frames_out += 1;
+        }
+    }
+
+    /// Refuses the guest packet at `ip_off..len` of the current TAP frame:
+    /// counts it and answers per the policy.
+    fn deny(&mut self, d: Deny, guest: Ipv4Addr, dst: Ipv4Addr, ip_off: usize, len: usize) {
+        self.stats.count_drop(DropReason::Policy);
+        debug!(%guest, %dst, reason = ?d, "refused");
+        let Some(code) = d.icmp_code() else { return };
+        // The gateway reports, as the router on the path would.
+        let from = self.stack.addrs.gateway;
+        self.icmp_error(code, from, guest, ip_off, len);
+    }
+
+    fn udp_out(
+        &mut self,
+        src: SocketAddrV4,
+        target: SocketAddr,
+        payload: Range<usize>,
+        now: Instant,
+    ) {
+        let idx = match self.udp_index.get(&src) {
+            Some(&i) => i,
+            None => match UdpFlow::open(src, self.cfg.outbound_addr(), now) {
+                Ok(mut f) => {
+                    let entry = self.flows.vacant_entry();
+                    let idx = entry.key();
+                    if self
+                        .poll
+                        .registry()
+                        .register(&mut f.socket, Token(idx + FIRST_FLOW), Interest::READABLE)
+                        .is_err()
+                    {
+                        self.stats.count_drop(DropReason::HostSocket);
+                        return;
+                    }
+                    let id = self.next_id;
+                    self.next_id += 1;
+                    entry.insert(Slot {
+                        flow: Flow::Udp(f),
+                        id,
+                        sched: None,
+                        dirty: false,
+                    });
+                    self.udp_index.insert(src, idx);
+                    self.stats.udp_flows.fetch_add(1, Ordering::Relaxed);
+                    let at =
+                        now + Duration::from_micros(self.cfg.udp_idle_timeout.as_micros() as u64);
+                    self.schedule(idx, at);
+                    idx
+                }
+                Err(e) => {
+                    warn!(guest = %src, error = %e, "cannot open a UDP socket");
+                    self.stats.count_drop(DropReason::HostSocket);
+                    return;
+                }
+            },
+        };
+        let payload = &self.tap.split().0[payload];
+        if let Flow::Udp(f) = &mut self.flows[idx].flow
+            && let Err(e) = f.send(target, payload, now)
+        {
+            debug!(guest = %src, %target, error = %e, "udp send failed");
+            self.stats.count_drop(DropReason::HostSocket);
+        }
+    }
+
+    fn dns_query(&mut self, src: SocketAddrV4, payload: Range<usize>, now: Instant) {
+        if self.stats.dns_queries.load(Ordering::Relaxed) as usize >= MAX_DNS_QUERIES {
+            self.stats.count_drop(DropReason::HostSocket);
+            return;
+        }
+        let query = &self.tap.split().0[payload];
+        match DnsQuery::start(src, query, &self.upstreams) {
+            Ok(mut q) => {
+                let entry = self.flows.vacant_entry();
+                let idx = entry.key();
+                if self
+                    .poll
+                    .registry()
+                    .register(&mut q.socket, Token(idx + FIRST_FLOW), Interest::READABLE)
+                    .is_err()
+                {
+                    self.stats.count_drop(DropReason::HostSocket);
+                    return;
+                }
+                let id = self.next_id;
+                self.next_id += 1;
+                entry.insert(Slot {
+                    flow: Flow::Dns(q),
+                    id,
+                    sched: None,
+                    dirty: false,
+                });
+                self.stats.dns_queries.fetch_add(1, Ordering::Relaxed);
+                let at = now + Duration::from_micros(self.cfg.dns_timeout.as_micros() as u64);
+                self.schedule(idx, at);
+            }
+            Err(e) => {
+                debug!(guest = %src, error = %e, "dns query not forwarded");
+                self.stats.count_drop(DropReason::HostSocket);
+            }
+        }
+    }
+
+    fn relay_echo(
+        &mut self,
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        ident: u16,
+        icmp: Range<usize>,
+        now: Instant,
+    ) {
+        let idx = match self.icmp_index.get(&(src, ident)) {
+            Some(&i) => i,
+            None => match IcmpFlow::open(src, ident, self.cfg.outbound_addr(), now) {
+                Ok(mut f) => {
+                    let entry = self.flows.vacant_entry();
+                    let idx = entry.key();
+                    if self
+                        .poll
+                        .registry()
+                        .register(&mut f.socket, Token(idx + FIRST_FLOW), Interest::READABLE)
+                        .is_err()
+                    {
+                        self.stats.count_drop(DropReason::HostSocket);
+                        return;
+                    }
+                    let id = self.next_id;
+                    self.next_id += 1;
+                    entry.insert(Slot {
+                        flow: Flow::Icmp(f),
+                        id,
+                        sched: None,
+                        dirty: false,
+                    });
+                    self.icmp_index.insert((src, ident), idx);
+                    self.stats.icmp_flows.fetch_add(1, Ordering::Relaxed);
+                    let at =
+                        now + Duration::from_micros(self.cfg.udp_idle_timeout.as_micros() as u64);
+                    self.schedule(idx, at);
+                    idx
+                }
+                Err(e) => {
+                    self.stats.count_drop(DropReason::HostSocket);
+                    if !self.ping_warned {
+                        self.ping_warned = true;
+                        // SAFETY: getegid has no preconditions.
+                        let gid = unsafe { libc::getegid() };
+                        warn!(
+                            error = %e,
+                            "ICMP echo to {dst} cannot be relayed: the host's net.ipv4.ping_group_range ({}) does not admit rnet's group {gid}; allow it with `sysctl -w net.ipv4.ping_group_range=\"{gid} {gid}\"` (echo to the gateway is still answered; this is logged once)",
+                            icmp::ping_group_range()
+                        );
+                    }
+                    return;
+                }
+            },
+        };
+        let msg = &self.tap.split().0[icmp];
+        if let Flow::Icmp(f) = &mut self.flows[idx].flow
+            && let Err(e) = f.send(dst, msg, now)
+        {
+            debug!(%dst, error = %e, "echo not relayed");
+            self.stats.count_drop(DropReason::HostSocket);
+        }
+    }
+
+    fn flow_event(&mut self, idx: usize, readable: bool, writable: bool) {
+        let Some(slot) = self.flows.get_mut(idx) else {
+            return;
+        };
+        let id = slot.id;
+        match &mut slot.flow {
+            Flow::Tcp(f) => f.host_ready(readable, writable),
+            Flow::Udp(_) | Flow::Icmp(_) | Flow::Dns(_) if !readable => return,
+            _ => {}
+        }
+        self.mark_dirty(idx, id);
+    }
+
+    fn mark_dirty(&mut self, idx: usize, id: u64) {
+        if let Some(slot) = self.flows.get_mut(idx)
+            && !slot.dirty
+        {
+            slot.dirty = true;
+            self.dirty.push((idx, id));
+        }
+    }
+
+    fn schedule(&mut self, idx: usize, at: Instant) {
+        let Some(slot) = self.flows.get_mut(idx) else {
+            return;
+        };
+        if slot.sched.is_some_and(|s| s <= at) {
+            return;
+        }
+        slot.sched = Some(at);
+        self.timers.push(Reverse((at, idx, slot.id)));
+    }
+
+    fn fire_timers(&mut self, now: Instant) {
+        while let Some(Reverse((at, idx, id))) = self.timers.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            let idle = Duration::from_micros(self.cfg.udp_idle_timeout.as_micros() as u64);
+            let Some(slot) = self.flows.get_mut(idx) else {
+                continue;
+            };
+            if slot.id != id || slot.sched != Some(at) {
+                continue;
+            }
+            slot.sched = None;
+            match &mut slot.flow {
+                Flow::Tcp(_) => self.mark_dirty(idx, id),
+                Flow::Udp(f) => {
+                    let due = f.last_active + idle;
+                    if due <= now {
+                        self.remove(idx);
+                    } else {
+                        self.schedule(idx, due);
+                    }
+                }
+                Flow::Icmp(f) => {
+                    let due = f.last_active + idle;
+                    if due <= now {
+                        self.remove(idx);
+                    } else {
+                        self.schedule(idx, due);
+                    }
+                }
+                Flow::Dns(q) => {
+                    if q.retry(&self.upstreams) {
+                        debug!(upstream = %self.upstreams[q.upstream], "dns upstream timed out; trying the next");
+                        let at =
+                            now + Duration::from_micros(self.cfg.dns_timeout.as_micros() as u64);
+                        self.schedule(idx, at);
+                    } else {
+                        self.remove(idx);
+                    }
+                }
+            }
+        }
+    }
+
+    fn service_dirty(&mut self, now: Instant) {
+        let dirty = std::mem::take(&mut self.dirty);
+        for (idx, id) in dirty {
+            let Some(slot) = self.flows.get_mut(idx) else {
+                continue;
+            };
+            if slot.id != id {
+                continue;
+            }
+            slot.dirty = false;
+            match &mut slot.flow {
+                Flow::Tcp(_) => self.service_tcp(idx, now),
+                Flow::Udp(f) => {
+                    if f.to_guest(&self.cfg, &mut self.stack, self.tap.tx(), now) {
+                        self.mark_dirty(idx, id);
+                    }
+                }
+                Flow::Icmp(f) => f.to_guest(&self.cfg, &mut self.stack, self.tap.tx(), now),
+                Flow::Dns(q) => {
+                    let dns = SocketAddrV4::new(self.stack.addrs.dns, 53);
+                    if q.to_guest(dns, &mut self.stack, self.tap.tx()) {
+                        self.remove(idx);
+                    }
+                }
+            }
+        }
+        self.stats
+            .frames_out
+            .store(self.stack.frames_out, Ordering::Relaxed);
+    }
+
+    fn service_tcp(&mut self, idx: usize, now: Instant) {
+        let Flow::Tcp(f) = &mut self.flows[idx].flow else {
+            return;
+        };
+        let mut remove = false;
+        match f.service() {
+            Step::Keep => {}
+            Step::Remove => remove = true,
+            Step::ConnectFailed(e) => {
+                let is_dns = f.key.1 == SocketAddrV4::new(self.stack.addrs.dns, 53);
+                let next = self
+                    .upstreams
+                    .iter()
+                    .position(|u| *u == f.target)
+                    .and_then(|i| self.upstreams.get(i + 1))
+                    .copied();
+                if let (true, Some(next)) = (is_dns, next) {
+                    debug!(failed = %f.target, %next, error = %e, "dns over tcp: trying the next upstream");
+                    let _ = self.poll.registry().deregister(&mut f.host);
+                    let ok = f.retarget(next).is_ok()
+                        && self
+                            .poll
+                            .registry()
+                            .register(
+                                &mut f.host,
+                                Token(idx + FIRST_FLOW),
+                                Interest::READABLE | Interest::WRITABLE,
+                            )
+                            .is_ok();
+                    if !ok {
+                        f.abort_guest();
+                        remove = true;
+                    }
+                } else {
+                    debug!(guest = %f.key.0, dst = %f.key.1, target = %f.target, error = %e, "host connect failed");
+                    match tcp::connect_error_reply(&e) {
+                        Some(code) => {
+                            let h = header(&mut self.stack);
+                            let (guest, dst) = (*f.key.0.ip(), *f.key.1.ip());
+                            let quote = f.syn_quote();
+                            let mut tx = self.tap.tx();
+                            if tx.build(|buf| {
+                                emit::dst_unreachable(buf, &h, dst, guest, code, quote)
+                            }) {
+                                self.stack.frames_out += 1;
+                            }
+                            // Drop the flow silently: the guest got its answer.
+                            self.remove(idx);
+                            return;
+                        }
+                        None => {
+                            f.abort_guest();
+                            remove = true;
+                        }
+                    }
+                }
+            }
+        }
+        let Flow::Tcp(f) = &mut self.flows[idx].flow else {
+            return;
+        };
+        f.egress(&mut self.stack, now, self.tap.tx());
+        if remove {
+            self.remove(idx);
+            return;
+        }
+        // Sending may have freed room for more host data, and a close may
+        // have completed; one more pass settles both without waiting.
+        if matches!(f.service(), Step::Remove) {
+            f.egress(&mut self.stack, now, self.tap.tx());
+            self.remove(idx);
+            return;
+        }
+        if let Some(at) = f.poll_at(&mut self.stack, now) {
+            self.schedule(idx, at.max(now));
+        }
+    }
+
+    fn remove(&mut self, idx: usize) {
+        let slot = self.flows.remove(idx);
+        let reg = self.poll.registry();
+        match slot.flow {
+            Flow::Tcp(mut f) => {
+                let _ = reg.deregister(&mut f.host);
+                self.tcp_index.remove(&f.key);
+                self.stats.tcp_flows.fetch_sub(1, Ordering::Relaxed);
+            }
+            Flow::Udp(mut f) => {
+                let _ = reg.deregister(&mut f.socket);
+                self.udp_index.remove(&f.guest);
+                self.stats.udp_flows.fetch_sub(1, Ordering::Relaxed);
+            }
+            Flow::Icmp(mut f) => {
+                let _ = reg.deregister(&mut f.socket);
+                self.icmp_index.remove(&(f.guest, f.ident));
+                self.stats.icmp_flows.fetch_sub(1, Ordering::Relaxed);
+            }
+            Flow::Dns(mut q) => {
+                let _ = reg.deregister(&mut q.socket);
+                self.stats.dns_queries.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Logs one summary line; called once before the loop starts.
+    pub fn log_summary(&self, tap_name: &str) {
+        let c = &self.cfg;
+        let ups: Vec<String> = self.upstreams.iter().map(|u| u.to_string()).collect();
+        info!(
+            tap = tap_name,
+            mtu = c.mtu(),
+            network = %c.cidr(),
+            guest = %c.guest(),
+            gateway = %c.gateway(),
+            dns = %c.dns(),
+            host_loopback = if c.allow_host_loopback() { "allowed" } else { "blocked" },
+            outbound = %c.outbound(),
+            dns_upstreams = %if c.disable_dns() { "disabled".to_string() } else { ups.join(",") },
+            "network ready"
+        );
+    }
+}
+
+fn header(stack: &mut Stack) -> Header {
+    Header {
+        eth_src: stack.mac,
+        eth_dst: stack
+            .guest_mac
+            .unwrap_or(smoltcp::wire::EthernetAddress::BROADCAST),
+        ident: stack.next_ident(),
+    }
+}
+
+fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this fd to us; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: F_GETFL/F_SETFL on a caller-provided fd; no memory is passed.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -1,0 +1,250 @@
+//! rnet gives an unprivileged network namespace a real network interface.
+//!
+//! It creates a TAP device inside the target's namespaces, configures it
+//! (address, MTU, default route, `lo` up) and runs, outside the namespace, a
+//! userspace TCP/IP stack ([smoltcp]) that terminates the guest's TCP, UDP
+//! and ICMP and carries them over ordinary host sockets (NAT). The virtual
+//! network has a gateway (which may stand for the host's loopback), a DNS
+//! forwarder and, for later releases, DHCP and router advertisements.
+//!
+//! # Layers
+//!
+//! - [`ns`]: entering the target's namespaces, creating and configuring
+//!   the TAP, passing its descriptor back (SCM_RIGHTS), `rnet run`'s
+//!   fresh namespaces.
+//! - [`tap`]: reading and writing frames on the TAP descriptor.
+//! - [`stack`]: the smoltcp interface, frame classification, frames rnet
+//!   builds itself.
+//! - [`nat`]: the address policy and the TCP, UDP and ICMP flows.
+//! - [`services`]: the DNS forwarder.
+//! - the event loop (private) ties them together on one thread.
+//!
+//! # Example
+//!
+//! Attach to a process's namespaces and run until it exits:
+//!
+//! ```no_run
+//! use rnet::{Config, Network, OutboundPolicy, Target};
+//!
+//! let config = Config::builder()
+//!     .allow_host_loopback(true)
+//!     .outbound(OutboundPolicy::Only(vec!["198.18.0.0/15".parse()?]))
+//!     .dns_upstreams(vec!["127.0.0.1:5353".parse()?])
+//!     .build()?;
+//! let net = Network::attach(Target::Pid(4242), config)?;
+//! println!("{:?}", net.handle().stats());
+//! let why = net.wait()?;
+//! println!("network ended: {why:?}");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! [smoltcp]: https://docs.rs/smoltcp
+
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod config;
+mod engine;
+pub mod nat;
+pub mod ns;
+pub mod services;
+pub mod stack;
+pub mod stats;
+pub mod tap;
+
+use std::ffi::OsString;
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+pub use config::{Config, ConfigBuilder, ConfigError, Ipv4Cidr, OutboundPolicy};
+pub use engine::ExitReason;
+pub use ns::{NsError, Target};
+pub use stats::{DropReason, StatsSnapshot};
+
+use engine::{Control, Engine};
+use stats::Stats;
+
+/// Everything that can stop a network from starting or running.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Invalid settings.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Entering the namespaces or setting up the TAP failed.
+    #[error(transparent)]
+    Namespace(#[from] NsError),
+    /// An I/O error outside the namespaces, with what was being done.
+    #[error("{context}: {source}")]
+    Io {
+        /// What rnet was doing.
+        context: String,
+        /// The underlying error.
+        source: io::Error,
+    },
+}
+
+impl Error {
+    fn io(context: impl Into<String>) -> impl FnOnce(io::Error) -> Error {
+        let context = context.into();
+        move |source| Error::Io { context, source }
+    }
+}
+
+/// A cheap, cloneable handle to a running network.
+#[derive(Clone)]
+pub struct Handle {
+    control: Arc<Control>,
+    stats: Arc<Stats>,
+}
+
+impl Handle {
+    /// Asks the network to stop; [`Network::wait`] then returns
+    /// [`ExitReason::Stopped`]. Safe to call from any thread, repeatedly.
+    pub fn stop(&self) {
+        self.control.stop();
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.stats.snapshot()
+    }
+}
+
+/// A running virtual network: a TAP in the target namespace and the event
+/// loop serving it on its own thread.
+pub struct Network {
+    handle: Handle,
+    thread: JoinHandle<io::Result<ExitReason>>,
+    tap_name: String,
+}
+
+impl Network {
+    /// Attaches to `target`'s namespaces: creates (or reuses) the TAP there,
+    /// configures it unless [`ConfigBuilder::configure`] said not to, and
+    /// starts serving it. When the target is a PID, the network ends when
+    /// that process exits.
+    ///
+    /// The namespace work happens in a short-lived forked child, so this may
+    /// be called from a multi-threaded program.
+    pub fn attach(target: Target, config: Config) -> Result<Network, Error> {
+        let pid = match &target {
+            Target::Pid(p) => Some(*p),
+            Target::Path { .. } => None,
+        };
+        let setup = ns::TapSetup {
+            name: config.tap_name().to_string(),
+            mtu: config.mtu(),
+            vnet_hdr: false,
+            configure: config.configure().then(|| ns::IfaceConfig {
+                addr: config.guest(),
+                prefix_len: config.cidr().prefix(),
+                gateway: config.gateway(),
+                mac: None,
+            }),
+        };
+        let opened = ns::open_tap(&target, &setup)?;
+        let tap_name = opened.name.clone();
+        let tap = tap::Tap::new(opened.fd).map_err(Error::io("preparing the TAP descriptor"))?;
+        let upstreams = if config.dns_upstreams().is_empty() {
+            services::dns::system_upstreams()
+        } else {
+            config.dns_upstreams().to_vec()
+        };
+        if upstreams.is_empty() && !config.disable_dns() {
+            tracing::warn!(
+                "no DNS upstream: /etc/resolv.conf lists no nameserver and no --dns-upstream was given; DNS queries to the forwarder will go unanswered"
+            );
+        }
+        let ready_fd = config.ready_fd;
+        let config = Arc::new(config);
+        let (engine, control, stats) = Engine::new(config, tap, pid, upstreams)
+            .map_err(Error::io("starting the event loop"))?;
+        engine.log_summary(&tap_name);
+        let thread = std::thread::Builder::new()
+            .name("rnet-dataplane".into())
+            .spawn(move || engine.run())
+            .map_err(Error::io("starting the data-plane thread"))?;
+        if let Some(fd) = ready_fd {
+            signal_ready(fd).map_err(Error::io(format!("writing to --ready-fd {fd}")))?;
+        }
+        Ok(Network {
+            handle: Handle { control, stats },
+            thread,
+            tap_name,
+        })
+    }
+
+    /// Creates a new user namespace (the current uid and gid mapped to 0)
+    /// and network namespace, attaches a network to them, and then starts
+    /// `argv` inside. Returns the network and the command's PID; reap it
+    /// with [`wait_for_exit`].
+    pub fn spawn(argv: &[OsString], config: Config) -> Result<(Network, i32), Error> {
+        let mut cmd = ns::spawn_in_new_namespaces(argv)?;
+        let pid = cmd.pid();
+        let net = match Network::attach(Target::Pid(pid), config) {
+            Ok(n) => n,
+            Err(e) => {
+                // Dropping the command closes its go pipe: it exits 127.
+                drop(cmd);
+                let _ = wait_for_exit(pid);
+                return Err(e);
+            }
+        };
+        if let Err(e) = cmd.release() {
+            net.handle().stop();
+            let _ = net.wait();
+            let _ = wait_for_exit(pid);
+            return Err(e.into());
+        }
+        Ok((net, pid))
+    }
+
+    /// A handle for stopping the network or reading its counters.
+    pub fn handle(&self) -> Handle {
+        self.handle.clone()
+    }
+
+    /// The TAP device's name inside the namespace.
+    pub fn tap_name(&self) -> &str {
+        &self.tap_name
+    }
+
+    /// Waits for the network to end and says why. All host sockets are
+    /// closed when this returns.
+    pub fn wait(self) -> Result<ExitReason, Error> {
+        match self.thread.join() {
+            Ok(r) => r.map_err(Error::io("event loop")),
+            Err(_) => Err(Error::Io {
+                context: "event loop".into(),
+                source: io::Error::other("the data-plane thread panicked"),
+            }),
+        }
+    }
+}
+
+/// Writes `1` to `fd` and closes it (the `--ready-fd` protocol).
+fn signal_ready(fd: i32) -> io::Result<()> {
+    use std::io::Write;
+    // SAFETY: the caller handed this fd over to rnet for exactly this use;
+    // taking ownership closes it after the write, as the protocol expects.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut f = std::fs::File::from(owned);
+    f.write_all(b"1")
+}
+
+/// Waits for process `pid` (a child of this process) to exit and returns
+/// its exit code, or 128 + the signal number if a signal ended it.
+pub fn wait_for_exit(pid: i32) -> io::Result<i32> {
+    use nix::sys::wait::{WaitStatus, waitpid};
+    let pid = nix::unistd::Pid::from_raw(pid);
+    loop {
+        match waitpid(pid, None) {
+            Ok(WaitStatus::Exited(_, code)) => return Ok(code),
+            Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(128 + sig as i32),
+            Ok(_) => continue,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}

@@ -1,0 +1,255 @@
+//! The `rnet` command: parses the command line, calls the library, maps
+//! errors to exit codes (1 for any failure, the command's own status for
+//! `rnet run`).
+
+use std::ffi::OsString;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use nix::sys::signal::{SigSet, Signal};
+use rnet::{Config, Network, OutboundPolicy, Target, config};
+use tracing::{error, info};
+
+/// User-mode networking for unprivileged network namespaces.
+///
+/// rnet creates a TAP device inside a network namespace and serves it from
+/// outside with a userspace TCP/IP stack that carries the namespace's TCP,
+/// UDP and ICMP over ordinary host sockets. The namespace sees the network
+/// 10.0.2.0/24: its own address 10.0.2.100, a gateway at 10.0.2.2 and a DNS
+/// forwarder at 10.0.2.3.
+#[derive(Parser, Debug)]
+#[command(name = "rnet", version, propagate_version = true, max_term_width = 100)]
+#[command(after_long_help = "\
+EXAMPLES:
+    Give a fresh namespace a network and run a shell in it:
+        rnet run -- sh
+
+    Serve the namespaces of an existing process (for example one started
+    with `unshare --user --map-root-user --net sleep infinity`):
+        rnet attach 12345
+
+    Let the namespace reach a server on the host's 127.0.0.1:8080 as
+    10.0.2.2:8080, and nothing else:
+        rnet run --allow-host-loopback --outbound-allow none -- curl http://10.0.2.2:8080/
+
+LOGGING:
+    -v shows debug messages, -vv everything; RUST_LOG (for example
+    RUST_LOG=rnet=debug) overrides both.
+
+EXIT STATUS:
+    attach: 0 when the target exits, the --exit-fd hangs up, or on SIGINT/SIGTERM;
+    1 on any error. run: the command's exit status (128+N if killed by signal N);
+    1 if rnet itself fails.")]
+struct Cli {
+    /// More log output (-v debug, -vv trace).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    /// Only warnings and errors.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve the network namespace of a running process (or a namespace path).
+    ///
+    /// rnet joins the target's user namespace (when it differs from its own)
+    /// and network namespace in a short-lived child, creates the TAP there
+    /// (or attaches to an existing TAP of that name), configures it, and
+    /// serves it until the target exits.
+    Attach(AttachArgs),
+    /// Create a user and network namespace, give it a network, and run a command in it.
+    ///
+    /// The current user and group are mapped to root inside. The command
+    /// starts only once the network is up; SIGINT and SIGTERM are passed on
+    /// to it, and rnet exits with its status.
+    Run(RunArgs),
+}
+
+#[derive(Args, Debug)]
+struct AttachArgs {
+    /// PID of a process inside the target namespaces.
+    #[arg(required_unless_present = "netns", conflicts_with = "netns")]
+    pid: Option<i32>,
+    /// Path of the network namespace to serve (e.g. /run/netns/NAME or /proc/PID/ns/net).
+    #[arg(long, value_name = "PATH")]
+    netns: Option<PathBuf>,
+    /// User namespace to join first, when the netns belongs to one (with --netns).
+    #[arg(long, value_name = "PATH", requires = "netns")]
+    userns: Option<PathBuf>,
+    #[command(flatten)]
+    net: NetArgs,
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    #[command(flatten)]
+    net: NetArgs,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    command: Vec<OsString>,
+}
+
+#[derive(Args, Debug)]
+struct NetArgs {
+    /// Name of the TAP device inside the namespace; an existing TAP of that name is reused.
+    #[arg(long, value_name = "NAME", default_value = config::DEFAULT_TAP, help_heading = "Interface")]
+    tap: String,
+    /// MTU of the TAP device (68-65521).
+    #[arg(long, value_name = "N", default_value_t = config::DEFAULT_MTU, help_heading = "Interface")]
+    mtu: u32,
+    /// Do not configure the TAP: no address, route, MTU or link state is set.
+    #[arg(long, help_heading = "Interface")]
+    no_configure: bool,
+    /// Let the gateway 10.0.2.2 reach the host's 127.0.0.1. Off by default:
+    /// connections to the gateway then fail with "Network is unreachable".
+    #[arg(long, help_heading = "Policy")]
+    allow_host_loopback: bool,
+    /// Only NAT to destinations in CIDR (repeatable). `none` allows nothing
+    /// beyond the gateway and DNS. Without it any destination is allowed
+    /// except loopback and special addresses.
+    #[arg(long, value_name = "CIDR|none", help_heading = "Policy")]
+    outbound_allow: Vec<String>,
+    /// Source address for outgoing host sockets.
+    #[arg(long, value_name = "IP", help_heading = "Policy")]
+    outbound_addr: Option<Ipv4Addr>,
+    /// DNS server to forward 10.0.2.3 to, tried in order (repeatable).
+    /// Default: the nameservers in /etc/resolv.conf.
+    #[arg(long, value_name = "ADDR[:PORT]", help_heading = "DNS")]
+    dns_upstream: Vec<String>,
+    /// Drop all traffic to the DNS forwarder.
+    #[arg(long, help_heading = "DNS")]
+    disable_dns: bool,
+    /// Write "1" to file descriptor N once the network is usable, then close it.
+    #[arg(long, value_name = "N", help_heading = "Lifecycle")]
+    ready_fd: Option<i32>,
+    /// Exit when file descriptor N hangs up (its other end is closed).
+    #[arg(long, value_name = "N", help_heading = "Lifecycle")]
+    exit_fd: Option<i32>,
+}
+
+impl NetArgs {
+    fn to_config(&self) -> Result<Config, String> {
+        let outbound = if self.outbound_allow.is_empty() {
+            OutboundPolicy::Any
+        } else {
+            let mut nets = Vec::new();
+            for v in &self.outbound_allow {
+                for part in v.split(',').filter(|p| !p.is_empty()) {
+                    if part == "none" {
+                        continue;
+                    }
+                    nets.push(
+                        part.parse()
+                            .map_err(|e| format!("--outbound-allow {part}: {e}"))?,
+                    );
+                }
+            }
+            OutboundPolicy::Only(nets)
+        };
+        let upstreams = self
+            .dns_upstream
+            .iter()
+            .map(|u| config::parse_upstream(u).map_err(|e| format!("--dns-upstream: {e}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        Config::builder()
+            .tap_name(&self.tap)
+            .mtu(self.mtu)
+            .configure(!self.no_configure)
+            .allow_host_loopback(self.allow_host_loopback)
+            .outbound(outbound)
+            .outbound_addr(self.outbound_addr)
+            .dns_upstreams(upstreams)
+            .disable_dns(self.disable_dns)
+            .ready_fd(self.ready_fd)
+            .exit_fd(self.exit_fd)
+            .build()
+            .map_err(|e| e.to_string())
+    }
+}
+
+fn init_logging(verbose: u8, quiet: bool) {
+    use tracing_subscriber::EnvFilter;
+    let default = match (quiet, verbose) {
+        (true, _) => "warn",
+        (false, 0) => "info",
+        (false, 1) => "rnet=debug,info",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose, cli.quiet);
+
+    // SIGINT and SIGTERM are taken synchronously by a dedicated thread; block
+    // them before any thread exists so every thread inherits the mask.
+    let mut sigs = SigSet::empty();
+    sigs.add(Signal::SIGINT);
+    sigs.add(Signal::SIGTERM);
+    if let Err(e) = sigs.thread_block() {
+        error!("cannot block signals: {e}");
+        return ExitCode::from(1);
+    }
+
+    let result = match cli.command {
+        Command::Attach(a) => attach(a, sigs),
+        Command::Run(r) => run(r, sigs),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(msg) => {
+            error!("{msg}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn attach(a: AttachArgs, sigs: SigSet) -> Result<u8, String> {
+    let config = a.net.to_config()?;
+    let target = match (a.pid, a.netns) {
+        (Some(pid), _) => Target::Pid(pid),
+        (None, Some(netns)) => Target::Path {
+            netns,
+            userns: a.userns,
+        },
+        (None, None) => return Err("give a PID or --netns PATH".into()),
+    };
+    let net = Network::attach(target, config).map_err(|e| e.to_string())?;
+    let handle = net.handle();
+    std::thread::spawn(move || {
+        if let Ok(sig) = sigs.wait() {
+            info!("{sig:?} received; stopping");
+            handle.stop();
+        }
+    });
+    let why = net.wait().map_err(|e| e.to_string())?;
+    info!(reason = ?why, "network stopped");
+    Ok(0)
+}
+
+fn run(r: RunArgs, sigs: SigSet) -> Result<u8, String> {
+    let config = r.net.to_config()?;
+    let (net, pid) = Network::spawn(&r.command, config).map_err(|e| e.to_string())?;
+    std::thread::spawn(move || {
+        while let Ok(sig) = sigs.wait() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+        }
+    });
+    let code = rnet::wait_for_exit(pid).map_err(|e| format!("waiting for the command: {e}"))?;
+    net.handle().stop();
+    if let Err(e) = net.wait() {
+        error!("{e}");
+    }
+    Ok(code.clamp(0, 255) as u8)
+}

@@ -1,0 +1,184 @@
+//! Guest flows to host sockets: the address policy shared by every protocol,
+//! and one module per protocol.
+//!
+//! [`route`] is the single place that decides where a guest destination
+//! goes on the host, so that TCP, UDP and ICMP cannot disagree about what
+//! the gateway means or which networks the allow-list admits.
+
+pub mod icmp;
+pub mod tcp;
+pub mod udp;
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+
+use smoltcp::wire::Icmpv4DstUnreachable;
+
+use crate::config::Config;
+
+/// Where a guest destination leads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// Open a host socket to this address.
+    Host(SocketAddr),
+    /// The DNS forwarder (net + 3, port 53).
+    Dns,
+    /// Refused; answer the guest as described.
+    Deny(Deny),
+}
+
+/// Why a destination is refused, and how the guest learns it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Deny {
+    /// The gateway while host loopback is off: ICMP net unreachable, as
+    /// slirp4netns answers (the guest's connect says "Network is unreachable").
+    HostLoopbackOff,
+    /// Outside the outbound allow-list: ICMP administratively prohibited.
+    NotAllowed,
+    /// Loopback, broadcast, multicast or another unusable address.
+    Special,
+    /// DNS traffic while DNS is disabled: dropped silently (slirp4netns does
+    /// the same, so a client times out as it would on a dead resolver).
+    DnsDisabled,
+}
+
+impl Deny {
+    /// The ICMP code that tells the guest, if any.
+    pub fn icmp_code(self) -> Option<Icmpv4DstUnreachable> {
+        match self {
+            Deny::HostLoopbackOff => Some(Icmpv4DstUnreachable::NetUnreachable),
+            Deny::NotAllowed => Some(Icmpv4DstUnreachable::CommProhibited),
+            Deny::Special => Some(Icmpv4DstUnreachable::HostUnreachable),
+            Deny::DnsDisabled => None,
+        }
+    }
+}
+
+/// Decides where a guest packet to `dst` goes.
+pub fn route(cfg: &Config, dst: SocketAddrV4) -> Route {
+    let ip = *dst.ip();
+    if ip == cfg.gateway() {
+        return if cfg.allow_host_loopback() {
+            Route::Host(SocketAddrV4::new(Ipv4Addr::LOCALHOST, dst.port()).into())
+        } else {
+            Route::Deny(Deny::HostLoopbackOff)
+        };
+    }
+    if ip == cfg.dns() {
+        return match (dst.port(), cfg.disable_dns()) {
+            (53, false) => Route::Dns,
+            (53, true) => Route::Deny(Deny::DnsDisabled),
+            _ => Route::Deny(Deny::Special),
+        };
+    }
+    if is_special(ip) || cfg.cidr().contains(ip) {
+        return Route::Deny(Deny::Special);
+    }
+    if !cfg.outbound().allows(ip) {
+        return Route::Deny(Deny::NotAllowed);
+    }
+    Route::Host(dst.into())
+}
+
+/// Addresses never forwarded: loopback, "this network", multicast,
+/// broadcast and the reserved class E.
+fn is_special(ip: Ipv4Addr) -> bool {
+    ip.is_loopback()
+        || ip.is_unspecified()
+        || ip.octets()[0] == 0
+        || ip.is_multicast()
+        || ip.is_broadcast()
+        || ip.octets()[0] >= 240
+}
+
+/// Maps a host-side source address back to what the guest should see:
+/// the host's loopback appears as the gateway.
+pub fn guest_view(cfg: &Config, from: SocketAddr) -> Option<SocketAddrV4> {
+    match from {
+        SocketAddr::V4(a) if a.ip().is_loopback() => {
+            Some(SocketAddrV4::new(cfg.gateway(), a.port()))
+        }
+        SocketAddr::V4(a) => Some(a),
+        SocketAddr::V6(a) => a.ip().to_ipv4_mapped().map(|ip| {
+            if ip.is_loopback() {
+                SocketAddrV4::new(cfg.gateway(), a.port())
+            } else {
+                SocketAddrV4::new(ip, a.port())
+            }
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::OutboundPolicy;
+
+    fn sa(s: &str) -> SocketAddrV4 {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn gateway_follows_loopback_switch() {
+        let off = Config::builder().build().unwrap();
+        assert_eq!(
+            route(&off, sa("10.0.2.2:80")),
+            Route::Deny(Deny::HostLoopbackOff)
+        );
+        let on = Config::builder().allow_host_loopback(true).build().unwrap();
+        assert_eq!(
+            route(&on, sa("10.0.2.2:80")),
+            Route::Host("127.0.0.1:80".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn loopback_and_special_never_forwarded() {
+        let cfg = Config::builder().allow_host_loopback(true).build().unwrap();
+        for d in [
+            "127.0.0.1:80",
+            "127.1.2.3:80",
+            "0.0.0.0:80",
+            "224.0.0.1:80",
+            "255.255.255.255:80",
+            "10.0.2.7:80",
+        ] {
+            assert_eq!(route(&cfg, sa(d)), Route::Deny(Deny::Special), "{d}");
+        }
+    }
+
+    #[test]
+    fn allow_list_and_dns() {
+        let cfg = Config::builder()
+            .outbound(OutboundPolicy::Only(vec!["198.18.0.2/32".parse().unwrap()]))
+            .build()
+            .unwrap();
+        assert_eq!(
+            route(&cfg, sa("198.18.0.2:1")),
+            Route::Host("198.18.0.2:1".parse().unwrap())
+        );
+        assert_eq!(
+            route(&cfg, sa("198.18.0.3:1")),
+            Route::Deny(Deny::NotAllowed)
+        );
+        assert_eq!(route(&cfg, sa("10.0.2.3:53")), Route::Dns);
+        assert_eq!(route(&cfg, sa("10.0.2.3:54")), Route::Deny(Deny::Special));
+        let nodns = Config::builder().disable_dns(true).build().unwrap();
+        assert_eq!(
+            route(&nodns, sa("10.0.2.3:53")),
+            Route::Deny(Deny::DnsDisabled)
+        );
+    }
+
+    #[test]
+    fn host_loopback_shows_as_gateway() {
+        let cfg = Config::builder().build().unwrap();
+        assert_eq!(
+            guest_view(&cfg, "127.0.0.1:9".parse().unwrap()),
+            Some(sa("10.0.2.2:9"))
+        );
+        assert_eq!(
+            guest_view(&cfg, "198.18.0.2:9".parse().unwrap()),
+            Some(sa("198.18.0.2:9"))
+        );
+    }
+}

@@ -1,0 +1,4 @@
+//! Services rnet runs on the virtual network itself: the DNS forwarder
+//! (DHCP and router advertisements are planned here too).
+
+pub mod dns;

@@ -1,0 +1,237 @@
+//! First look at every guest frame: validate it and decide who handles it.
+//!
+//! This is the only place that parses untrusted bytes before they reach a
+//! handler. It uses smoltcp's checked views (`new_checked`), never panics,
+//! and turns everything it cannot use into a [`DropReason`] to be counted.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use smoltcp::wire::{
+    ArpOperation, ArpPacket, EthernetAddress, EthernetFrame, EthernetProtocol, Icmpv4Message,
+    Icmpv4Packet, IpProtocol, Ipv4Packet, TcpPacket, UdpPacket,
+};
+
+use super::NetAddrs;
+use crate::stats::DropReason;
+
+/// What to do with one guest frame.
+#[derive(Debug)]
+pub enum Verdict<'a> {
+    /// An ARP request for a virtual host (or a reply to rnet): smoltcp answers.
+    Arp,
+    /// A TCP segment (checksum checked later by smoltcp).
+    Tcp {
+        /// Guest endpoint.
+        src: SocketAddrV4,
+        /// Destination the guest dialled.
+        dst: SocketAddrV4,
+        /// SYN without ACK: the start of a connection.
+        syn_only: bool,
+        /// The IP packet, for ICMP errors quoting it.
+        ip: &'a [u8],
+    },
+    /// A UDP datagram with a verified checksum.
+    Udp {
+        /// Guest endpoint.
+        src: SocketAddrV4,
+        /// Destination endpoint.
+        dst: SocketAddrV4,
+        /// The datagram's payload.
+        payload: &'a [u8],
+        /// The IP packet, for ICMP errors quoting it.
+        ip: &'a [u8],
+    },
+    /// An ICMP echo request.
+    Echo {
+        /// Guest address.
+        src: Ipv4Addr,
+        /// Pinged address.
+        dst: Ipv4Addr,
+        /// Echo identifier.
+        ident: u16,
+        /// Echo sequence number.
+        seq: u16,
+        /// The whole ICMP message (header included).
+        icmp: &'a [u8],
+    },
+    /// Nothing to do but count it.
+    Drop(DropReason),
+}
+
+/// A classified frame plus the guest's link address it came from.
+#[derive(Debug)]
+pub struct Classified<'a> {
+    /// Source MAC of the frame (the guest's, when valid).
+    pub src_mac: EthernetAddress,
+    /// What to do.
+    pub verdict: Verdict<'a>,
+}
+
+/// Classifies one Ethernet frame from the guest.
+pub fn classify<'a>(frame: &'a [u8], our_mac: EthernetAddress, addrs: &NetAddrs) -> Classified<'a> {
+    let drop = |r| Classified {
+        src_mac: EthernetAddress([0; 6]),
+        verdict: Verdict::Drop(r),
+    };
+    let Ok(eth) = EthernetFrame::new_checked(frame) else {
+        return drop(DropReason::Malformed);
+    };
+    let src_mac = eth.src_addr();
+    let dst_mac = eth.dst_addr();
+    if !src_mac.is_unicast() {
+        return drop(DropReason::Malformed);
+    }
+    let verdict = match eth.ethertype() {
+        EthernetProtocol::Arp => arp(&frame[14..], addrs),
+        EthernetProtocol::Ipv4 if dst_mac == our_mac || dst_mac.is_broadcast() => {
+            ipv4(&frame[14..], addrs)
+        }
+        EthernetProtocol::Ipv4 => Verdict::Drop(DropReason::NotForUs),
+        _ => Verdict::Drop(DropReason::Unsupported),
+    };
+    Classified { src_mac, verdict }
+}
+
+fn arp(bytes: &[u8], addrs: &NetAddrs) -> Verdict<'static> {
+    let Ok(arp) = ArpPacket::new_checked(bytes) else {
+        return Verdict::Drop(DropReason::Malformed);
+    };
+    if arp.hardware_len() != 6 || arp.protocol_len() != 4 {
+        return Verdict::Drop(DropReason::Unsupported);
+    }
+    let sender = Ipv4Addr::from(<[u8; 4]>::try_from(arp.source_protocol_addr()).unwrap_or([0; 4]));
+    let target = Ipv4Addr::from(<[u8; 4]>::try_from(arp.target_protocol_addr()).unwrap_or([0; 4]));
+    // Gratuitous ARP and announcements (sender == target) would make smoltcp,
+    // which answers for any address under AnyIP, claim the guest's own
+    // address; only questions about the virtual hosts pass.
+    if sender == target || !addrs.is_virtual(target) {
+        return Verdict::Drop(DropReason::NotForUs);
+    }
+    // A guest claiming to be the gateway or the DNS host is ignored.
+    if !addrs.is_guest_source(sender) {
+        return Verdict::Drop(DropReason::SpoofedSource);
+    }
+    match arp.operation() {
+        ArpOperation::Request | ArpOperation::Reply => Verdict::Arp,
+        _ => Verdict::Drop(DropReason::Unsupported),
+    }
+}
+
+fn ipv4<'a>(bytes: &'a [u8], addrs: &NetAddrs) -> Verdict<'a> {
+    let Ok(ip) = Ipv4Packet::new_checked(bytes) else {
+        return Verdict::Drop(DropReason::Malformed);
+    };
+    if ip.version() != 4 {
+        return Verdict::Drop(DropReason::Malformed);
+    }
+    if !ip.verify_checksum() {
+        return Verdict::Drop(DropReason::BadChecksum);
+    }
+    if ip.more_frags() || ip.frag_offset() != 0 {
+        return Verdict::Drop(DropReason::Fragment);
+    }
+    let src = ip.src_addr();
+    let dst = ip.dst_addr();
+    if !addrs.is_guest_source(src) {
+        return Verdict::Drop(DropReason::SpoofedSource);
+    }
+    let ip_bytes = &bytes[..ip.total_len() as usize];
+    let payload = &ip_bytes[ip.header_len() as usize..];
+    match ip.next_header() {
+        IpProtocol::Tcp => {
+            let Ok(tcp) = TcpPacket::new_checked(payload) else {
+                return Verdict::Drop(DropReason::Malformed);
+            };
+            Verdict::Tcp {
+                src: SocketAddrV4::new(src, tcp.src_port()),
+                dst: SocketAddrV4::new(dst, tcp.dst_port()),
+                syn_only: tcp.syn() && !tcp.ack() && !tcp.rst(),
+                ip: ip_bytes,
+            }
+        }
+        IpProtocol::Udp => {
+            let Ok(udp) = UdpPacket::new_checked(payload) else {
+                return Verdict::Drop(DropReason::Malformed);
+            };
+            if udp.checksum() != 0 && !udp.verify_checksum(&src.into(), &dst.into()) {
+                return Verdict::Drop(DropReason::BadChecksum);
+            }
+            if udp.dst_port() == 0 || udp.src_port() == 0 {
+                return Verdict::Drop(DropReason::Malformed);
+            }
+            let len = udp.len() as usize;
+            Verdict::Udp {
+                src: SocketAddrV4::new(src, udp.src_port()),
+                dst: SocketAddrV4::new(dst, udp.dst_port()),
+                payload: &payload[8..len],
+                ip: ip_bytes,
+            }
+        }
+        IpProtocol::Icmp => {
+            let Ok(icmp) = Icmpv4Packet::new_checked(payload) else {
+                return Verdict::Drop(DropReason::Malformed);
+            };
+            if !icmp.verify_checksum() {
+                return Verdict::Drop(DropReason::BadChecksum);
+            }
+            if icmp.msg_type() != Icmpv4Message::EchoRequest || icmp.msg_code() != 0 {
+                return Verdict::Drop(DropReason::Unsupported);
+            }
+            Verdict::Echo {
+                src,
+                dst,
+                ident: icmp.echo_ident(),
+                seq: icmp.echo_seq_no(),
+                icmp: payload,
+            }
+        }
+        _ => Verdict::Drop(DropReason::Unsupported),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn addrs() -> NetAddrs {
+        NetAddrs::from_config(&Config::builder().build().unwrap())
+    }
+
+    #[test]
+    fn garbage_is_dropped_not_panicking() {
+        let a = addrs();
+        let mac = EthernetAddress([2, 0, 0, 0, 0, 2]);
+        for len in 0..80 {
+            let frame: Vec<u8> = (0..len).map(|i| (i * 37 + 11) as u8).collect();
+            let c = classify(&frame, mac, &a);
+            assert!(matches!(c.verdict, Verdict::Drop(_)), "len {len}: {c:?}");
+        }
+    }
+
+    #[test]
+    fn gratuitous_arp_is_ignored() {
+        let a = addrs();
+        let mut buf = [0u8; 28];
+        let mut p = ArpPacket::new_unchecked(&mut buf[..]);
+        p.set_hardware_type(smoltcp::wire::ArpHardware::Ethernet);
+        p.set_protocol_type(EthernetProtocol::Ipv4);
+        p.set_hardware_len(6);
+        p.set_protocol_len(4);
+        p.set_operation(ArpOperation::Request);
+        p.set_source_hardware_addr(&[2, 0, 0, 0, 0, 100]);
+        p.set_source_protocol_addr(&[10, 0, 2, 100]);
+        p.set_target_protocol_addr(&[10, 0, 2, 100]);
+        assert!(matches!(arp(&buf, &a), Verdict::Drop(DropReason::NotForUs)));
+        let mut p = ArpPacket::new_unchecked(&mut buf[..]);
+        p.set_target_protocol_addr(&[10, 0, 2, 2]);
+        assert!(matches!(arp(&buf, &a), Verdict::Arp));
+        // Spoofing the gateway as sender is refused.
+        let mut p = ArpPacket::new_unchecked(&mut buf[..]);
+        p.set_source_protocol_addr(&[10, 0, 2, 3]);
+        assert!(matches!(
+            arp(&buf, &a),
+            Verdict::Drop(DropReason::SpoofedSource)
+        ));
+    }
+}

@@ -1,0 +1,162 @@
+//! The guest-facing side of rnet: one smoltcp [`Interface`] on the TAP,
+//! the virtual hosts it stands for (gateway, DNS), and the frames rnet
+//! builds itself.
+//!
+//! # Theory of operation
+//!
+//! Every frame read from the TAP is first looked at by [`classify`], which
+//! validates it and decides who handles it. smoltcp only ever sees ARP for
+//! the virtual hosts and TCP segments, and it sees each TCP segment together
+//! with the one-socket [`SocketSet`] of the flow it belongs to, so the cost
+//! of a frame does not depend on how many flows exist (smoltcp matches a
+//! segment against every socket of the set it is given). UDP and ICMP never
+//! enter smoltcp: rnet parses them and answers with frames built by
+//! [`emit`], which is cheaper than a smoltcp socket per guest port.
+//!
+//! The interface runs with AnyIP, so a TCP socket may listen on any
+//! destination the guest dials; ARP is filtered before smoltcp so that only
+//! the gateway and DNS addresses are ever claimed.
+
+pub mod classify;
+pub mod device;
+pub mod emit;
+
+use std::net::Ipv4Addr;
+
+use smoltcp::iface::{Config as IfaceConfig, Interface, SocketSet};
+use smoltcp::time::Instant;
+use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr};
+
+use crate::config::Config;
+use crate::tap::TapTx;
+use device::FrameDevice;
+
+/// The MAC address rnet's virtual hosts answer with (locally administered).
+pub const GATEWAY_MAC: [u8; 6] = [0x52, 0x55, 0x0a, 0x00, 0x02, 0x02];
+
+/// Addresses of the virtual network.
+#[derive(Clone, Copy, Debug)]
+pub struct NetAddrs {
+    /// The network.
+    pub cidr: crate::config::Ipv4Cidr,
+    /// Gateway (net + 2).
+    pub gateway: Ipv4Addr,
+    /// DNS forwarder (net + 3).
+    pub dns: Ipv4Addr,
+}
+
+impl NetAddrs {
+    /// Derives the addresses from a configuration.
+    pub fn from_config(cfg: &Config) -> Self {
+        Self {
+            cidr: cfg.cidr(),
+            gateway: cfg.gateway(),
+            dns: cfg.dns(),
+        }
+    }
+
+    /// Whether `ip` is one of rnet's own virtual hosts.
+    pub fn is_virtual(&self, ip: Ipv4Addr) -> bool {
+        ip == self.gateway || ip == self.dns
+    }
+
+    /// Whether `ip` may be a guest's source address.
+    pub fn is_guest_source(&self, ip: Ipv4Addr) -> bool {
+        self.cidr.contains(ip)
+            && !self.is_virtual(ip)
+            && ip != self.cidr.network()
+            && ip != self.cidr.broadcast()
+    }
+}
+
+/// The smoltcp interface plus what rnet knows about the guest link.
+pub struct Stack {
+    /// The smoltcp interface (AnyIP, Ethernet).
+    pub iface: Interface,
+    /// rnet's MAC on the virtual link.
+    pub mac: EthernetAddress,
+    /// The guest's MAC, learned from its frames.
+    pub guest_mac: Option<EthernetAddress>,
+    /// IP MTU of the link.
+    pub mtu: usize,
+    /// Addresses of the virtual network.
+    pub addrs: NetAddrs,
+    /// Frames written to the TAP.
+    pub frames_out: u64,
+    ip_ident: u16,
+}
+
+impl Stack {
+    /// Creates the interface for `cfg`, transmitting through `tx`.
+    pub fn new(cfg: &Config, tx: TapTx<'_>, now: Instant) -> Self {
+        let mac = EthernetAddress(GATEWAY_MAC);
+        let addrs = NetAddrs::from_config(cfg);
+        let mtu = cfg.mtu() as usize;
+        let mut sent = 0;
+        let mut dev = FrameDevice::new(None, tx, mtu, &mut sent);
+        let mut ic = IfaceConfig::new(HardwareAddress::Ethernet(mac));
+        ic.random_seed = seed();
+        let mut iface = Interface::new(ic, &mut dev, now);
+        iface.set_any_ip(true);
+        let prefix = addrs.cidr.prefix();
+        iface.update_ip_addrs(|a| {
+            // Two addresses always fit: the interface holds up to five.
+            let _ = a.push(IpCidr::new(addrs.gateway.into(), prefix));
+            let _ = a.push(IpCidr::new(addrs.dns.into(), prefix));
+        });
+        Self {
+            iface,
+            mac,
+            guest_mac: None,
+            mtu,
+            addrs,
+            frames_out: 0,
+            ip_ident: 1,
+        }
+    }
+
+    /// Feeds one frame to smoltcp together with the socket set that owns it.
+    pub fn ingress(&mut self, now: Instant, frame: &[u8], tx: TapTx<'_>, sockets: &mut SocketSet) {
+        let mut dev = FrameDevice::new(Some(frame), tx, self.mtu, &mut self.frames_out);
+        self.iface.poll_ingress_single(now, &mut dev, sockets);
+    }
+
+    /// Lets the sockets of `sockets` transmit what they have queued.
+    pub fn egress(&mut self, now: Instant, mut tx: TapTx<'_>, sockets: &mut SocketSet) {
+        // Each round emits at most one segment per socket; bound the rounds
+        // so one flow cannot monopolise the loop (its timer brings it back).
+        for _ in 0..256 {
+            let mut dev = FrameDevice::new(None, tx.reborrow(), self.mtu, &mut self.frames_out);
+            if self.iface.poll_egress(now, &mut dev, sockets) == smoltcp::iface::PollResult::None {
+                break;
+            }
+        }
+    }
+
+    /// Next IPv4 identification value for frames rnet builds.
+    pub fn next_ident(&mut self) -> u16 {
+        self.ip_ident = self.ip_ident.wrapping_add(1);
+        self.ip_ident
+    }
+
+    /// The link-layer destination for a frame to the guest, if known.
+    pub fn guest_mac(&self) -> Option<EthernetAddress> {
+        self.guest_mac
+    }
+}
+
+/// A per-process seed for smoltcp's initial sequence numbers and ports.
+fn seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(std::process::id() as u64);
+    h.finish()
+}
+
+/// smoltcp's clock, from the monotonic clock.
+pub fn now() -> Instant {
+    use std::sync::OnceLock;
+    static START: OnceLock<std::time::Instant> = OnceLock::new();
+    let start = START.get_or_init(std::time::Instant::now);
+    Instant::from_micros(start.elapsed().as_micros() as i64)
+}

@@ -1,0 +1,475 @@
+//! End-to-end scenarios: real namespaces, TAP, sockets and clients.
+//!
+//! Every rnet here runs with an outbound allow-list and a loopback DNS upstream
+//! (see `common::Rnet`); guests only talk to 10.0.2.2, 10.0.2.3 or a test host.
+
+mod common;
+
+use std::net::Ipv4Addr;
+use std::process::Command;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const GIB: u64 = 1 << 30;
+
+/// Shorthand: bail out of a test whose prerequisite is missing (skip printed).
+macro_rules! require {
+    ($check:ident) => {
+        if !$check(module_path_test!()) {
+            return;
+        }
+    };
+}
+
+macro_rules! module_path_test {
+    () => {{
+        fn f() {}
+        let name = std::any::type_name_of_val(&f);
+        name.strip_suffix("::f").unwrap_or(name)
+    }};
+}
+
+// ---------------------------------------------------------------- 1. host loopback
+
+fn host_loopback_http(rnet: Rnet) {
+    let srv = HttpServer::start();
+    let url = format!("http://{GATEWAY}:{}/", srv.port());
+    let out = rnet
+        .clone()
+        .allow_host_loopback()
+        .run(&strs(&curl(&url)), secs(30));
+    out.assert_success("guest curl to 10.0.2.2 with --allow-host-loopback");
+    assert_eq!(out.stdout, HTTP_BODY, "{out}");
+    assert_eq!(srv.hits(), 1, "host server connections");
+
+    let srv = HttpServer::start();
+    let url = format!("http://{GATEWAY}:{}/", srv.port());
+    let out = rnet.run(&strs(&curl(&url)), secs(30));
+    assert_eq!(out.code(), Some(7), "curl must fail to connect: {out}");
+    assert_stderr_has(&out, "unreachable");
+    assert_eq!(srv.hits(), 0, "host server must see no connection");
+}
+
+#[test]
+fn host_loopback_http_in_userns() {
+    require!(require_userns);
+    host_loopback_http(Rnet::new());
+}
+
+#[test]
+fn host_loopback_http_as_nobody() {
+    require!(require_root);
+    host_loopback_http(Rnet::new().nobody());
+}
+
+// ---------------------------------------------------------------- 2. UDP
+
+#[test]
+fn udp_echo_1000_datagrams() {
+    require!(require_userns);
+    let echo = UdpEcho::start();
+    let port = echo.addr.port().to_string();
+    let out = Rnet::new().allow_host_loopback().run(
+        &[PYTHON, &guest_script("udp_echo.py"), GATEWAY, &port, "1000"],
+        secs(120),
+    );
+    out.assert_success("guest udp_echo.py");
+    let stats = out.stdout.trim();
+    eprintln!("udp: {stats}; host echo saw {:?} datagrams", echo.datagrams);
+    assert_eq!(json_num(stats, "corrupted"), 0, "{out}");
+    assert_eq!(json_num(stats, "lost"), 0, "{out}");
+    assert_eq!(json_num(stats, "answered"), 1000, "{out}");
+}
+
+// ---------------------------------------------------------------- 3. ICMP
+
+fn ping(dst: &str) -> [&str; 6] {
+    ["ping", "-c", "3", "-W", "2", dst]
+}
+
+/// Everything touching net.ipv4.ping_group_range stays in this one test.
+#[test]
+fn ping_gateway_and_relay() {
+    require!(require_userns);
+    let out = Rnet::new().run(&ping(GATEWAY), secs(30));
+    out.assert_success("guest ping 10.0.2.2");
+    assert!(out.stdout.contains(" 3 received"), "{out}");
+
+    require!(require_root);
+    let th = TestHost::create();
+    let addr = th.addr.to_string();
+    let rnet = Rnet::new().outbound_allow(&th.cidr());
+    let range = SysctlGuard::new("/proc/sys/net/ipv4/ping_group_range");
+
+    range.set("0 2147483647");
+    let out = rnet.run(&ping(&addr), secs(30));
+    out.assert_success("guest ping of the test host, ping sockets allowed");
+    assert!(out.stdout.contains(" 3 received"), "{out}");
+
+    range.set("1 0");
+    let out = rnet.run(&ping(&addr), secs(30));
+    out.assert_failure("guest ping of the test host, ping sockets denied");
+    // One warning line for the three echo requests (the line itself may name
+    // the sysctl more than once, e.g. in its fix-it hint).
+    let warnings = out
+        .stderr
+        .lines()
+        .filter(|l| l.contains("ping_group_range"));
+    assert_eq!(
+        warnings.count(),
+        1,
+        "rnet must log the ping_group_range warning exactly once: {out}"
+    );
+}
+
+// ---------------------------------------------------------------- 4. DNS
+
+fn dig(tcp: bool, server: &str, port: Option<u16>) -> Vec<String> {
+    let mut a: Vec<String> = ["dig", "+short", "+time=2", "+tries=1"]
+        .map(String::from)
+        .to_vec();
+    a.push(format!("@{server}"));
+    if let Some(p) = port {
+        a.extend(["-p".into(), p.to_string()]);
+    }
+    if tcp {
+        a.push("+tcp".into());
+    }
+    a.extend(["example.test".into(), "A".into()]);
+    a
+}
+
+#[test]
+fn dns_forwarding_udp_and_tcp() {
+    require!(require_userns);
+    let dns = Arc::new(DnsServer::start());
+    let rnet = Rnet::with_dns(&dns);
+    for tcp in [false, true] {
+        let out = rnet.run(&strs(&dig(tcp, DNS_ADDR, None)), secs(30));
+        out.assert_success("guest dig @10.0.2.3");
+        assert_eq!(
+            out.stdout.trim(),
+            DNS_ANSWER.to_string(),
+            "tcp={tcp}: {out}"
+        );
+    }
+    let (udp, tcp) = dns.queries();
+    assert!(udp >= 1 && tcp >= 1, "upstream saw udp={udp} tcp={tcp}");
+}
+
+/// Harness self-check: the responder answers dig on loopback directly, and
+/// counts exactly the queries it got.
+#[test]
+fn harness_dns_responder() {
+    let dns = DnsServer::start();
+    for tcp in [false, true] {
+        let out = run(
+            // -b 127.0.0.1: a query to anything but loopback fails locally.
+            Command::new("dig")
+                .args(["-b", "127.0.0.1"])
+                .args(&dig(tcp, "127.0.0.1", Some(dns.port()))[1..]),
+            secs(10),
+        );
+        out.assert_success("dig on loopback");
+        assert_eq!(out.stdout.trim(), DNS_ANSWER.to_string(), "{out}");
+    }
+    assert_eq!(dns.queries(), (1, 1));
+}
+
+// ---------------------------------------------------------------- 5. bulk TCP
+
+fn bulk_guest_to_host(rnet: &Rnet, dst: &str, total: u64) {
+    let (addr, result) = tcp_sink();
+    let expected = thread::spawn(move || Pattern::digest(total));
+    let script = guest_script("stream.py");
+    let (port, total_s) = (addr.port().to_string(), total.to_string());
+    let t0 = Instant::now();
+    let out = rnet.run(&[PYTHON, &script, "send", dst, &port, &total_s], secs(600));
+    out.assert_success("guest stream.py send");
+    let host = result.recv_timeout(secs(60)).unwrap().expect("host sink");
+    eprintln!(
+        "guest->host {total} bytes in {:?} ({:.0} MB/s)",
+        t0.elapsed(),
+        total as f64 / t0.elapsed().as_secs_f64() / 1e6
+    );
+    let expected = expected.join().unwrap();
+    assert_eq!(Digested::parse(&out.stdout), expected, "guest side");
+    assert_eq!(host, expected, "host side");
+}
+
+fn bulk_host_to_guest(rnet: &Rnet, dst: &str, total: u64) {
+    let (addr, result) = tcp_source(total);
+    let expected = thread::spawn(move || Pattern::digest(total));
+    let script = guest_script("stream.py");
+    let port = addr.port().to_string();
+    let t0 = Instant::now();
+    let out = rnet.run(&[PYTHON, &script, "recv", dst, &port], secs(600));
+    out.assert_success("guest stream.py recv");
+    let sent = result.recv_timeout(secs(60)).unwrap().expect("host source");
+    eprintln!(
+        "host->guest {sent} bytes in {:?} ({:.0} MB/s)",
+        t0.elapsed(),
+        total as f64 / t0.elapsed().as_secs_f64() / 1e6
+    );
+    assert_eq!(Digested::parse(&out.stdout), expected.join().unwrap());
+}
+
+#[test]
+fn bulk_tcp_1gib_guest_to_host() {
+    require!(require_userns);
+    bulk_guest_to_host(&Rnet::new().allow_host_loopback(), GATEWAY, GIB);
+}
+
+#[test]
+fn bulk_tcp_1gib_host_to_guest() {
+    require!(require_userns);
+    bulk_host_to_guest(&Rnet::new().allow_host_loopback(), GATEWAY, GIB);
+}
+
+// ---------------------------------------------------------------- 6. concurrency
+
+fn many_connections(guest: impl FnOnce(&[&str]) -> Output, host: &str, n: usize) {
+    let echo = TcpEcho::start();
+    let (port, n_s) = (echo.addr.port().to_string(), n.to_string());
+    let script = guest_script("tcp_many.py");
+    let out = guest(&[PYTHON, &script, host, &port, &n_s, "65536"]);
+    out.assert_success("guest tcp_many.py");
+    let stats = out.stdout.trim();
+    eprintln!(
+        "tcp_many: {stats}; host accepted {:?}, peak open {:?}",
+        echo.accepted, echo.peak
+    );
+    assert_eq!(json_num(stats, "ok"), n as i64, "{out}");
+    assert_eq!(json_num(stats, "mismatched"), 0, "{out}");
+    assert_eq!(echo.accepted.load(std::sync::atomic::Ordering::SeqCst), n);
+}
+
+#[test]
+fn concurrent_tcp_200_connections() {
+    require!(require_userns);
+    let rnet = Rnet::new().allow_host_loopback();
+    many_connections(|g| rnet.run(g, secs(180)), GATEWAY, 200);
+}
+
+// ---------------------------------------------------------------- 7. outbound policy
+
+#[test]
+fn outbound_allow_list_enforced() {
+    require!(require_root);
+    let th = TestHost::create();
+    let srv = HttpServer::on(th.listen_tcp());
+    let url = format!("http://{}:{}/", th.addr, srv.port());
+    let other = format!("{}/32", Ipv4Addr::from(u32::from(th.addr) - 2));
+
+    for rnet in [Rnet::new(), Rnet::new().outbound_allow(&other)] {
+        let tx = th.tx_packets();
+        let out = rnet.run(&strs(&curl(&url)), secs(30));
+        assert_eq!(
+            out.code(),
+            Some(7),
+            "connect must be refused/unreachable: {out}"
+        );
+        assert!(out.elapsed < secs(4), "must fail fast, not time out: {out}");
+        assert_eq!(srv.hits(), 0, "the test host must see no connection");
+        assert_eq!(
+            th.tx_packets(),
+            tx,
+            "no packet may leave towards the test host"
+        );
+    }
+
+    let out = Rnet::new()
+        .outbound_allow(&th.cidr())
+        .run(&strs(&curl(&url)), secs(30));
+    out.assert_success("curl to an allowed test host");
+    assert_eq!(out.stdout, HTTP_BODY, "{out}");
+    assert_eq!(srv.hits(), 1);
+}
+
+/// Harness self-check: a test host answers from the root namespace, and is gone after drop.
+#[test]
+fn harness_test_host() {
+    require!(require_root);
+    let th = TestHost::create();
+    let srv = HttpServer::on(th.listen_tcp());
+    let url = format!("http://{}:{}/", th.addr, srv.port());
+    let out = run(
+        Command::new("curl").args(["-sS", "--noproxy", "*", &url]),
+        secs(10),
+    );
+    out.assert_success("curl to the test host from the root netns");
+    assert_eq!((out.stdout.as_str(), srv.hits()), (HTTP_BODY, 1));
+    let ns = th.ns.clone();
+    drop(th);
+    let list = run(Command::new("ip").args(["netns", "list"]), secs(10));
+    assert!(!list.stdout.contains(&ns), "{ns} not removed: {list}");
+}
+
+/// Harness self-check: the guest scripts against the host servers on loopback.
+#[test]
+fn harness_guest_scripts_on_loopback() {
+    let host = |g: &[&str]| run(Command::new(g[0]).args(&g[1..]), secs(60));
+    let echo = UdpEcho::start();
+    let port = echo.addr.port().to_string();
+    let out = host(&[
+        PYTHON,
+        &guest_script("udp_echo.py"),
+        "127.0.0.1",
+        &port,
+        "300",
+    ]);
+    out.assert_success("udp_echo.py");
+    assert_eq!(json_num(&out.stdout, "answered"), 300, "{out}");
+
+    many_connections(host, "127.0.0.1", 200);
+
+    let (addr, result) = tcp_sink();
+    let port = addr.port().to_string();
+    let out = host(&[
+        PYTHON,
+        &guest_script("stream.py"),
+        "send",
+        "127.0.0.1",
+        &port,
+        "8388608",
+    ]);
+    out.assert_success("stream.py send");
+    let expected = Pattern::digest(8 << 20);
+    assert_eq!(Digested::parse(&out.stdout), expected);
+    assert_eq!(result.recv_timeout(secs(10)).unwrap().unwrap(), expected);
+
+    let (addr, _) = tcp_source(8 << 20);
+    let port = addr.port().to_string();
+    let out = host(&[
+        PYTHON,
+        &guest_script("stream.py"),
+        "recv",
+        "127.0.0.1",
+        &port,
+    ]);
+    out.assert_success("stream.py recv");
+    assert_eq!(Digested::parse(&out.stdout), expected);
+}
+
+// ---------------------------------------------------------------- 8. lifecycle
+
+fn assert_exits_zero_within(rnet: &mut Proc, since: Instant, limit: Duration) {
+    let st = rnet.wait_timeout(secs(5));
+    let took = since.elapsed();
+    let st = st.unwrap_or_else(|| panic!("rnet still running after {took:?}"));
+    assert!(st.success(), "rnet exited with {st}");
+    assert!(took < limit, "rnet took {took:?} to exit");
+    eprintln!("rnet exited in {took:?}");
+}
+
+/// Attaches to a fresh `unshare -Urn` target and checks curl through it.
+fn attached() -> (Target, Proc, HttpServer) {
+    let target = Target::userns();
+    let srv = HttpServer::start();
+    let rnet = Rnet::new().allow_host_loopback().attach(target.pid());
+    let url = format!("http://{GATEWAY}:{}/", srv.port());
+    let out = run(&mut target.exec(&strs(&curl(&url))), secs(30));
+    out.assert_success("curl in the attached namespace");
+    assert_eq!((out.stdout.as_str(), srv.hits()), (HTTP_BODY, 1), "{out}");
+    (target, rnet, srv)
+}
+
+#[test]
+fn attach_exits_when_target_dies() {
+    require!(require_userns);
+    let (mut target, mut rnet, _srv) = attached();
+    let t0 = Instant::now();
+    target.proc.signal(libc::SIGKILL);
+    target.proc.wait_timeout(secs(5)).expect("target reaped");
+    assert_exits_zero_within(&mut rnet, t0, secs(1));
+}
+
+#[test]
+fn attach_exits_on_sigterm() {
+    require!(require_userns);
+    let (_target, mut rnet, _srv) = attached();
+    let t0 = Instant::now();
+    rnet.signal(libc::SIGTERM);
+    assert_exits_zero_within(&mut rnet, t0, secs(1));
+}
+
+#[test]
+fn run_propagates_exit_status() {
+    require!(require_userns);
+    let out = Rnet::new().run(&["sh", "-c", "exit 7"], secs(30));
+    assert_eq!(out.code(), Some(7), "{out}");
+}
+
+#[test]
+fn exit_fd_hangup_stops_rnet() {
+    require!(require_userns);
+    let target = Target::userns();
+    let (r, w) = pipe();
+    let mut rnet = Rnet::new().attach_with(target.pid(), |c| c.exit_fd(&r));
+    drop(r);
+    assert!(
+        rnet.wait_timeout(Duration::from_millis(200)).is_none(),
+        "rnet exited early"
+    );
+    let t0 = Instant::now();
+    drop(w);
+    assert_exits_zero_within(&mut rnet, t0, secs(1));
+}
+
+// ---------------------------------------------------------------- 9. errors
+
+#[test]
+fn error_tun_not_accessible() {
+    require!(require_root);
+    let fake = TempPath::new("tun");
+    std::fs::write(&fake.0, b"").unwrap();
+    std::fs::set_permissions(&fake.0, std::os::unix::fs::PermissionsExt::from_mode(0o000)).unwrap();
+    let inner = Rnet::new().nobody().run_cmd(&["true"]);
+    let mut cmd = Command::new("unshare");
+    cmd.args([
+        "-m",
+        "sh",
+        "-c",
+        r#"mount --bind "$0" /dev/net/tun && exec "$@""#,
+    ])
+    .arg(&fake.0)
+    .arg(inner.get_program())
+    .args(inner.get_args());
+    clean_env(&mut cmd);
+    let out = run(&mut cmd, secs(30));
+    out.assert_failure("rnet without /dev/net/tun access");
+    assert_stderr_has(&out, "/dev/net/tun");
+    assert_stderr_has(&out, "chmod");
+}
+
+#[test]
+fn error_no_such_pid() {
+    assert!(!std::path::Path::new("/proc/4000000").exists());
+    let out = run(&mut Rnet::new().command("attach", &["4000000"]), secs(30));
+    out.assert_failure("rnet attach 4000000");
+    assert_stderr_has(&out, "no such process");
+}
+
+#[test]
+fn error_cannot_join_root_netns_as_nobody() {
+    require!(require_root);
+    let target = Target::start(&["-n"]);
+    let pid = target.pid().to_string();
+    let out = run(
+        &mut Rnet::new().nobody().command("attach", &[&pid]),
+        secs(30),
+    );
+    out.assert_failure("rnet attach to a root-owned netns as nobody");
+    assert_stderr_has(&out, "cannot join");
+}
+
+#[test]
+fn error_tap_name_taken_by_non_tap() {
+    require!(require_userns);
+    let out = Rnet::new().arg("--tap").arg("lo").run(&["true"], secs(30));
+    out.assert_failure("rnet run --tap lo");
+    assert_stderr_has(&out, "not a TAP device");
+}
