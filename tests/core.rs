@@ -160,6 +160,17 @@ fn dns_forwarding_udp_and_tcp() {
     assert!(udp >= 1 && tcp >= 1, "upstream saw udp={udp} tcp={tcp}");
 }
 
+#[test]
+fn dns_disabled() {
+    require!(require_userns);
+    let dns = Arc::new(DnsServer::start());
+    let out = Rnet::with_dns(&dns)
+        .arg("--disable-dns")
+        .run(&strs(&dig(false, DNS_ADDR, None)), secs(30));
+    assert_eq!(out.code(), Some(9), "dig must get no answer: {out}");
+    assert_eq!(dns.queries(), (0, 0), "nothing may reach the upstream");
+}
+
 /// Harness self-check: the responder answers dig on loopback directly, and
 /// counts exactly the queries it got.
 #[test]
@@ -229,6 +240,15 @@ fn bulk_tcp_1gib_host_to_guest() {
     bulk_host_to_guest(&Rnet::new().allow_host_loopback(), GATEWAY, GIB);
 }
 
+/// The same transfers at a 1500-byte MTU (many more, smaller segments).
+#[test]
+fn bulk_tcp_64mib_mtu_1500() {
+    require!(require_userns);
+    let rnet = Rnet::new().allow_host_loopback().arg("--mtu").arg("1500");
+    bulk_guest_to_host(&rnet, GATEWAY, 64 << 20);
+    bulk_host_to_guest(&rnet, GATEWAY, 64 << 20);
+}
+
 // ---------------------------------------------------------------- 6. concurrency
 
 fn many_connections(guest: impl FnOnce(&[&str]) -> Output, host: &str, n: usize) {
@@ -287,6 +307,10 @@ fn outbound_allow_list_enforced() {
     out.assert_success("curl to an allowed test host");
     assert_eq!(out.stdout, HTTP_BODY, "{out}");
     assert_eq!(srv.hits(), 1);
+    assert!(
+        th.tx_packets() > 0,
+        "the packet counter must see allowed traffic"
+    );
 }
 
 /// Harness self-check: a test host answers from the root namespace, and is gone after drop.
@@ -354,6 +378,40 @@ fn harness_guest_scripts_on_loopback() {
     assert_eq!(Digested::parse(&out.stdout), expected);
 }
 
+// ---------------------------------------------------------------- interface set-up
+
+#[test]
+fn guest_interface_configuration() {
+    require!(require_userns);
+    let show = [
+        "sh",
+        "-c",
+        "ip -o -4 addr show; ip -o link show tap0; ip route",
+    ];
+    let out = Rnet::new().arg("--mtu").arg("1500").run(&show, secs(30));
+    out.assert_success("ip in the guest");
+    for want in [
+        "inet 10.0.2.100/24",
+        "mtu 1500",
+        "default via 10.0.2.2 dev tap0",
+    ] {
+        assert!(out.stdout.contains(want), "missing {want:?}: {out}");
+    }
+    assert!(out.stdout.contains("LOWER_UP"), "tap0 must be up: {out}");
+
+    let out = Rnet::new().arg("--no-configure").run(&show, secs(30));
+    out.assert_success("ip in the guest");
+    assert!(out.stdout.contains("tap0"), "tap0 must exist: {out}");
+    assert!(
+        !out.stdout.contains("10.0.2.100"),
+        "tap0 must be unconfigured: {out}"
+    );
+    assert!(
+        !out.stdout.contains("default via"),
+        "no route may be set: {out}"
+    );
+}
+
 // ---------------------------------------------------------------- 8. lifecycle
 
 fn assert_exits_zero_within(rnet: &mut Proc, since: Instant, limit: Duration) {
@@ -397,6 +455,28 @@ fn attach_exits_on_sigterm() {
 }
 
 #[test]
+fn attach_by_namespace_paths() {
+    require!(require_userns);
+    let target = Target::userns();
+    let srv = HttpServer::start();
+    let pid = target.pid();
+    let mut rnet = Rnet::new()
+        .allow_host_loopback()
+        .arg("--netns")
+        .arg(format!("/proc/{pid}/ns/net"))
+        .arg("--userns")
+        .arg(format!("/proc/{pid}/ns/user"))
+        .start_attach(&[]);
+    let url = format!("http://{GATEWAY}:{}/", srv.port());
+    let out = run(&mut target.exec(&strs(&curl(&url))), secs(30));
+    out.assert_success("curl in the namespace attached by path");
+    assert_eq!((out.stdout.as_str(), srv.hits()), (HTTP_BODY, 1), "{out}");
+    let t0 = Instant::now();
+    rnet.signal(libc::SIGTERM);
+    assert_exits_zero_within(&mut rnet, t0, secs(1));
+}
+
+#[test]
 fn run_propagates_exit_status() {
     require!(require_userns);
     let out = Rnet::new().run(&["sh", "-c", "exit 7"], secs(30));
@@ -408,7 +488,7 @@ fn exit_fd_hangup_stops_rnet() {
     require!(require_userns);
     let target = Target::userns();
     let (r, w) = pipe();
-    let mut rnet = Rnet::new().attach_with(target.pid(), |c| c.exit_fd(&r));
+    let mut rnet = Rnet::new().exit_fd(&r).attach(target.pid());
     drop(r);
     assert!(
         rnet.wait_timeout(Duration::from_millis(200)).is_none(),

@@ -2,6 +2,7 @@
 //! the child side of a fork to `_exit`, reaping children, and describing how
 //! a child ended.
 
+use std::os::fd::RawFd;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use nix::errno::Errno;
@@ -20,6 +21,41 @@ pub(crate) fn exit_child(body: impl FnOnce() -> i32) -> ! {
     // SAFETY: _exit(2) ends the process at once; it is async-signal-safe and
     // has no preconditions.
     unsafe { libc::_exit(code) }
+}
+
+/// In a freshly forked child: closes every close-on-exec descriptor above
+/// stderr except those in `keep`. Those are the parent's private ones (exec
+/// would close them anyway); closing them at once keeps a helper from
+/// holding, while it waits, pipe or socket ends that other threads of the
+/// parent are using (e.g. another helper's "go" channel or a TAP), which
+/// would delay their EOFs. Descriptors without close-on-exec are left for
+/// the command to inherit. Best effort: without /proc nothing is closed.
+pub(crate) fn close_private_fds(keep: &[RawFd]) {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    // Collect first: the directory iterator holds a descriptor of its own.
+    let fds: Vec<RawFd> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    for fd in fds {
+        if fd <= 2 || keep.contains(&fd) {
+            continue;
+        }
+        // SAFETY: F_GETFD only reads the descriptor flags; a stale number
+        // (the read_dir descriptor, now closed) just yields EBADF.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+        if flags >= 0 && flags & libc::FD_CLOEXEC != 0 {
+            // SAFETY: this runs only in a forked child that will exec or
+            // _exit without returning to the code that owns these
+            // descriptors: their owners live in the parent's other threads
+            // (absent here) or in frames that never resume, so nothing uses
+            // or closes them again. `keep` protects the child's own.
+            unsafe {
+                libc::close(fd);
+            }
+        }
+    }
 }
 
 /// Waits for `pid` to end and reaps it. `Ok(None)` if it was already reaped
@@ -61,6 +97,33 @@ pub(crate) fn describe(status: Option<WaitStatus>) -> String {
 mod tests {
     use super::*;
     use nix::sys::signal::Signal;
+
+    #[test]
+    fn closes_only_private_descriptors() {
+        use std::os::fd::AsRawFd;
+        let (keep_r, _keep_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe");
+        let (gone_r, _gone_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe");
+        let (inherit_r, _inherit_w) = nix::unistd::pipe().expect("pipe");
+        let (keep, gone, inherit) = (
+            keep_r.as_raw_fd(),
+            gone_r.as_raw_fd(),
+            inherit_r.as_raw_fd(),
+        );
+        // SAFETY: the child only makes system calls and `_exit`s.
+        match unsafe { nix::unistd::fork() }.expect("fork") {
+            nix::unistd::ForkResult::Child => exit_child(|| {
+                close_private_fds(&[keep]);
+                let open = |fd| {
+                    // SAFETY: F_GETFD only reads the descriptor flags.
+                    unsafe { libc::fcntl(fd, libc::F_GETFD) >= 0 }
+                };
+                i32::from(!(open(keep) && !open(gone) && open(inherit)))
+            }),
+            nix::unistd::ForkResult::Parent { child } => {
+                assert_eq!(reap(child), Ok(Some(WaitStatus::Exited(child, 0))));
+            }
+        }
+    }
 
     #[test]
     fn descriptions() {

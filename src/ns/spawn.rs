@@ -17,7 +17,7 @@ use nix::sys::stat::Mode;
 use nix::unistd::{ForkResult, Pid, execvp, fork, getgid, getpid, getppid, getuid, pipe2};
 
 use super::NsError;
-use super::process::{describe, exit_child, kill_and_reap, reap};
+use super::process::{close_private_fds, describe, exit_child, kill_and_reap, reap};
 use super::report::{self, ChildError, Report, Step, read_stream_report};
 
 /// Exit code of the command's process when it never got to exec.
@@ -273,6 +273,7 @@ fn reset_signals() {
 /// The command's process after fork: returns its exit code if it does not
 /// exec.
 fn child_main(ctx: ChildCtx<'_>) -> i32 {
+    close_private_fds(&[ctx.status.as_raw_fd(), ctx.go.as_raw_fd()]);
     let fail = |e: ChildError| {
         let _ = write_once(&ctx.status, &e.encode());
         1

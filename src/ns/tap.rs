@@ -18,7 +18,7 @@ use nix::unistd::{ForkResult, Pid, fork};
 use super::fdpass::{recv_with_fd, send_with_fd};
 use super::netlink::RtNetlink;
 use super::nsfile::{JoinPlan, clone_flag, open_target};
-use super::process::{describe, exit_child, kill_and_reap, reap};
+use super::process::{close_private_fds, describe, exit_child, kill_and_reap, reap};
 use super::report::{self, ChildError, MAX_REPORT, Report, Step};
 use super::{IfaceConfig, NsError, NsKind, OpenedTap, TapSetup, Target};
 
@@ -166,9 +166,9 @@ pub fn open_tap(target: &Target, setup: &TapSetup) -> Result<OpenedTap, NsError>
     })?;
 
     // SAFETY: the child branch runs only `helper_main` (system calls and
-    // small allocations, no locks held by other threads of ours are taken)
-    // and then `_exit`s through `exit_child`; it never returns into the
-    // caller's code.
+    // small allocations, which glibc's fork-safe allocator allows; no other
+    // lock of ours is taken) and then `_exit`s through `exit_child`; it
+    // never returns into the caller's code.
     match unsafe { fork() } {
         Err(errno) => Err(NsError::Os {
             what: "cannot fork the namespace helper process",
@@ -177,6 +177,9 @@ pub fn open_tap(target: &Target, setup: &TapSetup) -> Result<OpenedTap, NsError>
         Ok(ForkResult::Child) => {
             drop(parent_sock);
             exit_child(|| {
+                let mut keep = vec![child_sock.as_raw_fd()];
+                keep.extend(plan.user.iter().chain(&plan.net).map(|f| f.as_raw_fd()));
+                close_private_fds(&keep);
                 let report = match helper_main(&plan, setup) {
                     Ok((fd, mac, name)) => {
                         let mut payload = Vec::with_capacity(6 + name.len());

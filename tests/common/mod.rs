@@ -408,23 +408,25 @@ impl Rnet {
 
     /// Starts `rnet attach PID` with `--ready-fd` and waits until it is ready.
     pub fn attach(&self, pid: u32) -> Proc {
-        self.attach_with(pid, |c| c)
+        self.start_attach(&[&pid.to_string()])
     }
 
-    /// Like `attach`, letting `f` add options (and fds) before the PID.
-    pub fn attach_with(&self, pid: u32, f: impl FnOnce(Rnet) -> Rnet) -> Proc {
+    /// Starts `rnet attach [OPTIONS] TAIL...` with `--ready-fd` and waits until
+    /// rnet reports ready (fails with rnet's output if it does not).
+    pub fn start_attach(&self, tail: &[&str]) -> Proc {
         let (r, w) = pipe();
-        let rnet = f(self.clone())
+        let rnet = self
+            .clone()
             .arg("--ready-fd")
             .arg(w.as_raw_fd().to_string());
-        let mut cmd = rnet.command("attach", &[&pid.to_string()]);
+        let mut cmd = rnet.command("attach", tail);
         inherit_fd(&mut cmd, &w);
         let p = Proc::spawn(&mut cmd);
         drop(w);
         match wait_ready(r, Duration::from_secs(20)) {
             Ok(b) => assert_eq!(b.trim(), "1", "unexpected ready byte"),
             Err(e) => panic!(
-                "rnet attach {pid} not ready: {e}\n{}",
+                "rnet attach {tail:?} not ready: {e}\n{}",
                 p.stop(Duration::ZERO).1
             ),
         }
