@@ -11,6 +11,7 @@
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::RawFd;
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -186,6 +187,7 @@ pub struct Config {
     pub(crate) exit_fd: Option<RawFd>,
     pub(crate) udp_idle_timeout: Duration,
     pub(crate) dns_timeout: Duration,
+    pub(crate) api_socket: Option<PathBuf>,
 }
 
 impl Config {
@@ -242,6 +244,10 @@ impl Config {
     pub fn disable_dns(&self) -> bool {
         self.disable_dns
     }
+    /// Path of the control socket, if any.
+    pub fn api_socket(&self) -> Option<&std::path::Path> {
+        self.api_socket.as_deref()
+    }
 }
 
 /// Builder for [`Config`]; [`ConfigBuilder::build`] validates.
@@ -260,6 +266,7 @@ pub struct ConfigBuilder {
     exit_fd: Option<RawFd>,
     udp_idle_timeout: Duration,
     dns_timeout: Duration,
+    api_socket: Option<PathBuf>,
 }
 
 impl Default for ConfigBuilder {
@@ -281,6 +288,7 @@ impl Default for ConfigBuilder {
             exit_fd: None,
             udp_idle_timeout: Duration::from_secs(60),
             dns_timeout: Duration::from_secs(2),
+            api_socket: None,
         }
     }
 }
@@ -353,6 +361,12 @@ impl ConfigBuilder {
         self
     }
 
+    /// Serve the control socket (slirp4netns-compatible JSON) at this path.
+    pub fn api_socket(mut self, path: Option<PathBuf>) -> Self {
+        self.api_socket = path;
+        self
+    }
+
     /// Checks the settings and returns the finished [`Config`].
     pub fn build(self) -> Result<Config, ConfigError> {
         if !(68..=65521).contains(&self.mtu) {
@@ -394,6 +408,7 @@ impl ConfigBuilder {
             exit_fd: self.exit_fd,
             udp_idle_timeout: self.udp_idle_timeout,
             dns_timeout: self.dns_timeout,
+            api_socket: self.api_socket,
         })
     }
 }

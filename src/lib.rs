@@ -144,8 +144,22 @@ impl Network {
             }),
         };
         let opened = ns::open_tap(&target, &setup)?;
-        let tap_name = opened.name.clone();
-        let tap = tap::Tap::new(opened.fd).map_err(Error::io("preparing the TAP descriptor"))?;
+        Network::serve(opened.fd, opened.name, pid, config)
+    }
+
+    /// Serves an already-open TAP descriptor (for example one passed by a
+    /// parent, as slirp4netns's `--netns-type=tapfd` does), ending when
+    /// `watch_pid` exits if given. Nothing is configured inside the
+    /// namespace. Any descriptor that reads and writes whole Ethernet frames
+    /// works, such as one end of a `SOCK_SEQPACKET` socket pair, which is
+    /// how the benchmarks and fuzzers drive the data plane.
+    pub fn attach_tap(tap: OwnedFd, watch_pid: Option<i32>, config: Config) -> Result<Network, Error> {
+        let name = config.tap_name().to_string();
+        Network::serve(tap, name, watch_pid, config)
+    }
+
+    fn serve(fd: OwnedFd, tap_name: String, pid: Option<i32>, config: Config) -> Result<Network, Error> {
+        let tap = tap::Tap::new(fd).map_err(Error::io("preparing the TAP descriptor"))?;
         let upstreams = if config.dns_upstreams().is_empty() {
             services::dns::system_upstreams()
         } else {
