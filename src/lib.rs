@@ -153,12 +153,21 @@ impl Network {
     /// namespace. Any descriptor that reads and writes whole Ethernet frames
     /// works, such as one end of a `SOCK_SEQPACKET` socket pair, which is
     /// how the benchmarks and fuzzers drive the data plane.
-    pub fn attach_tap(tap: OwnedFd, watch_pid: Option<i32>, config: Config) -> Result<Network, Error> {
+    pub fn attach_tap(
+        tap: OwnedFd,
+        watch_pid: Option<i32>,
+        config: Config,
+    ) -> Result<Network, Error> {
         let name = config.tap_name().to_string();
         Network::serve(tap, name, watch_pid, config)
     }
 
-    fn serve(fd: OwnedFd, tap_name: String, pid: Option<i32>, config: Config) -> Result<Network, Error> {
+    fn serve(
+        fd: OwnedFd,
+        tap_name: String,
+        pid: Option<i32>,
+        config: Config,
+    ) -> Result<Network, Error> {
         let tap = tap::Tap::new(fd).map_err(Error::io("preparing the TAP descriptor"))?;
         let upstreams = if config.dns_upstreams().is_empty() {
             services::dns::system_upstreams()

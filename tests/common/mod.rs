@@ -311,6 +311,26 @@ pub fn setpriv_nobody(prog: &str) -> Command {
     c
 }
 
+/// A copy of the rnet binary that uid 65534 can execute: the build tree may
+/// sit below a directory other users cannot traverse (a home directory, a
+/// CI work folder), so the binary is copied once into a fresh 0755
+/// directory under the system temp dir.
+pub fn rnet_for_nobody() -> String {
+    use std::os::unix::fs::PermissionsExt;
+    use std::sync::OnceLock;
+    static PATH: OnceLock<String> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("rnet-nobody-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("create dir for the nobody binary");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod dir");
+        let dst = dir.join("rnet");
+        std::fs::copy(RNET, &dst).expect("copy rnet for uid 65534");
+        std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o755)).expect("chmod rnet");
+        dst.to_string_lossy().into_owned()
+    })
+    .clone()
+}
+
 // ---------------------------------------------------------------- rnet builder
 
 /// Builds `rnet run` / `rnet attach` command lines; always with an outbound
@@ -374,7 +394,7 @@ impl Rnet {
     /// The command line `rnet SUB [OPTIONS] TAIL...`.
     pub fn command(&self, sub: &str, tail: &[&str]) -> Command {
         let mut c = if self.nobody && is_root() {
-            setpriv_nobody(RNET)
+            setpriv_nobody(&rnet_for_nobody())
         } else {
             Command::new(RNET)
         };
