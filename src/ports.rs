@@ -1,0 +1,311 @@
+//! Port publishing: the spec grammar shared by `-p`, `rnet port add` and the
+//! control socket, and the host listeners that carry connections into the
+//! namespace.
+//!
+//! # Grammar
+//!
+//! ```text
+//! [HOST_IP:]HOST_PORT[-END]:[GUEST_IP:]GUEST_PORT[-END][/tcp|/udp]
+//! ```
+//!
+//! - `HOST_IP` defaults to `0.0.0.0`; `GUEST_IP` to the guest (net + 100).
+//! - A range maps port by port and both sides must have the same length:
+//!   `30000-32767:30000-32767` publishes the Kubernetes NodePort range.
+//! - The protocol defaults to `tcp`.
+//!
+//! # Theory of operation
+//!
+//! Each published host port is a listening socket in the event loop. An
+//! accepted TCP connection becomes a flow whose smoltcp socket connects to
+//! the guest *from the client's own address and port*, so the guest server
+//! sees the real client (a client on the host's loopback appears as the
+//! gateway, which is the only address the guest can answer). A UDP datagram
+//! is delivered the same way, and the guest's answers, addressed to that
+//! client, are matched back to the listener they came in on and sent from
+//! it. This is the "stack" path; it needs no privilege and no helper inside
+//! the namespace.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::str::FromStr;
+
+/// Transport protocol of a published port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Proto {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+impl Proto {
+    /// `tcp` or `udp`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        }
+    }
+}
+
+impl FromStr for Proto {
+    type Err = PortSpecError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "tcp" => Ok(Proto::Tcp),
+            "udp" => Ok(Proto::Udp),
+            _ => Err(PortSpecError(format!("unknown protocol {s:?} (tcp or udp)"))),
+        }
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A malformed port spec; the message names the part that is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct PortSpecError(pub String);
+
+/// One publishing rule: `count` consecutive host ports to as many guest ports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortSpec {
+    /// Protocol.
+    pub proto: Proto,
+    /// Host address to bind.
+    pub host_ip: IpAddr,
+    /// First host port (0: let the kernel choose; only with `count == 1`).
+    pub host_port: u16,
+    /// Guest address (None: the guest's configured address).
+    pub guest_ip: Option<Ipv4Addr>,
+    /// First guest port.
+    pub guest_port: u16,
+    /// Number of ports.
+    pub count: u16,
+}
+
+impl PortSpec {
+    /// A single-port TCP or UDP rule.
+    pub fn single(proto: Proto, host: SocketAddr, guest_ip: Option<Ipv4Addr>, guest_port: u16) -> Self {
+        Self {
+            proto,
+            host_ip: host.ip(),
+            host_port: host.port(),
+            guest_ip,
+            guest_port,
+            count: 1,
+        }
+    }
+}
+
+impl fmt::Display for PortSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let range = |p: u16| {
+            if self.count > 1 {
+                format!("{p}-{}", p as u32 + self.count as u32 - 1)
+            } else {
+                p.to_string()
+            }
+        };
+        match self.host_ip {
+            IpAddr::V6(ip) => write!(f, "[{ip}]:{}:", range(self.host_port))?,
+            IpAddr::V4(ip) => write!(f, "{ip}:{}:", range(self.host_port))?,
+        }
+        if let Some(g) = self.guest_ip {
+            write!(f, "{g}:")?;
+        }
+        write!(f, "{}/{}", range(self.guest_port), self.proto)
+    }
+}
+
+fn parse_range(s: &str, what: &str, allow_zero: bool) -> Result<(u16, u16), PortSpecError> {
+    let bad = || PortSpecError(format!("bad {what} {s:?}: expected PORT or FIRST-LAST (1-65535)"));
+    let (a, b) = match s.split_once('-') {
+        Some((a, b)) => (a, Some(b)),
+        None => (s, None),
+    };
+    let first: u16 = a.parse().map_err(|_| bad())?;
+    let last: u16 = match b {
+        Some(b) => b.parse().map_err(|_| bad())?,
+        None => first,
+    };
+    if (first == 0 && !(allow_zero && b.is_none())) || last < first {
+        return Err(bad());
+    }
+    Ok((first, last - first + 1))
+}
+
+impl FromStr for PortSpec {
+    type Err = PortSpecError;
+
+    /// Parses the grammar in the module documentation.
+    fn from_str(spec: &str) -> Result<Self, Self::Err> {
+        let (body, proto) = match spec.rsplit_once('/') {
+            Some((b, p)) => (b, p.parse()?),
+            None => (spec, Proto::Tcp),
+        };
+        // A bracketed IPv6 host address may contain colons.
+        let (host_ip, rest) = if let Some(r) = body.strip_prefix('[') {
+            let (ip, rest) = r
+                .split_once("]:")
+                .ok_or_else(|| PortSpecError(format!("{spec}: unterminated [IPv6] host address")))?;
+            let ip: IpAddr = ip
+                .parse()
+                .map_err(|_| PortSpecError(format!("{spec}: bad host address {ip:?}")))?;
+            (Some(ip), rest)
+        } else {
+            (None, body)
+        };
+        let parts: Vec<&str> = rest.split(':').collect();
+        let (host_ip, host, guest_ip, guest) = match (host_ip, parts.as_slice()) {
+            (h, [hp, gp]) => (h, *hp, None, *gp),
+            (None, [hi, hp, gp]) if hi.contains('.') => (Some(parse_ip(hi, spec)?), *hp, None, *gp),
+            (h, [hp, gi, gp]) => (h, *hp, Some(parse_v4(gi, spec)?), *gp),
+            (None, [hi, hp, gi, gp]) => (Some(parse_ip(hi, spec)?), *hp, Some(parse_v4(gi, spec)?), *gp),
+            _ => {
+                return Err(PortSpecError(format!(
+                    "{spec}: expected [HOST_IP:]HOST_PORT:[GUEST_IP:]GUEST_PORT[/tcp|/udp]"
+                )));
+            }
+        };
+        let (host_port, hn) = parse_range(host, "host port", true)?;
+        let (guest_port, gn) = parse_range(guest, "guest port", false)?;
+        if hn != gn {
+            return Err(PortSpecError(format!(
+                "{spec}: host and guest ranges differ in length ({hn} and {gn} ports)"
+            )));
+        }
+        Ok(PortSpec {
+            proto,
+            host_ip: host_ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+            host_port,
+            guest_ip,
+            guest_port,
+            count: hn,
+        })
+    }
+}
+
+fn parse_ip(s: &str, spec: &str) -> Result<IpAddr, PortSpecError> {
+    s.parse()
+        .map_err(|_| PortSpecError(format!("{spec}: bad host address {s:?}")))
+}
+
+fn parse_v4(s: &str, spec: &str) -> Result<Ipv4Addr, PortSpecError> {
+    s.parse()
+        .map_err(|_| PortSpecError(format!("{spec}: bad guest address {s:?} (an IPv4 address)")))
+}
+
+/// A published port as listed by the control socket and `rnet port ls`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortInfo {
+    /// Rule id (from 1, never reused).
+    pub id: u64,
+    /// The rule, with the host port the kernel chose if 0 was asked.
+    pub spec: PortSpec,
+    /// The guest address actually used.
+    pub guest_ip: Ipv4Addr,
+    /// Which forwarding path carries it.
+    pub path: &'static str,
+}
+
+/// Why a port could not be published.
+#[derive(Debug, thiserror::Error)]
+pub enum PortError {
+    /// The host port is taken.
+    #[error("{spec}: host port {port} is already in use")]
+    InUse {
+        /// The rule.
+        spec: PortSpec,
+        /// The port that failed.
+        port: u16,
+    },
+    /// A port below 1024 without the capability.
+    #[error("{spec}: binding host port {port} needs CAP_NET_BIND_SERVICE (or lower net.ipv4.ip_unprivileged_port_start)")]
+    Privileged {
+        /// The rule.
+        spec: PortSpec,
+        /// The port that failed.
+        port: u16,
+    },
+    /// Any other bind/listen failure.
+    #[error("{spec}: cannot bind {addr}: {source}")]
+    Bind {
+        /// The rule.
+        spec: PortSpec,
+        /// The address that failed.
+        addr: SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The rule overlaps one that exists.
+    #[error("{spec}: overlaps published port rule {id}")]
+    Overlap {
+        /// The rule.
+        spec: PortSpec,
+        /// The existing rule.
+        id: u64,
+    },
+    /// Unsupported combination (e.g. IPv6 guest side).
+    #[error("{0}")]
+    Unsupported(String),
+    /// No rule with that id.
+    #[error("no published port with id {0}")]
+    NoSuchId(u64),
+    /// The network is not running.
+    #[error("the network has stopped")]
+    Stopped,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> PortSpec {
+        s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
+    }
+
+    #[test]
+    fn grammar_table() {
+        let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+        let g = Ipv4Addr::new(10, 0, 2, 50);
+        let cases: &[(&str, PortSpec)] = &[
+            ("8080:80", PortSpec { proto: Proto::Tcp, host_ip: any, host_port: 8080, guest_ip: None, guest_port: 80, count: 1 }),
+            ("8080:80/udp", PortSpec { proto: Proto::Udp, host_ip: any, host_port: 8080, guest_ip: None, guest_port: 80, count: 1 }),
+            ("127.0.0.1:8080:80", PortSpec { proto: Proto::Tcp, host_ip: "127.0.0.1".parse().unwrap(), host_port: 8080, guest_ip: None, guest_port: 80, count: 1 }),
+            ("8080:10.0.2.50:80", PortSpec { proto: Proto::Tcp, host_ip: any, host_port: 8080, guest_ip: Some(g), guest_port: 80, count: 1 }),
+            ("0.0.0.0:8080:10.0.2.50:80/tcp", PortSpec { proto: Proto::Tcp, host_ip: any, host_port: 8080, guest_ip: Some(g), guest_port: 80, count: 1 }),
+            ("30000-32767:30000-32767", PortSpec { proto: Proto::Tcp, host_ip: any, host_port: 30000, guest_ip: None, guest_port: 30000, count: 2768 }),
+            ("[::1]:8080:80", PortSpec { proto: Proto::Tcp, host_ip: "::1".parse().unwrap(), host_port: 8080, guest_ip: None, guest_port: 80, count: 1 }),
+            ("0:80", PortSpec { proto: Proto::Tcp, host_ip: any, host_port: 0, guest_ip: None, guest_port: 80, count: 1 }),
+        ];
+        for (s, want) in cases {
+            assert_eq!(&p(s), want, "{s}");
+            // Display gives something that parses back to the same rule.
+            assert_eq!(&p(&want.to_string()), want, "{s} via {want}");
+        }
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        for (s, needle) in [
+            ("80", "expected"),
+            ("a:80", "host port"),
+            ("80:0", "guest port"),
+            ("80:70000", "guest port"),
+            ("100-90:100-90", "host port"),
+            ("1000-1001:80", "differ"),
+            ("8080:80/sctp", "protocol"),
+            ("[::1:8080:80", "unterminated"),
+            ("8080:fd00::5:80", "expected"),
+            ("1.2.3:8080:80", "host address"),
+            ("0-3:0-3", "host port"),
+        ] {
+            let e = s.parse::<PortSpec>().unwrap_err().to_string();
+            assert!(e.contains(needle), "{s}: {e}");
+        }
+    }
+}
