@@ -188,6 +188,7 @@ pub struct Config {
     pub(crate) udp_idle_timeout: Duration,
     pub(crate) dns_timeout: Duration,
     pub(crate) api_socket: Option<PathBuf>,
+    pub(crate) publish: Vec<crate::ports::PortSpec>,
 }
 
 impl Config {
@@ -244,6 +245,10 @@ impl Config {
     pub fn disable_dns(&self) -> bool {
         self.disable_dns
     }
+    /// Ports published at start.
+    pub fn published(&self) -> &[crate::ports::PortSpec] {
+        &self.publish
+    }
     /// Path of the control socket, if any.
     pub fn api_socket(&self) -> Option<&std::path::Path> {
         self.api_socket.as_deref()
@@ -267,6 +272,7 @@ pub struct ConfigBuilder {
     udp_idle_timeout: Duration,
     dns_timeout: Duration,
     api_socket: Option<PathBuf>,
+    publish: Vec<crate::ports::PortSpec>,
 }
 
 impl Default for ConfigBuilder {
@@ -289,6 +295,7 @@ impl Default for ConfigBuilder {
             udp_idle_timeout: Duration::from_secs(60),
             dns_timeout: Duration::from_secs(2),
             api_socket: None,
+            publish: Vec::new(),
         }
     }
 }
@@ -367,6 +374,12 @@ impl ConfigBuilder {
         self
     }
 
+    /// Publish a port at start (repeatable); start-up fails if it cannot be bound.
+    pub fn publish(mut self, spec: crate::ports::PortSpec) -> Self {
+        self.publish.push(spec);
+        self
+    }
+
     /// Checks the settings and returns the finished [`Config`].
     pub fn build(self) -> Result<Config, ConfigError> {
         if !(68..=65521).contains(&self.mtu) {
@@ -409,6 +422,7 @@ impl ConfigBuilder {
             udp_idle_timeout: self.udp_idle_timeout,
             dns_timeout: self.dns_timeout,
             api_socket: self.api_socket,
+            publish: self.publish,
         })
     }
 }

@@ -42,10 +42,12 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod api;
 pub mod config;
 mod engine;
 pub mod nat;
 pub mod ns;
+pub mod ports;
 pub mod services;
 pub mod stack;
 pub mod stats;
@@ -60,6 +62,7 @@ use std::thread::JoinHandle;
 pub use config::{Config, ConfigBuilder, ConfigError, Ipv4Cidr, OutboundPolicy};
 pub use engine::ExitReason;
 pub use ns::{NsError, Target};
+pub use ports::{PortError, PortInfo, PortSpec, Proto};
 pub use stats::{DropReason, StatsSnapshot};
 
 use engine::{Control, Engine};
@@ -74,6 +77,9 @@ pub enum Error {
     /// Entering the namespaces or setting up the TAP failed.
     #[error(transparent)]
     Namespace(#[from] NsError),
+    /// A port could not be published at start.
+    #[error(transparent)]
+    Port(#[from] PortError),
     /// An I/O error outside the namespaces, with what was being done.
     #[error("{context}: {source}")]
     Io {
@@ -109,6 +115,35 @@ impl Handle {
     pub fn stats(&self) -> StatsSnapshot {
         self.stats.snapshot()
     }
+
+    /// Publishes a port while running. With host port 0 the kernel picks a
+    /// free port, which the returned [`PortInfo`] shows.
+    pub fn add_port(&self, spec: PortSpec) -> Result<PortInfo, PortError> {
+        self.ask(|tx| engine::Command::AddPort(spec, tx))?
+    }
+
+    /// Withdraws a published port by id. Its listeners close; connections
+    /// already established continue until they end.
+    pub fn remove_port(&self, id: u64) -> Result<(), PortError> {
+        self.ask(|tx| engine::Command::RemovePort(id, tx))?
+    }
+
+    /// The published ports.
+    pub fn ports(&self) -> Result<Vec<PortInfo>, PortError> {
+        self.ask(engine::Command::ListPorts)
+    }
+
+    fn ask<T>(
+        &self,
+        cmd: impl FnOnce(std::sync::mpsc::SyncSender<T>) -> engine::Command,
+    ) -> Result<T, PortError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        if !self.control.send(cmd(tx)) {
+            return Err(PortError::Stopped);
+        }
+        rx.recv_timeout(std::time::Duration::from_secs(10))
+            .map_err(|_| PortError::Stopped)
+    }
 }
 
 /// A running virtual network: a TAP in the target namespace and the event
@@ -117,6 +152,7 @@ pub struct Network {
     handle: Handle,
     thread: JoinHandle<io::Result<ExitReason>>,
     tap_name: String,
+    api: Option<api::ApiServer>,
 }
 
 impl Network {
@@ -180,21 +216,41 @@ impl Network {
             );
         }
         let ready_fd = config.ready_fd;
+        let api_socket = config.api_socket().map(|p| p.to_path_buf());
+        let guest = config.guest();
         let config = Arc::new(config);
-        let (engine, control, stats) = Engine::new(config, tap, pid, upstreams)
+        let (mut engine, control, stats) = Engine::new(config, tap, pid, upstreams)
             .map_err(Error::io("starting the event loop"))?;
+        engine.publish_initial()?;
         engine.log_summary(&tap_name);
         let thread = std::thread::Builder::new()
             .name("rnet-dataplane".into())
             .spawn(move || engine.run())
             .map_err(Error::io("starting the data-plane thread"))?;
+        let handle = Handle { control, stats };
+        let api = match api_socket {
+            Some(path) => match api::ApiServer::start(&path, handle.clone(), guest) {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    handle.stop();
+                    let _ = thread.join();
+                    return Err(Error::Io {
+                        context: format!("creating the API socket {}", path.display()),
+                        source: e,
+                    });
+                }
+            },
+            None => None,
+        };
+        // Ready means usable: the loop runs and the API socket listens.
         if let Some(fd) = ready_fd {
             signal_ready(fd).map_err(Error::io(format!("writing to --ready-fd {fd}")))?;
         }
         Ok(Network {
-            handle: Handle { control, stats },
+            handle,
             thread,
             tap_name,
+            api,
         })
     }
 
@@ -236,7 +292,11 @@ impl Network {
     /// Waits for the network to end and says why. All host sockets are
     /// closed when this returns.
     pub fn wait(self) -> Result<ExitReason, Error> {
-        match self.thread.join() {
+        let result = self.thread.join();
+        if let Some(api) = self.api {
+            api.shutdown();
+        }
+        match result {
             Ok(r) => r.map_err(Error::io("event loop")),
             Err(_) => Err(Error::Io {
                 context: "event loop".into(),

@@ -1,6 +1,10 @@
 //! The `rnet` command: parses the command line, calls the library, maps
 //! errors to exit codes (1 for any failure, the command's own status for
-//! `rnet run`).
+//! `rnet run`). Invoked as `slirp4netns` (or `rnet slirp4netns ...`) it is
+//! a drop-in slirp4netns instead (`compat`).
+
+mod compat;
+mod portcmd;
 
 use std::ffi::OsString;
 use std::net::Ipv4Addr;
@@ -9,7 +13,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use nix::sys::signal::{SigSet, Signal};
-use rnet::{Config, Network, OutboundPolicy, Target, config};
+use rnet::{Config, Network, OutboundPolicy, PortSpec, Target, config};
 use tracing::{error, info};
 
 /// User-mode networking for unprivileged network namespaces.
@@ -68,6 +72,30 @@ enum Command {
     /// starts only once the network is up; SIGINT and SIGTERM are passed on
     /// to it, and rnet exits with its status.
     Run(RunArgs),
+    /// Publish, list and withdraw ports of a running rnet through its --api-socket.
+    ///
+    /// Uses the same spec syntax as -p. Examples:
+    ///   rnet port add --api-socket /run/user/1000/rnet.sock 8080:80
+    ///   rnet port ls --api-socket /run/user/1000/rnet.sock
+    ///   rnet port rm --api-socket /run/user/1000/rnet.sock 1
+    #[command(verbatim_doc_comment)]
+    Port(portcmd::PortArgs),
+    /// Behave as slirp4netns (same command line, defaults and exit codes).
+    ///
+    /// `rnet slirp4netns --help` shows its options. Invoking rnet through a
+    /// symlink named `slirp4netns` does the same, which is how RootlessKit
+    /// (`--slirp4netns-binary`), Podman (`network_cmd_path`) and rootless
+    /// Docker (PATH) use it.
+    #[command(disable_help_flag = true, disable_version_flag = true)]
+    Slirp4netns {
+        /// slirp4netns's options and arguments.
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "ARGS"
+        )]
+        args: Vec<OsString>,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -124,6 +152,17 @@ struct NetArgs {
     /// Drop all traffic to the DNS forwarder.
     #[arg(long, help_heading = "DNS")]
     disable_dns: bool,
+    /// Publish a host port into the namespace (repeatable):
+    /// [HOST_IP:]HOST_PORT[-END]:[GUEST_IP:]GUEST_PORT[-END][/tcp|/udp].
+    /// HOST_IP defaults to 0.0.0.0, GUEST_IP to the guest (10.0.2.100), the
+    /// protocol to tcp. The guest sees the client's real address (a client
+    /// on the host's loopback appears as 10.0.2.2).
+    #[arg(short = 'p', long, value_name = "SPEC", help_heading = "Ports")]
+    publish: Vec<PortSpec>,
+    /// Serve the control socket at PATH (slirp4netns's JSON protocol; used
+    /// by `rnet port`). Created mode 0600, removed on exit.
+    #[arg(long, value_name = "PATH", help_heading = "Ports")]
+    api_socket: Option<PathBuf>,
     /// Write "1" to file descriptor N once the network is usable, then close it.
     #[arg(long, value_name = "N", help_heading = "Lifecycle")]
     ready_fd: Option<i32>,
@@ -156,8 +195,11 @@ impl NetArgs {
             .iter()
             .map(|u| config::parse_upstream(u).map_err(|e| format!("--dns-upstream: {e}")))
             .collect::<Result<Vec<_>, _>>()?;
-        Config::builder()
-            .tap_name(&self.tap)
+        let mut b = Config::builder();
+        for p in &self.publish {
+            b = b.publish(*p);
+        }
+        b.tap_name(&self.tap)
             .mtu(self.mtu)
             .configure(!self.no_configure)
             .allow_host_loopback(self.allow_host_loopback)
@@ -167,6 +209,7 @@ impl NetArgs {
             .disable_dns(self.disable_dns)
             .ready_fd(self.ready_fd)
             .exit_fd(self.exit_fd)
+            .api_socket(self.api_socket.clone())
             .build()
             .map_err(|e| e.to_string())
     }
@@ -190,7 +233,14 @@ fn init_logging(verbose: u8, quiet: bool) {
 }
 
 fn main() -> ExitCode {
+    if let Some(code) = compat::dispatch() {
+        return code;
+    }
     let cli = Cli::parse();
+    if let Command::Slirp4netns { args } = &cli.command {
+        // Only reached when rnet's own options came first (`rnet -v slirp4netns`).
+        return compat::main("slirp4netns", args);
+    }
     init_logging(cli.verbose, cli.quiet);
 
     // SIGINT and SIGTERM are taken synchronously by a dedicated thread; block
@@ -206,6 +256,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Attach(a) => attach(a, sigs),
         Command::Run(r) => run(r, sigs),
+        Command::Port(p) => portcmd::run(p),
+        Command::Slirp4netns { .. } => unreachable!("handled before"),
     };
     match result {
         Ok(code) => ExitCode::from(code),

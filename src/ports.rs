@@ -54,7 +54,9 @@ impl FromStr for Proto {
         match s {
             "tcp" => Ok(Proto::Tcp),
             "udp" => Ok(Proto::Udp),
-            _ => Err(PortSpecError(format!("unknown protocol {s:?} (tcp or udp)"))),
+            _ => Err(PortSpecError(format!(
+                "unknown protocol {s:?} (tcp or udp)"
+            ))),
         }
     }
 }
@@ -89,7 +91,12 @@ pub struct PortSpec {
 
 impl PortSpec {
     /// A single-port TCP or UDP rule.
-    pub fn single(proto: Proto, host: SocketAddr, guest_ip: Option<Ipv4Addr>, guest_port: u16) -> Self {
+    pub fn single(
+        proto: Proto,
+        host: SocketAddr,
+        guest_ip: Option<Ipv4Addr>,
+        guest_port: u16,
+    ) -> Self {
         Self {
             proto,
             host_ip: host.ip(),
@@ -122,7 +129,11 @@ impl fmt::Display for PortSpec {
 }
 
 fn parse_range(s: &str, what: &str, allow_zero: bool) -> Result<(u16, u16), PortSpecError> {
-    let bad = || PortSpecError(format!("bad {what} {s:?}: expected PORT or FIRST-LAST (1-65535)"));
+    let bad = || {
+        PortSpecError(format!(
+            "bad {what} {s:?}: expected PORT or FIRST-LAST (1-65535)"
+        ))
+    };
     let (a, b) = match s.split_once('-') {
         Some((a, b)) => (a, Some(b)),
         None => (s, None),
@@ -149,9 +160,9 @@ impl FromStr for PortSpec {
         };
         // A bracketed IPv6 host address may contain colons.
         let (host_ip, rest) = if let Some(r) = body.strip_prefix('[') {
-            let (ip, rest) = r
-                .split_once("]:")
-                .ok_or_else(|| PortSpecError(format!("{spec}: unterminated [IPv6] host address")))?;
+            let (ip, rest) = r.split_once("]:").ok_or_else(|| {
+                PortSpecError(format!("{spec}: unterminated [IPv6] host address"))
+            })?;
             let ip: IpAddr = ip
                 .parse()
                 .map_err(|_| PortSpecError(format!("{spec}: bad host address {ip:?}")))?;
@@ -164,7 +175,12 @@ impl FromStr for PortSpec {
             (h, [hp, gp]) => (h, *hp, None, *gp),
             (None, [hi, hp, gp]) if hi.contains('.') => (Some(parse_ip(hi, spec)?), *hp, None, *gp),
             (h, [hp, gi, gp]) => (h, *hp, Some(parse_v4(gi, spec)?), *gp),
-            (None, [hi, hp, gi, gp]) => (Some(parse_ip(hi, spec)?), *hp, Some(parse_v4(gi, spec)?), *gp),
+            (None, [hi, hp, gi, gp]) => (
+                Some(parse_ip(hi, spec)?),
+                *hp,
+                Some(parse_v4(gi, spec)?),
+                *gp,
+            ),
             _ => {
                 return Err(PortSpecError(format!(
                     "{spec}: expected [HOST_IP:]HOST_PORT:[GUEST_IP:]GUEST_PORT[/tcp|/udp]"
@@ -224,7 +240,9 @@ pub enum PortError {
         port: u16,
     },
     /// A port below 1024 without the capability.
-    #[error("{spec}: binding host port {port} needs CAP_NET_BIND_SERVICE (or lower net.ipv4.ip_unprivileged_port_start)")]
+    #[error(
+        "{spec}: binding host port {port} needs CAP_NET_BIND_SERVICE (or lower net.ipv4.ip_unprivileged_port_start)"
+    )]
     Privileged {
         /// The rule.
         spec: PortSpec,
@@ -273,14 +291,94 @@ mod tests {
         let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
         let g = Ipv4Addr::new(10, 0, 2, 50);
         let cases: &[(&str, PortSpec)] = &[
-            ("8080:80", PortSpec { proto: Proto::Tcp, host_ip: any, host_port: 8080, guest_ip: None, guest_port: 80, count: 1 }),
-            ("8080:80/udp", PortSpec { proto: Proto::Udp, host_ip: any, host_port: 8080, guest_ip: None, guest_port: 80, count: 1 }),
-            ("127.0.0.1:8080:80", PortSpec { proto: Proto::Tcp, host_ip: "127.0.0.1".parse().unwrap(), host_port: 8080, guest_ip: None, guest_port: 80, count: 1 }),
-            ("8080:10.0.2.50:80", PortSpec { proto: Proto::Tcp, host_ip: any, host_port: 8080, guest_ip: Some(g), guest_port: 80, count: 1 }),
-            ("0.0.0.0:8080:10.0.2.50:80/tcp", PortSpec { proto: Proto::Tcp, host_ip: any, host_port: 8080, guest_ip: Some(g), guest_port: 80, count: 1 }),
-            ("30000-32767:30000-32767", PortSpec { proto: Proto::Tcp, host_ip: any, host_port: 30000, guest_ip: None, guest_port: 30000, count: 2768 }),
-            ("[::1]:8080:80", PortSpec { proto: Proto::Tcp, host_ip: "::1".parse().unwrap(), host_port: 8080, guest_ip: None, guest_port: 80, count: 1 }),
-            ("0:80", PortSpec { proto: Proto::Tcp, host_ip: any, host_port: 0, guest_ip: None, guest_port: 80, count: 1 }),
+            (
+                "8080:80",
+                PortSpec {
+                    proto: Proto::Tcp,
+                    host_ip: any,
+                    host_port: 8080,
+                    guest_ip: None,
+                    guest_port: 80,
+                    count: 1,
+                },
+            ),
+            (
+                "8080:80/udp",
+                PortSpec {
+                    proto: Proto::Udp,
+                    host_ip: any,
+                    host_port: 8080,
+                    guest_ip: None,
+                    guest_port: 80,
+                    count: 1,
+                },
+            ),
+            (
+                "127.0.0.1:8080:80",
+                PortSpec {
+                    proto: Proto::Tcp,
+                    host_ip: "127.0.0.1".parse().unwrap(),
+                    host_port: 8080,
+                    guest_ip: None,
+                    guest_port: 80,
+                    count: 1,
+                },
+            ),
+            (
+                "8080:10.0.2.50:80",
+                PortSpec {
+                    proto: Proto::Tcp,
+                    host_ip: any,
+                    host_port: 8080,
+                    guest_ip: Some(g),
+                    guest_port: 80,
+                    count: 1,
+                },
+            ),
+            (
+                "0.0.0.0:8080:10.0.2.50:80/tcp",
+                PortSpec {
+                    proto: Proto::Tcp,
+                    host_ip: any,
+                    host_port: 8080,
+                    guest_ip: Some(g),
+                    guest_port: 80,
+                    count: 1,
+                },
+            ),
+            (
+                "30000-32767:30000-32767",
+                PortSpec {
+                    proto: Proto::Tcp,
+                    host_ip: any,
+                    host_port: 30000,
+                    guest_ip: None,
+                    guest_port: 30000,
+                    count: 2768,
+                },
+            ),
+            (
+                "[::1]:8080:80",
+                PortSpec {
+                    proto: Proto::Tcp,
+                    host_ip: "::1".parse().unwrap(),
+                    host_port: 8080,
+                    guest_ip: None,
+                    guest_port: 80,
+                    count: 1,
+                },
+            ),
+            (
+                "0:80",
+                PortSpec {
+                    proto: Proto::Tcp,
+                    host_ip: any,
+                    host_port: 0,
+                    guest_ip: None,
+                    guest_port: 80,
+                    count: 1,
+                },
+            ),
         ];
         for (s, want) in cases {
             assert_eq!(&p(s), want, "{s}");

@@ -27,11 +27,13 @@ pub enum DropReason {
     NoFlow,
     /// The host refused to give a socket (limits, permissions).
     HostSocket,
+    /// A DHCP message the server could not use.
+    Dhcp,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 9] = [
+    pub const ALL: [DropReason; 10] = [
         DropReason::Malformed,
         DropReason::BadChecksum,
         DropReason::Fragment,
@@ -41,6 +43,7 @@ impl DropReason {
         DropReason::Policy,
         DropReason::NoFlow,
         DropReason::HostSocket,
+        DropReason::Dhcp,
     ];
 
     /// A short, stable name for logs and metrics.
@@ -55,6 +58,7 @@ impl DropReason {
             DropReason::Policy => "policy",
             DropReason::NoFlow => "no_flow",
             DropReason::HostSocket => "host_socket",
+            DropReason::Dhcp => "dhcp",
         }
     }
 }

@@ -135,6 +135,52 @@ impl TcpFlow {
         })
     }
 
+    /// A flow for a connection accepted on a published port: the smoltcp
+    /// socket connects to `key.0` (the guest server) from `key.1` (the
+    /// client as the guest should see it), and the host side is `host`.
+    pub fn inbound(
+        key: TcpKey,
+        host: TcpStream,
+        peer: SocketAddr,
+        iface: &mut smoltcp::iface::Interface,
+    ) -> io::Result<Self> {
+        let _ = host.set_nodelay(true);
+        let mut sock = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0u8; RX_BUF]),
+            tcp::SocketBuffer::new(vec![0u8; TX_BUF]),
+        );
+        sock.set_nagle_enabled(false);
+        sock.set_ack_delay(None);
+        sock.set_timeout(Some(Duration::from_secs(120)));
+        let remote = smoltcp::wire::IpEndpoint::new((*key.0.ip()).into(), key.0.port());
+        let local = IpListenEndpoint {
+            addr: Some((*key.1.ip()).into()),
+            port: key.1.port(),
+        };
+        sock.connect(iface.context(), remote, local).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("connect {remote} from {local}: {e}"),
+            )
+        })?;
+        let mut sockets = SocketSet::new(Vec::with_capacity(1));
+        let handle = sockets.add(sock);
+        Ok(Self {
+            key,
+            target: peer,
+            sockets,
+            handle,
+            host,
+            phase: Phase::Open,
+            host_readable: true,
+            host_writable: true,
+            host_eof: false,
+            host_shut_wr: false,
+            syn_quote: [0; 60],
+            syn_len: 0,
+        })
+    }
+
     /// Replaces the host socket with a connect to another target (DNS
     /// failover); the guest keeps waiting for its SYN-ACK.
     pub fn retarget(&mut self, target: SocketAddr) -> io::Result<()> {

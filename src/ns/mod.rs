@@ -9,8 +9,9 @@
 //!
 //! Files: `tap.rs` opens the TAP, `netlink.rs` configures it, `nsfile.rs`
 //! handles namespace files, `spawn.rs` starts commands, `fdpass.rs` holds
-//! the SCM_RIGHTS code, `report.rs` the helper-to-parent wire format and
-//! `process.rs` the fork/reap plumbing.
+//! the SCM_RIGHTS code, `report.rs` the helper-to-parent wire format,
+//! `process.rs` the fork/reap plumbing and `agent.rs` the long-lived helper
+//! that opens guest-side sockets for the published-port fast path.
 
 use std::fmt;
 use std::net::Ipv4Addr;

@@ -41,6 +41,12 @@ pub enum Verdict<'a> {
         /// The IP packet, for ICMP errors quoting it.
         ip: &'a [u8],
     },
+    /// A DHCP client message for the server on the gateway (from 0.0.0.0
+    /// or the guest, port 68, to the gateway or broadcast, port 67).
+    Dhcp {
+        /// The BOOTP/DHCP message.
+        payload: &'a [u8],
+    },
     /// An ICMP echo request.
     Echo {
         /// Guest address.
@@ -132,11 +138,14 @@ fn ipv4<'a>(bytes: &'a [u8], addrs: &NetAddrs) -> Verdict<'a> {
     }
     let src = ip.src_addr();
     let dst = ip.dst_addr();
+    let ip_bytes = &bytes[..ip.total_len() as usize];
+    let payload = &ip_bytes[ip.header_len() as usize..];
+    if let Some(v) = dhcp(&ip, payload, addrs) {
+        return v;
+    }
     if !addrs.is_guest_source(src) {
         return Verdict::Drop(DropReason::SpoofedSource);
     }
-    let ip_bytes = &bytes[..ip.total_len() as usize];
-    let payload = &ip_bytes[ip.header_len() as usize..];
     match ip.next_header() {
         IpProtocol::Tcp => {
             let Ok(tcp) = TcpPacket::new_checked(payload) else {
@@ -187,6 +196,30 @@ fn ipv4<'a>(bytes: &'a [u8], addrs: &NetAddrs) -> Verdict<'a> {
         }
         _ => Verdict::Drop(DropReason::Unsupported),
     }
+}
+
+/// Recognises a DHCP client message, which may come from 0.0.0.0 before
+/// the guest has an address.
+fn dhcp<'a>(ip: &Ipv4Packet<&[u8]>, payload: &'a [u8], addrs: &NetAddrs) -> Option<Verdict<'a>> {
+    if ip.next_header() != IpProtocol::Udp {
+        return None;
+    }
+    let (src, dst) = (ip.src_addr(), ip.dst_addr());
+    let from_ok = src.is_unspecified() || addrs.is_guest_source(src);
+    let to_ok = dst.is_broadcast() || dst == addrs.gateway;
+    if !from_ok || !to_ok {
+        return None;
+    }
+    let udp = UdpPacket::new_checked(payload).ok()?;
+    if udp.src_port() != 68 || udp.dst_port() != 67 {
+        return None;
+    }
+    if udp.checksum() != 0 && !udp.verify_checksum(&src.into(), &dst.into()) {
+        return Some(Verdict::Drop(DropReason::BadChecksum));
+    }
+    Some(Verdict::Dhcp {
+        payload: &payload[8..udp.len() as usize],
+    })
 }
 
 #[cfg(test)]

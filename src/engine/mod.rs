@@ -21,13 +21,13 @@
 //! Timers live in a binary heap with lazy invalidation.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::ops::Range;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
 use std::time::Duration as StdDuration;
 
 use mio::unix::SourceFd;
@@ -43,12 +43,16 @@ use crate::nat::icmp::{self, IcmpFlow};
 use crate::nat::tcp::{self, Step, TcpFlow, TcpKey};
 use crate::nat::udp::UdpFlow;
 use crate::nat::{Deny, Route, route};
+use crate::services::dhcp::{DhcpConfig, DhcpServer};
 use crate::services::dns::DnsQuery;
 use crate::stack::classify::{Verdict, classify};
 use crate::stack::emit::{self, Header};
 use crate::stack::{self, Stack};
 use crate::stats::{DropReason, Stats};
 use crate::tap::{ReadOutcome, Tap};
+pub(crate) use ports::Command;
+
+mod ports;
 
 const TAP: Token = Token(0);
 const WAKER: Token = Token(1);
@@ -78,6 +82,7 @@ pub enum ExitReason {
 pub struct Control {
     pub(crate) stop: AtomicBool,
     pub(crate) waker: Waker,
+    commands: mpsc::Sender<Command>,
 }
 
 impl Control {
@@ -86,6 +91,11 @@ impl Control {
         self.stop.store(true, Ordering::SeqCst);
         let _ = self.waker.wake();
     }
+
+    /// Hands a request to the loop and wakes it; false if the loop is gone.
+    pub(crate) fn send(&self, cmd: Command) -> bool {
+        self.commands.send(cmd).is_ok() && self.waker.wake().is_ok()
+    }
 }
 
 enum Flow {
@@ -93,6 +103,8 @@ enum Flow {
     Udp(UdpFlow),
     Icmp(IcmpFlow),
     Dns(DnsQuery),
+    TcpListen(ports::TcpListen),
+    UdpListen(ports::UdpListen),
 }
 
 /// A classified frame, with offsets into the TAP receive buffer instead of
@@ -120,6 +132,9 @@ enum Action {
         seq: u16,
         icmp: Range<usize>,
         ip_off: usize,
+    },
+    Dhcp {
+        payload: Range<usize>,
     },
 }
 
@@ -151,6 +166,9 @@ impl Action {
                 dst,
                 payload: range(payload),
                 ip_off: off(ip),
+            },
+            Verdict::Dhcp { payload } => Action::Dhcp {
+                payload: range(payload),
             },
             Verdict::Echo {
                 src,
@@ -201,6 +219,12 @@ pub struct Engine {
     _pidfd: Option<OwnedFd>,
     exit_fd: Option<RawFd>,
     ping_warned: bool,
+    rules: BTreeMap<u64, ports::Rule>,
+    next_rule: u64,
+    udp_return: HashMap<(SocketAddrV4, SocketAddrV4), ports::UdpReturn>,
+    commands: mpsc::Receiver<Command>,
+    next_sweep: Instant,
+    dhcp: DhcpServer,
 }
 
 impl Engine {
@@ -213,9 +237,11 @@ impl Engine {
     ) -> io::Result<(Self, Arc<Control>, Arc<Stats>)> {
         let poll = Poll::new()?;
         let waker = Waker::new(poll.registry(), WAKER)?;
+        let (commands_tx, commands) = mpsc::channel();
         let control = Arc::new(Control {
             stop: AtomicBool::new(false),
             waker,
+            commands: commands_tx,
         });
         let mut tap = tap;
         poll.registry()
@@ -239,6 +265,7 @@ impl Engine {
                 .register(&mut SourceFd(&fd), EXIT_FD, Interest::READABLE)?;
         }
         let stats = Arc::new(Stats::default());
+        let (cfg_net, cfg_mtu) = (cfg.cidr(), cfg.mtu());
         let engine = Self {
             exit_fd: cfg.exit_fd,
             cfg,
@@ -259,6 +286,16 @@ impl Engine {
             control: control.clone(),
             _pidfd: pidfd,
             ping_warned: false,
+            rules: BTreeMap::new(),
+            next_rule: 1,
+            udp_return: HashMap::new(),
+            commands,
+            next_sweep: stack::now(),
+            dhcp: DhcpServer::new(DhcpConfig::new(
+                cfg_net.network(),
+                cfg_net.prefix(),
+                u16::try_from(cfg_mtu).unwrap_or(u16::MAX),
+            )),
         };
         Ok((engine, control, stats))
     }
@@ -279,7 +316,7 @@ impl Engine {
             for ev in events.iter() {
                 match ev.token() {
                     TAP => self.tap_readable = true,
-                    WAKER => {}
+                    WAKER => self.handle_commands(),
                     PIDFD => return Ok(ExitReason::TargetExited),
                     EXIT_FD => {
                         if self.exit_fd_hung_up() {
@@ -301,6 +338,10 @@ impl Engine {
             }
             self.fire_timers(now);
             self.service_dirty(now);
+            if now >= self.next_sweep {
+                self.sweep_udp_returns(now);
+                self.next_sweep = now + Duration::from_secs(5);
+            }
         }
     }
 
@@ -374,6 +415,7 @@ impl Engine {
         }
         match action {
             Action::Drop(r) => self.stats.count_drop(r),
+            Action::Dhcp { payload } => self.dhcp_request(payload),
             Action::Arp => {
                 let (rx, tx) = self.tap.split();
                 self.stack.ingress(now, &rx[..len], tx, &mut self.services);
@@ -408,6 +450,7 @@ impl Engine {
                 payload,
                 ip_off,
             } => match route(&self.cfg, dst) {
+                _ if self.udp_return_to_client(src, dst, payload.clone(), now) => {}
                 Route::Host(target) => self.udp_out(src, target, payload, now),
                 Route::Dns => self.dns_query(src, payload, now),
                 Route::Deny(d) => self.deny(d, *src.ip(), *dst.ip(), ip_off, len),
@@ -434,6 +477,46 @@ impl Engine {
                     let (rx, tx) = self.tap.split();
                     self.stack.ingress(now, &rx[..len], tx, &mut self.services);
                 }
+            }
+        }
+    }
+
+    /// Answers a DHCP client message from the current TAP frame.
+    fn dhcp_request(&mut self, payload: Range<usize>) {
+        let h = Header {
+            eth_src: self.stack.mac,
+            eth_dst: smoltcp::wire::EthernetAddress::BROADCAST,
+            ident: self.stack.next_ident(),
+        };
+        let (rx, mut tx) = self.tap.split();
+        let msg = &rx[payload];
+        let dhcp = &mut self.dhcp;
+        let mut res = Ok(None);
+        let sent = tx.build(|buf| {
+            let Some(out) = buf.get_mut(emit::UDP_PAYLOAD_OFFSET..) else {
+                return 0;
+            };
+            res = dhcp.handle(msg, std::time::Instant::now(), out);
+            match &res {
+                Ok(Some(r)) => {
+                    let h = Header {
+                        eth_dst: smoltcp::wire::EthernetAddress(r.dst_mac),
+                        ..h
+                    };
+                    emit::udp_frame(buf, &h, r.src, r.dst, r.len)
+                }
+                _ => 0,
+            }
+        });
+        if sent {
+            self.stack.frames_out += 1;
+        }
+        match res {
+            Ok(Some(r)) => debug!(kind = ?r.kind, addr = %r.yiaddr, "dhcp"),
+            Ok(None) => {}
+            Err(e) => {
+                self.stats.count_drop(DropReason::Dhcp);
+                debug!(error = %e, "dhcp message dropped");
             }
         }
     }
@@ -698,7 +781,15 @@ impl Engine {
         let id = slot.id;
         match &mut slot.flow {
             Flow::Tcp(f) => f.host_ready(readable, writable),
-            Flow::Udp(_) | Flow::Icmp(_) | Flow::Dns(_) if !readable => return,
+            Flow::Udp(_)
+            | Flow::Icmp(_)
+            | Flow::Dns(_)
+            | Flow::TcpListen(_)
+            | Flow::UdpListen(_)
+                if !readable =>
+            {
+                return;
+            }
             _ => {}
         }
         self.mark_dirty(idx, id);
@@ -756,6 +847,7 @@ impl Engine {
                         self.schedule(idx, due);
                     }
                 }
+                Flow::TcpListen(_) | Flow::UdpListen(_) => {}
                 Flow::Dns(q) => {
                     if q.retry(&self.upstreams) {
                         debug!(upstream = %self.upstreams[q.upstream], "dns upstream timed out; trying the next");
@@ -788,6 +880,8 @@ impl Engine {
                     }
                 }
                 Flow::Icmp(f) => f.to_guest(&self.cfg, &mut self.stack, self.tap.tx(), now),
+                Flow::TcpListen(_) => self.accept_tcp(idx, now),
+                Flow::UdpListen(_) => self.udp_from_clients(idx, now),
                 Flow::Dns(q) => {
                     let dns = SocketAddrV4::new(self.stack.addrs.dns, 53);
                     if q.to_guest(dns, &mut self.stack, self.tap.tx()) {
@@ -901,6 +995,13 @@ impl Engine {
             Flow::Dns(mut q) => {
                 let _ = reg.deregister(&mut q.socket);
                 self.stats.dns_queries.fetch_sub(1, Ordering::Relaxed);
+            }
+            Flow::TcpListen(mut l) => {
+                let _ = reg.deregister(&mut l.listener);
+            }
+            Flow::UdpListen(mut l) => {
+                let _ = reg.deregister(&mut l.socket);
+                self.udp_return.retain(|_, r| r.slot != idx);
             }
         }
     }

@@ -1,0 +1,382 @@
+//! The control socket: slirp4netns's JSON protocol over a Unix stream
+//! socket, served and spoken.
+//!
+//! One request per connection: the client writes a JSON object (it may or
+//! may not half-close), the server answers with one JSON object and closes.
+//! Requests and error texts are exactly slirp4netns's (`add_hostfwd`,
+//! `list_hostfwd`, `remove_hostfwd`), so RootlessKit and Podman drive rnet
+//! unchanged; rnet adds `host_port: 0` (any free port, returned in the
+//! reply as `host_port`) and a `detail` field next to `desc` in errors.
+//!
+//! # Theory of operation
+//!
+//! The server runs on its own thread and gives each connection a thread of
+//! its own (at most [`MAX_CLIENTS`] at once), with a read timeout, so a slow
+//! or silent client delays nobody. Requests reach the event loop through
+//! [`crate::Handle`], which queues them and wakes the loop; the data plane
+//! never waits for a client.
+
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tracing::{debug, warn};
+
+use crate::Handle;
+use crate::ports::{PortError, PortInfo, PortSpec, Proto};
+
+/// Largest request accepted; slirp4netns's limit.
+pub const MAX_REQUEST: usize = 4096;
+/// Connections served at once; more get an error reply straight away.
+pub const MAX_CLIENTS: usize = 32;
+/// How long a client may take to send its request.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Longest path a Unix socket address takes (sun_path, NUL included).
+pub const MAX_PATH: usize = 108;
+
+/// A running control socket; [`ApiServer::shutdown`] removes the file.
+pub struct ApiServer {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ApiServer {
+    /// Creates the socket at `path` (mode 0600; a stale socket file is
+    /// replaced) and serves it on a new thread.
+    pub fn start(path: &Path, handle: Handle, default_guest: Ipv4Addr) -> io::Result<ApiServer> {
+        if path.as_os_str().len() >= MAX_PATH {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "API socket path {} is too long ({} bytes; the limit is {})",
+                    path.display(),
+                    path.as_os_str().len(),
+                    MAX_PATH - 1
+                ),
+            ));
+        }
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            use std::os::unix::fs::FileTypeExt;
+            if meta.file_type().is_socket() {
+                std::fs::remove_file(path)?;
+            }
+        }
+        let listener = UnixListener::bind(path)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("rnet-api".into())
+            .spawn(move || serve(listener, handle, default_guest, stop2))?;
+        Ok(ApiServer {
+            path: path.to_path_buf(),
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops accepting and removes the socket file.
+    pub fn shutdown(mut self) {
+        self.stop_now();
+    }
+
+    fn stop_now(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accept() with a connection of our own.
+        let _ = UnixStream::connect(&self.path);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.stop_now();
+        }
+    }
+}
+
+fn serve(listener: UnixListener, handle: Handle, guest: Ipv4Addr, stop: Arc<AtomicBool>) {
+    let active = Arc::new(AtomicUsize::new(0));
+    for conn in listener.incoming() {
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let Ok(mut conn) = conn else { continue };
+        if active.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
+            active.fetch_sub(1, Ordering::SeqCst);
+            let _ = conn.write_all(error_reply("bad request: too many clients", None).as_bytes());
+            continue;
+        }
+        let (handle, active) = (handle.clone(), active.clone());
+        let spawned = std::thread::Builder::new()
+            .name("rnet-api-client".into())
+            .spawn(move || {
+                let _ = conn.set_read_timeout(Some(READ_TIMEOUT));
+                let _ = conn.set_write_timeout(Some(READ_TIMEOUT));
+                let reply = match read_request(&mut conn) {
+                    Ok(req) => respond(&req, &handle, guest),
+                    Err(e) => e,
+                };
+                let _ = conn.write_all(reply.as_bytes());
+                let _ = conn.shutdown(std::net::Shutdown::Both);
+                active.fetch_sub(1, Ordering::SeqCst);
+            });
+        if let Err(e) = spawned {
+            warn!(error = %e, "cannot start an API client thread");
+        }
+    }
+}
+
+/// Reads one request: until EOF, or until the bytes so far form a complete
+/// JSON value (for clients that do not half-close). Errors are replies.
+fn read_request(conn: &mut UnixStream) -> Result<Value, String> {
+    let mut buf = Vec::with_capacity(512);
+    let mut chunk = [0u8; 1024];
+    loop {
+        match conn.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                if buf.len() >= MAX_REQUEST {
+                    return Err(error_reply("bad request: too large message", None));
+                }
+                if let Ok(v) = serde_json::from_slice::<Value>(&buf) {
+                    return Ok(v);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        }
+    }
+    serde_json::from_slice(&buf).map_err(|_| error_reply("bad request: cannot parse JSON", None))
+}
+
+fn error_reply(desc: &str, detail: Option<String>) -> String {
+    let mut e = json!({ "desc": desc });
+    if let Some(d) = detail {
+        e["detail"] = Value::String(d);
+    }
+    json!({ "error": e }).to_string()
+}
+
+/// Answers one parsed request. Public so the fuzzer can drive it.
+pub fn respond(req: &Value, handle: &Handle, guest: Ipv4Addr) -> String {
+    match parse_request(req, guest) {
+        Err(desc) => error_reply(desc, None),
+        Ok(Request::Add(spec)) => match handle.add_port(spec) {
+            Ok(info) => {
+                json!({ "return": { "id": info.id, "host_port": info.spec.host_port } }).to_string()
+            }
+            Err(e) => {
+                debug!(error = %e, "add_hostfwd failed");
+                error_reply(
+                    "bad request: add_hostfwd: slirp_add_hostfwd failed",
+                    Some(e.to_string()),
+                )
+            }
+        },
+        Ok(Request::Remove(id)) => match handle.remove_port(id) {
+            Ok(()) => json!({ "return": {} }).to_string(),
+            Err(PortError::NoSuchId(_)) => {
+                error_reply("bad request: remove_hostfwd: bad arguments.id", None)
+            }
+            Err(e) => error_reply(
+                "bad request: remove_hostfwd: slirp_remove_hostfwd failed",
+                Some(e.to_string()),
+            ),
+        },
+        Ok(Request::List) => match handle.ports() {
+            Ok(list) => {
+                let entries: Vec<Value> = list.iter().flat_map(entries_of).collect();
+                json!({ "return": { "entries": entries } }).to_string()
+            }
+            Err(e) => error_reply("bad request: list_hostfwd failed", Some(e.to_string())),
+        },
+    }
+}
+
+/// A validated request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Request {
+    /// `add_hostfwd`.
+    Add(PortSpec),
+    /// `remove_hostfwd`.
+    Remove(u64),
+    /// `list_hostfwd`.
+    List,
+}
+
+/// Validates a request; the error is the slirp4netns error text.
+pub fn parse_request(req: &Value, guest: Ipv4Addr) -> Result<Request, &'static str> {
+    let obj = req.as_object().ok_or("bad request: json_object() failed")?;
+    let exec = obj
+        .get("execute")
+        .and_then(Value::as_str)
+        .ok_or("bad request: no execute found")?;
+    let args = obj.get("arguments");
+    let arg = |k: &str| args.and_then(|a| a.get(k));
+    match exec {
+        "list_hostfwd" => Ok(Request::List),
+        "remove_hostfwd" => {
+            let id = arg("id")
+                .and_then(Value::as_u64)
+                .ok_or("bad request: remove_hostfwd: bad arguments.id")?;
+            Ok(Request::Remove(id))
+        }
+        "add_hostfwd" => {
+            let proto = match arg("proto").and_then(Value::as_str) {
+                Some("tcp") => Proto::Tcp,
+                Some("udp") => Proto::Udp,
+                _ => return Err("bad request: add_hostfwd: bad arguments.proto"),
+            };
+            let host_ip: IpAddr = match arg("host_addr") {
+                None | Some(Value::Null) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                Some(Value::String(s)) if s.is_empty() => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                Some(Value::String(s)) => s
+                    .parse()
+                    .map_err(|_| "bad request: add_hostfwd: bad arguments.host_addr")?,
+                _ => return Err("bad request: add_hostfwd: bad arguments.host_addr"),
+            };
+            let host_port = arg("host_port")
+                .and_then(Value::as_u64)
+                .filter(|p| *p <= 65535)
+                .ok_or("bad request: add_hostfwd: bad arguments.host_port")?;
+            let guest_ip: Ipv4Addr = match arg("guest_addr") {
+                None | Some(Value::Null) => guest,
+                Some(Value::String(s)) if s.is_empty() => guest,
+                Some(Value::String(s)) => s
+                    .parse()
+                    .map_err(|_| "bad request: add_hostfwd: bad arguments.guest_addr")?,
+                _ => return Err("bad request: add_hostfwd: bad arguments.guest_addr"),
+            };
+            let guest_port = arg("guest_port")
+                .and_then(Value::as_u64)
+                .filter(|p| (1..=65535).contains(p))
+                .ok_or("bad request: add_hostfwd: bad arguments.guest_port")?;
+            Ok(Request::Add(PortSpec::single(
+                proto,
+                SocketAddr::new(host_ip, host_port as u16),
+                Some(guest_ip),
+                guest_port as u16,
+            )))
+        }
+        _ => Err("bad request: unknown execute"),
+    }
+}
+
+/// The list entries of one rule (one per port of a range).
+fn entries_of(info: &PortInfo) -> Vec<Value> {
+    let s = &info.spec;
+    (0..s.count)
+        .map(|i| {
+            json!({
+                "id": info.id,
+                "proto": s.proto.as_str(),
+                "host_addr": s.host_ip.to_string(),
+                "host_port": s.host_port.wrapping_add(i),
+                "guest_addr": info.guest_ip.to_string(),
+                "guest_port": s.guest_port.wrapping_add(i),
+                "path": info.path,
+            })
+        })
+        .collect()
+}
+
+/// Sends one request to the control socket at `path` and returns the reply.
+pub fn call(path: &Path, request: &Value) -> io::Result<Value> {
+    let mut conn = UnixStream::connect(path).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot connect to the API socket {}: {e}", path.display()),
+        )
+    })?;
+    conn.set_read_timeout(Some(READ_TIMEOUT))?;
+    conn.write_all(request.to_string().as_bytes())?;
+    conn.shutdown(std::net::Shutdown::Write)?;
+    let mut reply = Vec::new();
+    conn.read_to_end(&mut reply)?;
+    serde_json::from_slice(&reply).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("unreadable reply from {}: {e}", path.display()),
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const G: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 100);
+
+    fn parse(s: &str) -> Result<Request, &'static str> {
+        parse_request(&serde_json::from_str(s).unwrap(), G)
+    }
+
+    #[test]
+    fn requests() {
+        assert_eq!(parse(r#"{"execute":"list_hostfwd"}"#), Ok(Request::List));
+        assert_eq!(
+            parse(r#"{"execute":"remove_hostfwd","arguments":{"id":3}}"#),
+            Ok(Request::Remove(3))
+        );
+        let add = parse(r#"{"execute":"add_hostfwd","arguments":{"proto":"udp","host_addr":"","host_port":8472,"guest_addr":"","guest_port":8472}}"#).unwrap();
+        assert_eq!(
+            add,
+            Request::Add(PortSpec::single(
+                Proto::Udp,
+                "0.0.0.0:8472".parse().unwrap(),
+                Some(G),
+                8472
+            ))
+        );
+    }
+
+    #[test]
+    fn slirp4netns_error_texts() {
+        for (req, want) in [
+            (r#"[1]"#, "bad request: json_object() failed"),
+            (r#"{"x":1}"#, "bad request: no execute found"),
+            (r#"{"execute":"reboot"}"#, "bad request: unknown execute"),
+            (
+                r#"{"execute":"add_hostfwd","arguments":{"proto":"sctp","host_port":1,"guest_port":1}}"#,
+                "bad request: add_hostfwd: bad arguments.proto",
+            ),
+            (
+                r#"{"execute":"add_hostfwd","arguments":{"proto":"tcp","host_addr":"x","host_port":1,"guest_port":1}}"#,
+                "bad request: add_hostfwd: bad arguments.host_addr",
+            ),
+            (
+                r#"{"execute":"add_hostfwd","arguments":{"proto":"tcp","guest_port":1}}"#,
+                "bad request: add_hostfwd: bad arguments.host_port",
+            ),
+            (
+                r#"{"execute":"add_hostfwd","arguments":{"proto":"tcp","host_port":1,"guest_addr":"::1","guest_port":1}}"#,
+                "bad request: add_hostfwd: bad arguments.guest_addr",
+            ),
+            (
+                r#"{"execute":"add_hostfwd","arguments":{"proto":"tcp","host_port":1,"guest_port":0}}"#,
+                "bad request: add_hostfwd: bad arguments.guest_port",
+            ),
+            (
+                r#"{"execute":"remove_hostfwd","arguments":{"id":"x"}}"#,
+                "bad request: remove_hostfwd: bad arguments.id",
+            ),
+        ] {
+            assert_eq!(parse(req), Err(want), "{req}");
+        }
+    }
+}

@@ -1,0 +1,441 @@
+//! The event loop's side of port publishing (see [`crate::ports`] for the
+//! rules and the theory): host listeners living in the flow slab, accepted
+//! connections turned into inbound flows, UDP datagrams carried both ways,
+//! and the requests other threads send to change the rules.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use std::ops::Range;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+
+use mio::net::{TcpListener, UdpSocket};
+use mio::{Interest, Token};
+use smoltcp::time::{Duration, Instant};
+use socket2::{Domain, Protocol, Socket, Type};
+use tracing::{debug, info};
+
+use super::{Engine, FIRST_FLOW, Flow, Slot};
+use crate::nat::guest_view;
+use crate::nat::tcp::TcpFlow;
+use crate::ports::{PortError, PortInfo, PortSpec, Proto};
+use crate::stack::emit::{self, Header, UDP_PAYLOAD_OFFSET};
+use crate::stats::DropReason;
+
+/// Connections accepted per listener wake-up before other work runs.
+const ACCEPT_BUDGET: usize = 64;
+
+/// A request from another thread (control socket, library handle).
+pub enum Command {
+    /// Publish a rule.
+    AddPort(PortSpec, mpsc::SyncSender<Result<PortInfo, PortError>>),
+    /// Withdraw a rule; live connections are left to finish.
+    RemovePort(u64, mpsc::SyncSender<Result<(), PortError>>),
+    /// List the rules.
+    ListPorts(mpsc::SyncSender<Vec<PortInfo>>),
+}
+
+/// A published rule and the listener slots that carry it.
+pub struct Rule {
+    info: PortInfo,
+    slots: Vec<(usize, u64)>,
+}
+
+/// A TCP listener for one host port.
+pub struct TcpListen {
+    pub(super) listener: TcpListener,
+    guest: SocketAddrV4,
+}
+
+/// A UDP socket for one host port.
+pub struct UdpListen {
+    pub(super) socket: UdpSocket,
+    guest: SocketAddrV4,
+}
+
+/// Where the guest's answers to a published-UDP client go.
+pub struct UdpReturn {
+    pub(super) slot: usize,
+    id: u64,
+    client: SocketAddr,
+    last: Instant,
+}
+
+impl Engine {
+    /// Serves the requests queued by other threads.
+    pub(super) fn handle_commands(&mut self) {
+        while let Ok(cmd) = self.commands.try_recv() {
+            match cmd {
+                Command::AddPort(spec, reply) => {
+                    let _ = reply.send(self.add_rule(spec));
+                }
+                Command::RemovePort(id, reply) => {
+                    let _ = reply.send(self.remove_rule(id));
+                }
+                Command::ListPorts(reply) => {
+                    let _ = reply.send(self.rules.values().map(|r| r.info.clone()).collect());
+                }
+            }
+        }
+    }
+
+    /// Binds every host port of `spec` and starts listening; all or nothing.
+    pub(crate) fn add_rule(&mut self, spec: PortSpec) -> Result<PortInfo, PortError> {
+        if spec.host_port == 0 && spec.count != 1 {
+            return Err(PortError::Unsupported(format!(
+                "{spec}: host port 0 (any free port) only works for a single port"
+            )));
+        }
+        let guest_ip = spec.guest_ip.unwrap_or(self.cfg.guest());
+        if spec.guest_port as u32 + spec.count as u32 > 65536
+            || spec.host_port as u32 + spec.count as u32 > 65536
+        {
+            return Err(PortError::Unsupported(format!(
+                "{spec}: range runs past port 65535"
+            )));
+        }
+        let id = self.next_rule;
+        let mut slots = Vec::with_capacity(spec.count as usize);
+        let mut bound_port = spec.host_port;
+        for i in 0..spec.count {
+            let addr = SocketAddr::new(spec.host_ip, spec.host_port.wrapping_add(i));
+            let guest = SocketAddrV4::new(guest_ip, spec.guest_port + i);
+            let bound = bind(spec.proto, addr).map_err(|e| bind_error(spec, addr, e));
+            let flow = match bound {
+                Ok(Bound::Tcp(listener)) => {
+                    if i == 0 {
+                        bound_port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+                    }
+                    Flow::TcpListen(TcpListen { listener, guest })
+                }
+                Ok(Bound::Udp(socket)) => {
+                    if i == 0 {
+                        bound_port = socket.local_addr().map(|a| a.port()).unwrap_or(0);
+                    }
+                    Flow::UdpListen(UdpListen { socket, guest })
+                }
+                Err(e) => {
+                    for (idx, _) in slots {
+                        self.remove(idx);
+                    }
+                    return Err(e);
+                }
+            };
+            let entry = self.flows.vacant_entry();
+            let idx = entry.key();
+            let sid = self.next_id;
+            self.next_id += 1;
+            let mut slot = Slot {
+                flow,
+                id: sid,
+                sched: None,
+                dirty: false,
+            };
+            let reg = self.poll.registry();
+            let r = match &mut slot.flow {
+                Flow::TcpListen(l) => {
+                    reg.register(&mut l.listener, Token(idx + FIRST_FLOW), Interest::READABLE)
+                }
+                Flow::UdpListen(l) => {
+                    reg.register(&mut l.socket, Token(idx + FIRST_FLOW), Interest::READABLE)
+                }
+                _ => Ok(()),
+            };
+            entry.insert(slot);
+            slots.push((idx, sid));
+            if let Err(e) = r {
+                for (idx, _) in slots {
+                    self.remove(idx);
+                }
+                return Err(PortError::Bind {
+                    spec,
+                    addr,
+                    source: e,
+                });
+            }
+        }
+        self.next_rule += 1;
+        let mut shown = spec;
+        shown.host_port = bound_port;
+        let info = PortInfo {
+            id,
+            spec: shown,
+            guest_ip,
+            path: "stack",
+        };
+        info!(id, rule = %shown, path = "stack", "published");
+        self.rules.insert(
+            id,
+            Rule {
+                info: info.clone(),
+                slots,
+            },
+        );
+        Ok(info)
+    }
+
+    /// Withdraws a rule: its listeners close; established connections stay
+    /// until they end.
+    fn remove_rule(&mut self, id: u64) -> Result<(), PortError> {
+        let rule = self.rules.remove(&id).ok_or(PortError::NoSuchId(id))?;
+        for (idx, sid) in rule.slots {
+            if self.flows.get(idx).is_some_and(|s| s.id == sid) {
+                self.remove(idx);
+            }
+        }
+        info!(id, rule = %rule.info.spec, "withdrawn");
+        Ok(())
+    }
+
+    /// Accepts pending connections on listener `idx` and starts their flows.
+    pub(super) fn accept_tcp(&mut self, idx: usize, _now: Instant) {
+        for n in 0..ACCEPT_BUDGET {
+            let Some(Slot {
+                flow: Flow::TcpListen(l),
+                id,
+                ..
+            }) = self.flows.get(idx)
+            else {
+                return;
+            };
+            let (guest, lid) = (l.guest, *id);
+            let (stream, peer) = match l.listener.accept() {
+                Ok(x) => x,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    debug!(error = %e, "accept failed");
+                    self.stats.count_drop(DropReason::HostSocket);
+                    return;
+                }
+            };
+            if n + 1 == ACCEPT_BUDGET {
+                // More may be waiting: come back after other work.
+                self.mark_dirty(idx, lid);
+            }
+            let Some(client) = guest_view(&self.cfg, peer) else {
+                // An IPv6 client the guest could not answer.
+                self.stats.count_drop(DropReason::Unsupported);
+                continue;
+            };
+            let key = (guest, client);
+            if self.tcp_index.contains_key(&key) {
+                self.stats.count_drop(DropReason::HostSocket);
+                continue;
+            }
+            let mut flow = match TcpFlow::inbound(key, stream, peer, &mut self.stack.iface) {
+                Ok(f) => f,
+                Err(e) => {
+                    debug!(error = %e, "cannot start inbound flow");
+                    continue;
+                }
+            };
+            let entry = self.flows.vacant_entry();
+            let fidx = entry.key();
+            if self
+                .poll
+                .registry()
+                .register(
+                    &mut flow.host,
+                    Token(fidx + FIRST_FLOW),
+                    Interest::READABLE | Interest::WRITABLE,
+                )
+                .is_err()
+            {
+                self.stats.count_drop(DropReason::HostSocket);
+                continue;
+            }
+            let fid = self.next_id;
+            self.next_id += 1;
+            debug!(%peer, %guest, "published connection");
+            entry.insert(Slot {
+                flow: Flow::Tcp(Box::new(flow)),
+                id: fid,
+                sched: None,
+                dirty: false,
+            });
+            self.tcp_index.insert(key, fidx);
+            self.stats.tcp_opened.fetch_add(1, Ordering::Relaxed);
+            self.stats.tcp_flows.fetch_add(1, Ordering::Relaxed);
+            self.mark_dirty(fidx, fid);
+        }
+    }
+
+    /// Delivers datagrams from published-UDP clients to the guest, from the
+    /// client's own address.
+    pub(super) fn udp_from_clients(&mut self, idx: usize, now: Instant) {
+        let Some(guest_mac) = self.stack.guest_mac() else {
+            // The guest has not spoken yet; nothing can be addressed to it.
+            // Drain so the socket does not stay readable forever.
+            if let Some(Slot {
+                flow: Flow::UdpListen(l),
+                ..
+            }) = self.flows.get(idx)
+            {
+                let mut sink = [0u8; 64];
+                while l.socket.recv_from(&mut sink).is_ok() {
+                    self.stats.count_drop(DropReason::NoFlow);
+                }
+            }
+            return;
+        };
+        let max = self.stack.mtu.saturating_sub(28);
+        for _ in 0..64 {
+            let Some(Slot {
+                flow: Flow::UdpListen(l),
+                id,
+                ..
+            }) = self.flows.get(idx)
+            else {
+                return;
+            };
+            let (guest, lid) = (l.guest, *id);
+            let h = Header {
+                eth_src: self.stack.mac,
+                eth_dst: guest_mac,
+                ident: self.stack.next_ident(),
+            };
+            let mut got = None;
+            let mut more = true;
+            let cfg = &self.cfg;
+            let socket = &l.socket;
+            let sent = self.tap.tx().build(|buf| {
+                let end = (UDP_PAYLOAD_OFFSET + max).min(buf.len());
+                match socket.recv_from(&mut buf[UDP_PAYLOAD_OFFSET..end]) {
+                    Ok((n, peer)) => match guest_view(cfg, peer) {
+                        Some(client) => {
+                            got = Some((peer, client));
+                            emit::udp_frame(buf, &h, client, guest, n)
+                        }
+                        None => 0,
+                    },
+                    Err(_) => {
+                        more = false;
+                        0
+                    }
+                }
+            });
+            if sent {
+                self.stack.frames_out += 1;
+            }
+            if let Some((peer, client)) = got {
+                self.udp_return.insert(
+                    (guest, client),
+                    UdpReturn {
+                        slot: idx,
+                        id: lid,
+                        client: peer,
+                        last: now,
+                    },
+                );
+            }
+            if !more {
+                return;
+            }
+        }
+        if let Some(s) = self.flows.get(idx) {
+            let id = s.id;
+            self.mark_dirty(idx, id);
+        }
+    }
+
+    /// Sends a guest datagram back to a published-UDP client if `(src, dst)`
+    /// is such a conversation. Returns whether it was one.
+    pub(super) fn udp_return_to_client(
+        &mut self,
+        src: SocketAddrV4,
+        dst: SocketAddrV4,
+        payload: Range<usize>,
+        now: Instant,
+    ) -> bool {
+        let Some(ret) = self.udp_return.get_mut(&(src, dst)) else {
+            return false;
+        };
+        ret.last = now;
+        let (slot, id, client) = (ret.slot, ret.id, ret.client);
+        let Some(Slot {
+            flow: Flow::UdpListen(l),
+            id: sid,
+            ..
+        }) = self.flows.get(slot)
+        else {
+            self.udp_return.remove(&(src, dst));
+            return false;
+        };
+        if *sid != id {
+            self.udp_return.remove(&(src, dst));
+            return false;
+        }
+        let data = &self.tap.split().0[payload];
+        if let Err(e) = l.socket.send_to(data, client)
+            && e.kind() != io::ErrorKind::WouldBlock
+        {
+            debug!(%client, error = %e, "udp reply to client failed");
+        }
+        true
+    }
+
+    /// Forgets published-UDP conversations idle for the UDP timeout.
+    pub(super) fn sweep_udp_returns(&mut self, now: Instant) {
+        let idle = Duration::from_micros(self.cfg.udp_idle_timeout.as_micros() as u64);
+        self.udp_return.retain(|_, r| r.last + idle > now);
+    }
+
+    /// Publishes the rules given at start-up; the first failure is returned.
+    pub(crate) fn publish_initial(&mut self) -> Result<(), PortError> {
+        for spec in self.cfg.publish.clone() {
+            self.add_rule(spec)?;
+        }
+        Ok(())
+    }
+}
+
+enum Bound {
+    Tcp(TcpListener),
+    Udp(UdpSocket),
+}
+
+fn bind(proto: Proto, addr: SocketAddr) -> io::Result<Bound> {
+    let domain = Domain::for_address(addr);
+    let (ty, p) = match proto {
+        Proto::Tcp => (Type::STREAM, Protocol::TCP),
+        Proto::Udp => (Type::DGRAM, Protocol::UDP),
+    };
+    let s = Socket::new(domain, ty.nonblocking().cloexec(), Some(p))?;
+    if let IpAddr::V6(ip) = addr.ip()
+        && ip.is_unspecified()
+    {
+        // [::] also takes IPv4 clients, as users expect of a wildcard.
+        s.set_only_v6(false)?;
+    }
+    match proto {
+        Proto::Tcp => {
+            s.set_reuse_address(true)?;
+            s.bind(&addr.into())?;
+            s.listen(1024)?;
+            Ok(Bound::Tcp(TcpListener::from_std(s.into())))
+        }
+        Proto::Udp => {
+            s.bind(&addr.into())?;
+            Ok(Bound::Udp(UdpSocket::from_std(s.into())))
+        }
+    }
+}
+
+fn bind_error(spec: PortSpec, addr: SocketAddr, e: io::Error) -> PortError {
+    match e.raw_os_error() {
+        Some(libc::EADDRINUSE) => PortError::InUse {
+            spec,
+            port: addr.port(),
+        },
+        Some(libc::EACCES) if addr.port() < 1024 => PortError::Privileged {
+            spec,
+            port: addr.port(),
+        },
+        _ => PortError::Bind {
+            spec,
+            addr,
+            source: e,
+        },
+    }
+}
