@@ -143,25 +143,40 @@ fn serve(listener: UnixListener, handle: Handle, guest: Ipv4Addr, stop: Arc<Atom
 /// Reads one request: until EOF, or until the bytes so far form a complete
 /// JSON value (for clients that do not half-close). Errors are replies.
 fn read_request(conn: &mut UnixStream) -> Result<Value, String> {
-    let mut buf = Vec::with_capacity(512);
-    let mut chunk = [0u8; 1024];
+    let mut buf = vec![0u8; MAX_REQUEST];
+    let mut len = 0;
     loop {
-        match conn.read(&mut chunk) {
+        match conn.read(&mut buf[len..]) {
             Ok(0) => break,
             Ok(n) => {
-                buf.extend_from_slice(&chunk[..n]);
-                if buf.len() >= MAX_REQUEST {
+                len += n;
+                // slirp4netns reads into a buffer of this size and refuses a
+                // request that fills it; so do we, whatever its content.
+                if len >= MAX_REQUEST {
                     return Err(error_reply("bad request: too large message", None));
                 }
-                if let Ok(v) = serde_json::from_slice::<Value>(&buf) {
-                    return Ok(v);
+                // A client that does not half-close is answered once its
+                // bytes form a value and nothing more is queued.
+                if serde_json::from_slice::<Value>(&buf[..len]).is_ok() && !more_queued(conn) {
+                    break;
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(_) => break,
         }
     }
-    serde_json::from_slice(&buf).map_err(|_| error_reply("bad request: cannot parse JSON", None))
+    serde_json::from_slice(&buf[..len])
+        .map_err(|_| error_reply("bad request: cannot parse JSON", None))
+}
+
+/// Whether more request bytes are already waiting on the connection.
+fn more_queued(conn: &UnixStream) -> bool {
+    let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    let sock = socket2::SockRef::from(conn);
+    matches!(
+        sock.recv_with_flags(&mut probe, libc::MSG_PEEK | libc::MSG_DONTWAIT),
+        Ok(n) if n > 0
+    )
 }
 
 fn error_reply(desc: &str, detail: Option<String>) -> String {

@@ -189,6 +189,7 @@ pub struct Config {
     pub(crate) dns_timeout: Duration,
     pub(crate) api_socket: Option<PathBuf>,
     pub(crate) publish: Vec<crate::ports::PortSpec>,
+    pub(crate) publish_auto: Vec<crate::autopub::AutoPublish>,
 }
 
 impl Config {
@@ -273,6 +274,7 @@ pub struct ConfigBuilder {
     dns_timeout: Duration,
     api_socket: Option<PathBuf>,
     publish: Vec<crate::ports::PortSpec>,
+    publish_auto: Vec<crate::autopub::AutoPublish>,
 }
 
 impl Default for ConfigBuilder {
@@ -296,6 +298,7 @@ impl Default for ConfigBuilder {
             dns_timeout: Duration::from_secs(2),
             api_socket: None,
             publish: Vec::new(),
+            publish_auto: Vec::new(),
         }
     }
 }
@@ -380,6 +383,13 @@ impl ConfigBuilder {
         self
     }
 
+    /// Publish the namespace's listening ports in this range automatically
+    /// (repeatable; needs a PID target).
+    pub fn publish_auto(mut self, rule: crate::autopub::AutoPublish) -> Self {
+        self.publish_auto.push(rule);
+        self
+    }
+
     /// Checks the settings and returns the finished [`Config`].
     pub fn build(self) -> Result<Config, ConfigError> {
         if !(68..=65521).contains(&self.mtu) {
@@ -423,6 +433,7 @@ impl ConfigBuilder {
             dns_timeout: self.dns_timeout,
             api_socket: self.api_socket,
             publish: self.publish,
+            publish_auto: self.publish_auto,
         })
     }
 }

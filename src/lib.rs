@@ -43,6 +43,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod api;
+pub mod autopub;
 pub mod config;
 mod engine;
 pub mod nat;
@@ -111,6 +112,11 @@ impl Handle {
         self.control.stop();
     }
 
+    /// Whether the event loop is still running.
+    pub fn is_running(&self) -> bool {
+        !self.control.stop.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Current counters.
     pub fn stats(&self) -> StatsSnapshot {
         self.stats.snapshot()
@@ -153,6 +159,7 @@ pub struct Network {
     thread: JoinHandle<io::Result<ExitReason>>,
     tap_name: String,
     api: Option<api::ApiServer>,
+    watcher: Option<JoinHandle<()>>,
 }
 
 impl Network {
@@ -180,7 +187,7 @@ impl Network {
             }),
         };
         let opened = ns::open_tap(&target, &setup)?;
-        Network::serve(opened.fd, opened.name, pid, config)
+        Network::serve(opened.fd, opened.name, Some(opened.mac), pid, config)
     }
 
     /// Serves an already-open TAP descriptor (for example one passed by a
@@ -195,12 +202,13 @@ impl Network {
         config: Config,
     ) -> Result<Network, Error> {
         let name = config.tap_name().to_string();
-        Network::serve(tap, name, watch_pid, config)
+        Network::serve(tap, name, None, watch_pid, config)
     }
 
     fn serve(
         fd: OwnedFd,
         tap_name: String,
+        guest_mac: Option<[u8; 6]>,
         pid: Option<i32>,
         config: Config,
     ) -> Result<Network, Error> {
@@ -217,15 +225,33 @@ impl Network {
         }
         let ready_fd = config.ready_fd;
         let api_socket = config.api_socket().map(|p| p.to_path_buf());
+        let auto = config.publish_auto.clone();
         let guest = config.guest();
         let config = Arc::new(config);
         let (mut engine, control, stats) = Engine::new(config, tap, pid, upstreams)
             .map_err(Error::io("starting the event loop"))?;
+        if let Some(mac) = guest_mac {
+            // Known from the TAP itself, so published UDP can reach a
+            // guest that has not sent anything yet.
+            engine.set_guest_mac(mac);
+        }
+        raise_fd_limit();
         engine.publish_initial()?;
         engine.log_summary(&tap_name);
         let thread = std::thread::Builder::new()
             .name("rnet-dataplane".into())
-            .spawn(move || engine.run())
+            .spawn({
+                let control = control.clone();
+                move || {
+                    let r = engine.run();
+                    // Everything that watches the loop (API, auto-publish)
+                    // sees it as stopped from here on.
+                    control
+                        .stop
+                        .store(true, std::sync::atomic::Ordering::SeqCst);
+                    r
+                }
+            })
             .map_err(Error::io("starting the data-plane thread"))?;
         let handle = Handle { control, stats };
         let api = match api_socket {
@@ -242,6 +268,22 @@ impl Network {
             },
             None => None,
         };
+        let watcher = match (auto.is_empty(), pid) {
+            (true, _) => None,
+            (false, Some(pid)) => {
+                let h = handle.clone();
+                std::thread::Builder::new()
+                    .name("rnet-autopublish".into())
+                    .spawn(move || autopub::watch(pid, auto, h))
+                    .ok()
+            }
+            (false, None) => {
+                tracing::warn!(
+                    "--publish-auto needs a PID target to read the namespace's sockets; ignored"
+                );
+                None
+            }
+        };
         // Ready means usable: the loop runs and the API socket listens.
         if let Some(fd) = ready_fd {
             signal_ready(fd).map_err(Error::io(format!("writing to --ready-fd {fd}")))?;
@@ -251,6 +293,7 @@ impl Network {
             thread,
             tap_name,
             api,
+            watcher,
         })
     }
 
@@ -296,12 +339,29 @@ impl Network {
         if let Some(api) = self.api {
             api.shutdown();
         }
+        if let Some(w) = self.watcher {
+            let _ = w.join();
+        }
         match result {
             Ok(r) => r.map_err(Error::io("event loop")),
             Err(_) => Err(Error::Io {
                 context: "event loop".into(),
                 source: io::Error::other("the data-plane thread panicked"),
             }),
+        }
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit: every flow and
+/// every published port holds a descriptor, and the common soft default of
+/// 1024 is below a NodePort range.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+    {
+        if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            tracing::debug!("cannot raise the open-file limit from {soft} to {hard}: {e}");
         }
     }
 }

@@ -159,6 +159,13 @@ struct NetArgs {
     /// on the host's loopback appears as 10.0.2.2).
     #[arg(short = 'p', long, value_name = "SPEC", help_heading = "Ports")]
     publish: Vec<PortSpec>,
+    /// Publish the namespace's listening sockets automatically on the same
+    /// host port as they appear (and withdraw them when they close), for
+    /// ports in RANGE (default all) and PROTO (default tcp); repeatable.
+    /// Host ports already in use are logged and retried, never fatal.
+    #[arg(long, value_name = "RANGE[/PROTO]", num_args = 0..=1, require_equals = true,
+          default_missing_value = "", help_heading = "Ports")]
+    publish_auto: Vec<String>,
     /// Serve the control socket at PATH (slirp4netns's JSON protocol; used
     /// by `rnet port`). Created mode 0600, removed on exit.
     #[arg(long, value_name = "PATH", help_heading = "Ports")]
@@ -198,6 +205,9 @@ impl NetArgs {
         let mut b = Config::builder();
         for p in &self.publish {
             b = b.publish(*p);
+        }
+        for a in &self.publish_auto {
+            b = b.publish_auto(a.parse()?);
         }
         b.tap_name(&self.tap)
             .mtu(self.mtu)

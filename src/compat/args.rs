@@ -182,7 +182,10 @@ fn lookup_long(prog: &str, name: &str) -> Result<(&'static str, bool, Opt), ArgE
     if let Some(&e) = LONG.iter().find(|(n, _, _)| *n == name) {
         return Ok(e);
     }
-    let matches: Vec<_> = LONG.iter().filter(|(n, _, _)| n.starts_with(name)).collect();
+    let matches: Vec<_> = LONG
+        .iter()
+        .filter(|(n, _, _)| n.starts_with(name))
+        .collect();
     match matches.as_slice() {
         [] => Err(ArgError::usage(format!(
             "{prog}: unrecognized option '--{name}'"
@@ -368,9 +371,7 @@ pub fn parse(prog: &str, args: &[OsString]) -> Result<Parsed, ArgError> {
                     i = cluster.len();
                     if rest.is_empty() {
                         Some(args.next().ok_or_else(|| {
-                            ArgError::usage(format!(
-                                "{prog}: option requires an argument -- '{c}'"
-                            ))
+                            ArgError::usage(format!("{prog}: option requires an argument -- '{c}'"))
                         })?)
                     } else {
                         Some(rest)
@@ -401,7 +402,11 @@ pub fn parse(prog: &str, args: &[OsString]) -> Result<Parsed, ArgError> {
             )));
         }
     };
-    let needed = if o.netns_type == NetnsType::TapFd { 1 } else { 2 };
+    let needed = if o.netns_type == NetnsType::TapFd {
+        1
+    } else {
+        2
+    };
     if positionals.len() < needed {
         return Err(ArgError::usage(match o.netns_type {
             NetnsType::Pid => "missing PID and TAPNAME arguments",
@@ -486,7 +491,16 @@ mod tests {
             &["-c", "-r", "3", "-e", "4", "--mtu=65520", "42", "tap0"],
             &["42", "-c", "tap0", "--mtu", "65520", "-r3", "-e4"],
             &["42", "tap0", "-ce", "4", "--ready-fd=3", "-m65520"],
-            &["--conf", "--ready=3", "42", "--exit-fd", "4", "tap0", "-m", "65520"],
+            &[
+                "--conf",
+                "--ready=3",
+                "42",
+                "--exit-fd",
+                "4",
+                "tap0",
+                "-m",
+                "65520",
+            ],
             &["-cr", "3", "-e", "4", "-m", "65520", "--", "42", "tap0"],
         ];
         for f in forms {
@@ -686,8 +700,20 @@ mod tests {
             parse_cidr("10.0.135.128/25"),
             Ok((Ipv4Addr::new(10, 0, 135, 128), 25))
         );
-        for bad in ["24", "foo", "10.0.2.0", "10.0.2.0/", "10.0.2.0/123", "1.2.3/8", " 10.0.2.0/24"] {
-            assert_eq!(parse_cidr(bad), Err(format!("invalid CIDR: {bad}")), "{bad}");
+        for bad in [
+            "24",
+            "foo",
+            "10.0.2.0",
+            "10.0.2.0/",
+            "10.0.2.0/123",
+            "1.2.3/8",
+            " 10.0.2.0/24",
+        ] {
+            assert_eq!(
+                parse_cidr(bad),
+                Err(format!("invalid CIDR: {bad}")),
+                "{bad}"
+            );
         }
         assert_eq!(
             parse_cidr("10.0.2.256/24"),
@@ -702,7 +728,10 @@ mod tests {
         }
         assert_eq!(
             parse_cidr("10.0.2.100/24"),
-            Err("CIDR needs to be a network address like 10.0.2.0/24, not like 10.0.2.100/24".into())
+            Err(
+                "CIDR needs to be a network address like 10.0.2.0/24, not like 10.0.2.100/24"
+                    .into()
+            )
         );
     }
 }

@@ -221,16 +221,22 @@ fn warn_partial(o: &Options) {
         warn!("{d}");
     }
     if o.enable_ipv6 {
-        warn!("IPv6 is not available in rnet yet: --enable-ipv6 is ignored, the network is IPv4-only");
+        warn!(
+            "IPv6 is not available in rnet yet: --enable-ipv6 is ignored, the network is IPv4-only"
+        );
     }
     if o.outbound_addr6.is_some() {
         warn!("IPv6 is not available in rnet yet: --outbound-addr6 is ignored");
     }
     if o.enable_sandbox {
-        info!("--enable-sandbox accepted; rnet does not sandbox itself yet (full effect comes later)");
+        info!(
+            "--enable-sandbox accepted; rnet does not sandbox itself yet (full effect comes later)"
+        );
     }
     if o.enable_seccomp {
-        info!("--enable-seccomp accepted; rnet installs no syscall filter yet (full effect comes later)");
+        info!(
+            "--enable-seccomp accepted; rnet installs no syscall filter yet (full effect comes later)"
+        );
     }
     if o.macaddress.is_some() {
         warn!("--macaddress is accepted but not applied yet: the TAP keeps its kernel-chosen MAC");
@@ -256,7 +262,11 @@ fn serve(o: &Options) -> Result<(), String> {
 
     let net = match o.netns_type {
         NetnsType::Pid => {
-            let pid: i32 = o.target.trim().parse().map_err(|_| "PID must be a positive integer")?;
+            let pid: i32 = o
+                .target
+                .trim()
+                .parse()
+                .map_err(|_| "PID must be a positive integer")?;
             Network::attach(Target::Pid(pid), config)
         }
         NetnsType::Path => Network::attach(
@@ -267,7 +277,11 @@ fn serve(o: &Options) -> Result<(), String> {
             config,
         ),
         NetnsType::TapFd => {
-            let fd: i32 = o.target.trim().parse().map_err(|_| "FD must be a non-negative integer")?;
+            let fd: i32 = o
+                .target
+                .trim()
+                .parse()
+                .map_err(|_| "FD must be a non-negative integer")?;
             Network::attach_tap(take_fd(fd)?, None, config)
         }
     }
@@ -291,10 +305,7 @@ fn take_fd(fd: i32) -> Result<OwnedFd, String> {
     // just fails with EBADF.
     let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
     if flags == -1 {
-        return Err(format!(
-            "tap fd {fd}: {}",
-            std::io::Error::last_os_error()
-        ));
+        return Err(format!("tap fd {fd}: {}", std::io::Error::last_os_error()));
     }
     // SAFETY: the descriptor is open (checked above) and was handed to this
     // process by its parent for exactly this use; nothing else in the
@@ -309,7 +320,9 @@ mod tests {
     #[test]
     fn argv0_detection() {
         assert!(invoked_as_slirp4netns(OsStr::new("slirp4netns")));
-        assert!(invoked_as_slirp4netns(OsStr::new("/usr/local/bin/slirp4netns")));
+        assert!(invoked_as_slirp4netns(OsStr::new(
+            "/usr/local/bin/slirp4netns"
+        )));
         assert!(!invoked_as_slirp4netns(OsStr::new("/usr/bin/rnet")));
         assert!(!invoked_as_slirp4netns(OsStr::new("slirp4netns-real")));
     }

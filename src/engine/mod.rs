@@ -1006,6 +1006,11 @@ impl Engine {
         }
     }
 
+    /// Tells the loop the guest's MAC before it has seen a frame.
+    pub fn set_guest_mac(&mut self, mac: [u8; 6]) {
+        self.stack.guest_mac = Some(smoltcp::wire::EthernetAddress(mac));
+    }
+
     /// Logs one summary line; called once before the loop starts.
     pub fn log_summary(&self, tap_name: &str) {
         let c = &self.cfg;

@@ -428,6 +428,9 @@ fn bind_error(spec: PortSpec, addr: SocketAddr, e: io::Error) -> PortError {
             spec,
             port: addr.port(),
         },
+        Some(libc::EMFILE) | Some(libc::ENFILE) => PortError::Unsupported(format!(
+            "{spec}: cannot bind {addr}: too many open files; raise the open-file limit (ulimit -n, LimitNOFILE=) above the number of published ports"
+        )),
         Some(libc::EACCES) if addr.port() < 1024 => PortError::Privileged {
             spec,
             port: addr.port(),

@@ -18,6 +18,7 @@ use std::net::Ipv4Addr;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 
+pub mod agent;
 mod error;
 pub mod fdpass;
 mod netlink;
@@ -30,6 +31,7 @@ mod tap;
 #[cfg(test)]
 mod e2e_tests;
 
+pub use agent::{Agent, AgentError};
 pub use error::{NsError, NsKind};
 pub use nsfile::same_userns;
 pub use spawn::{SpawnedCommand, spawn_in_new_namespaces};

@@ -1,20 +1,22 @@
 //! A minimal synchronous rtnetlink client for configuring an interface in the
 //! current network namespace: link up, MTU, MAC, an IPv4 address and the
-//! default route. Each request asks for an ACK and waits for it; a negative
-//! ACK comes back as the kernel's errno.
+//! default route; and, for the port-publishing agent, policy-routing rules
+//! and a `local` route in a table of their own. Each request asks for an ACK
+//! and waits for it; a negative ACK comes back as the kernel's errno.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 
 use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage,
-    NetlinkPayload,
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkHeader,
+    NetlinkMessage, NetlinkPayload,
 };
 use netlink_packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
-use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage, RulePortRange};
+use netlink_packet_route::{AddressFamily, IpProtocol, RouteNetlinkMessage};
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 use nix::errno::Errno;
 
@@ -148,6 +150,79 @@ impl RtNetlink {
             NLM_F_CREATE | NLM_F_REPLACE,
         )
     }
+
+    /// Adds (or replaces) `local 0.0.0.0/0 dev INDEX` in routing table
+    /// `table`: whatever a rule sends to that table is delivered locally.
+    pub fn add_local_default_route_v4(&mut self, table: u32, index: u32) -> Result<(), Errno> {
+        let mut msg = RouteMessage::default();
+        msg.header.address_family = AddressFamily::Inet;
+        msg.header.destination_prefix_length = 0;
+        // Tables above 255 only fit the attribute; the header says "see it".
+        msg.header.table = RouteHeader::RT_TABLE_UNSPEC;
+        msg.header.protocol = RouteProtocol::Boot;
+        msg.header.scope = RouteScope::Host;
+        msg.header.kind = RouteType::Local;
+        msg.attributes.push(RouteAttribute::Table(table));
+        msg.attributes.push(RouteAttribute::Oif(index));
+        self.request(
+            RouteNetlinkMessage::NewRoute(msg),
+            NLM_F_CREATE | NLM_F_REPLACE,
+        )
+    }
+
+    /// Adds the rule `priority PRIO from IP ipproto tcp sport PORT lookup
+    /// TABLE` for the TCP endpoint `from`. An identical rule already present
+    /// is not duplicated: the kernel answers EEXIST, reported as success.
+    /// Needs Linux 4.17 or newer (FRA_IP_PROTO, FRA_SPORT_RANGE); older
+    /// kernels would silently drop those attributes, so callers check first.
+    pub fn add_tcp_source_rule(
+        &mut self,
+        from: SocketAddrV4,
+        table: u32,
+        priority: u32,
+    ) -> Result<(), Errno> {
+        let msg = tcp_source_rule(from, table, priority);
+        match self.request(RouteNetlinkMessage::NewRule(msg), NLM_F_CREATE | NLM_F_EXCL) {
+            Err(Errno::EEXIST) => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Removes the rule [`add_tcp_source_rule`](Self::add_tcp_source_rule)
+    /// added; a rule that is not there (ENOENT) counts as removed.
+    pub fn del_tcp_source_rule(
+        &mut self,
+        from: SocketAddrV4,
+        table: u32,
+        priority: u32,
+    ) -> Result<(), Errno> {
+        let msg = tcp_source_rule(from, table, priority);
+        match self.request(RouteNetlinkMessage::DelRule(msg), 0) {
+            Err(Errno::ENOENT) => Ok(()),
+            other => other,
+        }
+    }
+}
+
+/// The rule message matching TCP segments from `from` (address and port).
+fn tcp_source_rule(from: SocketAddrV4, table: u32, priority: u32) -> RuleMessage {
+    let mut msg = RuleMessage::default();
+    msg.header.family = AddressFamily::Inet;
+    msg.header.src_len = 32;
+    msg.header.table = RouteHeader::RT_TABLE_UNSPEC;
+    msg.header.action = RuleAction::ToTable;
+    let port = from.port();
+    msg.attributes.extend([
+        RuleAttribute::Priority(priority),
+        RuleAttribute::Source(IpAddr::V4(*from.ip())),
+        RuleAttribute::IpProtocol(IpProtocol::Tcp),
+        RuleAttribute::SourcePortRange(RulePortRange {
+            start: port,
+            end: port,
+        }),
+        RuleAttribute::Table(table),
+    ]);
+    msg
 }
 
 /// Looks through one datagram of netlink messages for the ACK to `seq`:
@@ -220,6 +295,26 @@ mod tests {
         assert_eq!(find_ack(&two, 5), Ok(Some(Ok(()))));
         assert_eq!(find_ack(&encode_error(2, 0), 5), Ok(None));
         assert_eq!(find_ack(&[0xff; 20], 1), Err(Errno::EBADMSG));
+    }
+
+    #[test]
+    fn tcp_source_rule_attributes() {
+        let from: SocketAddrV4 = "10.0.2.100:8080".parse().expect("addr");
+        let msg = tcp_source_rule(from, 0x524e, 100);
+        assert_eq!(msg.header.src_len, 32);
+        assert_eq!(msg.header.action, RuleAction::ToTable);
+        for want in [
+            RuleAttribute::Priority(100),
+            RuleAttribute::Source(IpAddr::V4(*from.ip())),
+            RuleAttribute::IpProtocol(IpProtocol::Tcp),
+            RuleAttribute::SourcePortRange(RulePortRange {
+                start: 8080,
+                end: 8080,
+            }),
+            RuleAttribute::Table(0x524e),
+        ] {
+            assert!(msg.attributes.contains(&want), "{want:?} missing");
+        }
     }
 
     #[test]

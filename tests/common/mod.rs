@@ -1056,3 +1056,115 @@ pub fn json_num(json: &str, key: &str) -> i64 {
         .map_or(json.len(), |e| at + e);
     json[at..end].parse().unwrap()
 }
+
+// ---------------------------------------------------------------- line-by-line output
+
+/// A running child (typically `rnet run` with a guest server) whose stdout
+/// arrives line by line, so a test can wait for the guest's own readiness
+/// line ("listening") or for results it prints. Stopped with SIGTERM (which
+/// `rnet run` passes on to the guest) and then SIGKILL on drop; if the test
+/// is panicking, the child's output is printed to help the diagnosis.
+pub struct LineProc {
+    proc: Option<Proc>,
+    lines: mpsc::Receiver<String>,
+    /// Every stdout line seen so far.
+    pub seen: Vec<String>,
+}
+
+impl LineProc {
+    pub fn spawn(cmd: &mut Command) -> LineProc {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let started = Instant::now();
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let err = Some(collect(child.stderr.take()));
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            for l in BufReader::new(stdout).lines() {
+                let Ok(l) = l else { break };
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        LineProc {
+            proc: Some(Proc {
+                child,
+                out: None,
+                err,
+                started,
+                status: None,
+            }),
+            lines: rx,
+            seen: Vec::new(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.as_ref().unwrap().pid()
+    }
+
+    /// Waits up to `timeout` for the next stdout line for which `want` holds
+    /// and returns it; panics with the child's output on timeout or exit.
+    #[track_caller]
+    pub fn wait_line(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        want: impl Fn(&str) -> bool,
+    ) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    self.seen.push(l.clone());
+                    if want(&l) {
+                        return l;
+                    }
+                }
+                Err(e) => {
+                    let out = self.stop(Duration::from_secs(5));
+                    panic!("no {what} line ({e:?}) within {timeout:?}: {out}");
+                }
+            }
+        }
+    }
+
+    /// Whether the child is still running.
+    pub fn running(&mut self) -> bool {
+        let p = self.proc.as_mut().unwrap();
+        p.wait_timeout(Duration::ZERO).is_none()
+    }
+
+    /// Sends `sig` to the child.
+    pub fn signal(&mut self, sig: i32) {
+        self.proc.as_mut().unwrap().signal(sig);
+    }
+
+    /// SIGTERM, then waits up to `timeout` (SIGKILL after that) and returns
+    /// the output; stdout holds the lines not yet consumed as well as those seen.
+    pub fn stop(&mut self, timeout: Duration) -> Output {
+        let mut p = self.proc.take().expect("already stopped");
+        p.signal(libc::SIGTERM);
+        let (_, mut out) = p.stop(timeout);
+        while let Ok(l) = self.lines.recv_timeout(Duration::from_millis(100)) {
+            self.seen.push(l);
+        }
+        out.stdout = self.seen.join("\n");
+        out
+    }
+}
+
+impl Drop for LineProc {
+    fn drop(&mut self) {
+        if self.proc.is_some() {
+            let out = self.stop(Duration::from_secs(5));
+            if thread::panicking() {
+                eprintln!("--- output of the child at the failure ---\n{out}");
+            }
+        }
+    }
+}

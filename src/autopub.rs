@@ -1,0 +1,243 @@
+//! `--publish-auto`: publish whatever the namespace listens on.
+//!
+//! A watcher thread reads the target's socket tables
+//! (`/proc/PID/net/{tcp,tcp6,udp,udp6}`, which show the network namespace
+//! of PID) a few times a second. Each listening TCP socket, or bound UDP
+//! socket below the namespace's ephemeral port range, whose port is in the
+//! watched range gets the same host port (on 0.0.0.0) through the same path
+//! as `rnet port add`; when it disappears, the rule is withdrawn. A host
+//! port already in use is logged once and retried on later scans, never
+//! fatal.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::str::FromStr;
+use std::time::Duration;
+
+use tracing::{debug, info, warn};
+
+use crate::Handle;
+use crate::ports::{PortSpec, Proto};
+
+/// How often the socket tables are read.
+pub const SCAN_INTERVAL: Duration = Duration::from_millis(250);
+
+/// One `--publish-auto` rule: a port range and a protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AutoPublish {
+    /// Protocol watched.
+    pub proto: Proto,
+    /// First port watched.
+    pub first: u16,
+    /// Last port watched.
+    pub last: u16,
+}
+
+impl FromStr for AutoPublish {
+    type Err = String;
+
+    /// `[FIRST[-LAST]][/tcp|/udp]`; empty means every TCP port.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (range, proto) = match s.rsplit_once('/') {
+            Some((r, p)) => (r, p.parse().map_err(|e: crate::ports::PortSpecError| e.0)?),
+            None => (s, Proto::Tcp),
+        };
+        let (first, last) = if range.is_empty() {
+            (1, 65535)
+        } else {
+            let bad = || format!("bad --publish-auto range {range:?}: expected PORT or FIRST-LAST");
+            match range.split_once('-') {
+                Some((a, b)) => (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?),
+                None => {
+                    let p = range.parse().map_err(|_| bad())?;
+                    (p, p)
+                }
+            }
+        };
+        if first == 0 || last < first {
+            return Err(format!(
+                "bad --publish-auto range {range:?}: ports run 1-65535, first <= last"
+            ));
+        }
+        Ok(AutoPublish { proto, first, last })
+    }
+}
+
+/// Parses one `/proc/net/{tcp,udp}{,6}` table into (local address, state).
+pub fn parse_table(text: &str) -> Vec<(SocketAddr, u8)> {
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let mut f = line.split_whitespace();
+            let _slot = f.next()?;
+            let local = f.next()?;
+            let _remote = f.next()?;
+            let state = u8::from_str_radix(f.next()?, 16).ok()?;
+            let (addr, port) = local.split_once(':')?;
+            let port = u16::from_str_radix(port, 16).ok()?;
+            let ip = match addr.len() {
+                8 => IpAddr::V4(Ipv4Addr::from(
+                    u32::from_str_radix(addr, 16).ok()?.swap_bytes(),
+                )),
+                32 => {
+                    // Four 32-bit words, each in host (little-endian) order.
+                    let mut b = [0u8; 16];
+                    for (i, chunk) in b.chunks_mut(4).enumerate() {
+                        let w = u32::from_str_radix(addr.get(i * 8..i * 8 + 8)?, 16).ok()?;
+                        chunk.copy_from_slice(&w.swap_bytes().to_be_bytes());
+                    }
+                    IpAddr::V6(Ipv6Addr::from(b))
+                }
+                _ => return None,
+            };
+            Some((SocketAddr::new(ip, port), state))
+        })
+        .collect()
+}
+
+const TCP_LISTEN: u8 = 0x0a;
+const UDP_UNCONNECTED: u8 = 0x07;
+
+/// The ports a guest serves on, per protocol, as far as the host can reach
+/// them (sockets bound to loopback inside the namespace are skipped).
+fn scan(pid: i32, ephemeral_start: u16) -> BTreeSet<(Proto, u16)> {
+    let mut out = BTreeSet::new();
+    for (file, proto, state) in [
+        ("tcp", Proto::Tcp, TCP_LISTEN),
+        ("tcp6", Proto::Tcp, TCP_LISTEN),
+        ("udp", Proto::Udp, UDP_UNCONNECTED),
+        ("udp6", Proto::Udp, UDP_UNCONNECTED),
+    ] {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{file}")) else {
+            continue;
+        };
+        for (addr, st) in parse_table(&text) {
+            let reachable = match addr.ip() {
+                IpAddr::V4(ip) => !ip.is_loopback(),
+                IpAddr::V6(ip) => {
+                    !ip.is_loopback() && ip.to_ipv4_mapped().is_none_or(|v4| !v4.is_loopback())
+                }
+            };
+            let service = proto == Proto::Tcp || addr.port() < ephemeral_start;
+            if st == state && reachable && service {
+                out.insert((proto, addr.port()));
+            }
+        }
+    }
+    out
+}
+
+fn ephemeral_start(pid: i32) -> u16 {
+    std::fs::read_to_string(format!(
+        "/proc/{pid}/root/proc/sys/net/ipv4/ip_local_port_range"
+    ))
+    .or_else(|_| std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range"))
+    .ok()
+    .and_then(|s| s.split_whitespace().next()?.parse().ok())
+    .unwrap_or(32768)
+}
+
+/// Runs the watcher until the network stops.
+pub fn watch(pid: i32, rules: Vec<AutoPublish>, handle: Handle) {
+    let eph = ephemeral_start(pid);
+    let mut published: BTreeMap<(Proto, u16), u64> = BTreeMap::new();
+    let mut warned: BTreeSet<(Proto, u16)> = BTreeSet::new();
+    info!(pid, rules = ?rules, "watching the namespace's listening sockets");
+    while handle.is_running() {
+        let wanted: BTreeSet<(Proto, u16)> = scan(pid, eph)
+            .into_iter()
+            .filter(|(proto, port)| {
+                rules
+                    .iter()
+                    .any(|r| r.proto == *proto && (r.first..=r.last).contains(port))
+            })
+            .collect();
+        for key in &wanted {
+            if published.contains_key(key) {
+                continue;
+            }
+            let (proto, port) = *key;
+            let spec = PortSpec::single(
+                proto,
+                SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port),
+                None,
+                port,
+            );
+            match handle.add_port(spec) {
+                Ok(info) => {
+                    info!(id = info.id, port, %proto, "auto-published");
+                    published.insert(*key, info.id);
+                    warned.remove(key);
+                }
+                Err(e) => {
+                    if warned.insert(*key) {
+                        warn!(port, %proto, "cannot auto-publish: {e}; will retry");
+                    } else {
+                        debug!(port, %proto, "auto-publish retry failed: {e}");
+                    }
+                }
+            }
+        }
+        let gone: Vec<(Proto, u16)> = published
+            .keys()
+            .filter(|k| !wanted.contains(k))
+            .copied()
+            .collect();
+        for key in gone {
+            if let Some(id) = published.remove(&key) {
+                info!(id, port = key.1, proto = %key.0, "auto-published port closed in the namespace; withdrawn");
+                let _ = handle.remove_port(id);
+            }
+        }
+        warned.retain(|k| wanted.contains(k));
+        std::thread::sleep(SCAN_INTERVAL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_proc_tables() {
+        let v4 = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1\n   1: 0100007F:0035 00000000:0000 0A 0 0 0 0 0 0\n";
+        let t = parse_table(v4);
+        assert_eq!(t[0], ("0.0.0.0:8080".parse().unwrap(), 0x0a));
+        assert_eq!(t[1], ("127.0.0.1:53".parse().unwrap(), 0x0a));
+        let v6 = "header\n   0: 00000000000000000000000000000000:1F91 00000000000000000000000000000000:0000 0A 0\n   1: 00000000000000000000000001000000:0016 00000000000000000000000000000000:0000 0A 0\n";
+        let t = parse_table(v6);
+        assert_eq!(t[0], ("[::]:8081".parse().unwrap(), 0x0a));
+        assert_eq!(t[1], ("[::1]:22".parse().unwrap(), 0x0a));
+        assert!(parse_table("h\ngarbage line\n  0: zz:1 0 0A\n").is_empty());
+    }
+
+    #[test]
+    fn auto_specs() {
+        assert_eq!(
+            "".parse::<AutoPublish>().unwrap(),
+            AutoPublish {
+                proto: Proto::Tcp,
+                first: 1,
+                last: 65535
+            }
+        );
+        assert_eq!(
+            "8000-9000/udp".parse::<AutoPublish>().unwrap(),
+            AutoPublish {
+                proto: Proto::Udp,
+                first: 8000,
+                last: 9000
+            }
+        );
+        assert_eq!(
+            "/udp".parse::<AutoPublish>().unwrap(),
+            AutoPublish {
+                proto: Proto::Udp,
+                first: 1,
+                last: 65535
+            }
+        );
+        assert!("9000-8000".parse::<AutoPublish>().is_err());
+        assert!("x".parse::<AutoPublish>().is_err());
+    }
+}
