@@ -190,6 +190,7 @@ pub struct Config {
     pub(crate) api_socket: Option<PathBuf>,
     pub(crate) publish: Vec<crate::ports::PortSpec>,
     pub(crate) publish_auto: Vec<crate::autopub::AutoPublish>,
+    pub(crate) fast_ports: bool,
 }
 
 impl Config {
@@ -275,6 +276,7 @@ pub struct ConfigBuilder {
     api_socket: Option<PathBuf>,
     publish: Vec<crate::ports::PortSpec>,
     publish_auto: Vec<crate::autopub::AutoPublish>,
+    fast_ports: bool,
 }
 
 impl Default for ConfigBuilder {
@@ -299,6 +301,7 @@ impl Default for ConfigBuilder {
             api_socket: None,
             publish: Vec::new(),
             publish_auto: Vec::new(),
+            fast_ports: true,
         }
     }
 }
@@ -390,6 +393,14 @@ impl ConfigBuilder {
         self
     }
 
+    /// Carry published TCP ports on the fast path (an agent inside the
+    /// namespace and splice(2)) when it can be set up (default true); false
+    /// keeps every port on the userspace stack.
+    pub fn fast_ports(mut self, yes: bool) -> Self {
+        self.fast_ports = yes;
+        self
+    }
+
     /// Checks the settings and returns the finished [`Config`].
     pub fn build(self) -> Result<Config, ConfigError> {
         if !(68..=65521).contains(&self.mtu) {
@@ -434,6 +445,7 @@ impl ConfigBuilder {
             api_socket: self.api_socket,
             publish: self.publish,
             publish_auto: self.publish_auto,
+            fast_ports: self.fast_ports,
         })
     }
 }

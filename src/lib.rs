@@ -171,10 +171,6 @@ impl Network {
     /// The namespace work happens in a short-lived forked child, so this may
     /// be called from a multi-threaded program.
     pub fn attach(target: Target, config: Config) -> Result<Network, Error> {
-        let pid = match &target {
-            Target::Pid(p) => Some(*p),
-            Target::Path { .. } => None,
-        };
         let setup = ns::TapSetup {
             name: config.tap_name().to_string(),
             mtu: config.mtu(),
@@ -187,7 +183,13 @@ impl Network {
             }),
         };
         let opened = ns::open_tap(&target, &setup)?;
-        Network::serve(opened.fd, opened.name, Some(opened.mac), pid, config)
+        Network::serve(
+            opened.fd,
+            opened.name,
+            Some(opened.mac),
+            Some(target),
+            config,
+        )
     }
 
     /// Serves an already-open TAP descriptor (for example one passed by a
@@ -202,16 +204,21 @@ impl Network {
         config: Config,
     ) -> Result<Network, Error> {
         let name = config.tap_name().to_string();
-        Network::serve(tap, name, None, watch_pid, config)
+        Network::serve(tap, name, None, watch_pid.map(Target::Pid), config)
     }
 
     fn serve(
         fd: OwnedFd,
         tap_name: String,
         guest_mac: Option<[u8; 6]>,
-        pid: Option<i32>,
+        target: Option<Target>,
         config: Config,
     ) -> Result<Network, Error> {
+        let pid = match &target {
+            Some(Target::Pid(p)) => Some(*p),
+            _ => None,
+        };
+        let fast = config.fast_ports;
         let tap = tap::Tap::new(fd).map_err(Error::io("preparing the TAP descriptor"))?;
         let upstreams = if config.dns_upstreams().is_empty() {
             services::dns::system_upstreams()
@@ -236,6 +243,9 @@ impl Network {
             engine.set_guest_mac(mac);
         }
         raise_fd_limit();
+        if let (true, Some(t)) = (fast, target) {
+            engine.enable_fast_ports(t);
+        }
         engine.publish_initial()?;
         engine.log_summary(&tap_name);
         let thread = std::thread::Builder::new()

@@ -166,6 +166,14 @@ struct NetArgs {
     #[arg(long, value_name = "RANGE[/PROTO]", num_args = 0..=1, require_equals = true,
           default_missing_value = "", help_heading = "Ports")]
     publish_auto: Vec<String>,
+    /// How published TCP ports are carried: `auto` uses the fast path (a
+    /// helper inside the namespace opens the guest side from the client's
+    /// address; bytes move with splice(2)) when it can be set up, else the
+    /// userspace stack; `stack` always uses the userspace stack. Both keep
+    /// the client's address.
+    #[arg(long, value_name = "auto|stack", default_value = "auto", help_heading = "Ports",
+          value_parser = ["auto", "stack"])]
+    port_path: String,
     /// Serve the control socket at PATH (slirp4netns's JSON protocol; used
     /// by `rnet port`). Created mode 0600, removed on exit.
     #[arg(long, value_name = "PATH", help_heading = "Ports")]
@@ -220,6 +228,7 @@ impl NetArgs {
             .ready_fd(self.ready_fd)
             .exit_fd(self.exit_fd)
             .api_socket(self.api_socket.clone())
+            .fast_ports(self.port_path == "auto")
             .build()
             .map_err(|e| e.to_string())
     }

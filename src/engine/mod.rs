@@ -105,6 +105,10 @@ enum Flow {
     Dns(DnsQuery),
     TcpListen(ports::TcpListen),
     UdpListen(ports::UdpListen),
+    Splice(Box<crate::nat::splice::SpliceFlow>),
+    /// A second epoll source of the flow at this slab index (the guest
+    /// side of a spliced connection).
+    Alias(usize, u64),
 }
 
 /// A classified frame, with offsets into the TAP receive buffer instead of
@@ -225,6 +229,11 @@ pub struct Engine {
     commands: mpsc::Receiver<Command>,
     next_sweep: Instant,
     dhcp: DhcpServer,
+    /// Where to start the in-namespace agent for fast published ports.
+    agent_target: Option<crate::ns::Target>,
+    agent: Option<crate::ns::Agent>,
+    /// Spliced flow slot → its alias slot.
+    splice_alias: HashMap<usize, usize>,
 }
 
 impl Engine {
@@ -296,6 +305,9 @@ impl Engine {
                 cfg_net.prefix(),
                 u16::try_from(cfg_mtu).unwrap_or(u16::MAX),
             )),
+            agent_target: None,
+            agent: None,
+            splice_alias: HashMap::new(),
         };
         Ok((engine, control, stats))
     }
@@ -303,6 +315,7 @@ impl Engine {
     /// Runs until the target exits, the exit fd hangs up, the TAP goes away
     /// or a stop is requested. Every host socket is closed on return.
     pub fn run(mut self) -> io::Result<ExitReason> {
+        self.start_agent();
         let mut events = Events::with_capacity(1024);
         loop {
             let timeout = self.next_timeout(stack::now());
@@ -781,6 +794,21 @@ impl Engine {
         let id = slot.id;
         match &mut slot.flow {
             Flow::Tcp(f) => f.host_ready(readable, writable),
+            Flow::Splice(f) => f.host_event(readable, writable),
+            Flow::Alias(parent, pid) => {
+                let (parent, pid) = (*parent, *pid);
+                if let Some(Slot {
+                    flow: Flow::Splice(f),
+                    id,
+                    ..
+                }) = self.flows.get_mut(parent)
+                    && *id == pid
+                {
+                    f.guest_event(readable, writable);
+                    self.mark_dirty(parent, pid);
+                }
+                return;
+            }
             Flow::Udp(_)
             | Flow::Icmp(_)
             | Flow::Dns(_)
@@ -847,7 +875,7 @@ impl Engine {
                         self.schedule(idx, due);
                     }
                 }
-                Flow::TcpListen(_) | Flow::UdpListen(_) => {}
+                Flow::TcpListen(_) | Flow::UdpListen(_) | Flow::Splice(_) | Flow::Alias(..) => {}
                 Flow::Dns(q) => {
                     if q.retry(&self.upstreams) {
                         debug!(upstream = %self.upstreams[q.upstream], "dns upstream timed out; trying the next");
@@ -881,6 +909,12 @@ impl Engine {
                 }
                 Flow::Icmp(f) => f.to_guest(&self.cfg, &mut self.stack, self.tap.tx(), now),
                 Flow::TcpListen(_) => self.accept_tcp(idx, now),
+                Flow::Splice(f) => {
+                    if f.service() == crate::nat::splice::SpliceStep::Done {
+                        self.remove(idx);
+                    }
+                }
+                Flow::Alias(..) => {}
                 Flow::UdpListen(_) => self.udp_from_clients(idx, now),
                 Flow::Dns(q) => {
                     let dns = SocketAddrV4::new(self.stack.addrs.dns, 53);
@@ -999,11 +1033,30 @@ impl Engine {
             Flow::TcpListen(mut l) => {
                 let _ = reg.deregister(&mut l.listener);
             }
+            Flow::Splice(mut f) => {
+                let _ = reg.deregister(&mut f.host);
+                let _ = reg.deregister(&mut f.guest);
+                let (up, down) = f.bytes();
+                debug!(up, down, "spliced connection closed");
+                self.stats.tcp_flows.fetch_sub(1, Ordering::Relaxed);
+                if let Some(alias) = self.splice_alias.remove(&idx)
+                    && self.flows.contains(alias)
+                {
+                    self.flows.remove(alias);
+                }
+            }
+            Flow::Alias(..) => {}
             Flow::UdpListen(mut l) => {
                 let _ = reg.deregister(&mut l.socket);
                 self.udp_return.retain(|_, r| r.slot != idx);
             }
         }
+    }
+
+    /// Enables the fast path for published TCP ports: the loop starts an
+    /// agent inside `target`'s namespaces when it starts running.
+    pub fn enable_fast_ports(&mut self, target: crate::ns::Target) {
+        self.agent_target = Some(target);
     }
 
     /// Tells the loop the guest's MAC before it has seen a frame.

@@ -13,7 +13,7 @@ use mio::net::{TcpListener, UdpSocket};
 use mio::{Interest, Token};
 use smoltcp::time::{Duration, Instant};
 use socket2::{Domain, Protocol, Socket, Type};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::{Engine, FIRST_FLOW, Flow, Slot};
 use crate::nat::guest_view;
@@ -45,6 +45,8 @@ pub struct Rule {
 pub struct TcpListen {
     pub(super) listener: TcpListener,
     guest: SocketAddrV4,
+    /// Connections go through the agent and splice(2) (the fast path).
+    fast: bool,
 }
 
 /// A UDP socket for one host port.
@@ -106,7 +108,11 @@ impl Engine {
                     if i == 0 {
                         bound_port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
                     }
-                    Flow::TcpListen(TcpListen { listener, guest })
+                    Flow::TcpListen(TcpListen {
+                        listener,
+                        guest,
+                        fast: false,
+                    })
                 }
                 Ok(Bound::Udp(socket)) => {
                     if i == 0 {
@@ -157,13 +163,16 @@ impl Engine {
         self.next_rule += 1;
         let mut shown = spec;
         shown.host_port = bound_port;
-        let info = PortInfo {
+        let mut info = PortInfo {
             id,
             spec: shown,
             guest_ip,
             path: "stack",
         };
-        info!(id, rule = %shown, path = "stack", "published");
+        if spec.proto == Proto::Tcp && self.route_rule(&slots) {
+            info.path = "fast";
+        }
+        info!(id, rule = %shown, path = info.path, "published");
         self.rules.insert(
             id,
             Rule {
@@ -178,6 +187,9 @@ impl Engine {
     /// until they end.
     fn remove_rule(&mut self, id: u64) -> Result<(), PortError> {
         let rule = self.rules.remove(&id).ok_or(PortError::NoSuchId(id))?;
+        if rule.info.path == "fast" {
+            self.unroute_rule(&rule.slots);
+        }
         for (idx, sid) in rule.slots {
             if self.flows.get(idx).is_some_and(|s| s.id == sid) {
                 self.remove(idx);
@@ -198,7 +210,7 @@ impl Engine {
             else {
                 return;
             };
-            let (guest, lid) = (l.guest, *id);
+            let (guest, lid, fast) = (l.guest, *id, l.fast);
             let (stream, peer) = match l.listener.accept() {
                 Ok(x) => x,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -218,6 +230,10 @@ impl Engine {
                 self.stats.count_drop(DropReason::Unsupported);
                 continue;
             };
+            if fast && self.agent.is_some() {
+                self.accept_fast(stream, peer, client, guest);
+                continue;
+            }
             let key = (guest, client);
             if self.tcp_index.contains_key(&key) {
                 self.stats.count_drop(DropReason::HostSocket);
@@ -259,6 +275,188 @@ impl Engine {
             self.stats.tcp_flows.fetch_add(1, Ordering::Relaxed);
             self.mark_dirty(fidx, fid);
         }
+    }
+
+    /// Starts the in-namespace agent that makes the fast path possible, and
+    /// moves the TCP rules published so far onto it.
+    pub(super) fn start_agent(&mut self) {
+        let Some(target) = self.agent_target.take() else {
+            return;
+        };
+        match crate::ns::Agent::spawn(&target) {
+            Ok(a) => {
+                debug!(pid = a.pid(), "namespace agent started");
+                self.agent = Some(a);
+            }
+            Err(e) => {
+                warn!(
+                    "fast path for published TCP ports unavailable ({e}); they use the stack path"
+                );
+                return;
+            }
+        }
+        let ids: Vec<u64> = self.rules.keys().copied().collect();
+        for id in ids {
+            let Some(rule) = self.rules.get(&id) else {
+                continue;
+            };
+            if rule.info.spec.proto != Proto::Tcp {
+                continue;
+            }
+            let slots = rule.slots.clone();
+            if self.route_rule(&slots)
+                && let Some(rule) = self.rules.get_mut(&id)
+            {
+                rule.info.path = "fast";
+                info!(id, rule = %rule.info.spec, path = "fast", "published port moved to the fast path");
+            }
+        }
+    }
+
+    /// Installs reply routing for every guest endpoint of a TCP rule and
+    /// marks its listeners fast; false (and nothing changed) if the agent
+    /// is missing or refuses.
+    fn route_rule(&mut self, slots: &[(usize, u64)]) -> bool {
+        let Some(agent) = self.agent.as_mut() else {
+            return false;
+        };
+        let guests: Vec<SocketAddrV4> = slots
+            .iter()
+            .filter_map(|(idx, _)| match self.flows.get(*idx).map(|s| &s.flow) {
+                Some(Flow::TcpListen(l)) => Some(l.guest),
+                _ => None,
+            })
+            .collect();
+        for (n, g) in guests.iter().enumerate() {
+            if let Err(e) = agent.route_replies(*g) {
+                warn!(guest = %g, "cannot route replies for the fast path ({e}); this port uses the stack path");
+                for done in &guests[..n] {
+                    let _ = agent.unroute_replies(*done);
+                }
+                return false;
+            }
+        }
+        for (idx, _) in slots {
+            if let Some(Slot {
+                flow: Flow::TcpListen(l),
+                ..
+            }) = self.flows.get_mut(*idx)
+            {
+                l.fast = true;
+            }
+        }
+        true
+    }
+
+    fn unroute_rule(&mut self, slots: &[(usize, u64)]) {
+        let Some(agent) = self.agent.as_mut() else {
+            return;
+        };
+        for (idx, _) in slots {
+            if let Some(Slot {
+                flow: Flow::TcpListen(l),
+                ..
+            }) = self.flows.get(*idx)
+            {
+                let _ = agent.unroute_replies(l.guest);
+            }
+        }
+    }
+
+    /// Carries an accepted connection on the fast path: the agent opens the
+    /// guest side from the client's address, splice(2) moves the bytes.
+    fn accept_fast(
+        &mut self,
+        stream: mio::net::TcpStream,
+        peer: SocketAddr,
+        client: SocketAddrV4,
+        guest: SocketAddrV4,
+    ) {
+        let Some(agent) = self.agent.as_mut() else {
+            return;
+        };
+        let fd = match agent.connect_transparent(client, guest) {
+            Ok(fd) => fd,
+            Err(e)
+                if crate::ns::AgentError::of(&e)
+                    .is_some_and(|a| matches!(a, crate::ns::AgentError::Gone(_))) =>
+            {
+                warn!("namespace agent is gone ({e}); new connections on fast ports are refused");
+                self.stats.count_drop(DropReason::HostSocket);
+                return;
+            }
+            Err(e) => {
+                // The client's address cannot be reused right now (e.g. the
+                // same loopback port still in TIME-WAIT): connect without it.
+                debug!(%client, error = %e, "transparent connect failed; connecting plainly");
+                match agent.connect_plain(guest) {
+                    Ok(fd) => fd,
+                    Err(e) => {
+                        debug!(error = %e, "plain connect failed");
+                        self.stats.count_drop(DropReason::HostSocket);
+                        return;
+                    }
+                }
+            }
+        };
+        let mut flow = match crate::nat::splice::SpliceFlow::new(stream, fd) {
+            Ok(f) => Box::new(f),
+            Err(e) => {
+                debug!(error = %e, "cannot set up splice pipes");
+                self.stats.count_drop(DropReason::HostSocket);
+                return;
+            }
+        };
+        let main = self.flows.vacant_entry();
+        let midx = main.key();
+        let mid = self.next_id;
+        self.next_id += 1;
+        let reg = self.poll.registry();
+        if reg
+            .register(
+                &mut flow.host,
+                Token(midx + FIRST_FLOW),
+                Interest::READABLE | Interest::WRITABLE,
+            )
+            .is_err()
+        {
+            self.stats.count_drop(DropReason::HostSocket);
+            return;
+        }
+        main.insert(Slot {
+            flow: Flow::Splice(flow),
+            id: mid,
+            sched: None,
+            dirty: false,
+        });
+        let alias = self.flows.insert(Slot {
+            flow: Flow::Alias(midx, mid),
+            id: self.next_id,
+            sched: None,
+            dirty: false,
+        });
+        self.next_id += 1;
+        let ok = match &mut self.flows[midx].flow {
+            Flow::Splice(f) => self
+                .poll
+                .registry()
+                .register(
+                    &mut f.guest,
+                    Token(alias + FIRST_FLOW),
+                    Interest::READABLE | Interest::WRITABLE,
+                )
+                .is_ok(),
+            _ => false,
+        };
+        self.splice_alias.insert(midx, alias);
+        if !ok {
+            self.remove(midx);
+            return;
+        }
+        debug!(%peer, %guest, path = "fast", "published connection");
+        self.stats.tcp_opened.fetch_add(1, Ordering::Relaxed);
+        self.stats.tcp_flows.fetch_add(1, Ordering::Relaxed);
+        self.mark_dirty(midx, mid);
     }
 
     /// Delivers datagrams from published-UDP clients to the guest, from the

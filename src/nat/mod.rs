@@ -6,6 +6,7 @@
 //! the gateway means or which networks the allow-list admits.
 
 pub mod icmp;
+pub mod splice;
 pub mod tcp;
 pub mod udp;
 

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark: rnet, slirp4netns and pasta on the same machine in
+# one run. Installs nothing: it says what is missing and leaves those columns
+# out. See benches/README.md.
+#
+#   benches/compare.sh [--out DIR] [--tools rnet,slirp4netns,pasta]
+#                      [--iperf-seconds N] [--rtt-count N] [--cps-seconds N]
+#                      [--flows N]
+#
+# Build rnet first (cargo build --release); RNET=/path/to/rnet overrides.
+# Run as an unprivileged user; when started as root the whole run drops to
+# uid/gid 65534 (nobody) with setpriv.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/.." && pwd)
+out=""
+tools="rnet,slirp4netns,pasta"
+pass=()
+while (($#)); do
+    case "$1" in
+    --out) out=$2; shift 2 ;;
+    --tools) tools=$2; shift 2 ;;
+    --iperf-seconds | --rtt-count | --cps-seconds | --flows) pass+=("$1" "$2"); shift 2 ;;
+    -h | --help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "compare.sh: unknown argument $1 (try --help)" >&2; exit 2 ;;
+    esac
+done
+out=${out:-$root/bench-results/$(date -u +%Y-%m-%d)}
+rnet=${RNET:-$root/target/release/rnet}
+
+missing=()
+need() { command -v "$1" >/dev/null 2>&1 || missing+=("$1"); }
+
+python=""
+for p in /usr/bin/python3 "$(command -v python3 || true)"; do
+    [[ -n $p && -x $p ]] && { python=$p; break; }
+done
+[[ -n $python ]] || { echo "compare.sh: python3 is required (apt-get install python3)" >&2; exit 1; }
+for t in iperf3 unshare nsenter; do need "$t"; done
+if ((${#missing[@]})); then
+    echo "compare.sh: missing ${missing[*]} (Debian: apt-get install iperf3 util-linux); cannot run" >&2
+    exit 1
+fi
+
+keep=()
+IFS=, read -r -a wanted <<<"$tools"
+for t in "${wanted[@]}"; do
+    case "$t" in
+    rnet)
+        if [[ -x $rnet ]]; then keep+=(rnet); else
+            echo "compare.sh: no rnet binary at $rnet (cargo build --release, or set RNET): skipping the rnet column" >&2
+        fi ;;
+    slirp4netns | pasta)
+        if command -v "$t" >/dev/null 2>&1; then keep+=("$t"); else
+            pkg=$t; [[ $t == pasta ]] && pkg=passt
+            echo "compare.sh: $t not found (Debian: apt-get install $pkg): skipping the $t column" >&2
+        fi ;;
+    *) echo "compare.sh: unknown tool $t" >&2; exit 2 ;;
+    esac
+done
+((${#keep[@]})) || { echo "compare.sh: nothing to compare" >&2; exit 1; }
+tools=$(IFS=,; echo "${keep[*]}")
+
+rev=""
+if command -v git >/dev/null 2>&1; then
+    rev=$(git -C "$root" describe --always --dirty 2>/dev/null || true)
+fi
+
+mkdir -p "$out/raw"
+run=("$python" "$here/compare.py" run --out "$out" --rnet "$rnet" --rnet-rev "$rev"
+    --tools "$tools" --python "$python" "${pass[@]}")
+
+if [[ $(id -u) == 0 ]]; then
+    command -v setpriv >/dev/null 2>&1 || { echo "compare.sh: running as root needs setpriv (util-linux) to drop to uid 65534" >&2; exit 1; }
+    if [[ -e /dev/net/tun && ! -w /dev/net/tun ]] || [[ $(stat -c %a /dev/net/tun 2>/dev/null) != 666 ]]; then
+        echo "compare.sh: /dev/net/tun should be mode 0666 for unprivileged users (chmod 0666 /dev/net/tun)" >&2
+    fi
+    chown -R 65534:65534 "$out"
+    echo "compare.sh: running as root; the benchmark runs as uid 65534 (setpriv)" >&2
+    cd /
+    exec setpriv --reuid 65534 --regid 65534 --clear-groups --inh-caps=-all \
+        env -i PATH="$PATH" HOME=/tmp LANG=C.UTF-8 "${run[@]}"
+fi
+exec "${run[@]}"
