@@ -191,6 +191,9 @@ pub struct Config {
     pub(crate) publish: Vec<crate::ports::PortSpec>,
     pub(crate) publish_auto: Vec<crate::autopub::AutoPublish>,
     pub(crate) fast_ports: bool,
+    pub(crate) pcap: Option<PathBuf>,
+    pub(crate) pcap_cap: u64,
+    pub(crate) mac: Option<[u8; 6]>,
 }
 
 impl Config {
@@ -247,6 +250,10 @@ impl Config {
     pub fn disable_dns(&self) -> bool {
         self.disable_dns
     }
+    /// MAC address set on the TAP when configuring it.
+    pub fn mac(&self) -> Option<[u8; 6]> {
+        self.mac
+    }
     /// Ports published at start.
     pub fn published(&self) -> &[crate::ports::PortSpec] {
         &self.publish
@@ -277,6 +284,9 @@ pub struct ConfigBuilder {
     publish: Vec<crate::ports::PortSpec>,
     publish_auto: Vec<crate::autopub::AutoPublish>,
     fast_ports: bool,
+    pcap: Option<PathBuf>,
+    pcap_cap: u64,
+    mac: Option<[u8; 6]>,
 }
 
 impl Default for ConfigBuilder {
@@ -302,6 +312,9 @@ impl Default for ConfigBuilder {
             publish: Vec::new(),
             publish_auto: Vec::new(),
             fast_ports: true,
+            pcap: None,
+            pcap_cap: crate::pcap::DEFAULT_CAP,
+            mac: None,
         }
     }
 }
@@ -401,6 +414,21 @@ impl ConfigBuilder {
         self
     }
 
+    /// Write every frame crossing the TAP to this pcap file, rotating to
+    /// `FILE.1` past `cap` bytes (default 100 MiB).
+    pub fn pcap(mut self, path: Option<PathBuf>, cap: u64) -> Self {
+        self.pcap = path;
+        self.pcap_cap = cap;
+        self
+    }
+
+    /// MAC address set on the TAP when rnet configures it (default: the
+    /// kernel's choice).
+    pub fn mac(mut self, mac: Option<[u8; 6]>) -> Self {
+        self.mac = mac;
+        self
+    }
+
     /// Checks the settings and returns the finished [`Config`].
     pub fn build(self) -> Result<Config, ConfigError> {
         if !(68..=65521).contains(&self.mtu) {
@@ -446,6 +474,9 @@ impl ConfigBuilder {
             publish: self.publish,
             publish_auto: self.publish_auto,
             fast_ports: self.fast_ports,
+            pcap: self.pcap,
+            pcap_cap: self.pcap_cap,
+            mac: self.mac,
         })
     }
 }

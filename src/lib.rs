@@ -48,6 +48,7 @@ pub mod config;
 mod engine;
 pub mod nat;
 pub mod ns;
+pub mod pcap;
 pub mod ports;
 pub mod services;
 pub mod stack;
@@ -179,7 +180,7 @@ impl Network {
                 addr: config.guest(),
                 prefix_len: config.cidr().prefix(),
                 gateway: config.gateway(),
-                mac: None,
+                mac: config.mac(),
             }),
         };
         let opened = ns::open_tap(&target, &setup)?;
@@ -219,7 +220,14 @@ impl Network {
             _ => None,
         };
         let fast = config.fast_ports;
-        let tap = tap::Tap::new(fd).map_err(Error::io("preparing the TAP descriptor"))?;
+        let mut tap = tap::Tap::new(fd).map_err(Error::io("preparing the TAP descriptor"))?;
+        if let Some(path) = &config.pcap {
+            let w = pcap::PcapWriter::create(path, config.pcap_cap).map_err(Error::io(format!(
+                "creating the capture file {}",
+                path.display()
+            )))?;
+            tap.set_pcap(w);
+        }
         let upstreams = if config.dns_upstreams().is_empty() {
             services::dns::system_upstreams()
         } else {

@@ -178,6 +178,19 @@ struct NetArgs {
     /// by `rnet port`). Created mode 0600, removed on exit.
     #[arg(long, value_name = "PATH", help_heading = "Ports")]
     api_socket: Option<PathBuf>,
+    /// Write every frame crossing the TAP to FILE in pcap format (tcpdump -r,
+    /// Wireshark). Past --pcap-max-mib the file is renamed FILE.1 and a new
+    /// one starts, so at most twice that is kept.
+    #[arg(long, value_name = "FILE", help_heading = "Diagnostics")]
+    pcap: Option<PathBuf>,
+    /// Size cap of each capture file, in MiB.
+    #[arg(
+        long,
+        value_name = "MIB",
+        default_value_t = 100,
+        help_heading = "Diagnostics"
+    )]
+    pcap_max_mib: u64,
     /// Write "1" to file descriptor N once the network is usable, then close it.
     #[arg(long, value_name = "N", help_heading = "Lifecycle")]
     ready_fd: Option<i32>,
@@ -229,6 +242,7 @@ impl NetArgs {
             .exit_fd(self.exit_fd)
             .api_socket(self.api_socket.clone())
             .fast_ports(self.port_path == "auto")
+            .pcap(self.pcap.clone(), self.pcap_max_mib.saturating_mul(1 << 20))
             .build()
             .map_err(|e| e.to_string())
     }

@@ -12,6 +12,8 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
 
+use crate::pcap::PcapWriter;
+
 /// Largest frame a TAP hands us: 65535-byte IP packet plus the Ethernet
 /// header, rounded up.
 pub const MAX_FRAME: usize = 65536 + 64;
@@ -32,6 +34,17 @@ pub struct Tap {
     fd: OwnedFd,
     rx: Box<[u8]>,
     tx: Box<[u8]>,
+    pcap: Option<PcapWriter>,
+    out: OutCounters,
+}
+
+/// Frames and bytes written to the TAP.
+#[derive(Default, Clone, Copy, Debug)]
+pub struct OutCounters {
+    /// Frames written.
+    pub frames: u64,
+    /// Bytes written.
+    pub bytes: u64,
 }
 
 impl Tap {
@@ -44,7 +57,26 @@ impl Tap {
             fd,
             rx: vec![0u8; MAX_FRAME].into_boxed_slice(),
             tx: vec![0u8; MAX_FRAME].into_boxed_slice(),
+            pcap: None,
+            out: OutCounters::default(),
         })
+    }
+
+    /// Frames and bytes written so far.
+    pub fn out_counters(&self) -> OutCounters {
+        self.out
+    }
+
+    /// Records every frame read or written from now on.
+    pub fn set_pcap(&mut self, w: PcapWriter) {
+        self.pcap = Some(w);
+    }
+
+    /// Flushes the capture file, if any (called when the loop goes idle).
+    pub fn flush_pcap(&mut self) {
+        if let Some(p) = &mut self.pcap {
+            p.flush();
+        }
     }
 
     /// Reads one frame into the receive buffer.
@@ -52,7 +84,12 @@ impl Tap {
         loop {
             match nix::unistd::read(&self.fd, &mut self.rx) {
                 Ok(0) => return Ok(ReadOutcome::Closed),
-                Ok(n) => return Ok(ReadOutcome::Frame(n)),
+                Ok(n) => {
+                    if let Some(p) = &mut self.pcap {
+                        p.record(&self.rx[..n]);
+                    }
+                    return Ok(ReadOutcome::Frame(n));
+                }
                 Err(Errno::EAGAIN) => return Ok(ReadOutcome::WouldBlock),
                 Err(Errno::EINTR) => continue,
                 Err(Errno::EBADFD) | Err(Errno::EIO) => return Ok(ReadOutcome::Closed),
@@ -70,6 +107,8 @@ impl Tap {
             TapTx {
                 fd: self.fd.as_fd(),
                 buf: &mut self.tx,
+                pcap: self.pcap.as_mut(),
+                out: &mut self.out,
             },
         )
     }
@@ -79,6 +118,8 @@ impl Tap {
         TapTx {
             fd: self.fd.as_fd(),
             buf: &mut self.tx,
+            pcap: self.pcap.as_mut(),
+            out: &mut self.out,
         }
     }
 }
@@ -94,6 +135,8 @@ impl AsRawFd for Tap {
 pub struct TapTx<'a> {
     fd: BorrowedFd<'a>,
     buf: &'a mut [u8],
+    pcap: Option<&'a mut PcapWriter>,
+    out: &'a mut OutCounters,
 }
 
 impl TapTx<'_> {
@@ -102,7 +145,7 @@ impl TapTx<'_> {
     pub fn send_with<R>(&mut self, len: usize, f: impl FnOnce(&mut [u8]) -> R) -> (R, bool) {
         let len = len.min(self.buf.len());
         let r = f(&mut self.buf[..len]);
-        let sent = write_frame(self.fd, &self.buf[..len]);
+        let sent = self.write(len);
         (r, sent)
     }
 
@@ -110,7 +153,20 @@ impl TapTx<'_> {
     /// frame's length (0: nothing to send), then writes it.
     pub fn build(&mut self, f: impl FnOnce(&mut [u8]) -> usize) -> bool {
         let len = f(self.buf).min(self.buf.len());
-        len > 0 && write_frame(self.fd, &self.buf[..len])
+        len > 0 && self.write(len)
+    }
+
+    fn write(&mut self, len: usize) -> bool {
+        let frame = &self.buf[..len];
+        let sent = write_frame(self.fd, frame);
+        if sent {
+            self.out.frames += 1;
+            self.out.bytes += len as u64;
+            if let Some(p) = &mut self.pcap {
+                p.record(frame);
+            }
+        }
+        sent
     }
 
     /// Reborrows this transmit half.
@@ -118,6 +174,8 @@ impl TapTx<'_> {
         TapTx {
             fd: self.fd,
             buf: self.buf,
+            pcap: self.pcap.as_deref_mut(),
+            out: self.out,
         }
     }
 }

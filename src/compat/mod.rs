@@ -211,6 +211,7 @@ fn build_config(o: &Options) -> Result<Config, String> {
         .ready_fd(o.ready_fd)
         .exit_fd(o.exit_fd)
         .api_socket(o.api_socket.clone())
+        .mac(o.macaddress)
         .build()
         .map_err(|e| e.to_string())
 }
@@ -237,9 +238,6 @@ fn warn_partial(o: &Options) {
         info!(
             "--enable-seccomp accepted; rnet installs no syscall filter yet (full effect comes later)"
         );
-    }
-    if o.macaddress.is_some() {
-        warn!("--macaddress is accepted but not applied yet: the TAP keeps its kernel-chosen MAC");
     }
     if o.netns_type == NetnsType::TapFd && o.configure {
         warn!("-c has no effect with --netns-type=tapfd: the TAP's owner configures it");

@@ -358,10 +358,12 @@ impl Engine {
         }
     }
 
-    fn next_timeout(&self, now: Instant) -> Option<StdDuration> {
+    fn next_timeout(&mut self, now: Instant) -> Option<StdDuration> {
         if self.tap_readable || !self.dirty.is_empty() {
             return Some(StdDuration::ZERO);
         }
+        // About to sleep: make the capture file current.
+        self.tap.flush_pcap();
         self.timers.peek().map(|Reverse((at, _, _))| {
             if *at <= now {
                 StdDuration::ZERO
