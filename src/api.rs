@@ -6,7 +6,8 @@
 //! Requests and error texts are exactly slirp4netns's (`add_hostfwd`,
 //! `list_hostfwd`, `remove_hostfwd`), so RootlessKit and Podman drive rnet
 //! unchanged; rnet adds `host_port: 0` (any free port, returned in the
-//! reply as `host_port`) and a `detail` field next to `desc` in errors.
+//! reply as `host_port`), a `detail` field next to `desc` in errors, and
+//! `get_status` (see [`crate::status`]).
 //!
 //! # Theory of operation
 //!
@@ -213,6 +214,10 @@ pub fn respond(req: &Value, handle: &Handle, guest: Ipv4Addr) -> String {
                 Some(e.to_string()),
             ),
         },
+        Ok(Request::Status) => match handle.status() {
+            Ok(v) => json!({ "return": v }).to_string(),
+            Err(e) => error_reply("bad request: get_status failed", Some(e.to_string())),
+        },
         Ok(Request::List) => match handle.ports() {
             Ok(list) => {
                 let entries: Vec<Value> = list.iter().flat_map(entries_of).collect();
@@ -232,6 +237,8 @@ pub enum Request {
     Remove(u64),
     /// `list_hostfwd`.
     List,
+    /// `get_status` (rnet's own): flows, counters, drops, ports.
+    Status,
 }
 
 /// Validates a request; the error is the slirp4netns error text.
@@ -245,6 +252,7 @@ pub fn parse_request(req: &Value, guest: Ipv4Addr) -> Result<Request, &'static s
     let arg = |k: &str| args.and_then(|a| a.get(k));
     match exec {
         "list_hostfwd" => Ok(Request::List),
+        "get_status" => Ok(Request::Status),
         "remove_hostfwd" => {
             let id = arg("id")
                 .and_then(Value::as_u64)

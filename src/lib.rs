@@ -53,6 +53,7 @@ pub mod ports;
 pub mod services;
 pub mod stack;
 pub mod stats;
+pub mod status;
 pub mod tap;
 
 use std::ffi::OsString;
@@ -138,6 +139,12 @@ impl Handle {
     /// The published ports.
     pub fn ports(&self) -> Result<Vec<PortInfo>, PortError> {
         self.ask(engine::Command::ListPorts)
+    }
+
+    /// A live status report (flows, counters, drops, ports) as JSON; see
+    /// [`status`] for its renderings.
+    pub fn status(&self) -> Result<serde_json::Value, PortError> {
+        self.ask(engine::Command::Status)
     }
 
     fn ask<T>(

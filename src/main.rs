@@ -5,6 +5,7 @@
 
 mod compat;
 mod portcmd;
+mod statuscmd;
 
 use std::ffi::OsString;
 use std::net::Ipv4Addr;
@@ -80,6 +81,10 @@ enum Command {
     ///   rnet port rm --api-socket /run/user/1000/rnet.sock 1
     #[command(verbatim_doc_comment)]
     Port(portcmd::PortArgs),
+    /// Show the live status of a running rnet through its --api-socket: flows
+    /// by protocol and state, bytes and frames each way, drops by reason,
+    /// published ports with their path and open connections, uptime.
+    Status(statuscmd::StatusArgs),
     /// Behave as slirp4netns (same command line, defaults and exit codes).
     ///
     /// `rnet slirp4netns --help` shows its options. Invoking rnet through a
@@ -290,6 +295,7 @@ fn main() -> ExitCode {
         Command::Attach(a) => attach(a, sigs),
         Command::Run(r) => run(r, sigs),
         Command::Port(p) => portcmd::run(p),
+        Command::Status(a) => statuscmd::run(a),
         Command::Slirp4netns { .. } => unreachable!("handled before"),
     };
     match result {

@@ -199,6 +199,8 @@ struct Slot {
     /// The deadline of this flow's live timer entry.
     sched: Option<Instant>,
     dirty: bool,
+    /// The published-port rule a connection came in on (0: none).
+    rule: u64,
 }
 
 /// The data plane of one network.
@@ -234,6 +236,9 @@ pub struct Engine {
     agent: Option<crate::ns::Agent>,
     /// Spliced flow slot → its alias slot.
     splice_alias: HashMap<usize, usize>,
+    started: std::time::Instant,
+    /// Bytes moved by spliced connections that have closed (to, from guest).
+    spliced_closed: (u64, u64),
 }
 
 impl Engine {
@@ -308,6 +313,8 @@ impl Engine {
             agent_target: None,
             agent: None,
             splice_alias: HashMap::new(),
+            started: std::time::Instant::now(),
+            spliced_closed: (0, 0),
         };
         Ok((engine, control, stats))
     }
@@ -584,6 +591,7 @@ impl Engine {
                     id,
                     sched: None,
                     dirty: false,
+                    rule: 0,
                 });
                 self.tcp_index.insert((src, dst), idx);
                 self.stats.tcp_opened.fetch_add(1, Ordering::Relaxed);
@@ -664,6 +672,7 @@ impl Engine {
                         id,
                         sched: None,
                         dirty: false,
+                        rule: 0,
                     });
                     self.udp_index.insert(src, idx);
                     self.stats.udp_flows.fetch_add(1, Ordering::Relaxed);
@@ -714,6 +723,7 @@ impl Engine {
                     id,
                     sched: None,
                     dirty: false,
+                    rule: 0,
                 });
                 self.stats.dns_queries.fetch_add(1, Ordering::Relaxed);
                 let at = now + Duration::from_micros(self.cfg.dns_timeout.as_micros() as u64);
@@ -756,6 +766,7 @@ impl Engine {
                         id,
                         sched: None,
                         dirty: false,
+                        rule: 0,
                     });
                     self.icmp_index.insert((src, ident), idx);
                     self.stats.icmp_flows.fetch_add(1, Ordering::Relaxed);
@@ -1039,6 +1050,8 @@ impl Engine {
                 let _ = reg.deregister(&mut f.host);
                 let _ = reg.deregister(&mut f.guest);
                 let (up, down) = f.bytes();
+                self.spliced_closed.0 += up;
+                self.spliced_closed.1 += down;
                 debug!(up, down, "spliced connection closed");
                 self.stats.tcp_flows.fetch_sub(1, Ordering::Relaxed);
                 if let Some(alias) = self.splice_alias.remove(&idx)
@@ -1059,6 +1072,78 @@ impl Engine {
     /// agent inside `target`'s namespaces when it starts running.
     pub fn enable_fast_ports(&mut self, target: crate::ns::Target) {
         self.agent_target = Some(target);
+    }
+
+    /// Everything `rnet status` shows, as JSON (see [`crate::status`]).
+    pub(crate) fn status(&self) -> serde_json::Value {
+        use serde_json::json;
+        let mut tcp: BTreeMap<String, u64> = BTreeMap::new();
+        let (mut spliced, mut udp, mut icmp, mut dns) = (0u64, 0u64, 0u64, 0u64);
+        let (mut up, mut down) = self.spliced_closed;
+        let mut conns: HashMap<u64, u64> = HashMap::new();
+        for (_, slot) in self.flows.iter() {
+            match &slot.flow {
+                Flow::Tcp(f) => *tcp.entry(format!("{}", f.state())).or_default() += 1,
+                Flow::Splice(f) => {
+                    spliced += 1;
+                    let (u, d) = f.bytes();
+                    up += u;
+                    down += d;
+                }
+                Flow::Udp(_) => udp += 1,
+                Flow::Icmp(_) => icmp += 1,
+                Flow::Dns(_) => dns += 1,
+                _ => continue,
+            }
+            if slot.rule != 0 {
+                *conns.entry(slot.rule).or_default() += 1;
+            }
+        }
+        let s = self.stats.snapshot();
+        let out = self.tap.out_counters();
+        let drops: serde_json::Map<String, serde_json::Value> = s
+            .drops
+            .iter()
+            .map(|(k, v)| (k.to_string(), json!(v)))
+            .collect();
+        let ports: Vec<serde_json::Value> = self
+            .rules
+            .values()
+            .map(|r| {
+                let p = &r.info;
+                json!({
+                    "id": p.id,
+                    "proto": p.spec.proto.as_str(),
+                    "host_addr": p.spec.host_ip.to_string(),
+                    "host_port": p.spec.host_port,
+                    "guest_addr": p.guest_ip.to_string(),
+                    "guest_port": p.spec.guest_port,
+                    "count": p.spec.count,
+                    "path": p.path,
+                    "connections": conns.get(&p.id).copied().unwrap_or(0),
+                })
+            })
+            .collect();
+        json!({
+            "uptime_secs": self.started.elapsed().as_secs_f64(),
+            "tap": {
+                "frames_in": s.frames_in,
+                "bytes_in": s.bytes_in,
+                "frames_out": out.frames,
+                "bytes_out": out.bytes,
+            },
+            "flows": {
+                "tcp": tcp,
+                "tcp_spliced": spliced,
+                "udp": udp,
+                "icmp": icmp,
+                "dns": dns,
+            },
+            "tcp_opened": s.tcp_opened,
+            "spliced_bytes": { "to_guest": up, "from_guest": down },
+            "drops": drops,
+            "ports": ports,
+        })
     }
 
     /// Tells the loop the guest's MAC before it has seen a frame.

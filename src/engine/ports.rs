@@ -33,11 +33,13 @@ pub enum Command {
     RemovePort(u64, mpsc::SyncSender<Result<(), PortError>>),
     /// List the rules.
     ListPorts(mpsc::SyncSender<Vec<PortInfo>>),
+    /// Report flows, counters and ports (see [`crate::status`]).
+    Status(mpsc::SyncSender<serde_json::Value>),
 }
 
 /// A published rule and the listener slots that carry it.
 pub struct Rule {
-    info: PortInfo,
+    pub(super) info: PortInfo,
     slots: Vec<(usize, u64)>,
 }
 
@@ -76,6 +78,9 @@ impl Engine {
                 }
                 Command::ListPorts(reply) => {
                     let _ = reply.send(self.rules.values().map(|r| r.info.clone()).collect());
+                }
+                Command::Status(reply) => {
+                    let _ = reply.send(self.status());
                 }
             }
         }
@@ -136,6 +141,7 @@ impl Engine {
                 id: sid,
                 sched: None,
                 dirty: false,
+                rule: id,
             };
             let reg = self.poll.registry();
             let r = match &mut slot.flow {
@@ -205,12 +211,13 @@ impl Engine {
             let Some(Slot {
                 flow: Flow::TcpListen(l),
                 id,
+                rule,
                 ..
             }) = self.flows.get(idx)
             else {
                 return;
             };
-            let (guest, lid, fast) = (l.guest, *id, l.fast);
+            let (guest, lid, fast, rule) = (l.guest, *id, l.fast, *rule);
             let (stream, peer) = match l.listener.accept() {
                 Ok(x) => x,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -231,7 +238,7 @@ impl Engine {
                 continue;
             };
             if fast && self.agent.is_some() {
-                self.accept_fast(stream, peer, client, guest);
+                self.accept_fast(stream, peer, client, guest, rule);
                 continue;
             }
             let key = (guest, client);
@@ -269,6 +276,7 @@ impl Engine {
                 id: fid,
                 sched: None,
                 dirty: false,
+                rule,
             });
             self.tcp_index.insert(key, fidx);
             self.stats.tcp_opened.fetch_add(1, Ordering::Relaxed);
@@ -371,6 +379,7 @@ impl Engine {
         peer: SocketAddr,
         client: SocketAddrV4,
         guest: SocketAddrV4,
+        rule: u64,
     ) {
         let Some(agent) = self.agent.as_mut() else {
             return;
@@ -428,12 +437,14 @@ impl Engine {
             id: mid,
             sched: None,
             dirty: false,
+            rule,
         });
         let alias = self.flows.insert(Slot {
             flow: Flow::Alias(midx, mid),
             id: self.next_id,
             sched: None,
             dirty: false,
+            rule: 0,
         });
         self.next_id += 1;
         let ok = match &mut self.flows[midx].flow {

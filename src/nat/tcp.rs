@@ -192,6 +192,11 @@ impl TcpFlow {
         Ok(())
     }
 
+    /// The guest side's TCP state.
+    pub fn state(&self) -> State {
+        self.sockets.get::<tcp::Socket>(self.handle).state()
+    }
+
     /// The guest's SYN as far as an ICMP error quotes it.
     pub fn syn_quote(&self) -> &[u8] {
         &self.syn_quote[..self.syn_len]
