@@ -106,6 +106,42 @@ impl FromStr for Ipv4Cidr {
     }
 }
 
+/// Bounds on the state a guest can make rnet hold. Each cap is global and
+/// per guest address; reaching one refuses (TCP: RST) or evicts (UDP: the
+/// least recently used flow), and is counted as a `limit` drop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Open TCP flows (outbound and published).
+    pub tcp_flows: usize,
+    /// TCP flows per guest address.
+    pub tcp_flows_per_guest: usize,
+    /// TCP flows whose host connect is still in progress.
+    pub tcp_half_open: usize,
+    /// UDP flows (one per guest endpoint).
+    pub udp_flows: usize,
+    /// UDP flows per guest address.
+    pub udp_flows_per_guest: usize,
+    /// ICMP echo identifiers relayed at once.
+    pub icmp_flows: usize,
+    /// Bytes held in TCP buffers across all flows before rnet stops taking
+    /// more host data (the host side then waits on its TCP window).
+    pub buffer_ceiling: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            tcp_flows: 32_768,
+            tcp_flows_per_guest: 16_384,
+            tcp_half_open: 1_024,
+            udp_flows: 8_192,
+            udp_flows_per_guest: 4_096,
+            icmp_flows: 256,
+            buffer_ceiling: 256 << 20,
+        }
+    }
+}
+
 /// Where NATed guest traffic may go, besides the gateway and the DNS forwarder.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum OutboundPolicy {
@@ -194,6 +230,7 @@ pub struct Config {
     pub(crate) pcap: Option<PathBuf>,
     pub(crate) pcap_cap: u64,
     pub(crate) mac: Option<[u8; 6]>,
+    pub(crate) limits: Limits,
 }
 
 impl Config {
@@ -250,6 +287,10 @@ impl Config {
     pub fn disable_dns(&self) -> bool {
         self.disable_dns
     }
+    /// State bounds.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
     /// MAC address set on the TAP when configuring it.
     pub fn mac(&self) -> Option<[u8; 6]> {
         self.mac
@@ -287,6 +328,7 @@ pub struct ConfigBuilder {
     pcap: Option<PathBuf>,
     pcap_cap: u64,
     mac: Option<[u8; 6]>,
+    limits: Limits,
 }
 
 impl Default for ConfigBuilder {
@@ -315,6 +357,7 @@ impl Default for ConfigBuilder {
             pcap: None,
             pcap_cap: crate::pcap::DEFAULT_CAP,
             mac: None,
+            limits: Limits::default(),
         }
     }
 }
@@ -429,6 +472,12 @@ impl ConfigBuilder {
         self
     }
 
+    /// State bounds (see [`Limits`] for the defaults).
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
     /// Checks the settings and returns the finished [`Config`].
     pub fn build(self) -> Result<Config, ConfigError> {
         if !(68..=65521).contains(&self.mtu) {
@@ -477,6 +526,7 @@ impl ConfigBuilder {
             pcap: self.pcap,
             pcap_cap: self.pcap_cap,
             mac: self.mac,
+            limits: self.limits,
         })
     }
 }

@@ -62,7 +62,7 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-pub use config::{Config, ConfigBuilder, ConfigError, Ipv4Cidr, OutboundPolicy};
+pub use config::{Config, ConfigBuilder, ConfigError, Ipv4Cidr, Limits, OutboundPolicy};
 pub use engine::ExitReason;
 pub use ns::{NsError, Target};
 pub use ports::{PortError, PortInfo, PortSpec, Proto};

@@ -29,11 +29,13 @@ pub enum DropReason {
     HostSocket,
     /// A DHCP message the server could not use.
     Dhcp,
+    /// A state bound was reached (see `Limits`).
+    Limit,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 10] = [
+    pub const ALL: [DropReason; 11] = [
         DropReason::Malformed,
         DropReason::BadChecksum,
         DropReason::Fragment,
@@ -44,6 +46,7 @@ impl DropReason {
         DropReason::NoFlow,
         DropReason::HostSocket,
         DropReason::Dhcp,
+        DropReason::Limit,
     ];
 
     /// A short, stable name for logs and metrics.
@@ -59,6 +62,7 @@ impl DropReason {
             DropReason::NoFlow => "no_flow",
             DropReason::HostSocket => "host_socket",
             DropReason::Dhcp => "dhcp",
+            DropReason::Limit => "limit",
         }
     }
 }

@@ -239,6 +239,14 @@ pub struct Engine {
     started: std::time::Instant,
     /// Bytes moved by spliced connections that have closed (to, from guest).
     spliced_closed: (u64, u64),
+    limits: crate::config::Limits,
+    /// TCP flows whose host connect is in progress.
+    half_open: usize,
+    /// Bytes queued in all TCP flows' smoltcp buffers.
+    queued_total: usize,
+    /// Outbound TCP and UDP flows per guest address.
+    per_guest: HashMap<Ipv4Addr, (usize, usize)>,
+    last_limit_warn: Option<std::time::Instant>,
 }
 
 impl Engine {
@@ -279,7 +287,7 @@ impl Engine {
                 .register(&mut SourceFd(&fd), EXIT_FD, Interest::READABLE)?;
         }
         let stats = Arc::new(Stats::default());
-        let (cfg_net, cfg_mtu) = (cfg.cidr(), cfg.mtu());
+        let (cfg_net, cfg_mtu, cfg_limits) = (cfg.cidr(), cfg.mtu(), cfg.limits());
         let engine = Self {
             exit_fd: cfg.exit_fd,
             cfg,
@@ -315,6 +323,11 @@ impl Engine {
             splice_alias: HashMap::new(),
             started: std::time::Instant::now(),
             spliced_closed: (0, 0),
+            limits: cfg_limits,
+            half_open: 0,
+            queued_total: 0,
+            per_guest: HashMap::new(),
+            last_limit_warn: None,
         };
         Ok((engine, control, stats))
     }
@@ -566,11 +579,31 @@ impl Engine {
                 return;
             }
         };
+        let guest_tcp = self.per_guest.get(src.ip()).map_or(0, |c| c.0);
+        let over = if self.tcp_index.len() >= self.limits.tcp_flows {
+            Some("TCP flows")
+        } else if self.half_open >= self.limits.tcp_half_open {
+            Some("half-open TCP flows")
+        } else if guest_tcp >= self.limits.tcp_flows_per_guest {
+            Some("TCP flows of one guest address")
+        } else {
+            None
+        };
+        if let Some(what) = over {
+            self.limit_reached(what);
+            // No listener exists for this SYN, so smoltcp answers RST.
+            let (rx, tx) = self.tap.split();
+            self.stack.ingress(now, &rx[..len], tx, &mut self.services);
+            return;
+        }
         let (rx, tx) = self.tap.split();
         let frame = &rx[..len];
         let ip = &frame[ip_off..];
         match TcpFlow::open((src, dst), target, bind, ip) {
             Ok(mut f) => {
+                f.half_open = true;
+                self.half_open += 1;
+                self.per_guest.entry(*src.ip()).or_default().0 += 1;
                 self.stack.ingress(now, frame, tx, &mut f.sockets);
                 let entry = self.flows.vacant_entry();
                 let idx = entry.key();
@@ -650,6 +683,9 @@ impl Engine {
         payload: Range<usize>,
         now: Instant,
     ) {
+        if !self.udp_index.contains_key(&src) {
+            self.make_room_for_udp(*src.ip());
+        }
         let idx = match self.udp_index.get(&src) {
             Some(&i) => i,
             None => match UdpFlow::open(src, self.cfg.outbound_addr(), now) {
@@ -675,6 +711,7 @@ impl Engine {
                         rule: 0,
                     });
                     self.udp_index.insert(src, idx);
+                    self.per_guest.entry(*src.ip()).or_default().1 += 1;
                     self.stats.udp_flows.fetch_add(1, Ordering::Relaxed);
                     let at =
                         now + Duration::from_micros(self.cfg.udp_idle_timeout.as_micros() as u64);
@@ -744,6 +781,12 @@ impl Engine {
         icmp: Range<usize>,
         now: Instant,
     ) {
+        if !self.icmp_index.contains_key(&(src, ident))
+            && self.icmp_index.len() >= self.limits.icmp_flows
+        {
+            self.limit_reached("ICMP echo identifiers");
+            return;
+        }
         let idx = match self.icmp_index.get(&(src, ident)) {
             Some(&i) => i,
             None => match IcmpFlow::open(src, ident, self.cfg.outbound_addr(), now) {
@@ -946,8 +989,14 @@ impl Engine {
         let Flow::Tcp(f) = &mut self.flows[idx].flow else {
             return;
         };
+        let may_read = self.queued_total < self.limits.buffer_ceiling;
         let mut remove = false;
-        match f.service() {
+        let step = f.service(may_read);
+        if f.half_open && !f.connecting() {
+            f.half_open = false;
+            self.half_open -= 1;
+        }
+        match step {
             Step::Keep => {}
             Step::Remove => remove = true,
             Step::ConnectFailed(e) => {
@@ -1010,11 +1059,14 @@ impl Engine {
         }
         // Sending may have freed room for more host data, and a close may
         // have completed; one more pass settles both without waiting.
-        if matches!(f.service(), Step::Remove) {
+        if matches!(f.service(may_read), Step::Remove) {
             f.egress(&mut self.stack, now, self.tap.tx());
             self.remove(idx);
             return;
         }
+        let q = f.queue_len();
+        self.queued_total = self.queued_total + q - f.queued;
+        f.queued = q;
         if let Some(at) = f.poll_at(&mut self.stack, now) {
             self.schedule(idx, at.max(now));
         }
@@ -1028,11 +1080,19 @@ impl Engine {
                 let _ = reg.deregister(&mut f.host);
                 self.tcp_index.remove(&f.key);
                 self.stats.tcp_flows.fetch_sub(1, Ordering::Relaxed);
+                if f.half_open {
+                    self.half_open -= 1;
+                }
+                self.queued_total -= f.queued;
+                if slot.rule == 0 {
+                    self.guest_count(*f.key.0.ip(), |c| c.0 -= 1);
+                }
             }
             Flow::Udp(mut f) => {
                 let _ = reg.deregister(&mut f.socket);
                 self.udp_index.remove(&f.guest);
                 self.stats.udp_flows.fetch_sub(1, Ordering::Relaxed);
+                self.guest_count(*f.guest.ip(), |c| c.1 -= 1);
             }
             Flow::Icmp(mut f) => {
                 let _ = reg.deregister(&mut f.socket);
@@ -1072,6 +1132,60 @@ impl Engine {
     /// agent inside `target`'s namespaces when it starts running.
     pub fn enable_fast_ports(&mut self, target: crate::ns::Target) {
         self.agent_target = Some(target);
+    }
+
+    /// Counts a refusal caused by a state bound and says so, at most every
+    /// ten seconds.
+    fn limit_reached(&mut self, what: &str) {
+        self.stats.count_drop(DropReason::Limit);
+        let now = std::time::Instant::now();
+        if self
+            .last_limit_warn
+            .is_none_or(|t| now.duration_since(t) >= StdDuration::from_secs(10))
+        {
+            self.last_limit_warn = Some(now);
+            warn!(
+                limit = what,
+                "state limit reached: new flows are refused or the oldest evicted (drops counted as `limit`; this message repeats at most every 10 s)"
+            );
+        }
+    }
+
+    fn guest_count(&mut self, ip: Ipv4Addr, f: impl FnOnce(&mut (usize, usize))) {
+        if let Some(c) = self.per_guest.get_mut(&ip) {
+            f(c);
+            if *c == (0, 0) {
+                self.per_guest.remove(&ip);
+            }
+        }
+    }
+
+    /// Before a new UDP flow for `guest`: if a bound is reached, evicts the
+    /// least recently active flow (of that guest when its own bound is the
+    /// one reached). Runs only at the bound, so its scan is bounded too.
+    fn make_room_for_udp(&mut self, guest: Ipv4Addr) {
+        let own = self.per_guest.get(&guest).map_or(0, |c| c.1);
+        let per_guest = own >= self.limits.udp_flows_per_guest;
+        if !per_guest && self.udp_index.len() < self.limits.udp_flows {
+            return;
+        }
+        let victim = self
+            .udp_index
+            .iter()
+            .filter(|(k, _)| !per_guest || *k.ip() == guest)
+            .filter_map(|(_, &idx)| match &self.flows.get(idx)?.flow {
+                Flow::Udp(f) => Some((f.last_active, idx)),
+                _ => None,
+            })
+            .min();
+        if let Some((_, idx)) = victim {
+            self.limit_reached(if per_guest {
+                "UDP flows of one guest address"
+            } else {
+                "UDP flows"
+            });
+            self.remove(idx);
+        }
     }
 
     /// Everything `rnet status` shows, as JSON (see [`crate::status`]).

@@ -242,6 +242,10 @@ impl Engine {
                 continue;
             }
             let key = (guest, client);
+            if self.tcp_index.len() >= self.limits.tcp_flows {
+                self.limit_reached("TCP flows");
+                continue;
+            }
             if self.tcp_index.contains_key(&key) {
                 self.stats.count_drop(DropReason::HostSocket);
                 continue;

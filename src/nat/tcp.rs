@@ -87,6 +87,11 @@ pub struct TcpFlow {
     /// The first bytes of the guest's SYN, quoted in an ICMP error.
     syn_quote: [u8; 60],
     syn_len: usize,
+    /// Bytes queued in the smoltcp buffers when last accounted (engine's
+    /// buffer ceiling).
+    pub queued: usize,
+    /// Counted among the half-open flows (engine's limit).
+    pub half_open: bool,
 }
 
 impl TcpFlow {
@@ -132,6 +137,8 @@ impl TcpFlow {
             host_shut_wr: false,
             syn_quote,
             syn_len,
+            queued: 0,
+            half_open: false,
         })
     }
 
@@ -178,6 +185,8 @@ impl TcpFlow {
             host_shut_wr: false,
             syn_quote: [0; 60],
             syn_len: 0,
+            queued: 0,
+            half_open: false,
         })
     }
 
@@ -190,6 +199,17 @@ impl TcpFlow {
         self.host_readable = false;
         self.host_writable = false;
         Ok(())
+    }
+
+    /// Whether the host connect is still in progress.
+    pub fn connecting(&self) -> bool {
+        self.phase == Phase::Connecting
+    }
+
+    /// Bytes held in the guest-side buffers right now.
+    pub fn queue_len(&self) -> usize {
+        let s = self.sockets.get::<tcp::Socket>(self.handle);
+        s.send_queue() + s.recv_queue()
     }
 
     /// The guest side's TCP state.
@@ -225,7 +245,10 @@ impl TcpFlow {
 
     /// Advances the flow: finishes the connect, moves bytes both ways,
     /// passes on closes, and says whether the flow is done.
-    pub fn service(&mut self) -> Step {
+    ///
+    /// With `may_read` false (the engine's buffer ceiling is reached), no
+    /// more host data is taken in; the host's TCP window closes instead.
+    pub fn service(&mut self, may_read: bool) -> Step {
         if self.phase == Phase::Connecting {
             match self.check_connect() {
                 Ok(true) => {
@@ -250,7 +273,8 @@ impl TcpFlow {
         let host = &self.host;
 
         // Host → guest: read straight into the socket's transmit ring.
-        while self.host_readable && !self.host_eof && sock.may_send() && sock.can_send() {
+        while may_read && self.host_readable && !self.host_eof && sock.may_send() && sock.can_send()
+        {
             let r = sock.send(|buf| match (&*host).read(buf) {
                 Ok(0) => (0, Ok(false)),
                 Ok(n) => (n, Ok(true)),

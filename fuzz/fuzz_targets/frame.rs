@@ -1,0 +1,49 @@
+//! `classify` — the first look at every guest frame — on arbitrary bytes.
+//!
+//! It must never panic, and every slice it hands back must lie inside the
+//! frame it was given (the engine turns them into offsets).
+
+#![no_main]
+
+use std::sync::OnceLock;
+
+use libfuzzer_sys::fuzz_target;
+use rnet::Config;
+use rnet::stack::classify::{Verdict, classify};
+use rnet::stack::{GATEWAY_MAC, NetAddrs};
+use smoltcp::wire::EthernetAddress;
+
+fn addrs() -> &'static NetAddrs {
+    static ADDRS: OnceLock<NetAddrs> = OnceLock::new();
+    ADDRS.get_or_init(|| {
+        let cfg = Config::builder().build().expect("default config");
+        NetAddrs::from_config(&cfg)
+    })
+}
+
+fn inside(frame: &[u8], part: &[u8]) {
+    let start = part.as_ptr() as usize;
+    let base = frame.as_ptr() as usize;
+    assert!(
+        start >= base && start + part.len() <= base + frame.len(),
+        "classify returned a slice outside the frame"
+    );
+}
+
+fuzz_target!(|frame: &[u8]| {
+    let c = classify(frame, EthernetAddress(GATEWAY_MAC), addrs());
+    match c.verdict {
+        Verdict::Tcp { ip, .. } => inside(frame, ip),
+        Verdict::Udp { payload, ip, .. } => {
+            inside(frame, payload);
+            inside(frame, ip);
+        }
+        Verdict::Dhcp { payload } => inside(frame, payload),
+        Verdict::Echo { icmp, .. } => {
+            inside(frame, icmp);
+            // The engine reads the echo data from byte 8 of the message.
+            assert!(icmp.len() >= 8, "echo request shorter than its header");
+        }
+        Verdict::Arp | Verdict::Drop(_) => {}
+    }
+});

@@ -1,0 +1,178 @@
+#!/usr/bin/env python3
+"""Writes the seed inputs under fuzz/corpus/<target>/ (a few small, valid
+inputs per target). Run from anywhere: python3 fuzz/make_corpus.py"""
+import json
+import os
+import struct
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+GW_MAC = bytes([0x52, 0x55, 0x0A, 0x00, 0x02, 0x02])
+GUEST_MAC = bytes([0x02, 0, 0, 0, 0, 0x64])
+BCAST = b"\xff" * 6
+GUEST = bytes([10, 0, 2, 100])
+GW = bytes([10, 0, 2, 2])
+DNS = bytes([10, 0, 2, 3])
+ZERO = bytes(4)
+ALL = b"\xff" * 4
+
+
+def csum(data, acc=0):
+    if len(data) % 2:
+        data += b"\0"
+    for (w,) in struct.iter_unpack("!H", data):
+        acc += w
+    while acc >> 16:
+        acc = (acc & 0xFFFF) + (acc >> 16)
+    return (~acc) & 0xFFFF
+
+
+def eth(dst, ethertype, payload, src=GUEST_MAC):
+    return dst + src + struct.pack("!H", ethertype) + payload
+
+
+def ipv4(src, dst, proto, payload):
+    hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 1, 0, 64, proto, 0, src, dst)
+    hdr = hdr[:10] + struct.pack("!H", csum(hdr)) + hdr[12:]
+    return hdr + payload
+
+
+def pseudo(src, dst, proto, length):
+    return src + dst + struct.pack("!BBH", 0, proto, length)
+
+
+def udp(src, dst, sport, dport, data):
+    seg = struct.pack("!HHHH", sport, dport, 8 + len(data), 0) + data
+    c = csum(pseudo(src, dst, 17, len(seg)) + seg) or 0xFFFF
+    return ipv4(src, dst, 17, seg[:6] + struct.pack("!H", c) + seg[8:])
+
+
+def tcp(src, dst, sport, dport, seq, ack, flags, data=b"", opts=b""):
+    off = (20 + len(opts)) // 4
+    seg = struct.pack("!HHIIBBHHH", sport, dport, seq, ack, off << 4, flags, 65535, 0, 0) + opts + data
+    c = csum(pseudo(src, dst, 6, len(seg)) + seg)
+    return ipv4(src, dst, 6, seg[:16] + struct.pack("!H", c) + seg[18:])
+
+
+def icmp_echo(src, dst, ident, seq, data):
+    msg = struct.pack("!BBHHH", 8, 0, 0, ident, seq) + data
+    msg = msg[:2] + struct.pack("!H", csum(msg)) + msg[4:]
+    return ipv4(src, dst, 1, msg)
+
+
+def arp_request(sender_ip, target_ip):
+    body = struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + GUEST_MAC + sender_ip + bytes(6) + target_ip
+    return eth(BCAST, 0x0806, body)
+
+
+def dns_query(name, qid=0x1234, qtype=1):
+    q = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0"
+    return struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 0) + q + struct.pack("!HH", qtype, 1)
+
+
+def dhcp(msgtype, xid=0x01020304, ciaddr=ZERO, opts=b"", flags=0):
+    bootp = struct.pack("!BBBBIHH4s4s4s4s", 1, 1, 6, 0, xid, 0, flags, ciaddr, ZERO, ZERO, ZERO)
+    bootp += GUEST_MAC + bytes(10) + bytes(64) + bytes(128)
+    options = bytes([53, 1, msgtype]) + opts + b"\xff"
+    return bootp + struct.pack("!I", 0x63825363) + options
+
+
+def opt(code, value):
+    return bytes([code, len(value)]) + value
+
+
+REQ_IP = opt(50, bytes([10, 0, 2, 15]))
+SERVER = opt(54, GW)
+CLIENT_ID = opt(61, b"\x01" + GUEST_MAC)
+PARAMS = opt(55, bytes([1, 3, 6, 26, 51, 58, 59]))
+
+
+def dhcp_frame(msg, src=ZERO, dst=ALL):
+    return eth(BCAST, 0x0800, udp(src, dst, 68, 67, msg))
+
+
+def record(frame, flags=0):
+    return bytes([flags]) + struct.pack("!H", len(frame)) + frame
+
+
+def write(target, name, data):
+    d = os.path.join(HERE, "corpus", target)
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, name), "wb") as f:
+        f.write(data)
+
+
+def main():
+    arp = arp_request(GUEST, GW)
+    ping = eth(GW_MAC, 0x0800, icmp_echo(GUEST, GW, 7, 1, b"rnet-fuzz"))
+    query = eth(GW_MAC, 0x0800, udp(GUEST, DNS, 40000, 53, dns_query("example.com")))
+    discover = dhcp_frame(dhcp(1, opts=PARAMS))
+    request = dhcp_frame(dhcp(3, opts=REQ_IP + SERVER + PARAMS))
+    syn_gw = eth(GW_MAC, 0x0800, tcp(GUEST, GW, 40001, 80, 1000, 0, 0x02))
+    udp_out = eth(GW_MAC, 0x0800, udp(GUEST, bytes([192, 0, 2, 1]), 40002, 9, b"hello"))
+    ping_out = eth(GW_MAC, 0x0800, icmp_echo(GUEST, bytes([192, 0, 2, 1]), 8, 1, b"x" * 8))
+
+    # frame: single frames.
+    for name, f in [("arp", arp), ("ping", ping), ("dns", query), ("dhcp_discover", discover),
+                    ("syn", syn_gw), ("udp_denied", udp_out)]:
+        write("frame", name, f)
+
+    # ingress: records of FLAGS LEN FRAME.
+    write("ingress", "arp_ping", record(arp) + record(ping))
+    write("ingress", "dns_udp", record(arp) + record(query))
+    write("ingress", "dhcp", record(discover) + record(request))
+    write("ingress", "denied", record(syn_gw) + record(udp_out) + record(ping_out))
+    # DNS over TCP to the forwarder: the handshake's ACK and the data take
+    # rnet's sequence number from its SYN-ACK (flag 4).
+    q = dns_query("example.org", qid=0x4242)
+    dq = struct.pack("!H", len(q)) + q
+    tsyn = eth(GW_MAC, 0x0800, tcp(GUEST, DNS, 40100, 53, 5000, 0, 0x02, opts=b"\x02\x04\x05\xb4"))
+    tack = eth(GW_MAC, 0x0800, tcp(GUEST, DNS, 40100, 53, 5001, 0, 0x10))
+    tdata = eth(GW_MAC, 0x0800, tcp(GUEST, DNS, 40100, 53, 5001, 0, 0x18, dq))
+    tfin = eth(GW_MAC, 0x0800, tcp(GUEST, DNS, 40100, 53, 5001 + len(dq), 0, 0x11))
+    write("ingress", "dns_tcp", record(arp) + record(tsyn) + record(tack, 4) + record(tdata, 4)
+          + record(tfin, 4))
+
+    # dhcp: MODE 0 = one datagram; odd MODE = conversation (prefix = MODE >> 1).
+    def conv(prefix, *msgs):
+        return bytes([prefix << 1 | 1]) + b"".join(bytes([dt]) + struct.pack("!H", len(m)) + m
+                                                   for dt, m in msgs)
+    write("dhcp", "discover", b"\0" + dhcp(1, opts=PARAMS))
+    write("dhcp", "request", b"\0" + dhcp(3, opts=REQ_IP + SERVER))
+    write("dhcp", "inform", b"\0" + dhcp(8, ciaddr=GUEST))
+    write("dhcp", "dora", conv(24, (0, dhcp(1, opts=CLIENT_ID)),
+                               (1, dhcp(3, opts=CLIENT_ID + REQ_IP + SERVER))))
+    write("dhcp", "renew_release", conv(24, (0, dhcp(1)), (0, dhcp(3, opts=REQ_IP + SERVER)),
+                                        (0x80 | 100, dhcp(3, ciaddr=bytes([10, 0, 2, 15]))),
+                                        (1, dhcp(7, ciaddr=bytes([10, 0, 2, 15]), opts=SERVER))))
+    write("dhcp", "decline_small", conv(28, (0, dhcp(1)), (0, dhcp(4, opts=REQ_IP + SERVER)),
+                                        (0, dhcp(1, flags=0x8000))))
+
+    # api: the slirp4netns-style requests.
+    for name, req in [
+        ("add", {"execute": "add_hostfwd", "arguments": {"proto": "tcp", "host_addr": "127.0.0.1",
+                                                         "host_port": 8080, "guest_port": 80}}),
+        ("add_udp", {"execute": "add_hostfwd", "arguments": {"proto": "udp", "host_addr": "",
+                                                             "host_port": 0, "guest_addr": "10.0.2.100",
+                                                             "guest_port": 53}}),
+        ("list", {"execute": "list_hostfwd"}),
+        ("remove", {"execute": "remove_hostfwd", "arguments": {"id": 1}}),
+    ]:
+        write("api", name, json.dumps(req).encode())
+
+    # specs: one kind of text per file.
+    for name, text in [
+        ("port", "8080:80"),
+        ("port_full", "127.0.0.1:8000-8009:10.0.2.100:9000-9009/udp"),
+        ("port_v6", "[::1]:0:80/tcp"),
+        ("cidr", "10.0.2.0/24"),
+        ("upstream", "[fe80::1]:5353"),
+        ("autopub", "1024-65535/udp"),
+        ("resolv", "# comment\nnameserver 127.0.0.53\nnameserver ::1\nsearch example\n"),
+        ("table", "  sl  local_address rem_address   st\n"
+                  "   0: 0100007F:0035 00000000:0000 0A 00000000:00000000 00:00000000 00000000   0 0 1\n"
+                  "   1: 00000000000000000000000001000000:1F90 00000000000000000000000000000000:0000 0A\n"),
+    ]:
+        write("specs", name, text.encode())
+
+
+main()
