@@ -327,7 +327,17 @@ impl Network {
     /// `argv` inside. Returns the network and the command's PID; reap it
     /// with [`wait_for_exit`].
     pub fn spawn(argv: &[OsString], config: Config) -> Result<(Network, i32), Error> {
-        let mut cmd = ns::spawn_in_new_namespaces(argv)?;
+        Network::spawn_with(argv, config, &ns::SpawnOptions::default())
+    }
+
+    /// Like [`Network::spawn`], with the namespace choices of `opts`
+    /// (subordinate id ranges, a private /etc/resolv.conf).
+    pub fn spawn_with(
+        argv: &[OsString],
+        config: Config,
+        opts: &ns::SpawnOptions,
+    ) -> Result<(Network, i32), Error> {
+        let mut cmd = ns::spawn_with(argv, opts)?;
         let pid = cmd.pid();
         let net = match Network::attach(Target::Pid(pid), config) {
             Ok(n) => n,

@@ -122,6 +122,17 @@ struct AttachArgs {
 struct RunArgs {
     #[command(flatten)]
     net: NetArgs,
+    /// Map only your own uid and gid (to root), even when /etc/subuid and
+    /// /etc/subgid list ranges for you and newuidmap/newgidmap exist. By
+    /// default those ranges are mapped as well (ids 1.. inside), as
+    /// RootlessKit does, so package managers and container runtimes work.
+    #[arg(long, help_heading = "Namespaces")]
+    no_subids: bool,
+    /// Keep the host's /etc/resolv.conf. By default the command gets a
+    /// private mount namespace in which /etc/resolv.conf names the DNS
+    /// forwarder (10.0.2.3); nothing else changes.
+    #[arg(long, help_heading = "Namespaces")]
+    host_resolv_conf: bool,
     /// The command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<OsString>,
@@ -135,6 +146,18 @@ struct NetArgs {
     /// MTU of the TAP device (68-65521).
     #[arg(long, value_name = "N", default_value_t = config::DEFAULT_MTU, help_heading = "Interface")]
     mtu: u32,
+    /// The virtual IPv4 network (prefix length 1-25). The gateway is its .2,
+    /// the DNS forwarder .3, the guest .100, DHCP offers from .15.
+    #[arg(
+        long,
+        value_name = "CIDR",
+        default_value = "10.0.2.0/24",
+        help_heading = "Interface"
+    )]
+    cidr: String,
+    /// MAC address for the TAP (e.g. 02:00:00:00:00:01; needs configuration).
+    #[arg(long, value_name = "MAC", help_heading = "Interface")]
+    mac_address: Option<String>,
     /// Do not configure the TAP: no address, route, MTU or link state is set.
     #[arg(long, help_heading = "Interface")]
     no_configure: bool,
@@ -228,7 +251,19 @@ impl NetArgs {
             .iter()
             .map(|u| config::parse_upstream(u).map_err(|e| format!("--dns-upstream: {e}")))
             .collect::<Result<Vec<_>, _>>()?;
-        let mut b = Config::builder();
+        let (net, prefix) =
+            compat::args::parse_cidr(&self.cidr).map_err(|e| format!("--cidr: {e}"))?;
+        let cidr = rnet::Ipv4Cidr::new(net, prefix).map_err(|e| format!("--cidr: {e}"))?;
+        let mac = match &self.mac_address {
+            None => None,
+            Some(m) if self.no_configure => {
+                return Err(format!("--mac-address {m} needs rnet to configure the TAP; drop --no-configure"));
+            }
+            Some(m) => Some(compat::args::parse_mac(m).ok_or_else(|| {
+                format!("--mac-address {m:?}: expected six hex bytes separated by ':', e.g. 02:00:00:00:00:01")
+            })?),
+        };
+        let mut b = Config::builder().cidr(cidr).mac(mac);
         for p in &self.publish {
             b = b.publish(*p);
         }
@@ -332,7 +367,11 @@ fn attach(a: AttachArgs, sigs: SigSet) -> Result<u8, String> {
 
 fn run(r: RunArgs, sigs: SigSet) -> Result<u8, String> {
     let config = r.net.to_config()?;
-    let (net, pid) = Network::spawn(&r.command, config).map_err(|e| e.to_string())?;
+    let opts = rnet::ns::SpawnOptions {
+        subids: !r.no_subids,
+        resolv_conf: (!r.host_resolv_conf).then(|| format!("nameserver {}\n", config.dns())),
+    };
+    let (net, pid) = Network::spawn_with(&r.command, config, &opts).map_err(|e| e.to_string())?;
     std::thread::spawn(move || {
         while let Ok(sig) = sigs.wait() {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);

@@ -34,7 +34,9 @@ mod e2e_tests;
 pub use agent::{Agent, AgentError};
 pub use error::{NsError, NsKind};
 pub use nsfile::same_userns;
-pub use spawn::{SpawnedCommand, spawn_in_new_namespaces};
+pub use spawn::{
+    SpawnOptions, SpawnedCommand, SubRange, parse_subid, spawn_in_new_namespaces, spawn_with,
+};
 pub use tap::open_tap;
 
 /// Whose network namespace to put the TAP device in.
