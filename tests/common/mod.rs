@@ -1168,3 +1168,204 @@ impl Drop for LineProc {
         }
     }
 }
+
+// ---------------------------------------------------------------- published ports
+
+/// A scratch directory under the temp dir, removed with its contents on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let p = std::env::temp_dir().join(format!("rnet-test-{}-{tag}-dir{n}", std::process::id()));
+        std::fs::create_dir_all(&p).unwrap_or_else(|e| panic!("create {}: {e}", p.display()));
+        TempDir(p)
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Ports a guest service may use and the host may publish: below the
+/// host's ephemeral range (so the kernel never hands one out by itself) and
+/// below a fresh namespace's (32768, so `--publish-auto` counts a UDP
+/// socket there as a service).
+pub fn service_port_band() -> (u32, u32) {
+    let r = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
+    let lo: u32 = r.split_whitespace().next().unwrap().parse().unwrap();
+    let top = lo.min(32768);
+    if top >= 10000 + 4000 {
+        (10000, top)
+    } else {
+        (1024, top)
+    }
+}
+
+/// The first of `n` consecutive service ports (see [`service_port_band`])
+/// that are free for TCP and UDP on 0.0.0.0 (so on every host address);
+/// never the same port twice in one process.
+pub fn free_service_block(n: u32) -> u16 {
+    use std::collections::HashSet;
+    use std::hash::{BuildHasher, RandomState};
+    use std::sync::Mutex;
+    static TAKEN: Mutex<Option<HashSet<u32>>> = Mutex::new(None);
+    let (lo, hi) = service_port_band();
+    assert!(hi - lo > n, "port band {lo}-{hi} too small for {n} ports");
+    for _ in 0..500 {
+        let start =
+            lo + (RandomState::new().hash_one(Instant::now()) % (hi - lo - n) as u64) as u32;
+        let mut taken = TAKEN.lock().unwrap();
+        let taken = taken.get_or_insert_with(HashSet::new);
+        if (start..start + n).any(|p| taken.contains(&p)) {
+            continue;
+        }
+        let free = (start..start + n).all(|p| {
+            TcpListener::bind((Ipv4Addr::UNSPECIFIED, p as u16)).is_ok()
+                && UdpSocket::bind((Ipv4Addr::UNSPECIFIED, p as u16)).is_ok()
+        });
+        if free {
+            taken.extend(start..start + n);
+            return start as u16;
+        }
+    }
+    panic!("no {n} consecutive free ports in {lo}-{hi}");
+}
+
+/// Calls `f` until it returns Some or `limit` has passed (checking every
+/// 10 ms); returns the value and when it came, or None at the deadline.
+pub fn poll_until<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<(T, Duration)> {
+    let t0 = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Some((v, t0.elapsed()));
+        }
+        if t0.elapsed() >= limit {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// What the guest HTTP server (`port_server.py http`) reports: the client
+/// address it saw and its own port.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Seen {
+    pub client: SocketAddr,
+    pub guest_port: u16,
+}
+
+pub fn parse_seen(body: &str) -> Seen {
+    let body = body.trim();
+    let rest = body
+        .strip_prefix("client=")
+        .unwrap_or_else(|| panic!("unexpected guest reply {body:?}"));
+    let (client, port) = rest
+        .split_once(" port=")
+        .unwrap_or_else(|| panic!("unexpected guest reply {body:?}"));
+    Seen {
+        client: client.parse().unwrap(),
+        guest_port: port.parse().unwrap(),
+    }
+}
+
+/// GET / over a fresh connection to `dst`; returns the body and the
+/// client's local address.
+pub fn http_get(dst: SocketAddr) -> io::Result<(String, SocketAddr)> {
+    let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let local = s.local_addr()?;
+    s.write_all(b"GET / HTTP/1.0\r\nHost: test\r\n\r\n")?;
+    let mut r = String::new();
+    s.read_to_string(&mut r)?;
+    let (_, body) = r
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| io::Error::other(format!("no HTTP head in {r:?}")))?;
+    Ok((body.to_string(), local))
+}
+
+/// `rnet port ACTION --api-socket PATH ARGS...`
+pub fn port_cli(api: &std::path::Path, action: &str, args: &[&str]) -> Output {
+    let mut c = Command::new(RNET);
+    c.args(["port", action, "--api-socket"]).arg(api).args(args);
+    clean_env(&mut c);
+    run(&mut c, Duration::from_secs(30))
+}
+
+/// The rows of `rnet port ls` below its header (ID PROTO HOST GUEST PATH),
+/// each split on whitespace.
+#[track_caller]
+pub fn port_rows(api: &std::path::Path) -> Vec<Vec<String>> {
+    let out = port_cli(api, "ls", &[]);
+    out.assert_success("rnet port ls");
+    let mut lines = out.stdout.lines();
+    let head: Vec<&str> = lines.next().unwrap_or("").split_whitespace().collect();
+    assert_eq!(head, ["ID", "PROTO", "HOST", "GUEST", "PATH"], "{out}");
+    lines
+        .map(|l| l.split_whitespace().map(String::from).collect())
+        .collect()
+}
+
+/// Whether `prog` is on PATH (skips outside CI, fails in CI when missing).
+pub fn require_program(test: &str, prog: &str) -> bool {
+    let found = std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|d| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::metadata(d.join(prog))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+    });
+    found || skip(test, &format!("{prog} is not installed"))
+}
+
+// ---------------------------------------------------------------- named network namespaces
+
+/// Whether `path` exists (skips outside CI, fails in CI when missing);
+/// `what` says which package brings it.
+pub fn require_path(test: &str, path: &str, what: &str) -> bool {
+    std::path::Path::new(path).exists() || skip(test, &format!("{path} is missing ({what})"))
+}
+
+/// Makes the child `cmd` spawns join the network namespace at `ns` (e.g.
+/// /run/netns/NAME) before it execs, so its sockets live there. The
+/// namespace file is opened now and must outlive the spawn (returned).
+pub fn join_netns(cmd: &mut Command, ns: &str) -> File {
+    let f = File::open(ns).unwrap_or_else(|e| panic!("open {ns}: {e}"));
+    let fd = f.as_raw_fd();
+    // SAFETY: setns is async-signal-safe; it only moves the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) == -1 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    f
+}
+
+/// Runs `f` on a thread that joined the network namespace at `ns` (sockets
+/// made there stay there, also when used from other threads later).
+pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = ns.to_string();
+    thread::spawn(move || {
+        let ns = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+        // SAFETY: a valid netns fd; only this short-lived thread moves.
+        let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns {path}: {}", io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .unwrap()
+}
