@@ -1,28 +1,31 @@
 #!/usr/bin/env bash
-# Side-by-side benchmark: rnet, slirp4netns and pasta on the same machine in
-# one run. Installs nothing: it says what is missing and leaves those columns
-# out. See benches/README.md.
+# Side-by-side benchmark: rnet, slirp4netns and pasta (and, for published
+# ports, RootlessKit's builtin driver) on the same machine in one run.
+# Installs nothing: it says what is missing and leaves those columns out.
+# See benches/README.md.
 #
-#   benches/compare.sh [--out DIR] [--tools rnet,slirp4netns,pasta]
+#   benches/compare.sh [--out DIR] [--tools rnet,slirp4netns,pasta,rootlesskit]
 #                      [--iperf-seconds N] [--rtt-count N] [--cps-seconds N]
 #                      [--flows N]
 #
-# Build rnet first (cargo build --release); RNET=/path/to/rnet overrides.
+# Build rnet first (cargo build --release); RNET=/path/to/rnet overrides
+# (RNET_REV=... names its revision in the table).
 # Run as an unprivileged user; when started as root the whole run drops to
-# uid/gid 65534 (nobody) with setpriv.
+# uid/gid 65534 (nobody) with setpriv (RootlessKit then gets a subuid/subgid
+# range through files bind-mounted in a private mount namespace).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
 out=""
-tools="rnet,slirp4netns,pasta"
+tools="rnet,slirp4netns,pasta,rootlesskit"
 pass=()
 while (($#)); do
     case "$1" in
     --out) out=$2; shift 2 ;;
     --tools) tools=$2; shift 2 ;;
     --iperf-seconds | --rtt-count | --cps-seconds | --flows) pass+=("$1" "$2"); shift 2 ;;
-    -h | --help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "compare.sh: unknown argument $1 (try --help)" >&2; exit 2 ;;
     esac
 done
@@ -56,18 +59,36 @@ for t in "${wanted[@]}"; do
             pkg=$t; [[ $t == pasta ]] && pkg=passt
             echo "compare.sh: $t not found (Debian: apt-get install $pkg): skipping the $t column" >&2
         fi ;;
+    rootlesskit)
+        if ! command -v rootlesskit >/dev/null 2>&1; then
+            echo "compare.sh: rootlesskit not found (Debian: apt-get install rootlesskit): skipping its published-port row" >&2
+        elif ! command -v slirp4netns >/dev/null 2>&1; then
+            echo "compare.sh: rootlesskit needs slirp4netns (--net=slirp4netns): skipping its published-port row" >&2
+        elif [[ $(id -u) == 0 ]]; then
+            if command -v unshare >/dev/null 2>&1 && [[ -e /etc/subuid && -e /etc/subgid ]]; then keep+=(rootlesskit); else
+                echo "compare.sh: rootlesskit as uid 65534 needs /etc/subuid and /etc/subgid to exist (even empty) to bind-mount over: skipping its row" >&2
+            fi
+        else
+            me=$(id -un 2>/dev/null || true); uid=$(id -u)
+            if grep -qE "^($me|$uid):" /etc/subuid 2>/dev/null && grep -qE "^($me|$uid):" /etc/subgid 2>/dev/null; then
+                keep+=(rootlesskit)
+            else
+                echo "compare.sh: rootlesskit needs /etc/subuid and /etc/subgid ranges for $me: skipping its published-port row" >&2
+            fi
+        fi ;;
     *) echo "compare.sh: unknown tool $t" >&2; exit 2 ;;
     esac
 done
 ((${#keep[@]})) || { echo "compare.sh: nothing to compare" >&2; exit 1; }
 tools=$(IFS=,; echo "${keep[*]}")
 
-rev=""
-if command -v git >/dev/null 2>&1; then
+rev=${RNET_REV:-}
+if [[ -z $rev ]] && command -v git >/dev/null 2>&1; then
     rev=$(git -C "$root" describe --always --dirty 2>/dev/null || true)
 fi
 
 mkdir -p "$out/raw"
+out=$(cd "$out" && pwd) # absolute: the root path below runs from /
 run=("$python" "$here/compare.py" run --out "$out" --rnet "$rnet" --rnet-rev "$rev"
     --tools "$tools" --python "$python" "${pass[@]}")
 
@@ -79,7 +100,21 @@ if [[ $(id -u) == 0 ]]; then
     chown -R 65534:65534 "$out"
     echo "compare.sh: running as root; the benchmark runs as uid 65534 (setpriv)" >&2
     cd /
-    exec setpriv --reuid 65534 --regid 65534 --clear-groups --inh-caps=-all \
-        env -i PATH="$PATH" HOME=/tmp LANG=C.UTF-8 "${run[@]}"
+    drop=(setpriv --reuid 65534 --regid 65534 --clear-groups --inh-caps=-all
+        env -i PATH="$PATH" HOME=/tmp LANG=C.UTF-8 "${run[@]}")
+    if [[ ,$tools, == *,rootlesskit,* ]]; then
+        # RootlessKit (newuidmap) wants a subordinate range for uid 65534:
+        # give it one in a private mount namespace; the files on disk stay
+        # untouched.
+        subid=$(mktemp -d)
+        trap 'rm -rf "$subid"' EXIT
+        echo "$(id -un 65534 2>/dev/null || echo 65534):100000:65536" >"$subid/subid"
+        chmod 0755 "$subid"; chmod 0644 "$subid/subid"
+        unshare -m --propagation private sh -c \
+            'mount --bind "$0" /etc/subuid && mount --bind "$0" /etc/subgid && exec "$@"' \
+            "$subid/subid" "${drop[@]}"
+        exit $?
+    fi
+    exec "${drop[@]}"
 fi
 exec "${run[@]}"
