@@ -1369,3 +1369,85 @@ pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'sta
     .join()
     .unwrap()
 }
+
+// ---------------------------------------------------------------- status and process figures
+
+/// `rnet status --api-socket PATH --json`, parsed.
+#[track_caller]
+pub fn status_json(api: &std::path::Path) -> serde_json::Value {
+    let mut c = Command::new(RNET);
+    c.args(["status", "--json", "--api-socket"]).arg(api);
+    clean_env(&mut c);
+    let out = run(&mut c, Duration::from_secs(30));
+    out.assert_success("rnet status --json");
+    serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("status JSON: {e}: {out}"))
+}
+
+/// The drop counters of a status report, by reason.
+pub fn drop_counts(status: &serde_json::Value) -> std::collections::BTreeMap<String, u64> {
+    status["drops"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Counters that grew from `before` to `after` (reason, increase).
+pub fn drops_diff(
+    before: &std::collections::BTreeMap<String, u64>,
+    after: &std::collections::BTreeMap<String, u64>,
+) -> std::collections::BTreeMap<String, u64> {
+    after
+        .iter()
+        .filter_map(|(k, &v)| {
+            let d = v.saturating_sub(before.get(k).copied().unwrap_or(0));
+            (d > 0).then(|| (k.clone(), d))
+        })
+        .collect()
+}
+
+/// A `kB` field of /proc/PID/status (`VmRSS`, `VmHWM`), in KiB; None once
+/// the process is gone.
+pub fn proc_kib(pid: u32, key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = s.lines().find(|l| l.starts_with(&format!("{key}:")))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Open file descriptors of a process (entries of /proc/PID/fd).
+pub fn open_fds(pid: u32) -> Option<usize> {
+    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
+}
+
+/// KiB as MiB, for reports.
+pub fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+/// TCP ports in LISTEN state on the host (root network namespace, any
+/// address, IPv4 and IPv6 tables), so a flood through the gateway can leave
+/// real host services alone.
+pub fn host_tcp_listen_ports() -> Vec<u16> {
+    let mut ports = Vec::new();
+    for t in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(s) = std::fs::read_to_string(t) else {
+            continue;
+        };
+        for l in s.lines().skip(1) {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.len() > 3 && f[3] == "0A" {
+                if let Some(p) = f[1].rsplit(':').next() {
+                    if let Ok(p) = u16::from_str_radix(p, 16) {
+                        ports.push(p);
+                    }
+                }
+            }
+        }
+    }
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
