@@ -305,10 +305,9 @@ fn pod_behind_cni_default_path() {
     );
 }
 
+/// The pod's replies come from the pod, not from the node port; the
+/// agent's per-connection rule (`to CLIENT dport PORT`) brings them back.
 #[test]
-#[ignore = "fast path + portmap DNAT: the agent's reply rule matches \
-            `from 10.0.2.100 sport NODE_PORT`, but the DNATed pod's SYN-ACK \
-            comes from the pod, leaves through tap0 and is reset by rnet"]
 fn host_reaches_pod_through_portmap_fast_path() {
     require!(prerequisites(module_path_test!()));
     let node = Node::start(PortPath::Default);

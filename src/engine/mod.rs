@@ -1114,6 +1114,11 @@ impl Engine {
                 self.spliced_closed.1 += down;
                 debug!(up, down, "spliced connection closed");
                 self.stats.tcp_flows.fetch_sub(1, Ordering::Relaxed);
+                if let (Some(client), Some(agent)) = (f.transparent_client, self.agent.as_mut())
+                    && let Err(e) = agent.release(client)
+                {
+                    debug!(%client, error = %e, "cannot release the reply rule");
+                }
                 if let Some(alias) = self.splice_alias.remove(&idx)
                     && self.flows.contains(alias)
                 {

@@ -388,6 +388,7 @@ impl Engine {
         let Some(agent) = self.agent.as_mut() else {
             return;
         };
+        let mut transparent = Some(client);
         let fd = match agent.connect_transparent(client, guest) {
             Ok(fd) => fd,
             Err(e)
@@ -402,6 +403,7 @@ impl Engine {
                 // The client's address cannot be reused right now (e.g. the
                 // same loopback port still in TIME-WAIT): connect without it.
                 debug!(%client, error = %e, "transparent connect failed; connecting plainly");
+                transparent = None;
                 match agent.connect_plain(guest) {
                     Ok(fd) => fd,
                     Err(e) => {
@@ -413,7 +415,10 @@ impl Engine {
             }
         };
         let mut flow = match crate::nat::splice::SpliceFlow::new(stream, fd) {
-            Ok(f) => Box::new(f),
+            Ok(mut f) => {
+                f.transparent_client = transparent;
+                Box::new(f)
+            }
             Err(e) => {
                 debug!(error = %e, "cannot set up splice pipes");
                 self.stats.count_drop(DropReason::HostSocket);

@@ -81,6 +81,9 @@ pub struct SpliceFlow {
     pub host: TcpStream,
     /// The connection inside the namespace.
     pub guest: TcpStream,
+    /// The client address the guest side was opened from, when the agent
+    /// opened it transparently (its reply rule is released at the end).
+    pub transparent_client: Option<std::net::SocketAddrV4>,
     connected: bool,
     host_ready: Ready,
     guest_ready: Ready,
@@ -98,6 +101,7 @@ impl SpliceFlow {
         Ok(Self {
             host,
             guest,
+            transparent_client: None,
             connected: false,
             host_ready: Ready { r: true, w: true },
             guest_ready: Ready::default(),

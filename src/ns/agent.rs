@@ -75,6 +75,10 @@ const REQ_UNROUTE: u8 = b'U';
 const REQ_TRANSPARENT: u8 = b'T';
 const REQ_PLAIN: u8 = b'P';
 const REQ_LISTENING: u8 = b'L';
+const REQ_RELEASE: u8 = b'X';
+
+/// Priority of the per-connection rules (before the per-port ones).
+pub const CONN_RULE_PRIORITY: u32 = 99;
 
 /// Why a request to the agent failed. It travels inside the
 /// [`io::Error`] the [`Agent`] methods return (whose kind follows the
@@ -130,6 +134,8 @@ enum Request {
     },
     Plain(SocketAddrV4),
     Listening,
+    /// The transparent connection from this client ended: drop its rule.
+    Release(SocketAddrV4),
 }
 
 fn put_v4(out: &mut Vec<u8>, a: SocketAddrV4) {
@@ -167,6 +173,10 @@ impl Request {
                 put_v4(&mut out, g);
             }
             Request::Listening => out.push(REQ_LISTENING),
+            Request::Release(c) => {
+                out.push(REQ_RELEASE);
+                put_v4(&mut out, c);
+            }
         }
         out
     }
@@ -182,6 +192,7 @@ impl Request {
             },
             (REQ_PLAIN, 6) => Request::Plain(get_v4(rest)?),
             (REQ_LISTENING, 0) => Request::Listening,
+            (REQ_RELEASE, 6) => Request::Release(get_v4(rest)?),
             _ => return None,
         })
     }
@@ -374,6 +385,12 @@ impl Agent {
         guest: SocketAddrV4,
     ) -> io::Result<OwnedFd> {
         self.call_fd(Request::Transparent { client, guest })
+    }
+
+    /// Ends what [`Agent::connect_transparent`] set up for `client` (its
+    /// reply rule); call when that connection is closed.
+    pub fn release(&mut self, client: SocketAddrV4) -> io::Result<()> {
+        self.call(Request::Release(client)).map(|_| ())
     }
 
     /// Like [`connect_transparent`](Self::connect_transparent) without
@@ -585,6 +602,8 @@ struct AgentState {
     nl: Option<RtNetlink>,
     /// Whether the local route of [`REPLY_TABLE`] has been added.
     table_ready: bool,
+    /// Clients with a per-connection reply rule installed.
+    conn_rules: std::collections::HashSet<SocketAddrV4>,
 }
 
 /// The agent's request loop; returns the exit code (0 on EOF).
@@ -634,11 +653,25 @@ impl AgentState {
                 Err(e) => send_err(sock, e),
             },
             Request::Transparent { client, guest } => {
+                // Replies to this client come back to us whatever answers
+                // them: the guest server itself, or (after a DNAT inside
+                // the namespace, e.g. a CNI portmap rule) a pod, whose
+                // replies the per-port rule cannot recognise.
+                if let Err(e) = self.conn_rule(client, true) {
+                    return send_err(sock, e);
+                }
                 match open_guest_socket(Some(client), guest) {
                     Ok(fd) => send_ok(sock, &[], Some(fd.as_fd())),
-                    Err(e) => send_err(sock, e),
+                    Err(e) => {
+                        let _ = self.conn_rule(client, false);
+                        send_err(sock, e)
+                    }
                 }
             }
+            Request::Release(client) => match self.conn_rule(client, false) {
+                Ok(()) => send_ok(sock, &[], None),
+                Err(e) => send_err(sock, e),
+            },
             Request::Plain(guest) => match open_guest_socket(None, guest) {
                 Ok(fd) => send_ok(sock, &[], Some(fd.as_fd())),
                 Err(e) => send_err(sock, e),
@@ -660,6 +693,54 @@ impl AgentState {
                 Err(e) => send_err(sock, e),
             },
         }
+    }
+
+    /// Adds or removes the per-connection rule `to CLIENT ipproto tcp
+    /// dport PORT lookup REPLY_TABLE`.
+    fn conn_rule(&mut self, client: SocketAddrV4, add: bool) -> Result<(), ChildError> {
+        if !add && !self.conn_rules.contains(&client) {
+            return Ok(());
+        }
+        let step = format!(
+            "{} rule to {} ipproto tcp dport {} lookup {REPLY_TABLE:#x}",
+            if add { "add" } else { "delete" },
+            client.ip(),
+            client.port()
+        );
+        let nl = match &mut self.nl {
+            Some(nl) => nl,
+            None => self.nl.insert(
+                RtNetlink::open()
+                    .map_err(|e| ChildError::new(Step::Netlink, e, "open a netlink socket"))?,
+            ),
+        };
+        if add && !self.table_ready {
+            nix::net::if_::if_nametoindex("lo")
+                .and_then(|lo| nl.add_local_default_route_v4(REPLY_TABLE, lo))
+                .map_err(|e| {
+                    ChildError::new(
+                        Step::Netlink,
+                        e,
+                        &format!("add local 0.0.0.0/0 dev lo table {REPLY_TABLE:#x}"),
+                    )
+                })?;
+            self.table_ready = true;
+        }
+        let r = if add {
+            nl.add_tcp_dest_rule(client, REPLY_TABLE, CONN_RULE_PRIORITY)
+        } else {
+            nl.del_tcp_dest_rule(client, REPLY_TABLE, CONN_RULE_PRIORITY)
+        };
+        r.map_err(|e| {
+            self.nl = None;
+            ChildError::new(Step::Netlink, e, &step)
+        })?;
+        if add {
+            self.conn_rules.insert(client);
+        } else {
+            self.conn_rules.remove(&client);
+        }
+        Ok(())
     }
 
     /// Adds (`add`) or removes the reply rule for `guest`.

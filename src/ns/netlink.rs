@@ -188,6 +188,34 @@ impl RtNetlink {
         }
     }
 
+    /// Adds `to ADDR ipproto tcp dport PORT lookup TABLE` (EEXIST is success).
+    pub fn add_tcp_dest_rule(
+        &mut self,
+        to: SocketAddrV4,
+        table: u32,
+        priority: u32,
+    ) -> Result<(), Errno> {
+        let msg = tcp_dest_rule(to, table, priority);
+        match self.request(RouteNetlinkMessage::NewRule(msg), NLM_F_CREATE | NLM_F_EXCL) {
+            Err(Errno::EEXIST) => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Removes the rule [`RtNetlink::add_tcp_dest_rule`] added (ENOENT is success).
+    pub fn del_tcp_dest_rule(
+        &mut self,
+        to: SocketAddrV4,
+        table: u32,
+        priority: u32,
+    ) -> Result<(), Errno> {
+        let msg = tcp_dest_rule(to, table, priority);
+        match self.request(RouteNetlinkMessage::DelRule(msg), 0) {
+            Err(Errno::ENOENT) => Ok(()),
+            other => other,
+        }
+    }
+
     /// Removes the rule [`add_tcp_source_rule`](Self::add_tcp_source_rule)
     /// added; a rule that is not there (ENOENT) counts as removed.
     pub fn del_tcp_source_rule(
@@ -202,6 +230,26 @@ impl RtNetlink {
             other => other,
         }
     }
+}
+
+/// The rule message matching TCP segments to `to` (address and port).
+fn tcp_dest_rule(to: SocketAddrV4, table: u32, priority: u32) -> RuleMessage {
+    let mut msg = RuleMessage::default();
+    msg.header.family = AddressFamily::Inet;
+    msg.header.dst_len = 32;
+    msg.header.table = RouteHeader::RT_TABLE_UNSPEC;
+    msg.header.action = RuleAction::ToTable;
+    msg.attributes.extend([
+        RuleAttribute::Priority(priority),
+        RuleAttribute::Destination(IpAddr::V4(*to.ip())),
+        RuleAttribute::IpProtocol(IpProtocol::Tcp),
+        RuleAttribute::DestinationPortRange(RulePortRange {
+            start: to.port(),
+            end: to.port(),
+        }),
+        RuleAttribute::Table(table),
+    ]);
+    msg
 }
 
 /// The rule message matching TCP segments from `from` (address and port).
