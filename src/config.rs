@@ -9,7 +9,7 @@
 //! stand for the host's loopback), DNS forwarder .3, guest .100.
 
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -106,6 +106,143 @@ impl FromStr for Ipv4Cidr {
     }
 }
 
+/// An IPv6 network in CIDR notation (`2001:db8::/32`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Ipv6Cidr {
+    addr: Ipv6Addr,
+    prefix: u8,
+}
+
+impl Ipv6Cidr {
+    /// A CIDR from an address and a prefix length (0..=128).
+    pub fn new(addr: Ipv6Addr, prefix: u8) -> Result<Self, ConfigError> {
+        if prefix > 128 {
+            return Err(ConfigError::Cidr(format!(
+                "{addr}/{prefix}: prefix length must be 0-128"
+            )));
+        }
+        Ok(Self { addr, prefix })
+    }
+
+    /// The address part as written.
+    pub fn addr(&self) -> Ipv6Addr {
+        self.addr
+    }
+
+    /// The prefix length.
+    pub fn prefix(&self) -> u8 {
+        self.prefix
+    }
+
+    fn mask(&self) -> u128 {
+        if self.prefix == 0 {
+            0
+        } else {
+            u128::MAX << (128 - u32::from(self.prefix))
+        }
+    }
+
+    /// The network address (host bits cleared).
+    pub fn network(&self) -> Ipv6Addr {
+        Ipv6Addr::from(u128::from(self.addr) & self.mask())
+    }
+
+    /// Whether `ip` lies inside this network.
+    pub fn contains(&self, ip: Ipv6Addr) -> bool {
+        u128::from(ip) & self.mask() == u128::from(self.addr) & self.mask()
+    }
+}
+
+impl fmt::Display for Ipv6Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl FromStr for Ipv6Cidr {
+    type Err = ConfigError;
+
+    /// Parses `ADDR/N`; a bare address means `/128`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (a, p) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: Ipv6Addr = a
+            .parse()
+            .map_err(|_| ConfigError::Cidr(format!("{s}: not an IPv6 address")))?;
+        let prefix = match p {
+            None => 128,
+            Some(p) => p
+                .parse::<u8>()
+                .map_err(|_| ConfigError::Cidr(format!("{s}: bad prefix length")))?,
+        };
+        Self::new(addr, prefix)
+    }
+}
+
+/// An IPv4 or IPv6 network (outbound allow-list entries).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum IpCidr {
+    /// An IPv4 network.
+    V4(Ipv4Cidr),
+    /// An IPv6 network.
+    V6(Ipv6Cidr),
+}
+
+impl IpCidr {
+    /// Whether `ip` lies inside this network (never across families).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self, ip) {
+            (IpCidr::V4(c), IpAddr::V4(a)) => c.contains(a),
+            (IpCidr::V6(c), IpAddr::V6(a)) => c.contains(a),
+            _ => false,
+        }
+    }
+}
+
+impl From<Ipv4Cidr> for IpCidr {
+    fn from(c: Ipv4Cidr) -> Self {
+        IpCidr::V4(c)
+    }
+}
+
+impl From<Ipv6Cidr> for IpCidr {
+    fn from(c: Ipv6Cidr) -> Self {
+        IpCidr::V6(c)
+    }
+}
+
+impl fmt::Display for IpCidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            IpCidr::V4(c) => c.fmt(f),
+            IpCidr::V6(c) => c.fmt(f),
+        }
+    }
+}
+
+impl FromStr for IpCidr {
+    type Err = ConfigError;
+
+    /// Parses an IPv4 or IPv6 CIDR (by the presence of `:`).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.contains(':') {
+            s.parse().map(IpCidr::V6)
+        } else {
+            s.parse().map(IpCidr::V4)
+        }
+    }
+}
+
+/// The default IPv6 prefix (`fd00::/64`) of rnet's own command line.
+pub const DEFAULT_IPV6_PREFIX: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0);
+
+/// The address `n` above the /64 `prefix`.
+fn v6_nth(prefix: Ipv6Addr, n: u128) -> Ipv6Addr {
+    Ipv6Addr::from(u128::from(prefix) | n)
+}
+
 /// Bounds on the state a guest can make rnet hold. Each cap is global and
 /// per guest address; reaching one refuses (TCP: RST) or evicts (UDP: the
 /// least recently used flow), and is counted as a `limit` drop.
@@ -148,12 +285,13 @@ pub enum OutboundPolicy {
     /// Any destination outside the loopback, link-local-to-us and special ranges.
     Any,
     /// Only destinations inside one of these networks (empty: none at all).
-    Only(Vec<Ipv4Cidr>),
+    Only(Vec<IpCidr>),
 }
 
 impl OutboundPolicy {
     /// Whether a NATed flow to `ip` is allowed by this policy.
-    pub fn allows(&self, ip: Ipv4Addr) -> bool {
+    pub fn allows(&self, ip: impl Into<IpAddr>) -> bool {
+        let ip = ip.into();
         match self {
             OutboundPolicy::Any => true,
             OutboundPolicy::Only(nets) => nets.iter().any(|n| n.contains(ip)),
@@ -205,6 +343,9 @@ pub enum ConfigError {
     /// Options that contradict each other.
     #[error("{0}")]
     Conflict(String),
+    /// An unusable IPv6 prefix.
+    #[error("invalid IPv6 prefix {0}")]
+    Ipv6Prefix(String),
 }
 
 /// Complete, validated settings for a virtual network.
@@ -214,6 +355,7 @@ pub struct Config {
     pub(crate) mtu: u32,
     pub(crate) configure: bool,
     pub(crate) cidr: Ipv4Cidr,
+    pub(crate) ipv6: Option<Ipv6Addr>,
     pub(crate) allow_host_loopback: bool,
     pub(crate) outbound: OutboundPolicy,
     pub(crate) outbound_addr: Option<Ipv4Addr>,
@@ -267,6 +409,22 @@ impl Config {
     pub fn guest(&self) -> Ipv4Addr {
         self.cidr.nth(100)
     }
+    /// The IPv6 /64 prefix (network address), when IPv6 is on.
+    pub fn ipv6_prefix(&self) -> Option<Ipv6Addr> {
+        self.ipv6
+    }
+    /// The IPv6 gateway (prefix::2), when IPv6 is on.
+    pub fn ipv6_gateway(&self) -> Option<Ipv6Addr> {
+        self.ipv6.map(|p| v6_nth(p, 2))
+    }
+    /// The IPv6 DNS forwarder (prefix::3), when IPv6 is on.
+    pub fn ipv6_dns(&self) -> Option<Ipv6Addr> {
+        self.ipv6.map(|p| v6_nth(p, 3))
+    }
+    /// The IPv6 address configured on the guest's TAP (prefix::100).
+    pub fn ipv6_guest(&self) -> Option<Ipv6Addr> {
+        self.ipv6.map(|p| v6_nth(p, 0x100))
+    }
     /// Whether the gateway reaches the host's 127.0.0.1.
     pub fn allow_host_loopback(&self) -> bool {
         self.allow_host_loopback
@@ -312,6 +470,7 @@ pub struct ConfigBuilder {
     mtu: u32,
     configure: bool,
     cidr: Ipv4Cidr,
+    ipv6: Option<Ipv6Addr>,
     allow_host_loopback: bool,
     outbound: OutboundPolicy,
     outbound_addr: Option<Ipv4Addr>,
@@ -341,6 +500,7 @@ impl Default for ConfigBuilder {
                 addr: Ipv4Addr::new(10, 0, 2, 0),
                 prefix: 24,
             },
+            ipv6: None,
             allow_host_loopback: false,
             outbound: OutboundPolicy::Any,
             outbound_addr: None,
@@ -381,6 +541,14 @@ impl ConfigBuilder {
     /// The virtual network (default 10.0.2.0/24).
     pub fn cidr(mut self, cidr: Ipv4Cidr) -> Self {
         self.cidr = cidr;
+        self
+    }
+    /// IPv6 on the virtual link with this /64 prefix (default: off; rnet's
+    /// own command line turns it on with fd00::/64). The gateway is
+    /// prefix::2 (host ::1 under the same rule as the IPv4 gateway), the DNS
+    /// forwarder prefix::3, the guest prefix::100.
+    pub fn ipv6(mut self, prefix: Option<Ipv6Addr>) -> Self {
+        self.ipv6 = prefix;
         self
     }
     /// Let the gateway address reach the host's 127.0.0.1 (default false).
@@ -505,11 +673,21 @@ impl ConfigBuilder {
                 self.cidr.prefix
             )));
         }
+        if let Some(p) = self.ipv6 {
+            validate_ipv6_prefix(p)?;
+            if self.mtu < 1280 {
+                return Err(ConfigError::Conflict(format!(
+                    "IPv6 needs an MTU of at least 1280 (MTU is {}); lower neither or turn IPv6 off",
+                    self.mtu
+                )));
+            }
+        }
         Ok(Config {
             tap_name: self.tap_name,
             mtu: self.mtu,
             configure: self.configure,
             cidr: self.cidr,
+            ipv6: self.ipv6,
             allow_host_loopback: self.allow_host_loopback,
             outbound: self.outbound,
             outbound_addr: self.outbound_addr,
@@ -531,9 +709,76 @@ impl ConfigBuilder {
     }
 }
 
+/// Checks an IPv6 /64 prefix: a network address (low 64 bits zero) that is
+/// unicast and neither loopback, link-local nor v4-mapped.
+pub fn validate_ipv6_prefix(p: Ipv6Addr) -> Result<(), ConfigError> {
+    let bits = u128::from(p);
+    if bits & u128::from(u64::MAX) != 0 {
+        return Err(ConfigError::Ipv6Prefix(format!(
+            "{p}/64: host bits are set; the prefix needs to be a network address like {}/64",
+            Ipv6Addr::from(bits & !u128::from(u64::MAX))
+        )));
+    }
+    let seg0 = p.segments()[0];
+    if p.is_unspecified()
+        || p.is_multicast()
+        || (seg0 & 0xffc0) == 0xfe80
+        || p.to_ipv4_mapped().is_some()
+        || bits >> 64 == 0
+    {
+        return Err(ConfigError::Ipv6Prefix(format!(
+            "{p}/64: not a usable unicast prefix (unspecified, multicast, link-local or v4-mapped)"
+        )));
+    }
+    Ok(())
+}
+
+/// Parses `--ipv6-prefix PREFIX/64` (the length must be 64; a bare prefix
+/// means /64).
+pub fn parse_ipv6_prefix(s: &str) -> Result<Ipv6Addr, ConfigError> {
+    let (a, len) = match s.split_once('/') {
+        Some((a, l)) => (a, l),
+        None => (s, "64"),
+    };
+    let addr: Ipv6Addr = a
+        .parse()
+        .map_err(|_| ConfigError::Ipv6Prefix(format!("{s}: not an IPv6 address")))?;
+    if len != "64" {
+        return Err(ConfigError::Ipv6Prefix(format!(
+            "{s}: only /64 prefixes are supported"
+        )));
+    }
+    validate_ipv6_prefix(addr)?;
+    Ok(addr)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipv6_prefixes() {
+        let p = parse_ipv6_prefix("fd00::/64").unwrap();
+        let cfg = Config::builder().ipv6(Some(p)).build().unwrap();
+        assert_eq!(cfg.ipv6_gateway(), Some("fd00::2".parse().unwrap()));
+        assert_eq!(cfg.ipv6_dns(), Some("fd00::3".parse().unwrap()));
+        assert_eq!(cfg.ipv6_guest(), Some("fd00::100".parse().unwrap()));
+        for bad in [
+            "fd00::1/64",
+            "fd00::/48",
+            "fe80::/64",
+            "ff02::/64",
+            "::/64",
+            "x/64",
+        ] {
+            assert!(parse_ipv6_prefix(bad).is_err(), "{bad}");
+        }
+        assert!(Config::builder().ipv6(Some(p)).mtu(1000).build().is_err());
+        let c: IpCidr = "2001:db8::/32".parse().unwrap();
+        assert!(c.contains("2001:db8::1".parse().unwrap()));
+        assert!(!c.contains("2001:db9::1".parse().unwrap()));
+        assert!(!c.contains("10.0.0.1".parse().unwrap()));
+    }
 
     #[test]
     fn cidr_parse_and_derive() {

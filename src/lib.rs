@@ -62,7 +62,9 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-pub use config::{Config, ConfigBuilder, ConfigError, Ipv4Cidr, Limits, OutboundPolicy};
+pub use config::{
+    Config, ConfigBuilder, ConfigError, IpCidr, Ipv4Cidr, Ipv6Cidr, Limits, OutboundPolicy,
+};
 pub use engine::ExitReason;
 pub use ns::{NsError, Target};
 pub use ports::{PortError, PortInfo, PortSpec, Proto};
@@ -188,6 +190,7 @@ impl Network {
                 prefix_len: config.cidr().prefix(),
                 gateway: config.gateway(),
                 mac: config.mac(),
+                ipv6: config.ipv6_guest().zip(config.ipv6_gateway()),
             }),
         };
         let opened = ns::open_tap(&target, &setup)?;

@@ -158,6 +158,20 @@ struct NetArgs {
     /// MAC address for the TAP (e.g. 02:00:00:00:00:01; needs configuration).
     #[arg(long, value_name = "MAC", help_heading = "Interface")]
     mac_address: Option<String>,
+    /// The IPv6 /64 prefix of the virtual link: the gateway is its ::2, the
+    /// DNS forwarder ::3, the guest ::100; router advertisements let an
+    /// unconfigured guest take an address by SLAAC.
+    #[arg(
+        long,
+        value_name = "PREFIX/64",
+        default_value = "fd00::/64",
+        help_heading = "Interface"
+    )]
+    ipv6_prefix: String,
+    /// No IPv6 on the virtual link (IPv4 only). IPv6 is also left off when
+    /// --mtu is below 1280, the IPv6 minimum.
+    #[arg(long, help_heading = "Interface")]
+    no_ipv6: bool,
     /// Do not configure the TAP: no address, route, MTU or link state is set.
     #[arg(long, help_heading = "Interface")]
     no_configure: bool,
@@ -263,7 +277,14 @@ impl NetArgs {
                 format!("--mac-address {m:?}: expected six hex bytes separated by ':', e.g. 02:00:00:00:00:01")
             })?),
         };
-        let mut b = Config::builder().cidr(cidr).mac(mac);
+        let ipv6 = if self.no_ipv6 {
+            None
+        } else {
+            let p = config::parse_ipv6_prefix(&self.ipv6_prefix)
+                .map_err(|e| format!("--ipv6-prefix: {e}"))?;
+            (self.mtu >= 1280).then_some(p)
+        };
+        let mut b = Config::builder().cidr(cidr).mac(mac).ipv6(ipv6);
         for p in &self.publish {
             b = b.publish(*p);
         }

@@ -16,7 +16,10 @@ use smoltcp::wire::EthernetAddress;
 fn addrs() -> &'static NetAddrs {
     static ADDRS: OnceLock<NetAddrs> = OnceLock::new();
     ADDRS.get_or_init(|| {
-        let cfg = Config::builder().build().expect("default config");
+        let cfg = Config::builder()
+            .ipv6(Some(rnet::config::DEFAULT_IPV6_PREFIX))
+            .build()
+            .expect("default config with IPv6");
         NetAddrs::from_config(&cfg)
     })
 }
@@ -44,6 +47,14 @@ fuzz_target!(|frame: &[u8]| {
             // The engine reads the echo data from byte 8 of the message.
             assert!(icmp.len() >= 8, "echo request shorter than its header");
         }
-        Verdict::Arp | Verdict::Drop(_) => {}
+        Verdict::Echo6 { icmp, .. } => {
+            inside(frame, icmp);
+            assert!(icmp.len() >= 8, "echo request shorter than its header");
+        }
+        Verdict::Arp
+        | Verdict::NeighborSolicit { .. }
+        | Verdict::NeighborAdvert
+        | Verdict::RouterSolicit
+        | Verdict::Drop(_) => {}
     }
 });

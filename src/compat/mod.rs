@@ -147,6 +147,7 @@ pub fn parse_outbound_allow(v: &str) -> Result<OutboundPolicy, String> {
         }
         nets.push(
             part.parse::<Ipv4Cidr>()
+                .map(rnet::IpCidr::from)
                 .map_err(|e| format!("{ENV_OUTBOUND_ALLOW}: {e}"))?,
         );
     }

@@ -23,7 +23,7 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::ops::Range;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -42,7 +42,7 @@ use crate::config::Config;
 use crate::nat::icmp::{self, IcmpFlow};
 use crate::nat::tcp::{self, Step, TcpFlow, TcpKey};
 use crate::nat::udp::UdpFlow;
-use crate::nat::{Deny, Route, route};
+use crate::nat::{Deny, Route, route, route_any};
 use crate::services::dhcp::{DhcpConfig, DhcpServer};
 use crate::services::dns::DnsQuery;
 use crate::stack::classify::{Verdict, classify};
@@ -62,6 +62,10 @@ const FIRST_FLOW: usize = 16;
 
 /// Frames read from the TAP per loop iteration before other work runs.
 const TAP_BATCH: usize = 256;
+/// Seconds between unsolicited router advertisements.
+const RA_INTERVAL_SECS: u64 = 60;
+/// Router lifetime announced in router advertisements (seconds).
+const RA_ROUTER_LIFETIME: u16 = 1800;
 /// DNS queries in flight at once; more are dropped (the guest retries).
 const MAX_DNS_QUERIES: usize = 1024;
 
@@ -118,17 +122,30 @@ enum Action {
     Drop(DropReason),
     Arp,
     Tcp {
-        src: SocketAddrV4,
-        dst: SocketAddrV4,
+        src: SocketAddr,
+        dst: SocketAddr,
         syn_only: bool,
         ip_off: usize,
     },
     Udp {
-        src: SocketAddrV4,
-        dst: SocketAddrV4,
+        src: SocketAddr,
+        dst: SocketAddr,
         payload: Range<usize>,
         ip_off: usize,
     },
+    Echo6 {
+        src: Ipv6Addr,
+        dst: Ipv6Addr,
+        ident: u16,
+        seq: u16,
+        icmp: Range<usize>,
+    },
+    NeighborSolicit {
+        src: Ipv6Addr,
+        target: Ipv6Addr,
+    },
+    NeighborAdvert,
+    RouterSolicit,
     Echo {
         src: Ipv4Addr,
         dst: Ipv4Addr,
@@ -171,6 +188,22 @@ impl Action {
                 payload: range(payload),
                 ip_off: off(ip),
             },
+            Verdict::Echo6 {
+                src,
+                dst,
+                ident,
+                seq,
+                icmp,
+            } => Action::Echo6 {
+                src,
+                dst,
+                ident,
+                seq,
+                icmp: range(icmp),
+            },
+            Verdict::NeighborSolicit { src, target } => Action::NeighborSolicit { src, target },
+            Verdict::NeighborAdvert => Action::NeighborAdvert,
+            Verdict::RouterSolicit => Action::RouterSolicit,
             Verdict::Dhcp { payload } => Action::Dhcp {
                 payload: range(payload),
             },
@@ -215,7 +248,7 @@ pub struct Engine {
     flows: Slab<Slot>,
     next_id: u64,
     tcp_index: HashMap<TcpKey, usize>,
-    udp_index: HashMap<SocketAddrV4, usize>,
+    udp_index: HashMap<SocketAddr, usize>,
     icmp_index: HashMap<(Ipv4Addr, u16), usize>,
     timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
     dirty: Vec<(usize, u64)>,
@@ -245,8 +278,12 @@ pub struct Engine {
     /// Bytes queued in all TCP flows' smoltcp buffers.
     queued_total: usize,
     /// Outbound TCP and UDP flows per guest address.
-    per_guest: HashMap<Ipv4Addr, (usize, usize)>,
+    per_guest: HashMap<IpAddr, (usize, usize)>,
     last_limit_warn: Option<std::time::Instant>,
+    /// When the next unsolicited router advertisement is due (IPv6 on).
+    next_ra: Option<Instant>,
+    /// Guest IPv6 addresses recently taught to smoltcp's neighbour cache.
+    v6_learned: HashMap<Ipv6Addr, Instant>,
 }
 
 impl Engine {
@@ -328,6 +365,8 @@ impl Engine {
             queued_total: 0,
             per_guest: HashMap::new(),
             last_limit_warn: None,
+            next_ra: None,
+            v6_learned: HashMap::new(),
         };
         Ok((engine, control, stats))
     }
@@ -375,6 +414,10 @@ impl Engine {
                 self.sweep_udp_returns(now);
                 self.next_sweep = now + Duration::from_secs(5);
             }
+            if self.next_ra.is_some_and(|at| now >= at) {
+                self.router_advert();
+                self.next_ra = Some(now + Duration::from_secs(RA_INTERVAL_SECS));
+            }
         }
     }
 
@@ -384,11 +427,16 @@ impl Engine {
         }
         // About to sleep: make the capture file current.
         self.tap.flush_pcap();
-        self.timers.peek().map(|Reverse((at, _, _))| {
-            if *at <= now {
+        let next = self.timers.peek().map(|Reverse((at, _, _))| *at);
+        let next = match (next, self.next_ra) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        next.map(|at| {
+            if at <= now {
                 StdDuration::ZERO
             } else {
-                StdDuration::from_micros((*at - now).total_micros())
+                StdDuration::from_micros((at - now).total_micros())
             }
         })
     }
@@ -446,6 +494,10 @@ impl Engine {
             (Action::from_verdict(c.verdict, frame), c.src_mac)
         };
         if !matches!(action, Action::Drop(_)) {
+            if self.stack.guest_mac.is_none() && self.stack.addrs.v6.is_some() {
+                // The guest is there: announce the router at once.
+                self.next_ra = Some(now);
+            }
             self.stack.guest_mac = Some(src_mac);
         }
         match action {
@@ -480,22 +532,49 @@ impl Engine {
                 }
             }
             Action::Udp {
-                src,
-                dst,
+                src: SocketAddr::V4(src),
+                dst: SocketAddr::V4(dst),
                 payload,
                 ip_off,
             } => match route(&self.cfg, dst) {
                 _ if self.udp_return_to_client(src, dst, payload.clone(), now) => {}
-                Route::Host(target) => self.udp_out(src, target, payload, now),
-                Route::Dns => self.dns_query(src, payload, now),
+                Route::Host(target) => self.udp_out(src.into(), target, payload, now),
+                Route::Dns => self.dns_query(src.into(), payload, now),
                 Route::Deny(d) => self.deny(d, *src.ip(), *dst.ip(), ip_off, len),
             },
+            Action::Udp {
+                src: SocketAddr::V6(src),
+                dst: SocketAddr::V6(dst),
+                payload,
+                ip_off,
+            } => match crate::nat::route6(&self.cfg, dst) {
+                Route::Host(target) => self.udp_out(src.into(), target, payload, now),
+                Route::Dns => self.dns_query(src.into(), payload, now),
+                Route::Deny(d) => self.deny6(d, *src.ip(), ip_off, len),
+            },
+            Action::Udp { .. } => self.stats.count_drop(DropReason::Malformed),
+            Action::Echo6 {
+                src,
+                dst,
+                ident,
+                seq,
+                icmp,
+            } => self.echo6(src, dst, ident, seq, icmp, len),
+            Action::NeighborSolicit { src, target } => self.neighbor_advert(src, target, src_mac),
+            Action::NeighborAdvert => {
+                let (rx, tx) = self.tap.split();
+                self.stack.ingress(now, &rx[..len], tx, &mut self.services);
+            }
+            Action::RouterSolicit => self.router_advert(),
             Action::Tcp {
                 src,
                 dst,
                 syn_only,
                 ip_off,
             } => {
+                if let SocketAddr::V6(s6) = src {
+                    self.learn_v6(*s6.ip(), src_mac, now);
+                }
                 if let Some(&idx) = self.tcp_index.get(&(src, dst)) {
                     let slot = &mut self.flows[idx];
                     if let Flow::Tcp(f) = &mut slot.flow {
@@ -559,13 +638,13 @@ impl Engine {
     /// Starts a TCP flow for the SYN in the current TAP frame.
     fn tcp_open(
         &mut self,
-        src: SocketAddrV4,
-        dst: SocketAddrV4,
+        src: SocketAddr,
+        dst: SocketAddr,
         len: usize,
         ip_off: usize,
         now: Instant,
     ) {
-        let (target, bind) = match route(&self.cfg, dst) {
+        let (target, bind) = match route_any(&self.cfg, dst) {
             Route::Host(t) => (t, self.cfg.outbound_addr()),
             Route::Dns => match self.upstreams.first() {
                 Some(t) => (*t, None),
@@ -575,11 +654,11 @@ impl Engine {
                 }
             },
             Route::Deny(d) => {
-                self.deny(d, *src.ip(), *dst.ip(), ip_off, len);
+                self.deny_any(d, src.ip(), dst.ip(), ip_off, len);
                 return;
             }
         };
-        let guest_tcp = self.per_guest.get(src.ip()).map_or(0, |c| c.0);
+        let guest_tcp = self.per_guest.get(&src.ip()).map_or(0, |c| c.0);
         let over = if self.tcp_index.len() >= self.limits.tcp_flows {
             Some("TCP flows")
         } else if self.half_open >= self.limits.tcp_half_open {
@@ -603,7 +682,7 @@ impl Engine {
             Ok(mut f) => {
                 f.half_open = true;
                 self.half_open += 1;
-                self.per_guest.entry(*src.ip()).or_default().0 += 1;
+                self.per_guest.entry(src.ip()).or_default().0 += 1;
                 self.stack.ingress(now, frame, tx, &mut f.sockets);
                 let entry = self.flows.vacant_entry();
                 let idx = entry.key();
@@ -633,12 +712,23 @@ impl Engine {
             }
             Err(e) => {
                 debug!(guest = %src, dst = %dst, error = %e, "host connect failed at once");
-                match tcp::connect_error_reply(&e) {
-                    Some(code) => self.icmp_error(code, *dst.ip(), *src.ip(), ip_off, len),
-                    None => {
-                        // No listener exists, so smoltcp resets the SYN.
-                        self.stack.ingress(now, frame, tx, &mut self.services);
+                match (src, dst) {
+                    (SocketAddr::V4(s4), SocketAddr::V4(d4)) => {
+                        match tcp::connect_error_reply(&e) {
+                            Some(code) => self.icmp_error(code, *d4.ip(), *s4.ip(), ip_off, len),
+                            None => {
+                                // No listener exists, so smoltcp resets the SYN.
+                                self.stack.ingress(now, frame, tx, &mut self.services);
+                            }
+                        }
                     }
+                    (SocketAddr::V6(s6), SocketAddr::V6(d6)) => {
+                        match tcp::connect_error_reply6(&e) {
+                            Some(code) => self.icmp6_error(code, *d6.ip(), *s6.ip(), ip_off, len),
+                            None => self.stack.ingress(now, frame, tx, &mut self.services),
+                        }
+                    }
+                    _ => {}
                 }
                 if e.raw_os_error() == Some(libc::EMFILE) || e.raw_os_error() == Some(libc::ENFILE)
                 {
@@ -676,15 +766,160 @@ impl Engine {
         self.icmp_error(code, from, guest, ip_off, len);
     }
 
+    /// ICMPv6 unreachable for the packet at `ip_off` in the current TAP frame.
+    fn icmp6_error(
+        &mut self,
+        code: emit::Unreach6,
+        from: Ipv6Addr,
+        to: Ipv6Addr,
+        ip_off: usize,
+        len: usize,
+    ) {
+        let h = header(&mut self.stack);
+        let (rx, mut tx) = self.tap.split();
+        let Some(orig) = rx.get(ip_off..len) else {
+            return;
+        };
+        if tx.build(|buf| emit::dst_unreachable6(buf, &h, from, to, code, orig)) {
+            self.stack.frames_out += 1;
+        }
+    }
+
+    /// [`Self::deny`] for an IPv6 guest packet; the gateway (::2) reports.
+    fn deny6(&mut self, d: Deny, guest: Ipv6Addr, ip_off: usize, len: usize) {
+        self.stats.count_drop(DropReason::Policy);
+        debug!(%guest, reason = ?d, "refused (ipv6)");
+        let (Some(code), Some(v6)) = (d.icmp6_code(), self.stack.addrs.v6) else {
+            return;
+        };
+        self.icmp6_error(code, v6.gateway, guest, ip_off, len);
+    }
+
+    /// [`Self::deny`] or [`Self::deny6`] by family.
+    fn deny_any(&mut self, d: Deny, guest: IpAddr, dst: IpAddr, ip_off: usize, len: usize) {
+        match (guest, dst) {
+            (IpAddr::V4(g), IpAddr::V4(t)) => self.deny(d, g, t, ip_off, len),
+            (IpAddr::V6(g), _) => self.deny6(d, g, ip_off, len),
+            _ => self.stats.count_drop(DropReason::Policy),
+        }
+    }
+
+    /// Teaches smoltcp where a guest IPv6 address is, at most every 20 s
+    /// per address (its neighbour entries live 60 s).
+    fn learn_v6(&mut self, ip: Ipv6Addr, mac: smoltcp::wire::EthernetAddress, now: Instant) {
+        if self
+            .v6_learned
+            .get(&ip)
+            .is_some_and(|t| now < *t + Duration::from_secs(20))
+        {
+            return;
+        }
+        if self.v6_learned.len() >= 1024 {
+            self.v6_learned.clear();
+        }
+        self.v6_learned.insert(ip, now);
+        let tx = self.tap.tx();
+        self.stack.learn_v6(now, ip, mac, tx, &mut self.services);
+    }
+
+    /// Answers a neighbour solicitation for one of rnet's IPv6 addresses.
+    fn neighbor_advert(
+        &mut self,
+        src: Ipv6Addr,
+        target: Ipv6Addr,
+        guest_mac: smoltcp::wire::EthernetAddress,
+    ) {
+        let Some(v6) = self.stack.addrs.v6 else {
+            return;
+        };
+        let all_nodes = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
+        // Router flag for the gateway and the link-local router address: a
+        // cleared flag would make the guest drop its routes via them.
+        let router = if target == v6.dns { 0 } else { 0x80 };
+        let (dst, eth_dst, flags) = if src.is_unspecified() {
+            // Duplicate address detection: defend, to all nodes.
+            (
+                all_nodes,
+                emit::ipv6_multicast_mac(all_nodes),
+                router | 0x20,
+            )
+        } else {
+            (src, guest_mac, router | 0x40 | 0x20)
+        };
+        let h = Header {
+            eth_src: self.stack.mac,
+            eth_dst,
+            ident: 0,
+        };
+        let mut tx = self.tap.tx();
+        if tx.build(|buf| emit::neighbor_advert(buf, &h, target, dst, target, flags)) {
+            self.stack.frames_out += 1;
+        }
+    }
+
+    /// Sends a router advertisement to all nodes.
+    fn router_advert(&mut self) {
+        let Some(v6) = self.stack.addrs.v6 else {
+            return;
+        };
+        let all_nodes = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
+        let h = Header {
+            eth_src: self.stack.mac,
+            eth_dst: emit::ipv6_multicast_mac(all_nodes),
+            ident: 0,
+        };
+        let ra = emit::RouterAdvert {
+            prefix: v6.prefix,
+            mtu: self.cfg.mtu(),
+            dns: v6.dns,
+            lifetime: RA_ROUTER_LIFETIME,
+        };
+        let mut tx = self.tap.tx();
+        if tx.build(|buf| emit::router_advert(buf, &h, v6.link_local, all_nodes, &ra)) {
+            self.stack.frames_out += 1;
+        }
+    }
+
+    /// ICMPv6 echo: answered for rnet's own addresses, refused elsewhere
+    /// (relaying IPv6 echo through ping sockets is not implemented yet).
+    fn echo6(
+        &mut self,
+        src: Ipv6Addr,
+        dst: Ipv6Addr,
+        ident: u16,
+        seq: u16,
+        icmp: Range<usize>,
+        len: usize,
+    ) {
+        let Some(v6) = self.stack.addrs.v6 else {
+            return;
+        };
+        if v6.is_virtual(dst) {
+            let h = header(&mut self.stack);
+            let (rx, mut tx) = self.tap.split();
+            let Some(data) = rx.get(icmp.start + 8..icmp.end) else {
+                return;
+            };
+            if tx.build(|buf| emit::echo6_reply(buf, &h, dst, src, ident, seq, data)) {
+                self.stack.frames_out += 1;
+            }
+            return;
+        }
+        match crate::nat::route6(&self.cfg, SocketAddrV6::new(dst, 0, 0, 0)) {
+            Route::Host(_) => self.stats.count_drop(DropReason::Unsupported),
+            Route::Dns | Route::Deny(_) => self.deny6(Deny::NotAllowed, src, 14, len),
+        }
+    }
+
     fn udp_out(
         &mut self,
-        src: SocketAddrV4,
+        src: SocketAddr,
         target: SocketAddr,
         payload: Range<usize>,
         now: Instant,
     ) {
         if !self.udp_index.contains_key(&src) {
-            self.make_room_for_udp(*src.ip());
+            self.make_room_for_udp(src.ip());
         }
         let idx = match self.udp_index.get(&src) {
             Some(&i) => i,
@@ -711,7 +946,7 @@ impl Engine {
                         rule: 0,
                     });
                     self.udp_index.insert(src, idx);
-                    self.per_guest.entry(*src.ip()).or_default().1 += 1;
+                    self.per_guest.entry(src.ip()).or_default().1 += 1;
                     self.stats.udp_flows.fetch_add(1, Ordering::Relaxed);
                     let at =
                         now + Duration::from_micros(self.cfg.udp_idle_timeout.as_micros() as u64);
@@ -734,7 +969,7 @@ impl Engine {
         }
     }
 
-    fn dns_query(&mut self, src: SocketAddrV4, payload: Range<usize>, now: Instant) {
+    fn dns_query(&mut self, src: SocketAddr, payload: Range<usize>, now: Instant) {
         if self.stats.dns_queries.load(Ordering::Relaxed) as usize >= MAX_DNS_QUERIES {
             self.stats.count_drop(DropReason::HostSocket);
             return;
@@ -973,7 +1208,10 @@ impl Engine {
                 Flow::Alias(..) => {}
                 Flow::UdpListen(_) => self.udp_from_clients(idx, now),
                 Flow::Dns(q) => {
-                    let dns = SocketAddrV4::new(self.stack.addrs.dns, 53);
+                    let dns = match (q.guest, self.stack.addrs.v6) {
+                        (SocketAddr::V6(_), Some(v6)) => SocketAddr::from((v6.dns, 53)),
+                        _ => SocketAddr::from((self.stack.addrs.dns, 53)),
+                    };
                     if q.to_guest(dns, &mut self.stack, self.tap.tx()) {
                         self.remove(idx);
                     }
@@ -1000,7 +1238,12 @@ impl Engine {
             Step::Keep => {}
             Step::Remove => remove = true,
             Step::ConnectFailed(e) => {
-                let is_dns = f.key.1 == SocketAddrV4::new(self.stack.addrs.dns, 53);
+                let is_dns = f.key.1 == SocketAddr::from((self.stack.addrs.dns, 53))
+                    || self
+                        .stack
+                        .addrs
+                        .v6
+                        .is_some_and(|v6| f.key.1 == SocketAddr::from((v6.dns, 53)));
                 let next = self
                     .upstreams
                     .iter()
@@ -1026,15 +1269,30 @@ impl Engine {
                     }
                 } else {
                     debug!(guest = %f.key.0, dst = %f.key.1, target = %f.target, error = %e, "host connect failed");
-                    match tcp::connect_error_reply(&e) {
-                        Some(code) => {
-                            let h = header(&mut self.stack);
-                            let (guest, dst) = (*f.key.0.ip(), *f.key.1.ip());
-                            let quote = f.syn_quote();
-                            let mut tx = self.tap.tx();
-                            if tx.build(|buf| {
-                                emit::dst_unreachable(buf, &h, dst, guest, code, quote)
-                            }) {
+                    let reply = match (f.key.0.ip(), f.key.1.ip()) {
+                        (IpAddr::V4(guest), IpAddr::V4(dst)) => {
+                            tcp::connect_error_reply(&e).map(|code| {
+                                let h = header(&mut self.stack);
+                                let quote = f.syn_quote();
+                                self.tap.tx().build(|buf| {
+                                    emit::dst_unreachable(buf, &h, dst, guest, code, quote)
+                                })
+                            })
+                        }
+                        (IpAddr::V6(guest), IpAddr::V6(_)) => tcp::connect_error_reply6(&e)
+                            .zip(self.stack.addrs.v6)
+                            .map(|(code, v6)| {
+                                let h = header(&mut self.stack);
+                                let quote = f.syn_quote();
+                                self.tap.tx().build(|buf| {
+                                    emit::dst_unreachable6(buf, &h, v6.gateway, guest, code, quote)
+                                })
+                            }),
+                        _ => None,
+                    };
+                    match reply {
+                        Some(sent) => {
+                            if sent {
                                 self.stack.frames_out += 1;
                             }
                             // Drop the flow silently: the guest got its answer.
@@ -1085,14 +1343,14 @@ impl Engine {
                 }
                 self.queued_total -= f.queued;
                 if slot.rule == 0 {
-                    self.guest_count(*f.key.0.ip(), |c| c.0 -= 1);
+                    self.guest_count(f.key.0.ip(), |c| c.0 -= 1);
                 }
             }
             Flow::Udp(mut f) => {
                 let _ = reg.deregister(&mut f.socket);
                 self.udp_index.remove(&f.guest);
                 self.stats.udp_flows.fetch_sub(1, Ordering::Relaxed);
-                self.guest_count(*f.guest.ip(), |c| c.1 -= 1);
+                self.guest_count(f.guest.ip(), |c| c.1 -= 1);
             }
             Flow::Icmp(mut f) => {
                 let _ = reg.deregister(&mut f.socket);
@@ -1156,7 +1414,7 @@ impl Engine {
         }
     }
 
-    fn guest_count(&mut self, ip: Ipv4Addr, f: impl FnOnce(&mut (usize, usize))) {
+    fn guest_count(&mut self, ip: IpAddr, f: impl FnOnce(&mut (usize, usize))) {
         if let Some(c) = self.per_guest.get_mut(&ip) {
             f(c);
             if *c == (0, 0) {
@@ -1168,7 +1426,7 @@ impl Engine {
     /// Before a new UDP flow for `guest`: if a bound is reached, evicts the
     /// least recently active flow (of that guest when its own bound is the
     /// one reached). Runs only at the bound, so its scan is bounded too.
-    fn make_room_for_udp(&mut self, guest: Ipv4Addr) {
+    fn make_room_for_udp(&mut self, guest: IpAddr) {
         let own = self.per_guest.get(&guest).map_or(0, |c| c.1);
         let per_guest = own >= self.limits.udp_flows_per_guest;
         if !per_guest && self.udp_index.len() < self.limits.udp_flows {
@@ -1177,7 +1435,7 @@ impl Engine {
         let victim = self
             .udp_index
             .iter()
-            .filter(|(k, _)| !per_guest || *k.ip() == guest)
+            .filter(|(k, _)| !per_guest || k.ip() == guest)
             .filter_map(|(_, &idx)| match &self.flows.get(idx)?.flow {
                 Flow::Udp(f) => Some((f.last_active, idx)),
                 _ => None,
@@ -1286,6 +1544,14 @@ impl Engine {
             dns_upstreams = %if c.disable_dns() { "disabled".to_string() } else { ups.join(",") },
             "network ready"
         );
+        if let (Some(p), Some(g), Some(d), Some(guest)) = (
+            c.ipv6_prefix(),
+            c.ipv6_gateway(),
+            c.ipv6_dns(),
+            c.ipv6_guest(),
+        ) {
+            info!(prefix = %format!("{p}/64"), %guest, gateway = %g, dns = %d, "ipv6 ready");
+        }
     }
 }
 

@@ -241,7 +241,7 @@ impl Engine {
                 self.accept_fast(stream, peer, client, guest, rule);
                 continue;
             }
-            let key = (guest, client);
+            let key = (SocketAddr::V4(guest), SocketAddr::V4(client));
             if self.tcp_index.len() >= self.limits.tcp_flows {
                 self.limit_reached("TCP flows");
                 continue;

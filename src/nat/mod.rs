@@ -10,7 +10,7 @@ pub mod splice;
 pub mod tcp;
 pub mod udp;
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
 use smoltcp::wire::Icmpv4DstUnreachable;
 
@@ -51,6 +51,88 @@ impl Deny {
             Deny::Special => Some(Icmpv4DstUnreachable::HostUnreachable),
             Deny::DnsDisabled => None,
         }
+    }
+}
+
+impl Deny {
+    /// The ICMPv6 destination-unreachable code that tells the guest, if any.
+    pub fn icmp6_code(self) -> Option<crate::stack::emit::Unreach6> {
+        use crate::stack::emit::Unreach6;
+        match self {
+            Deny::HostLoopbackOff => Some(Unreach6::NoRoute),
+            Deny::NotAllowed => Some(Unreach6::AdminProhibited),
+            Deny::Special => Some(Unreach6::Address),
+            Deny::DnsDisabled => None,
+        }
+    }
+}
+
+/// Decides where a guest packet to `dst` goes, for either family.
+pub fn route_any(cfg: &Config, dst: SocketAddr) -> Route {
+    match dst {
+        SocketAddr::V4(d) => route(cfg, d),
+        SocketAddr::V6(d) => route6(cfg, d),
+    }
+}
+
+/// Decides where a guest IPv6 packet to `dst` goes: the gateway ::2 is the
+/// host's ::1 (with host loopback allowed), ::3 port 53 the DNS forwarder.
+pub fn route6(cfg: &Config, dst: SocketAddrV6) -> Route {
+    let ip = *dst.ip();
+    let (Some(prefix), Some(gw), Some(dns)) =
+        (cfg.ipv6_prefix(), cfg.ipv6_gateway(), cfg.ipv6_dns())
+    else {
+        return Route::Deny(Deny::Special);
+    };
+    if ip == gw {
+        return if cfg.allow_host_loopback() {
+            Route::Host(SocketAddrV6::new(Ipv6Addr::LOCALHOST, dst.port(), 0, 0).into())
+        } else {
+            Route::Deny(Deny::HostLoopbackOff)
+        };
+    }
+    if ip == dns {
+        return match (dst.port(), cfg.disable_dns()) {
+            (53, false) => Route::Dns,
+            (53, true) => Route::Deny(Deny::DnsDisabled),
+            _ => Route::Deny(Deny::Special),
+        };
+    }
+    let in_prefix = u128::from(ip) >> 64 == u128::from(prefix) >> 64;
+    if is_special6(ip) || in_prefix {
+        return Route::Deny(Deny::Special);
+    }
+    if !cfg.outbound().allows(ip) {
+        return Route::Deny(Deny::NotAllowed);
+    }
+    Route::Host(SocketAddrV6::new(ip, dst.port(), 0, 0).into())
+}
+
+/// IPv6 addresses never forwarded: loopback, unspecified, multicast,
+/// link-local, v4-mapped and v4-compatible, and the discard-only prefix.
+fn is_special6(ip: Ipv6Addr) -> bool {
+    let s = ip.segments();
+    ip.is_loopback()
+        || ip.is_unspecified()
+        || ip.is_multicast()
+        || s[0] & 0xffc0 == 0xfe80
+        || s[0] & 0xffc0 == 0xfec0
+        || ip.to_ipv4_mapped().is_some()
+        || u128::from(ip) >> 32 == 0
+        || (s[0] == 0x0100 && s[1] == 0 && s[2] == 0 && s[3] == 0)
+}
+
+/// Maps a host-side IPv6 source address back to what the guest should see:
+/// the host's ::1 appears as the IPv6 gateway.
+pub fn guest_view6(cfg: &Config, from: SocketAddr) -> Option<SocketAddrV6> {
+    match from {
+        SocketAddr::V6(a) if a.ip().is_loopback() => cfg
+            .ipv6_gateway()
+            .map(|g| SocketAddrV6::new(g, a.port(), 0, 0)),
+        SocketAddr::V6(a) if a.ip().to_ipv4_mapped().is_none() => {
+            Some(SocketAddrV6::new(*a.ip(), a.port(), 0, 0))
+        }
+        _ => None,
     }
 }
 
@@ -167,6 +249,51 @@ mod tests {
         assert_eq!(
             route(&nodns, sa("10.0.2.3:53")),
             Route::Deny(Deny::DnsDisabled)
+        );
+    }
+
+    #[test]
+    fn ipv6_routes() {
+        let p = Some("fd00::".parse().unwrap());
+        let s6 = |s: &str| -> SocketAddrV6 { s.parse().unwrap() };
+        let off = Config::builder().ipv6(p).build().unwrap();
+        assert_eq!(
+            route6(&off, s6("[fd00::2]:80")),
+            Route::Deny(Deny::HostLoopbackOff)
+        );
+        let on = Config::builder()
+            .ipv6(p)
+            .allow_host_loopback(true)
+            .outbound(OutboundPolicy::Only(vec!["2001:db8::/32".parse().unwrap()]))
+            .build()
+            .unwrap();
+        assert_eq!(
+            route6(&on, s6("[fd00::2]:80")),
+            Route::Host("[::1]:80".parse().unwrap())
+        );
+        assert_eq!(route6(&on, s6("[fd00::3]:53")), Route::Dns);
+        assert_eq!(
+            route6(&on, s6("[2001:db8::1]:80")),
+            Route::Host("[2001:db8::1]:80".parse().unwrap())
+        );
+        assert_eq!(
+            route6(&on, s6("[2001:db9::1]:80")),
+            Route::Deny(Deny::NotAllowed)
+        );
+        for d in [
+            "[::1]:80",
+            "[::]:80",
+            "[ff02::1]:80",
+            "[fe80::1]:80",
+            "[::ffff:127.0.0.1]:80",
+            "[fd00::7]:80",
+            "[fd00::3]:80",
+        ] {
+            assert_eq!(route6(&on, s6(d)), Route::Deny(Deny::Special), "{d}");
+        }
+        assert_eq!(
+            guest_view6(&on, "[::1]:9".parse().unwrap()),
+            Some(s6("[fd00::2]:9"))
         );
     }
 

@@ -24,7 +24,7 @@
 //! | Open       | any synchronized state      | connected              |
 
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, SocketAddrV4};
+use std::net::{Shutdown, SocketAddr};
 use std::time::Duration as StdDuration;
 
 use mio::net::TcpStream;
@@ -44,7 +44,7 @@ const RX_BUF: usize = 1 << 20;
 const TX_BUF: usize = 1 << 20;
 
 /// Key of a TCP flow: (guest endpoint, destination the guest dialled).
-pub type TcpKey = (SocketAddrV4, SocketAddrV4);
+pub type TcpKey = (SocketAddr, SocketAddr);
 
 /// How far the host side has got.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -113,7 +113,7 @@ impl TcpFlow {
         sock.set_timeout(Some(Duration::from_secs(120)));
         sock.pause_synack(true);
         let ep = IpListenEndpoint {
-            addr: Some((*key.1.ip()).into()),
+            addr: Some(key.1.ip().into()),
             port: key.1.port(),
         };
         sock.listen(ep).map_err(|e| {
@@ -159,9 +159,9 @@ impl TcpFlow {
         sock.set_nagle_enabled(false);
         sock.set_ack_delay(None);
         sock.set_timeout(Some(Duration::from_secs(120)));
-        let remote = smoltcp::wire::IpEndpoint::new((*key.0.ip()).into(), key.0.port());
+        let remote = smoltcp::wire::IpEndpoint::new(key.0.ip().into(), key.0.port());
         let local = IpListenEndpoint {
-            addr: Some((*key.1.ip()).into()),
+            addr: Some(key.1.ip().into()),
             port: key.1.port(),
         };
         sock.connect(iface.context(), remote, local).map_err(|e| {
@@ -354,6 +354,17 @@ impl TcpFlow {
             }
             Err(e) => Err(e),
         }
+    }
+}
+
+/// How a failed host connect is reported to an IPv6 guest.
+pub fn connect_error_reply6(e: &io::Error) -> Option<crate::stack::emit::Unreach6> {
+    use crate::stack::emit::Unreach6;
+    match e.raw_os_error() {
+        Some(libc::ENETUNREACH) => Some(Unreach6::NoRoute),
+        Some(libc::EHOSTUNREACH) | Some(libc::ETIMEDOUT) => Some(Unreach6::Address),
+        Some(libc::EACCES) | Some(libc::EPERM) => Some(Unreach6::AdminProhibited),
+        _ => None,
     }
 }
 

@@ -15,15 +15,15 @@
 //! (received at the payload offset, headers written around them).
 
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use mio::net::UdpSocket;
 use smoltcp::time::Instant;
 
 use crate::config::Config;
-use crate::nat::guest_view;
+use crate::nat::{guest_view, guest_view6};
 use crate::stack::Stack;
-use crate::stack::emit::{self, Header, UDP_PAYLOAD_OFFSET};
+use crate::stack::emit::{self, Header, UDP_PAYLOAD_OFFSET, UDP6_PAYLOAD_OFFSET};
 use crate::tap::TapTx;
 
 /// Datagrams moved to the guest per wake-up before yielding to other work.
@@ -31,8 +31,8 @@ const BUDGET: usize = 64;
 
 /// One guest UDP endpoint and its host socket.
 pub struct UdpFlow {
-    /// The guest endpoint.
-    pub guest: SocketAddrV4,
+    /// The guest endpoint (IPv4 or IPv6; the host socket has its family).
+    pub guest: SocketAddr,
     /// The host socket (unconnected).
     pub socket: UdpSocket,
     /// Last datagram in either direction.
@@ -41,8 +41,11 @@ pub struct UdpFlow {
 
 impl UdpFlow {
     /// Opens the host socket for `guest`, bound to `bind` if given.
-    pub fn open(guest: SocketAddrV4, bind: Option<Ipv4Addr>, now: Instant) -> io::Result<Self> {
-        let local = SocketAddr::from((bind.unwrap_or(Ipv4Addr::UNSPECIFIED), 0));
+    pub fn open(guest: SocketAddr, bind: Option<Ipv4Addr>, now: Instant) -> io::Result<Self> {
+        let local = match guest {
+            SocketAddr::V4(_) => SocketAddr::from((bind.unwrap_or(Ipv4Addr::UNSPECIFIED), 0)),
+            SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
+        };
         let socket = UdpSocket::bind(local)?;
         Ok(Self {
             guest,
@@ -74,7 +77,12 @@ impl UdpFlow {
         let Some(guest_mac) = stack.guest_mac() else {
             return false;
         };
-        let max = stack.mtu.saturating_sub(28);
+        let v6 = self.guest.is_ipv6();
+        let (max, off) = if v6 {
+            (stack.mtu.saturating_sub(48), UDP6_PAYLOAD_OFFSET)
+        } else {
+            (stack.mtu.saturating_sub(28), UDP_PAYLOAD_OFFSET)
+        };
         for _ in 0..BUDGET {
             let h = Header {
                 eth_src: stack.mac,
@@ -85,11 +93,21 @@ impl UdpFlow {
             let guest = self.guest;
             let socket = &self.socket;
             let sent = tx.build(|buf| {
-                let end = (UDP_PAYLOAD_OFFSET + max).min(buf.len());
-                match socket.recv_from(&mut buf[UDP_PAYLOAD_OFFSET..end]) {
-                    Ok((n, from)) => match guest_view(cfg, from) {
-                        Some(src) => emit::udp_frame(buf, &h, src, guest, n),
-                        None => 0,
+                let end = (off + max).min(buf.len());
+                let Some(room) = buf.get_mut(off..end) else {
+                    more = false;
+                    return 0;
+                };
+                match socket.recv_from(room) {
+                    Ok((n, from)) => match guest {
+                        SocketAddr::V4(g) => match guest_view(cfg, from) {
+                            Some(src) => emit::udp_frame(buf, &h, src, g, n),
+                            None => 0,
+                        },
+                        SocketAddr::V6(g) => match guest_view6(cfg, from) {
+                            Some(src) => emit::udp6_frame(buf, &h, src, g, n),
+                            None => 0,
+                        },
                     },
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
                     Err(_) => {

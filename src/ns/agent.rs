@@ -1031,6 +1031,7 @@ mod tests {
                 prefix_len: 24,
                 gateway: Ipv4Addr::new(10, 0, 2, 2),
                 mac: None,
+                ipv6: None,
             }),
         };
         let tap = open_tap(&Target::Pid(cmd.pid()), &setup).expect("open_tap");

@@ -100,6 +100,7 @@ fn guest_config(mac: Option<[u8; 6]>) -> IfaceConfig {
         prefix_len: 24,
         gateway: Ipv4Addr::new(10, 0, 2, 2),
         mac,
+        ipv6: None,
     }
 }
 

@@ -14,7 +14,7 @@
 //! that opens guest-side sockets for the published-port fast path.
 
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 
@@ -116,6 +116,9 @@ pub struct IfaceConfig {
     pub gateway: Ipv4Addr,
     /// A MAC to set on the TAP before bringing it up.
     pub mac: Option<[u8; 6]>,
+    /// IPv6: the guest's address (added as /64 without duplicate address
+    /// detection) and the default route's gateway, inside that /64.
+    pub ipv6: Option<(Ipv6Addr, Ipv6Addr)>,
 }
 
 /// A TAP device opened inside the target's network namespace.

@@ -4,13 +4,15 @@
 //! and a `local` route in a table of their own. Each request asks for an ACK
 //! and waits for it; a negative ACK comes back as the kernel's errno.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4};
 
 use netlink_packet_core::{
     NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkHeader,
     NetlinkMessage, NetlinkPayload,
 };
-use netlink_packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
+use netlink_packet_route::address::{
+    AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage, AddressScope,
+};
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
@@ -151,6 +153,48 @@ impl RtNetlink {
         )
     }
 
+    /// Adds (or replaces) `addr/prefix_len` on interface `index`, usable at
+    /// once (no duplicate address detection).
+    pub fn add_ipv6_address(
+        &mut self,
+        index: u32,
+        addr: Ipv6Addr,
+        prefix_len: u8,
+    ) -> Result<(), Errno> {
+        let mut msg = AddressMessage::default();
+        msg.header.family = AddressFamily::Inet6;
+        msg.header.prefix_len = prefix_len;
+        msg.header.scope = AddressScope::Universe;
+        msg.header.index = index;
+        msg.header.flags = AddressHeaderFlags::Nodad;
+        msg.attributes
+            .push(AddressAttribute::Address(IpAddr::V6(addr)));
+        msg.attributes
+            .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        self.request(
+            RouteNetlinkMessage::NewAddress(msg),
+            NLM_F_CREATE | NLM_F_REPLACE,
+        )
+    }
+
+    /// Adds (or replaces) the IPv6 default route via `gateway` on `index`.
+    pub fn add_default_route_v6(&mut self, index: u32, gateway: Ipv6Addr) -> Result<(), Errno> {
+        let mut msg = RouteMessage::default();
+        msg.header.address_family = AddressFamily::Inet6;
+        msg.header.destination_prefix_length = 0;
+        msg.header.table = RouteHeader::RT_TABLE_MAIN;
+        msg.header.protocol = RouteProtocol::Boot;
+        msg.header.scope = RouteScope::Universe;
+        msg.header.kind = RouteType::Unicast;
+        msg.attributes
+            .push(RouteAttribute::Gateway(RouteAddress::Inet6(gateway)));
+        msg.attributes.push(RouteAttribute::Oif(index));
+        self.request(
+            RouteNetlinkMessage::NewRoute(msg),
+            NLM_F_CREATE | NLM_F_REPLACE,
+        )
+    }
+
     /// Adds (or replaces) `local 0.0.0.0/0 dev INDEX` in routing table
     /// `table`: whatever a rule sends to that table is delivered locally.
     pub fn add_local_default_route_v4(&mut self, table: u32, index: u32) -> Result<(), Errno> {
@@ -188,6 +232,8 @@ impl RtNetlink {
         }
     }
 
+    /// Removes the rule [`add_tcp_source_rule`](Self::add_tcp_source_rule)
+    /// added; a rule that is not there (ENOENT) counts as removed.
     /// Adds `to ADDR ipproto tcp dport PORT lookup TABLE` (EEXIST is success).
     pub fn add_tcp_dest_rule(
         &mut self,
@@ -216,8 +262,6 @@ impl RtNetlink {
         }
     }
 
-    /// Removes the rule [`add_tcp_source_rule`](Self::add_tcp_source_rule)
-    /// added; a rule that is not there (ENOENT) counts as removed.
     pub fn del_tcp_source_rule(
         &mut self,
         from: SocketAddrV4,

@@ -129,6 +129,14 @@ pub(crate) fn validate_config(cfg: &IfaceConfig) -> Result<(), NsError> {
             super::format_mac(mac)
         ));
     }
+    if let Some((addr, gw)) = cfg.ipv6 {
+        let net = |a: std::net::Ipv6Addr| u128::from(a) >> 64;
+        if addr == gw || net(addr) != net(gw) || addr.is_multicast() || addr.is_unspecified() {
+            return invalid(format!(
+                "IPv6 address {addr}/64 and gateway {gw} are not two addresses of one /64"
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -409,6 +417,12 @@ fn configure(name: &str, mtu: u32, cfg: &IfaceConfig) -> Result<(), ChildError> 
         )))?;
     nl.add_default_route_v4(index, cfg.gateway)
         .map_err(nl_err(&format!("add default route via {}", cfg.gateway)))?;
+    if let Some((addr, gateway)) = cfg.ipv6 {
+        nl.add_ipv6_address(index, addr, 64)
+            .map_err(nl_err(&format!("add address {addr}/64")))?;
+        nl.add_default_route_v6(index, gateway)
+            .map_err(nl_err(&format!("add IPv6 default route via {gateway}")))?;
+    }
     Ok(())
 }
 
@@ -446,6 +460,7 @@ mod tests {
             prefix_len: 24,
             gateway: Ipv4Addr::new(10, 0, 2, 2),
             mac: None,
+            ipv6: None,
         }
     }
 

@@ -13,12 +13,12 @@
 //! byte, so no DNS parsing happens here.
 
 use std::io;
-use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 
 use mio::net::UdpSocket;
 
 use crate::stack::Stack;
-use crate::stack::emit::{self, Header, UDP_PAYLOAD_OFFSET};
+use crate::stack::emit::{self, Header, UDP_PAYLOAD_OFFSET, UDP6_PAYLOAD_OFFSET};
 use crate::tap::TapTx;
 
 /// Reads the nameservers of a resolv.conf text.
@@ -44,7 +44,7 @@ pub fn system_upstreams() -> Vec<SocketAddr> {
 /// One guest query in flight.
 pub struct DnsQuery {
     /// Guest endpoint that asked.
-    pub guest: SocketAddrV4,
+    pub guest: SocketAddr,
     /// The host socket the query went out on.
     pub socket: UdpSocket,
     query: Box<[u8]>,
@@ -54,7 +54,7 @@ pub struct DnsQuery {
 
 impl DnsQuery {
     /// Sends `query` to `upstreams[0]`.
-    pub fn start(guest: SocketAddrV4, query: &[u8], upstreams: &[SocketAddr]) -> io::Result<Self> {
+    pub fn start(guest: SocketAddr, query: &[u8], upstreams: &[SocketAddr]) -> io::Result<Self> {
         let first = *upstreams
             .first()
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no DNS upstream"))?;
@@ -87,9 +87,9 @@ impl DnsQuery {
         }
     }
 
-    /// Relays the answer to the guest from `dns:53`. Returns true once an
-    /// answer went out (the query is then done).
-    pub fn to_guest(&mut self, dns: SocketAddrV4, stack: &mut Stack, mut tx: TapTx<'_>) -> bool {
+    /// Relays the answer to the guest from `dns:53` (of the guest's family).
+    /// Returns true once an answer went out (the query is then done).
+    pub fn to_guest(&mut self, dns: SocketAddr, stack: &mut Stack, mut tx: TapTx<'_>) -> bool {
         let Some(guest_mac) = stack.guest_mac() else {
             return false;
         };
@@ -98,15 +98,28 @@ impl DnsQuery {
             eth_dst: guest_mac,
             ident: stack.next_ident(),
         };
-        let max = stack.mtu.saturating_sub(28);
+        let (max, off) = if self.guest.is_ipv6() {
+            (stack.mtu.saturating_sub(48), UDP6_PAYLOAD_OFFSET)
+        } else {
+            (stack.mtu.saturating_sub(28), UDP_PAYLOAD_OFFSET)
+        };
         let (socket, guest) = (&self.socket, self.guest);
         let mut answered = false;
         let sent = tx.build(|buf| {
-            let end = (UDP_PAYLOAD_OFFSET + max).min(buf.len());
-            match socket.recv_from(&mut buf[UDP_PAYLOAD_OFFSET..end]) {
+            let end = (off + max).min(buf.len());
+            let Some(room) = buf.get_mut(off..end) else {
+                return 0;
+            };
+            match socket.recv_from(room) {
                 Ok((n, _)) => {
                     answered = true;
-                    emit::udp_frame(buf, &h, dns, guest, n)
+                    match (dns, guest) {
+                        (SocketAddr::V4(d), SocketAddr::V4(g)) => emit::udp_frame(buf, &h, d, g, n),
+                        (SocketAddr::V6(d), SocketAddr::V6(g)) => {
+                            emit::udp6_frame(buf, &h, d, g, n)
+                        }
+                        _ => 0,
+                    }
                 }
                 Err(_) => 0,
             }

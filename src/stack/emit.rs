@@ -4,11 +4,11 @@
 //! buffer (the TAP scratch buffer) and returns its length, so the payload
 //! can be received straight into place (see [`UDP_PAYLOAD_OFFSET`]).
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
 
 use smoltcp::wire::{
     EthernetAddress, EthernetFrame, EthernetProtocol, Icmpv4DstUnreachable, Icmpv4Message,
-    Icmpv4Packet, IpProtocol, Ipv4Packet, UdpPacket,
+    Icmpv4Packet, Icmpv6Packet, IpProtocol, Ipv4Packet, Ipv6Packet, UdpPacket,
 };
 
 /// Ethernet header length.
@@ -144,6 +144,233 @@ pub fn dst_unreachable(
     icmp_frame(buf, h, src, dst, len)
 }
 
+/// IPv6 header length (rnet never builds extension headers).
+pub const IPV6_LEN: usize = 40;
+/// Where a UDP payload starts in a frame built by [`udp6_frame`].
+pub const UDP6_PAYLOAD_OFFSET: usize = ETH_LEN + IPV6_LEN + 8;
+/// Where an ICMPv6 message starts in a frame built by [`icmp6_frame`].
+pub const ICMP6_OFFSET: usize = ETH_LEN + IPV6_LEN;
+/// The IPv6 minimum MTU: ICMPv6 errors never exceed it (RFC 4443 2.4).
+const IPV6_MIN_MTU: usize = 1280;
+
+/// The Ethernet multicast address for an IPv6 multicast group (RFC 2464).
+pub fn ipv6_multicast_mac(group: Ipv6Addr) -> EthernetAddress {
+    let o = group.octets();
+    EthernetAddress([0x33, 0x33, o[12], o[13], o[14], o[15]])
+}
+
+fn ipv6(
+    buf: &mut [u8],
+    h: &Header,
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    proto: IpProtocol,
+    len: usize,
+    hop_limit: u8,
+) {
+    let mut eth = EthernetFrame::new_unchecked(&mut buf[..]);
+    eth.set_src_addr(h.eth_src);
+    eth.set_dst_addr(h.eth_dst);
+    eth.set_ethertype(EthernetProtocol::Ipv6);
+    let mut ip = Ipv6Packet::new_unchecked(&mut buf[ETH_LEN..]);
+    ip.set_version(6);
+    ip.set_traffic_class(0);
+    ip.set_flow_label(0);
+    ip.set_payload_len(len as u16);
+    ip.set_next_header(proto);
+    ip.set_hop_limit(hop_limit);
+    ip.set_src_addr(src);
+    ip.set_dst_addr(dst);
+}
+
+/// Completes an IPv6 UDP frame whose `payload_len` payload bytes are
+/// already at [`UDP6_PAYLOAD_OFFSET`]. Returns the frame length.
+pub fn udp6_frame(
+    buf: &mut [u8],
+    h: &Header,
+    src: SocketAddrV6,
+    dst: SocketAddrV6,
+    payload_len: usize,
+) -> usize {
+    let udp_len = 8 + payload_len;
+    if ETH_LEN + IPV6_LEN + udp_len > buf.len() || udp_len > usize::from(u16::MAX) {
+        return 0;
+    }
+    ipv6(buf, h, *src.ip(), *dst.ip(), IpProtocol::Udp, udp_len, 64);
+    let mut udp =
+        UdpPacket::new_unchecked(&mut buf[ETH_LEN + IPV6_LEN..ETH_LEN + IPV6_LEN + udp_len]);
+    udp.set_src_port(src.port());
+    udp.set_dst_port(dst.port());
+    udp.set_len(udp_len as u16);
+    // Mandatory over IPv6 (RFC 8200 8.1).
+    udp.fill_checksum(&(*src.ip()).into(), &(*dst.ip()).into());
+    ETH_LEN + IPV6_LEN + udp_len
+}
+
+/// Completes an ICMPv6 frame whose `icmp_len` bytes are already at
+/// [`ICMP6_OFFSET`] (checksum computed here). Returns the frame length.
+pub fn icmp6_frame(
+    buf: &mut [u8],
+    h: &Header,
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    icmp_len: usize,
+    hop_limit: u8,
+) -> usize {
+    if ICMP6_OFFSET + icmp_len > buf.len() {
+        return 0;
+    }
+    ipv6(buf, h, src, dst, IpProtocol::Icmpv6, icmp_len, hop_limit);
+    let msg = &mut buf[ICMP6_OFFSET..ICMP6_OFFSET + icmp_len];
+    msg[2..4].fill(0);
+    let mut icmp = Icmpv6Packet::new_unchecked(msg);
+    icmp.fill_checksum(&src, &dst);
+    ICMP6_OFFSET + icmp_len
+}
+
+/// Writes an ICMPv6 echo reply carrying `ident`, `seq` and `data`.
+pub fn echo6_reply(
+    buf: &mut [u8],
+    h: &Header,
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    ident: u16,
+    seq: u16,
+    data: &[u8],
+) -> usize {
+    let len = 8 + data.len();
+    if ICMP6_OFFSET + len > buf.len() {
+        return 0;
+    }
+    let msg = &mut buf[ICMP6_OFFSET..ICMP6_OFFSET + len];
+    msg[0] = 129;
+    msg[1] = 0;
+    msg[4..6].copy_from_slice(&ident.to_be_bytes());
+    msg[6..8].copy_from_slice(&seq.to_be_bytes());
+    msg[8..].copy_from_slice(data);
+    icmp6_frame(buf, h, src, dst, len, 64)
+}
+
+/// ICMPv6 destination-unreachable codes rnet sends (RFC 4443 3.1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unreach6 {
+    /// No route to destination (the guest's connect: ENETUNREACH).
+    NoRoute = 0,
+    /// Administratively prohibited (EACCES).
+    AdminProhibited = 1,
+    /// Address unreachable (EHOSTUNREACH).
+    Address = 3,
+}
+
+/// Writes an ICMPv6 destination-unreachable quoting as much of `orig` (an
+/// IPv6 packet) as fits in the minimum MTU. `src` reports the error.
+pub fn dst_unreachable6(
+    buf: &mut [u8],
+    h: &Header,
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    code: Unreach6,
+    orig: &[u8],
+) -> usize {
+    let quote = orig.len().min(IPV6_MIN_MTU - IPV6_LEN - 8);
+    let len = 8 + quote;
+    if ICMP6_OFFSET + len > buf.len() {
+        return 0;
+    }
+    let msg = &mut buf[ICMP6_OFFSET..ICMP6_OFFSET + len];
+    msg[..8].fill(0);
+    msg[0] = 1;
+    msg[1] = code as u8;
+    msg[8..].copy_from_slice(&orig[..quote]);
+    icmp6_frame(buf, h, src, dst, len, 64)
+}
+
+/// Writes a neighbour advertisement for `target` with its target
+/// link-layer address option (RFC 4861 4.4). `flags` is the top byte:
+/// 0x80 router, 0x40 solicited, 0x20 override.
+pub fn neighbor_advert(
+    buf: &mut [u8],
+    h: &Header,
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    target: Ipv6Addr,
+    flags: u8,
+) -> usize {
+    let len = 32;
+    if ICMP6_OFFSET + len > buf.len() {
+        return 0;
+    }
+    let msg = &mut buf[ICMP6_OFFSET..ICMP6_OFFSET + len];
+    msg.fill(0);
+    msg[0] = 136;
+    msg[4] = flags;
+    msg[8..24].copy_from_slice(&target.octets());
+    msg[24] = 2;
+    msg[25] = 1;
+    msg[26..32].copy_from_slice(&h.eth_src.0);
+    icmp6_frame(buf, h, src, dst, len, 255)
+}
+
+/// What a router advertisement announces.
+#[derive(Clone, Copy, Debug)]
+pub struct RouterAdvert {
+    /// The on-link, autonomous /64.
+    pub prefix: Ipv6Addr,
+    /// Link MTU.
+    pub mtu: u32,
+    /// Recursive DNS server (RFC 8106).
+    pub dns: Ipv6Addr,
+    /// Router lifetime in seconds.
+    pub lifetime: u16,
+}
+
+/// Writes a router advertisement from `src` (link-local) to `dst`: source
+/// link-layer address, MTU, prefix information and RDNSS options.
+pub fn router_advert(
+    buf: &mut [u8],
+    h: &Header,
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    ra: &RouterAdvert,
+) -> usize {
+    let len = 16 + 8 + 8 + 32 + 24;
+    if ICMP6_OFFSET + len > buf.len() {
+        return 0;
+    }
+    let m = &mut buf[ICMP6_OFFSET..ICMP6_OFFSET + len];
+    m.fill(0);
+    m[0] = 134;
+    m[4] = 64; // current hop limit
+    m[5] = 0; // no DHCPv6 (M, O clear)
+    m[6..8].copy_from_slice(&ra.lifetime.to_be_bytes());
+    // reachable time and retrans timer: unspecified (0).
+    let o = &mut m[16..];
+    // Source link-layer address.
+    o[0] = 1;
+    o[1] = 1;
+    o[2..8].copy_from_slice(&h.eth_src.0);
+    // MTU.
+    o[8] = 5;
+    o[9] = 1;
+    o[12..16].copy_from_slice(&ra.mtu.to_be_bytes());
+    // Prefix information: /64, on-link and autonomous.
+    let p = &mut o[16..48];
+    p[0] = 3;
+    p[1] = 4;
+    p[2] = 64;
+    p[3] = 0xc0;
+    p[4..8].copy_from_slice(&86_400u32.to_be_bytes());
+    p[8..12].copy_from_slice(&14_400u32.to_be_bytes());
+    p[16..32].copy_from_slice(&ra.prefix.octets());
+    // RDNSS with one server.
+    let r = &mut o[48..72];
+    r[0] = 25;
+    r[1] = 3;
+    r[4..8].copy_from_slice(&u32::from(ra.lifetime).to_be_bytes());
+    r[8..24].copy_from_slice(&ra.dns.octets());
+    icmp6_frame(buf, h, src, dst, len, 255)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,6 +382,48 @@ mod tests {
         eth_dst: EthernetAddress([2, 0, 0, 0, 0, 100]),
         ident: 7,
     };
+
+    #[test]
+    fn v6_frames_are_valid() {
+        let mut buf = vec![0u8; 2048];
+        let src: Ipv6Addr = "fe80::2".parse().unwrap();
+        let dst: Ipv6Addr = "ff02::1".parse().unwrap();
+        let ra = RouterAdvert {
+            prefix: "fd00::".parse().unwrap(),
+            mtu: 1500,
+            dns: "fd00::3".parse().unwrap(),
+            lifetime: 1800,
+        };
+        let n = router_advert(&mut buf, &H, src, dst, &ra);
+        assert_eq!(n, ICMP6_OFFSET + 88);
+        let icmp = Icmpv6Packet::new_checked(&buf[ICMP6_OFFSET..n]).unwrap();
+        assert!(icmp.verify_checksum(&src, &dst));
+        let caps = ChecksumCapabilities::default();
+        let repr = smoltcp::wire::NdiscRepr::parse(&icmp).unwrap();
+        match repr {
+            smoltcp::wire::NdiscRepr::RouterAdvert {
+                router_lifetime,
+                mtu,
+                prefix_info,
+                ..
+            } => {
+                assert_eq!(router_lifetime.secs(), 1800);
+                assert_eq!(mtu, Some(1500));
+                let pi = prefix_info.unwrap();
+                assert_eq!(pi.prefix_len, 64);
+            }
+            other => panic!("{other:?}"),
+        }
+        let _ = caps;
+        let s6: SocketAddrV6 = "[fd00::3]:53".parse().unwrap();
+        let d6: SocketAddrV6 = "[fd00::100]:4000".parse().unwrap();
+        buf[UDP6_PAYLOAD_OFFSET..UDP6_PAYLOAD_OFFSET + 2].copy_from_slice(b"hi");
+        let n = udp6_frame(&mut buf, &H, s6, d6, 2);
+        let ip = Ipv6Packet::new_checked(&buf[ETH_LEN..n]).unwrap();
+        let udp = UdpPacket::new_checked(ip.payload()).unwrap();
+        assert!(udp.verify_checksum(&(*s6.ip()).into(), &(*d6.ip()).into()));
+        assert_eq!(udp.payload(), b"hi");
+    }
 
     #[test]
     fn udp_frame_is_valid() {

@@ -21,7 +21,7 @@ pub mod classify;
 pub mod device;
 pub mod emit;
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use smoltcp::iface::{Config as IfaceConfig, Interface, SocketSet};
 use smoltcp::time::Instant;
@@ -43,6 +43,41 @@ pub struct NetAddrs {
     pub gateway: Ipv4Addr,
     /// DNS forwarder (net + 3).
     pub dns: Ipv4Addr,
+    /// IPv6 addresses, when IPv6 is on.
+    pub v6: Option<V6Addrs>,
+}
+
+/// rnet's IPv6 addresses on the virtual link.
+#[derive(Clone, Copy, Debug)]
+pub struct V6Addrs {
+    /// The /64 prefix (network address).
+    pub prefix: Ipv6Addr,
+    /// Gateway (prefix::2).
+    pub gateway: Ipv6Addr,
+    /// DNS forwarder (prefix::3).
+    pub dns: Ipv6Addr,
+    /// The router's link-local address (fe80::2), source of RAs.
+    pub link_local: Ipv6Addr,
+}
+
+/// rnet's link-local address.
+pub const LINK_LOCAL: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 2);
+
+impl V6Addrs {
+    /// Whether `ip` is one of rnet's own addresses (gateway, DNS, link-local).
+    pub fn is_virtual(&self, ip: Ipv6Addr) -> bool {
+        ip == self.gateway || ip == self.dns || ip == self.link_local
+    }
+
+    /// Whether `ip` lies in the /64.
+    pub fn in_prefix(&self, ip: Ipv6Addr) -> bool {
+        u128::from(ip) >> 64 == u128::from(self.prefix) >> 64
+    }
+
+    /// Whether `ip` may be a guest's source address for NATed traffic.
+    pub fn is_guest_source(&self, ip: Ipv6Addr) -> bool {
+        self.in_prefix(ip) && !self.is_virtual(ip) && ip != self.prefix
+    }
 }
 
 impl NetAddrs {
@@ -52,6 +87,12 @@ impl NetAddrs {
             cidr: cfg.cidr(),
             gateway: cfg.gateway(),
             dns: cfg.dns(),
+            v6: cfg.ipv6_prefix().map(|prefix| V6Addrs {
+                prefix,
+                gateway: cfg.ipv6_gateway().unwrap_or(prefix),
+                dns: cfg.ipv6_dns().unwrap_or(prefix),
+                link_local: LINK_LOCAL,
+            }),
         }
     }
 
@@ -100,9 +141,14 @@ impl Stack {
         iface.set_any_ip(true);
         let prefix = addrs.cidr.prefix();
         iface.update_ip_addrs(|a| {
-            // Two addresses always fit: the interface holds up to five.
+            // Five addresses fit (smoltcp's iface-max-addr-count-5).
             let _ = a.push(IpCidr::new(addrs.gateway.into(), prefix));
             let _ = a.push(IpCidr::new(addrs.dns.into(), prefix));
+            if let Some(v6) = addrs.v6 {
+                let _ = a.push(IpCidr::new(v6.gateway.into(), 64));
+                let _ = a.push(IpCidr::new(v6.dns.into(), 64));
+                let _ = a.push(IpCidr::new(v6.link_local.into(), 64));
+            }
         });
         Self {
             iface,
@@ -130,6 +176,31 @@ impl Stack {
             if self.iface.poll_egress(now, &mut dev, sockets) == smoltcp::iface::PollResult::None {
                 break;
             }
+        }
+    }
+
+    /// Teaches smoltcp's neighbour cache that the guest's `ip` is at `mac`
+    /// (a synthetic neighbour advertisement, which smoltcp answers with
+    /// nothing), so TCP towards a guest IPv6 address need not wait for
+    /// neighbour discovery.
+    pub fn learn_v6(
+        &mut self,
+        now: Instant,
+        ip: Ipv6Addr,
+        mac: EthernetAddress,
+        tx: TapTx<'_>,
+        sockets: &mut SocketSet,
+    ) {
+        let Some(v6) = self.addrs.v6 else { return };
+        let mut frame = [0u8; emit::ICMP6_OFFSET + 32];
+        let h = emit::Header {
+            eth_src: mac,
+            eth_dst: self.mac,
+            ident: 0,
+        };
+        let n = emit::neighbor_advert(&mut frame, &h, ip, v6.gateway, ip, 0x20);
+        if n > 0 {
+            self.ingress(now, &frame[..n], tx, sockets);
         }
     }
 

@@ -1,0 +1,263 @@
+//! IPv6 on the virtual link: namespace configuration, router advertisements,
+//! NDP, ICMPv6 echo to the gateway, TCP/UDP to the host's ::1 through the
+//! gateway fd00::2, DNS over IPv6 to fd00::3, and `--no-ipv6`.
+//!
+//! Every rnet here runs with `--outbound-allow none` and a loopback DNS
+//! responder (see `common::Rnet`); guests only talk to fd00::2 and fd00::3.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+use sha2::{Digest, Sha256};
+
+const GW6: &str = "fd00::2";
+const DNS6: &str = "fd00::3";
+
+macro_rules! require {
+    ($check:ident) => {
+        if !$check(module_path_test!()) {
+            return;
+        }
+    };
+}
+
+macro_rules! module_path_test {
+    () => {{
+        fn f() {}
+        let name = std::any::type_name_of_val(&f);
+        name.strip_suffix("::f").unwrap_or(name)
+    }};
+}
+
+fn v6_listener() -> TcpListener {
+    TcpListener::bind("[::1]:0").expect("bind [::1]:0 (is IPv6 loopback available?)")
+}
+
+fn url6(port: u16) -> String {
+    format!("http://[{GW6}]:{port}/")
+}
+
+fn curl6(url: &str) -> Vec<String> {
+    let mut c = curl(url);
+    c.insert(1, "-6".into());
+    c.insert(2, "-g".into());
+    c
+}
+
+#[test]
+fn configured_guest_has_address_route_and_ping() {
+    require!(require_userns);
+    let out = Rnet::new().run(
+        &[
+            "sh",
+            "-c",
+            "ip -6 addr show dev tap0; ip -6 route show default; ping -6 -c 3 -W 2 fd00::2",
+        ],
+        secs(30),
+    );
+    out.assert_success("guest ip -6 / ping -6 fd00::2");
+    assert!(out.stdout.contains("inet6 fd00::100/64"), "{out}");
+    assert!(out.stdout.contains("default via fd00::2"), "{out}");
+    assert!(out.stdout.contains("3 received"), "{out}");
+}
+
+#[test]
+fn host_loopback_http_over_v6() {
+    require!(require_userns);
+    let srv = HttpServer::on(v6_listener());
+    let out = Rnet::new()
+        .allow_host_loopback()
+        .run(&strs(&curl6(&url6(srv.port()))), secs(30));
+    out.assert_success("guest curl to [fd00::2] with --allow-host-loopback");
+    assert_eq!(out.stdout, HTTP_BODY, "{out}");
+    assert_eq!(srv.hits(), 1, "host server connections");
+
+    let srv = HttpServer::on(v6_listener());
+    let t0 = Instant::now();
+    let out = Rnet::new().run(&strs(&curl6(&url6(srv.port()))), secs(30));
+    assert_eq!(out.code(), Some(7), "curl must fail to connect: {out}");
+    assert_stderr_has(&out, "unreachable");
+    // curl's --max-time is 5 s: failing fast means no timeout.
+    assert!(t0.elapsed() < secs(4), "took {:?}: {out}", t0.elapsed());
+    assert_eq!(srv.hits(), 0, "host server must see no connection");
+}
+
+#[test]
+fn udp_echo_over_v6() {
+    require!(require_userns);
+    let s = UdpSocket::bind("[::1]:0").unwrap();
+    let port = s.local_addr().unwrap().port();
+    let count = Arc::new(AtomicUsize::new(0));
+    let c = count.clone();
+    thread::spawn(move || {
+        let mut b = vec![0u8; 65536];
+        while let Ok((n, peer)) = s.recv_from(&mut b) {
+            c.fetch_add(1, Ordering::SeqCst);
+            let _ = s.send_to(&b[..n], peer);
+        }
+    });
+    let script = format!(
+        "import socket\n\
+         s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n\
+         s.settimeout(3)\n\
+         for i in range(3):\n\
+         \x20   msg = b'rnet-v6-%d' % i\n\
+         \x20   s.sendto(msg, ('{GW6}', {port}))\n\
+         \x20   data, peer = s.recvfrom(2048)\n\
+         \x20   assert data == msg, data\n\
+         \x20   assert peer[0] == '{GW6}' and peer[1] == {port}, peer\n\
+         print('ok')\n"
+    );
+    let out = Rnet::new()
+        .allow_host_loopback()
+        .run(&[PYTHON, "-c", &script], secs(30));
+    out.assert_success("guest UDP echo over v6");
+    assert_eq!(out.stdout.trim(), "ok", "{out}");
+    assert_eq!(count.load(Ordering::SeqCst), 3);
+}
+
+#[test]
+fn dns_over_v6_udp_and_tcp() {
+    require!(require_userns);
+    let dns = Arc::new(DnsServer::start());
+    let rnet = Rnet::with_dns(&dns);
+    for tcp in [false, true] {
+        let mut cmd = vec![
+            "dig",
+            "+short",
+            "+time=2",
+            "+tries=1",
+            "-6",
+            "@fd00::3",
+            "example.test",
+            "A",
+        ];
+        if tcp {
+            cmd.push("+tcp");
+        }
+        let out = rnet.run(&cmd, secs(30));
+        out.assert_success("guest dig -6 @fd00::3");
+        assert_eq!(out.stdout.trim(), DNS_ANSWER.to_string(), "{out}");
+    }
+    assert_eq!(dns.queries(), (1, 1));
+    let _ = DNS6;
+}
+
+#[test]
+fn unconfigured_guest_takes_address_from_router_advertisements() {
+    require!(require_userns);
+    let script = "\
+        sysctl -qw net.ipv6.conf.tap0.accept_ra=2 || true
+        ip link set tap0 up
+        for i in $(seq 1 100); do
+            a=$(ip -6 addr show dev tap0 scope global -tentative | grep -o 'fd00::[0-9a-f:]*/64')
+            r=$(ip -6 route show default | grep 'via fe80::2')
+            if [ -n \"$a\" ] && [ -n \"$r\" ]; then break; fi
+            sleep 0.1
+        done
+        echo \"addr=$a\"
+        echo \"route=$r\"
+        ping -6 -c 1 -W 2 fd00::2 >/dev/null && echo ping-ok";
+    let out = Rnet::new()
+        .arg("--no-configure")
+        .run(&["sh", "-c", script], secs(60));
+    out.assert_success("guest SLAAC by router advertisements");
+    assert!(out.stdout.contains("addr=fd00::"), "{out}");
+    assert!(out.stdout.contains("route=default via fe80::2"), "{out}");
+    assert!(out.stdout.contains("ping-ok"), "{out}");
+}
+
+#[test]
+fn no_ipv6_gives_no_address() {
+    require!(require_userns);
+    let out = Rnet::new().arg("--no-ipv6").run(
+        &["sh", "-c", "sleep 1; ip -6 addr show dev tap0; ip -6 route"],
+        secs(30),
+    );
+    out.assert_success("guest ip -6 with --no-ipv6");
+    assert!(!out.stdout.contains("fd00"), "{out}");
+}
+
+/// Accepts one connection on [::1], hashes it to EOF.
+fn v6_sink() -> (SocketAddr, mpsc::Receiver<std::io::Result<Digested>>) {
+    let l = v6_listener();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let res = (|| {
+            let (mut s, _) = l.accept()?;
+            s.set_read_timeout(Some(Duration::from_secs(60)))?;
+            let mut h = Sha256::new();
+            let mut b = vec![0u8; BLOCK];
+            let mut n = 0u64;
+            loop {
+                let k = s.read(&mut b)?;
+                if k == 0 {
+                    break;
+                }
+                h.update(&b[..k]);
+                n += k as u64;
+            }
+            let sha256 = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+            Ok(Digested { bytes: n, sha256 })
+        })();
+        let _ = tx.send(res);
+    });
+    (addr, rx)
+}
+
+/// Accepts one connection on [::1], sends `total` pattern bytes, closes.
+fn v6_source(total: u64) -> (SocketAddr, mpsc::Receiver<std::io::Result<u64>>) {
+    let l = v6_listener();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let res = (|| {
+            let (mut s, _) = l.accept()?;
+            s.set_write_timeout(Some(Duration::from_secs(60)))?;
+            let mut p = Pattern::new();
+            for i in 0..total / BLOCK as u64 {
+                s.write_all(p.block(i))?;
+            }
+            s.shutdown(Shutdown::Write)?;
+            Ok(total)
+        })();
+        let _ = tx.send(res);
+    });
+    (addr, rx)
+}
+
+#[test]
+fn bulk_tcp_over_v6_both_ways() {
+    require!(require_userns);
+    let total: u64 = 64 << 20;
+    let rnet = Rnet::new().allow_host_loopback();
+    let script = guest_script("stream.py");
+    let expected = Pattern::digest(total);
+
+    let (addr, result) = v6_sink();
+    let (port, total_s) = (addr.port().to_string(), total.to_string());
+    let out = rnet.run(&[PYTHON, &script, "send", GW6, &port, &total_s], secs(300));
+    out.assert_success("guest stream.py send over v6");
+    let host = result.recv_timeout(secs(60)).unwrap().expect("host sink");
+    assert_eq!(Digested::parse(&out.stdout), expected, "guest side");
+    assert_eq!(host, expected, "host side");
+
+    let (addr, result) = v6_source(total);
+    let port = addr.port().to_string();
+    let out = rnet.run(&[PYTHON, &script, "recv", GW6, &port], secs(300));
+    out.assert_success("guest stream.py recv over v6");
+    assert_eq!(
+        result.recv_timeout(secs(60)).unwrap().expect("source"),
+        total
+    );
+    assert_eq!(Digested::parse(&out.stdout), expected, "guest side");
+}
