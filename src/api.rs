@@ -32,6 +32,7 @@ use tracing::{debug, warn};
 
 use crate::Handle;
 use crate::ports::{PortError, PortInfo, PortSpec, Proto};
+use crate::sandbox::KeptDir;
 
 /// Largest request accepted; slirp4netns's limit.
 pub const MAX_REQUEST: usize = 4096;
@@ -46,14 +47,53 @@ pub const MAX_PATH: usize = 108;
 /// A running control socket; [`ApiServer::shutdown`] removes the file.
 pub struct ApiServer {
     path: PathBuf,
+    /// The socket's directory, held open so the file can be removed from
+    /// inside the sandbox, where the path no longer resolves.
+    dir: Option<KeptDir>,
+    /// The listening socket, shut down to wake the server's `accept`.
+    wake: UnixListener,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+}
+
+/// A bound control socket not served yet ([`ApiServer::bind`]).
+pub struct ApiListener {
+    listener: UnixListener,
+    path: PathBuf,
+    dir: Option<KeptDir>,
+}
+
+impl ApiListener {
+    /// Serves the socket on a new thread.
+    pub fn serve(self, handle: Handle, default_guest: Ipv4Addr) -> io::Result<ApiServer> {
+        let wake = self.listener.try_clone()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let listener = self.listener;
+        let thread = std::thread::Builder::new()
+            .name("rnet-api".into())
+            .spawn(move || serve(listener, handle, default_guest, stop2))?;
+        Ok(ApiServer {
+            path: self.path,
+            dir: self.dir,
+            wake,
+            stop,
+            thread: Some(thread),
+        })
+    }
 }
 
 impl ApiServer {
     /// Creates the socket at `path` (mode 0600; a stale socket file is
     /// replaced) and serves it on a new thread.
     pub fn start(path: &Path, handle: Handle, default_guest: Ipv4Addr) -> io::Result<ApiServer> {
+        ApiServer::bind(path)?.serve(handle, default_guest)
+    }
+
+    /// Creates the socket at `path` (mode 0600; a stale socket file is
+    /// replaced) without serving it yet: the sandbox is entered between
+    /// the two, while the process has one thread.
+    pub fn bind(path: &Path) -> io::Result<ApiListener> {
         if path.as_os_str().len() >= MAX_PATH {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -73,15 +113,10 @@ impl ApiServer {
         }
         let listener = UnixListener::bind(path)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("rnet-api".into())
-            .spawn(move || serve(listener, handle, default_guest, stop2))?;
-        Ok(ApiServer {
+        Ok(ApiListener {
+            listener,
             path: path.to_path_buf(),
-            stop,
-            thread: Some(thread),
+            dir: KeptDir::of_parent(path).ok(),
         })
     }
 
@@ -92,12 +127,19 @@ impl ApiServer {
 
     fn stop_now(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        // Wake the accept() with a connection of our own.
-        let _ = UnixStream::connect(&self.path);
+        // Wake the accept(): on a shut-down listening socket it fails at
+        // once (no path needed, which the sandbox may have hidden).
+        let _ = socket2::SockRef::from(&self.wake).shutdown(std::net::Shutdown::Both);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        let _ = std::fs::remove_file(&self.path);
+        let removed = match (&self.dir, self.path.file_name()) {
+            (Some(dir), Some(name)) => dir.unlink(name),
+            _ => std::fs::remove_file(&self.path),
+        };
+        if let Err(e) = removed {
+            debug!(path = %self.path.display(), error = %e, "cannot remove the API socket");
+        }
     }
 }
 

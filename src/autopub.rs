@@ -100,7 +100,8 @@ const UDP_UNCONNECTED: u8 = 0x07;
 
 /// The ports a guest serves on, per protocol, as far as the host can reach
 /// them (sockets bound to loopback inside the namespace are skipped).
-fn scan(pid: i32, ephemeral_start: u16) -> BTreeSet<(Proto, u16)> {
+fn scan(tables: &Tables) -> BTreeSet<(Proto, u16)> {
+    let ephemeral_start = tables.ephemeral_start;
     let mut out = BTreeSet::new();
     for (file, proto, state) in [
         ("tcp", Proto::Tcp, TCP_LISTEN),
@@ -108,7 +109,7 @@ fn scan(pid: i32, ephemeral_start: u16) -> BTreeSet<(Proto, u16)> {
         ("udp", Proto::Udp, UDP_UNCONNECTED),
         ("udp6", Proto::Udp, UDP_UNCONNECTED),
     ] {
-        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{file}")) else {
+        let Ok(text) = tables.net.read_to_string(file) else {
             continue;
         };
         for (addr, st) in parse_table(&text) {
@@ -137,14 +138,34 @@ fn ephemeral_start(pid: i32) -> u16 {
     .unwrap_or(32768)
 }
 
+/// The target's socket tables, opened before the sandbox hides /proc: a
+/// descriptor of `/proc/PID/net` (each read shows the tables as they are
+/// then) and the namespace's first ephemeral port.
+pub struct Tables {
+    pid: i32,
+    net: crate::sandbox::KeptDir,
+    ephemeral_start: u16,
+}
+
+impl Tables {
+    /// Opens `/proc/PID/net` and reads the ephemeral port range.
+    pub fn open(pid: i32) -> std::io::Result<Tables> {
+        Ok(Tables {
+            pid,
+            net: crate::sandbox::KeptDir::open(std::path::Path::new(&format!("/proc/{pid}/net")))?,
+            ephemeral_start: ephemeral_start(pid),
+        })
+    }
+}
+
 /// Runs the watcher until the network stops.
-pub fn watch(pid: i32, rules: Vec<AutoPublish>, handle: Handle) {
-    let eph = ephemeral_start(pid);
+pub fn watch(tables: Tables, rules: Vec<AutoPublish>, handle: Handle) {
+    let pid = tables.pid;
     let mut published: BTreeMap<(Proto, u16), u64> = BTreeMap::new();
     let mut warned: BTreeSet<(Proto, u16)> = BTreeSet::new();
     info!(pid, rules = ?rules, "watching the namespace's listening sockets");
     while handle.is_running() {
-        let wanted: BTreeSet<(Proto, u16)> = scan(pid, eph)
+        let wanted: BTreeSet<(Proto, u16)> = scan(&tables)
             .into_iter()
             .filter(|(proto, port)| {
                 rules

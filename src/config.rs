@@ -373,6 +373,8 @@ pub struct Config {
     pub(crate) pcap_cap: u64,
     pub(crate) mac: Option<[u8; 6]>,
     pub(crate) limits: Limits,
+    pub(crate) sandbox: bool,
+    pub(crate) seccomp: bool,
 }
 
 impl Config {
@@ -488,6 +490,8 @@ pub struct ConfigBuilder {
     pcap_cap: u64,
     mac: Option<[u8; 6]>,
     limits: Limits,
+    sandbox: bool,
+    seccomp: bool,
 }
 
 impl Default for ConfigBuilder {
@@ -518,6 +522,8 @@ impl Default for ConfigBuilder {
             pcap_cap: crate::pcap::DEFAULT_CAP,
             mac: None,
             limits: Limits::default(),
+            sandbox: false,
+            seccomp: false,
         }
     }
 }
@@ -633,6 +639,27 @@ impl ConfigBuilder {
         self
     }
 
+    /// Once set up, isolate the process: a private mount namespace with an
+    /// empty read-only root, no capabilities but those the data plane
+    /// needs, no_new_privs (see [`crate::sandbox`]). Default false: it
+    /// changes the whole calling process, and needs [`Network::attach`] to
+    /// be called while the process has a single thread. `rnet` turns it on
+    /// unless `--no-sandbox`.
+    ///
+    /// [`Network::attach`]: crate::Network::attach
+    pub fn sandbox(mut self, yes: bool) -> Self {
+        self.sandbox = yes;
+        self
+    }
+
+    /// Once set up, install the seccomp allow-list (with no_new_privs and
+    /// the capability drop; see [`crate::sandbox`]). Default false, for
+    /// the same reasons as [`ConfigBuilder::sandbox`].
+    pub fn seccomp(mut self, yes: bool) -> Self {
+        self.seccomp = yes;
+        self
+    }
+
     /// MAC address set on the TAP when rnet configures it (default: the
     /// kernel's choice).
     pub fn mac(mut self, mac: Option<[u8; 6]>) -> Self {
@@ -705,6 +732,8 @@ impl ConfigBuilder {
             pcap_cap: self.pcap_cap,
             mac: self.mac,
             limits: self.limits,
+            sandbox: self.sandbox,
+            seccomp: self.seccomp,
         })
     }
 }

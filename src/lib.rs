@@ -50,6 +50,7 @@ pub mod nat;
 pub mod ns;
 pub mod pcap;
 pub mod ports;
+pub mod sandbox;
 pub mod services;
 pub mod stack;
 pub mod stats;
@@ -85,6 +86,9 @@ pub enum Error {
     /// A port could not be published at start.
     #[error(transparent)]
     Port(#[from] PortError),
+    /// The sandbox could not be entered.
+    #[error(transparent)]
+    Sandbox(#[from] sandbox::SandboxError),
     /// An I/O error outside the namespaces, with what was being done.
     #[error("{context}: {source}")]
     Io {
@@ -231,7 +235,14 @@ impl Network {
         };
         let fast = config.fast_ports;
         let mut tap = tap::Tap::new(fd).map_err(Error::io("preparing the TAP descriptor"))?;
-        if let Some(path) = &config.pcap {
+        // Absolute, so rotation still finds it after the sandbox's chdir.
+        let pcap_path = config
+            .pcap
+            .as_deref()
+            .map(std::path::absolute)
+            .transpose()
+            .map_err(Error::io("resolving the capture file's path"))?;
+        if let Some(path) = &pcap_path {
             let w = pcap::PcapWriter::create(path, config.pcap_cap).map_err(Error::io(format!(
                 "creating the capture file {}",
                 path.display()
@@ -252,6 +263,19 @@ impl Network {
         let api_socket = config.api_socket().map(|p| p.to_path_buf());
         let auto = config.publish_auto.clone();
         let guest = config.guest();
+        let sandbox = (config.sandbox || config.seccomp).then(|| sandbox::SandboxOptions {
+            mount: config.sandbox,
+            seccomp: config.seccomp,
+            // Read at start already; kept for parity with slirp4netns.
+            keep: vec!["/etc/resolv.conf".into()],
+            // pcap rotation renames within the capture's directory.
+            keep_writable: pcap_path
+                .as_deref()
+                .and_then(std::path::Path::parent)
+                .map(std::path::Path::to_path_buf)
+                .into_iter()
+                .collect(),
+        });
         let config = Arc::new(config);
         let (mut engine, control, stats) = Engine::new(config, tap, pid, upstreams)
             .map_err(Error::io("starting the event loop"))?;
@@ -266,6 +290,33 @@ impl Network {
         }
         engine.publish_initial()?;
         engine.log_summary(&tap_name);
+        // Everything that needs the filesystem, fork or namespaces happens
+        // here, before the sandbox; threads start after it.
+        let api_listener = match &api_socket {
+            Some(path) => Some(api::ApiServer::bind(path).map_err(Error::io(format!(
+                "creating the API socket {}",
+                path.display()
+            )))?),
+            None => None,
+        };
+        let tables = match (auto.is_empty(), pid) {
+            (true, _) => None,
+            (false, Some(pid)) => Some(autopub::Tables::open(pid).map_err(Error::io(format!(
+                "opening /proc/{pid}/net for --publish-auto"
+            )))?),
+            (false, None) => {
+                tracing::warn!(
+                    "--publish-auto needs a PID target to read the namespace's sockets; ignored"
+                );
+                None
+            }
+        };
+        if let Some(opts) = &sandbox {
+            if fast {
+                engine.start_agent_now();
+            }
+            sandbox::enter(opts)?;
+        }
         let thread = std::thread::Builder::new()
             .name("rnet-dataplane".into())
             .spawn({
@@ -282,36 +333,24 @@ impl Network {
             })
             .map_err(Error::io("starting the data-plane thread"))?;
         let handle = Handle { control, stats };
-        let api = match api_socket {
-            Some(path) => match api::ApiServer::start(&path, handle.clone(), guest) {
+        let api = match api_listener {
+            Some(l) => match l.serve(handle.clone(), guest) {
                 Ok(a) => Some(a),
                 Err(e) => {
                     handle.stop();
                     let _ = thread.join();
-                    return Err(Error::Io {
-                        context: format!("creating the API socket {}", path.display()),
-                        source: e,
-                    });
+                    return Err(Error::io("starting the API thread")(e));
                 }
             },
             None => None,
         };
-        let watcher = match (auto.is_empty(), pid) {
-            (true, _) => None,
-            (false, Some(pid)) => {
-                let h = handle.clone();
-                std::thread::Builder::new()
-                    .name("rnet-autopublish".into())
-                    .spawn(move || autopub::watch(pid, auto, h))
-                    .ok()
-            }
-            (false, None) => {
-                tracing::warn!(
-                    "--publish-auto needs a PID target to read the namespace's sockets; ignored"
-                );
-                None
-            }
-        };
+        let watcher = tables.and_then(|t| {
+            let h = handle.clone();
+            std::thread::Builder::new()
+                .name("rnet-autopublish".into())
+                .spawn(move || autopub::watch(t, auto, h))
+                .ok()
+        });
         // Ready means usable: the loop runs and the API socket listens.
         if let Some(fd) = ready_fd {
             signal_ready(fd).map_err(Error::io(format!("writing to --ready-fd {fd}")))?;

@@ -239,6 +239,11 @@ struct NetArgs {
     /// Exit when file descriptor N hangs up (its other end is closed).
     #[arg(long, value_name = "N", help_heading = "Lifecycle")]
     exit_fd: Option<i32>,
+    /// Do not isolate rnet once set up. By default it moves to an empty
+    /// read-only root in a mount namespace of its own, drops capabilities,
+    /// sets no_new_privs and installs a seccomp allow-list.
+    #[arg(long, help_heading = "Lifecycle")]
+    no_sandbox: bool,
 }
 
 impl NetArgs {
@@ -304,6 +309,8 @@ impl NetArgs {
             .api_socket(self.api_socket.clone())
             .fast_ports(self.port_path == "auto")
             .pcap(self.pcap.clone(), self.pcap_max_mib.saturating_mul(1 << 20))
+            .sandbox(!self.no_sandbox)
+            .seccomp(!self.no_sandbox)
             .build()
             .map_err(|e| e.to_string())
     }

@@ -213,6 +213,8 @@ fn build_config(o: &Options) -> Result<Config, String> {
         .exit_fd(o.exit_fd)
         .api_socket(o.api_socket.clone())
         .mac(o.macaddress)
+        .sandbox(o.enable_sandbox)
+        .seccomp(o.enable_seccomp)
         .build()
         .map_err(|e| e.to_string())
 }
@@ -229,16 +231,6 @@ fn warn_partial(o: &Options) {
     }
     if o.outbound_addr6.is_some() {
         warn!("IPv6 is not available in rnet yet: --outbound-addr6 is ignored");
-    }
-    if o.enable_sandbox {
-        info!(
-            "--enable-sandbox accepted; rnet does not sandbox itself yet (full effect comes later)"
-        );
-    }
-    if o.enable_seccomp {
-        info!(
-            "--enable-seccomp accepted; rnet installs no syscall filter yet (full effect comes later)"
-        );
     }
     if o.netns_type == NetnsType::TapFd && o.configure {
         warn!("-c has no effect with --netns-type=tapfd: the TAP's owner configures it");

@@ -1523,6 +1523,13 @@ impl Engine {
         })
     }
 
+    /// Starts the fast-path agent now rather than when the loop starts:
+    /// it must be forked before the sandbox, which forbids fork and setns.
+    /// The loop's own attempt is then a no-op.
+    pub fn start_agent_now(&mut self) {
+        self.start_agent();
+    }
+
     /// Tells the loop the guest's MAC before it has seen a frame.
     pub fn set_guest_mac(&mut self, mac: [u8; 6]) {
         self.stack.guest_mac = Some(smoltcp::wire::EthernetAddress(mac));
