@@ -203,12 +203,38 @@ fn assert_clean(scratch: &Scratch) {
 
 #[test]
 fn rootlesskit_guest_reaches_host_loopback_and_shuts_down() {
-    let test = "rootlesskit_guest_reaches_host_loopback_and_shuts_down";
+    guest_reaches_host_loopback(
+        "rootlesskit_guest_reaches_host_loopback_and_shuts_down",
+        &[],
+    );
+}
+
+/// The same with RootlessKit asking for slirp4netns's sandbox and seccomp
+/// filter (`--enable-sandbox --enable-seccomp` reach rnet's compat mode).
+#[test]
+fn rootlesskit_with_slirp4netns_sandbox_and_seccomp() {
+    guest_reaches_host_loopback(
+        "rootlesskit_with_slirp4netns_sandbox_and_seccomp",
+        &[
+            "--slirp4netns-sandbox=true".into(),
+            "--slirp4netns-seccomp=true".into(),
+        ],
+    );
+}
+
+fn guest_reaches_host_loopback(test: &str, rk_args: &[String]) {
     if !require_rootlesskit(test) {
         return;
     }
     let owner = is_root().then_some(NOBODY);
-    let scratch = Scratch::new("curl", owner);
+    let scratch = Scratch::new(
+        if rk_args.is_empty() {
+            "curl"
+        } else {
+            "curl-sbx"
+        },
+        owner,
+    );
     let Some(runner) = runner(test, &scratch.dir) else {
         return;
     };
@@ -226,7 +252,7 @@ fn rootlesskit_guest_reaches_host_loopback_and_shuts_down() {
     .chain(curl(&url))
     .collect();
     let out = run(
-        &mut rootlesskit_cmd(&runner, &scratch, &dns, &[], &guest),
+        &mut rootlesskit_cmd(&runner, &scratch, &dns, rk_args, &guest),
         secs(60),
     );
     out.assert_success("rootlesskit --net=slirp4netns with rnet");
