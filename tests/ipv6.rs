@@ -261,3 +261,44 @@ fn bulk_tcp_over_v6_both_ways() {
     );
     assert_eq!(Digested::parse(&out.stdout), expected, "guest side");
 }
+
+/// A guest HTTP server on [::]:PORT that names the client it sees.
+const V6_HTTP_GUEST: &str = r#"
+import http.server, socket, sys
+class S(http.server.HTTPServer):
+    address_family = socket.AF_INET6
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        b = ("client=%s\n" % self.client_address[0]).encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(b)))
+        self.end_headers(); self.wfile.write(b)
+    def log_message(self, *a): pass
+srv = S(("::", int(sys.argv[1])), H)
+print("listening", flush=True)
+srv.serve_forever()
+"#;
+
+#[test]
+fn published_port_from_host_v6_loopback() {
+    if !require_userns("published_port_from_host_v6_loopback") {
+        return;
+    }
+    let hp = free_service_block(1);
+    let rnet = Rnet::new()
+        .arg("-p")
+        .arg(format!("[::1]:{hp}:8000"))
+        .arg("-p")
+        .arg(format!("[::]:{}:8000", hp + 1));
+    let mut guest = LineProc::spawn(&mut rnet.run_cmd(&[PYTHON, "-c", V6_HTTP_GUEST, "8000"]));
+    guest.wait_line("listening", Duration::from_secs(30), |l| l == "listening");
+    // A v6 loopback client appears as the v6 gateway; on the dual-stack
+    // [::] listener a v4 client appears as the v4 gateway.
+    let (body, _) = http_get(format!("[::1]:{hp}").parse().unwrap()).expect("GET over v6");
+    assert!(body.contains("client=fd00::2"), "{body}");
+    let (body, _) =
+        http_get(format!("127.0.0.1:{}", hp + 1).parse().unwrap()).expect("GET over v4");
+    assert!(body.contains("10.0.2.2"), "{body}");
+    let (body, _) =
+        http_get(format!("[::1]:{}", hp + 1).parse().unwrap()).expect("GET over v6, dual-stack");
+    assert!(body.contains("client=fd00::2"), "{body}");
+}

@@ -485,6 +485,12 @@ impl Engine {
     }
 
     fn on_frame(&mut self, len: usize, now: Instant) {
+        if len > self.stack.mtu + 14 {
+            // Larger than the link allows: the guest's TAP MTU was raised
+            // behind rnet's back, or the frame is forged.
+            self.stats.count_drop(DropReason::Malformed);
+            return;
+        }
         // Classify while borrowing the frame, then act on offsets into the
         // TAP's receive buffer, which stays untouched until the next read.
         let (action, src_mac) = {
@@ -644,6 +650,11 @@ impl Engine {
         ip_off: usize,
         now: Instant,
     ) {
+        if !crate::stack::classify::tcp_checksum_ok(&self.tap.split().0[ip_off..len]) {
+            // Never open a host connection for a corrupted SYN.
+            self.stats.count_drop(DropReason::BadChecksum);
+            return;
+        }
         let (target, bind) = match route_any(&self.cfg, dst) {
             Route::Host(t) => (t, self.cfg.outbound_addr()),
             Route::Dns => match self.upstreams.first() {

@@ -232,16 +232,31 @@ impl Engine {
                 // More may be waiting: come back after other work.
                 self.mark_dirty(idx, lid);
             }
-            let Some(client) = guest_view(&self.cfg, peer) else {
-                // An IPv6 client the guest could not answer.
-                self.stats.count_drop(DropReason::Unsupported);
-                continue;
+            let key = match guest_view(&self.cfg, peer) {
+                Some(client) => {
+                    if fast && self.agent.is_some() {
+                        self.accept_fast(stream, peer, client, guest, rule);
+                        continue;
+                    }
+                    (SocketAddr::V4(guest), SocketAddr::V4(client))
+                }
+                // An IPv6 client reaches the guest's IPv6 address on the
+                // same port, through the stack (the agent speaks IPv4).
+                None => match (
+                    crate::nat::guest_view6(&self.cfg, peer),
+                    self.cfg.ipv6_guest(),
+                ) {
+                    (Some(client), Some(g6)) => (
+                        SocketAddr::V6(std::net::SocketAddrV6::new(g6, guest.port(), 0, 0)),
+                        SocketAddr::V6(client),
+                    ),
+                    _ => {
+                        // IPv6 is off: the guest could not answer.
+                        self.stats.count_drop(DropReason::Unsupported);
+                        continue;
+                    }
+                },
             };
-            if fast && self.agent.is_some() {
-                self.accept_fast(stream, peer, client, guest, rule);
-                continue;
-            }
-            let key = (SocketAddr::V4(guest), SocketAddr::V4(client));
             if self.tcp_index.len() >= self.limits.tcp_flows {
                 self.limit_reached("TCP flows");
                 continue;

@@ -382,6 +382,25 @@ fn dhcp<'a>(ip: &Ipv4Packet<&[u8]>, payload: &'a [u8], addrs: &NetAddrs) -> Opti
     })
 }
 
+/// Whether the TCP segment in the IP packet `ip` (v4 or v6) has a valid
+/// checksum. The classifier leaves TCP checksums to smoltcp, which checks
+/// every segment of a flow; a segment that would *start* a flow (and a host
+/// connect) is checked here first.
+pub fn tcp_checksum_ok(ip: &[u8]) -> bool {
+    use smoltcp::wire::Ipv6Packet;
+    match ip.first().map(|b| b >> 4) {
+        Some(4) => Ipv4Packet::new_checked(ip).is_ok_and(|p| {
+            TcpPacket::new_checked(p.payload())
+                .is_ok_and(|t| t.verify_checksum(&p.src_addr().into(), &p.dst_addr().into()))
+        }),
+        Some(6) => Ipv6Packet::new_checked(ip).is_ok_and(|p| {
+            TcpPacket::new_checked(p.payload())
+                .is_ok_and(|t| t.verify_checksum(&p.src_addr().into(), &p.dst_addr().into()))
+        }),
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
