@@ -695,27 +695,14 @@ impl Engine {
                 self.half_open += 1;
                 self.per_guest.entry(src.ip()).or_default().0 += 1;
                 self.stack.ingress(now, frame, tx, &mut f.sockets);
-                let entry = self.flows.vacant_entry();
-                let idx = entry.key();
-                let id = self.next_id;
-                self.next_id += 1;
-                if let Err(e) = self.poll.registry().register(
-                    &mut f.host,
-                    Token(idx + FIRST_FLOW),
-                    Interest::READABLE | Interest::WRITABLE,
-                ) {
-                    warn!(error = %e, "cannot watch host socket");
-                    self.stats.count_drop(DropReason::HostSocket);
-                    return;
-                }
                 debug!(guest = %src, dst = %dst, %target, "tcp flow");
-                entry.insert(Slot {
-                    flow: Flow::Tcp(Box::new(f)),
-                    id,
-                    sched: None,
-                    dirty: false,
-                    rule: 0,
-                });
+                // A refused registration drops the flow, which undoes the
+                // counts above in `remove`'s stead.
+                let Some((idx, id)) = self.add_flow(Flow::Tcp(Box::new(f)), 0) else {
+                    self.half_open -= 1;
+                    self.guest_count(src.ip(), |c| c.0 -= 1);
+                    return;
+                };
                 self.tcp_index.insert((src, dst), idx);
                 self.stats.tcp_opened.fetch_add(1, Ordering::Relaxed);
                 self.stats.tcp_flows.fetch_add(1, Ordering::Relaxed);
@@ -935,27 +922,10 @@ impl Engine {
         let idx = match self.udp_index.get(&src) {
             Some(&i) => i,
             None => match UdpFlow::open(src, self.cfg.outbound_addr(), now) {
-                Ok(mut f) => {
-                    let entry = self.flows.vacant_entry();
-                    let idx = entry.key();
-                    if self
-                        .poll
-                        .registry()
-                        .register(&mut f.socket, Token(idx + FIRST_FLOW), Interest::READABLE)
-                        .is_err()
-                    {
-                        self.stats.count_drop(DropReason::HostSocket);
+                Ok(f) => {
+                    let Some((idx, _)) = self.add_flow(Flow::Udp(f), 0) else {
                         return;
-                    }
-                    let id = self.next_id;
-                    self.next_id += 1;
-                    entry.insert(Slot {
-                        flow: Flow::Udp(f),
-                        id,
-                        sched: None,
-                        dirty: false,
-                        rule: 0,
-                    });
+                    };
                     self.udp_index.insert(src, idx);
                     self.per_guest.entry(src.ip()).or_default().1 += 1;
                     self.stats.udp_flows.fetch_add(1, Ordering::Relaxed);
@@ -987,27 +957,10 @@ impl Engine {
         }
         let query = &self.tap.split().0[payload];
         match DnsQuery::start(src, query, &self.upstreams) {
-            Ok(mut q) => {
-                let entry = self.flows.vacant_entry();
-                let idx = entry.key();
-                if self
-                    .poll
-                    .registry()
-                    .register(&mut q.socket, Token(idx + FIRST_FLOW), Interest::READABLE)
-                    .is_err()
-                {
-                    self.stats.count_drop(DropReason::HostSocket);
+            Ok(q) => {
+                let Some((idx, _)) = self.add_flow(Flow::Dns(q), 0) else {
                     return;
-                }
-                let id = self.next_id;
-                self.next_id += 1;
-                entry.insert(Slot {
-                    flow: Flow::Dns(q),
-                    id,
-                    sched: None,
-                    dirty: false,
-                    rule: 0,
-                });
+                };
                 self.stats.dns_queries.fetch_add(1, Ordering::Relaxed);
                 let at = now + Duration::from_micros(self.cfg.dns_timeout.as_micros() as u64);
                 self.schedule(idx, at);
@@ -1036,27 +989,10 @@ impl Engine {
         let idx = match self.icmp_index.get(&(src, ident)) {
             Some(&i) => i,
             None => match IcmpFlow::open(src, ident, self.cfg.outbound_addr(), now) {
-                Ok(mut f) => {
-                    let entry = self.flows.vacant_entry();
-                    let idx = entry.key();
-                    if self
-                        .poll
-                        .registry()
-                        .register(&mut f.socket, Token(idx + FIRST_FLOW), Interest::READABLE)
-                        .is_err()
-                    {
-                        self.stats.count_drop(DropReason::HostSocket);
+                Ok(f) => {
+                    let Some((idx, _)) = self.add_flow(Flow::Icmp(f), 0) else {
                         return;
-                    }
-                    let id = self.next_id;
-                    self.next_id += 1;
-                    entry.insert(Slot {
-                        flow: Flow::Icmp(f),
-                        id,
-                        sched: None,
-                        dirty: false,
-                        rule: 0,
-                    });
+                    };
                     self.icmp_index.insert((src, ident), idx);
                     self.stats.icmp_flows.fetch_add(1, Ordering::Relaxed);
                     let at =
@@ -1087,6 +1023,42 @@ impl Engine {
             debug!(%dst, error = %e, "echo not relayed");
             self.stats.count_drop(DropReason::HostSocket);
         }
+    }
+
+    /// Puts a new flow in the slab and registers its host socket under the
+    /// flow's token. Returns its index and id, or None (counted) if epoll
+    /// refuses the socket.
+    fn add_flow(&mut self, mut flow: Flow, rule: u64) -> Option<(usize, u64)> {
+        let entry = self.flows.vacant_entry();
+        let idx = entry.key();
+        let token = Token(idx + FIRST_FLOW);
+        let both = Interest::READABLE | Interest::WRITABLE;
+        let reg = self.poll.registry();
+        let registered = match &mut flow {
+            Flow::Tcp(f) => reg.register(&mut f.host, token, both),
+            Flow::Splice(f) => reg.register(&mut f.host, token, both),
+            Flow::Udp(f) => reg.register(&mut f.socket, token, Interest::READABLE),
+            Flow::Icmp(f) => reg.register(&mut f.socket, token, Interest::READABLE),
+            Flow::Dns(q) => reg.register(&mut q.socket, token, Interest::READABLE),
+            Flow::TcpListen(l) => reg.register(&mut l.listener, token, Interest::READABLE),
+            Flow::UdpListen(l) => reg.register(&mut l.socket, token, Interest::READABLE),
+            Flow::Alias(..) => Ok(()),
+        };
+        if let Err(e) = registered {
+            warn!(error = %e, "cannot watch a host socket");
+            self.stats.count_drop(DropReason::HostSocket);
+            return None;
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        entry.insert(Slot {
+            flow,
+            id,
+            sched: None,
+            dirty: false,
+            rule,
+        });
+        Some((idx, id))
     }
 
     fn flow_event(&mut self, idx: usize, readable: bool, writable: bool) {

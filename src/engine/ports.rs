@@ -132,38 +132,18 @@ impl Engine {
                     return Err(e);
                 }
             };
-            let entry = self.flows.vacant_entry();
-            let idx = entry.key();
-            let sid = self.next_id;
-            self.next_id += 1;
-            let mut slot = Slot {
-                flow,
-                id: sid,
-                sched: None,
-                dirty: false,
-                rule: id,
-            };
-            let reg = self.poll.registry();
-            let r = match &mut slot.flow {
-                Flow::TcpListen(l) => {
-                    reg.register(&mut l.listener, Token(idx + FIRST_FLOW), Interest::READABLE)
+            match self.add_flow(flow, id) {
+                Some(slot) => slots.push(slot),
+                None => {
+                    for (idx, _) in slots {
+                        self.remove(idx);
+                    }
+                    return Err(PortError::Bind {
+                        spec,
+                        addr,
+                        source: io::Error::other("epoll refused the socket"),
+                    });
                 }
-                Flow::UdpListen(l) => {
-                    reg.register(&mut l.socket, Token(idx + FIRST_FLOW), Interest::READABLE)
-                }
-                _ => Ok(()),
-            };
-            entry.insert(slot);
-            slots.push((idx, sid));
-            if let Err(e) = r {
-                for (idx, _) in slots {
-                    self.remove(idx);
-                }
-                return Err(PortError::Bind {
-                    spec,
-                    addr,
-                    source: e,
-                });
             }
         }
         self.next_rule += 1;
@@ -265,38 +245,17 @@ impl Engine {
                 self.stats.count_drop(DropReason::HostSocket);
                 continue;
             }
-            let mut flow = match TcpFlow::inbound(key, stream, peer, &mut self.stack.iface) {
+            let flow = match TcpFlow::inbound(key, stream, peer, &mut self.stack.iface) {
                 Ok(f) => f,
                 Err(e) => {
                     debug!(error = %e, "cannot start inbound flow");
                     continue;
                 }
             };
-            let entry = self.flows.vacant_entry();
-            let fidx = entry.key();
-            if self
-                .poll
-                .registry()
-                .register(
-                    &mut flow.host,
-                    Token(fidx + FIRST_FLOW),
-                    Interest::READABLE | Interest::WRITABLE,
-                )
-                .is_err()
-            {
-                self.stats.count_drop(DropReason::HostSocket);
-                continue;
-            }
-            let fid = self.next_id;
-            self.next_id += 1;
             debug!(%peer, %guest, "published connection");
-            entry.insert(Slot {
-                flow: Flow::Tcp(Box::new(flow)),
-                id: fid,
-                sched: None,
-                dirty: false,
-                rule,
-            });
+            let Some((fidx, fid)) = self.add_flow(Flow::Tcp(Box::new(flow)), rule) else {
+                continue;
+            };
             self.tcp_index.insert(key, fidx);
             self.stats.tcp_opened.fetch_add(1, Ordering::Relaxed);
             self.stats.tcp_flows.fetch_add(1, Ordering::Relaxed);
@@ -429,7 +388,7 @@ impl Engine {
                 }
             }
         };
-        let mut flow = match crate::nat::splice::SpliceFlow::new(stream, fd) {
+        let flow = match crate::nat::splice::SpliceFlow::new(stream, fd) {
             Ok(mut f) => {
                 f.transparent_client = transparent;
                 Box::new(f)
@@ -440,29 +399,13 @@ impl Engine {
                 return;
             }
         };
-        let main = self.flows.vacant_entry();
-        let midx = main.key();
-        let mid = self.next_id;
-        self.next_id += 1;
-        let reg = self.poll.registry();
-        if reg
-            .register(
-                &mut flow.host,
-                Token(midx + FIRST_FLOW),
-                Interest::READABLE | Interest::WRITABLE,
-            )
-            .is_err()
-        {
-            self.stats.count_drop(DropReason::HostSocket);
+        let Some((midx, mid)) = self.add_flow(Flow::Splice(flow), rule) else {
+            if let (Some(c), Some(agent)) = (transparent, self.agent.as_mut()) {
+                let _ = agent.release(c);
+            }
             return;
-        }
-        main.insert(Slot {
-            flow: Flow::Splice(flow),
-            id: mid,
-            sched: None,
-            dirty: false,
-            rule,
-        });
+        };
+        // The guest-side socket reports under an alias slot of its own.
         let alias = self.flows.insert(Slot {
             flow: Flow::Alias(midx, mid),
             id: self.next_id,
