@@ -5,7 +5,7 @@
 //! userspace TCP/IP stack ([smoltcp]) that terminates the guest's TCP, UDP
 //! and ICMP and carries them over ordinary host sockets (NAT). The virtual
 //! network has a gateway (which may stand for the host's loopback), a DNS
-//! forwarder and, for later releases, DHCP and router advertisements.
+//! forwarder, a DHCPv4 server and, over IPv6, router advertisements.
 //!
 //! # Layers
 //!
@@ -15,8 +15,13 @@
 //! - [`tap`]: reading and writing frames on the TAP descriptor.
 //! - [`stack`]: the smoltcp interface, frame classification, frames rnet
 //!   builds itself.
-//! - [`nat`]: the address policy and the TCP, UDP and ICMP flows.
-//! - [`services`]: the DNS forwarder.
+//! - [`nat`]: the address policy and the TCP, UDP and ICMP flows, and the
+//!   spliced fast path of published ports.
+//! - [`services`]: the DNS forwarder and the DHCPv4 server.
+//! - [`ports`], [`api`], [`autopub`]: port publishing, the control socket
+//!   (slirp4netns's JSON protocol), `--publish-auto`.
+//! - [`status`], [`pcap`], [`stats`]: what an operator sees.
+//! - [`sandbox`]: self-isolation once set up.
 //! - the event loop (private) ties them together on one thread.
 //!
 //! # Example
