@@ -112,42 +112,6 @@ fn publish(rnet: Rnet, spec: &str) -> Rnet {
     rnet.arg("-p").arg(spec)
 }
 
-/// What the guest HTTP server reports: the client address it saw and its own port.
-#[derive(Debug, PartialEq, Eq)]
-struct Seen {
-    client: SocketAddr,
-    guest_port: u16,
-}
-
-fn parse_seen(body: &str) -> Seen {
-    let body = body.trim();
-    let rest = body
-        .strip_prefix("client=")
-        .unwrap_or_else(|| panic!("unexpected guest reply {body:?}"));
-    let (client, port) = rest
-        .split_once(" port=")
-        .unwrap_or_else(|| panic!("unexpected guest reply {body:?}"));
-    Seen {
-        client: client.parse().unwrap(),
-        guest_port: port.parse().unwrap(),
-    }
-}
-
-/// GET / over a fresh connection to `dst`;
-/// returns the body and the client's local address.
-fn http_get(dst: SocketAddr) -> io::Result<(String, SocketAddr)> {
-    let mut s = TcpStream::connect_timeout(&dst, secs(5))?;
-    s.set_read_timeout(Some(secs(10)))?;
-    let local = s.local_addr()?;
-    s.write_all(b"GET / HTTP/1.0\r\nHost: test\r\n\r\n")?;
-    let mut r = String::new();
-    s.read_to_string(&mut r)?;
-    let (_, body) = r
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| io::Error::other(format!("no HTTP head in {r:?}")))?;
-    Ok((body.to_string(), local))
-}
-
 /// Host curl to `http://127.0.0.1:PORT/`.
 fn host_curl(port: u16) -> Output {
     let url = format!("http://127.0.0.1:{port}/");
