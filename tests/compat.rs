@@ -201,6 +201,45 @@ fn pid_mode_configures_and_reaches_host_loopback() {
     assert_eq!(out.code(), Some(0), "{out}");
 }
 
+/// `-6` (with `-c`): the guest gets fd00::100/64 and pings the v6 gateway;
+/// without `-6` no fd00 address appears.
+#[test]
+fn enable_ipv6_gives_the_guest_fd00() {
+    if !require_userns("enable_ipv6_gives_the_guest_fd00") {
+        return;
+    }
+    let dns = DnsServer::start();
+    let t = Target::userns();
+    let pid = t.pid().to_string();
+    let mut p = spawn_ready(
+        slirp(&["-c", "-6", &pid, "tap0"], &dns),
+        "slirp4netns -c -6",
+    );
+    let addr = run(
+        &mut t.exec(&["ip", "-o", "-6", "addr", "show", "tap0"]),
+        secs(10),
+    );
+    assert!(addr.stdout.contains("fd00::100/64"), "{addr}");
+    let ping = run(
+        &mut t.exec(&["ping", "-6", "-c", "2", "-W", "2", "fd00::2"]),
+        secs(20),
+    );
+    ping.assert_success("ping -6 fd00::2");
+    p.signal(libc::SIGTERM);
+    assert_eq!(p.finish(secs(10)).code(), Some(0));
+
+    let t = Target::userns();
+    let pid = t.pid().to_string();
+    let mut p = spawn_ready(slirp(&["-c", &pid, "tap0"], &dns), "slirp4netns -c");
+    let addr = run(
+        &mut t.exec(&["ip", "-o", "-6", "addr", "show", "tap0"]),
+        secs(10),
+    );
+    assert!(!addr.stdout.contains("fd00::"), "{addr}");
+    p.signal(libc::SIGTERM);
+    assert_eq!(p.finish(secs(10)).code(), Some(0));
+}
+
 #[test]
 fn disable_host_loopback_blocks_the_gateway() {
     if !require_userns("disable_host_loopback_blocks_the_gateway") {

@@ -106,7 +106,7 @@ User-mode networking for unprivileged network namespaces (rnet's slirp4netns mod
 -e, --exit-fd=FD         exit with status 0 when FD hangs up
 -r, --ready-fd=FD        write \"1\" to FD and close it once the network is up
 -m, --mtu=MTU            specify MTU (default=1500, max=65521)
--6, --enable-ipv6        enable IPv6 (not available in rnet yet: accepted with a warning)
+-6, --enable-ipv6        enable IPv6 on fd00::/64 (gateway fd00::2, DNS fd00::3, router advertisements)
 -a, --api-socket=PATH    serve the JSON control API (add_hostfwd, ...) on this Unix socket
 --cidr=CIDR              specify network address CIDR (default=10.0.2.0/24)
 --disable-host-loopback  prohibit connecting to 127.0.0.1:* on the host namespace
@@ -213,6 +213,10 @@ fn build_config(o: &Options) -> Result<Config, String> {
         .exit_fd(o.exit_fd)
         .api_socket(o.api_socket.clone())
         .mac(o.macaddress)
+        // slirp4netns's -6: fd00::/64, gateway ::2, DNS ::3, router
+        // advertisements (with -c rnet also sets fd00::100 itself). IPv6
+        // needs an MTU of at least 1280.
+        .ipv6((o.enable_ipv6 && o.mtu >= 1280).then_some(rnet::config::DEFAULT_IPV6_PREFIX))
         .sandbox(o.enable_sandbox)
         .seccomp(o.enable_seccomp)
         .build()
@@ -224,13 +228,10 @@ fn warn_partial(o: &Options) {
     for d in &o.deprecated {
         warn!("{d}");
     }
-    if o.enable_ipv6 {
-        warn!(
-            "IPv6 is not available in rnet yet: --enable-ipv6 is ignored, the network is IPv4-only"
-        );
-    }
     if o.outbound_addr6.is_some() {
-        warn!("IPv6 is not available in rnet yet: --outbound-addr6 is ignored");
+        warn!(
+            "--outbound-addr6 is not supported yet: IPv6 host sockets use the host's default source"
+        );
     }
     if o.netns_type == NetnsType::TapFd && o.configure {
         warn!("-c has no effect with --netns-type=tapfd: the TAP's owner configures it");
