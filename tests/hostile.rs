@@ -663,10 +663,8 @@ fn malformed_frames_dropped_and_counted() {
 
 /// Gratuitous ARP and ARP replies claiming 10.0.2.2 / 10.0.2.3 with the
 /// guest's MAC, and ARP requests with those as sender: all ignored and
-/// counted; rnet still answers ARP for both with its own MAC.
-///
-/// NDP spoofing is not tested: rnet has no IPv6 yet (IPv6 frames are
-/// dropped as `unsupported`).
+/// counted; rnet still answers ARP for both with its own MAC. (NDP:
+/// `ndp_spoofing_ignored` below.)
 #[test]
 fn arp_spoofing_ignored() {
     require!(require_userns);
@@ -698,6 +696,33 @@ fn arp_spoofing_ignored() {
     let out = g.run(&strs(&curl(&url)), secs(30));
     out.assert_success("curl through the gateway after ARP spoofing");
     assert_eq!(out.stdout, HTTP_BODY);
+}
+
+/// NDP spoofing: advertisements claiming fd00::2 and fd00::3, and a
+/// solicitation sent as if from fd00::2, are dropped and counted; the guest
+/// still pings the v6 gateway and resolves it to rnet's MAC.
+#[test]
+fn ndp_spoofing_ignored() {
+    require!(require_userns);
+    let g = Guest::start(Rnet::new());
+    let own = g.script(&["gwmac", "tap0"], secs(30));
+    let rnet_mac = own.stdout.trim().strip_prefix("mac ").unwrap().to_string();
+    let before = g.drops();
+    let out = g.script(
+        &["ndpspoof", "tap0", "fd00::100", "fd00::2", "fd00::3"],
+        secs(30),
+    );
+    let diff = drops_diff(&before, &g.drops());
+    eprintln!("NDP spoofing: drops added {diff:?}\n{}", out.stdout);
+    let count = |r: &str| diff.get(r).copied().unwrap_or(0);
+    assert!(
+        count("spoofed_source") + count("unsupported") >= 3,
+        "{diff:?}\n{out}"
+    );
+    let ping = g.run(&["ping", "-6", "-c", "2", "-W", "2", "fd00::2"], secs(30));
+    ping.assert_success("ping -6 fd00::2 after NDP spoofing");
+    let neigh = g.run(&["ip", "-6", "neigh", "show", "fd00::2"], secs(10));
+    assert!(neigh.stdout.contains(&rnet_mac), "{neigh}");
 }
 
 // ---------------------------------------------------------------- 5. host loopback

@@ -353,7 +353,18 @@ fn icmpv6<'a>(ip: &Ipv6Packet<&[u8]>, payload: &'a [u8], v6: &V6Addrs) -> Verdic
             }
             Verdict::NeighborSolicit { src, target }
         }
-        136 if ndp && link_src && !dst.is_multicast() => Verdict::NeighborAdvert,
+        136 if ndp && link_src && !dst.is_multicast() => {
+            let Some(t) = payload.get(8..24) else {
+                return Verdict::Drop(DropReason::Malformed);
+            };
+            let target = Ipv6Addr::from(<[u8; 16]>::try_from(t).unwrap_or([0; 16]));
+            // A guest claiming to be the gateway or the DNS host is ignored,
+            // as with ARP.
+            if v6.is_virtual(target) {
+                return Verdict::Drop(DropReason::SpoofedSource);
+            }
+            Verdict::NeighborAdvert
+        }
         _ => Verdict::Drop(DropReason::Unsupported),
     }
 }

@@ -392,6 +392,39 @@ def cmd_arpspoof(iface):
         print("answer", ip, mac_str(m) if m else "none", flush=True)
 
 
+def ip6(s):
+    return socket.inet_pton(socket.AF_INET6, s)
+
+
+def ipv6_icmp(src, dst, icmp):
+    """An IPv6 packet (hop limit 255, as NDP requires) carrying `icmp`
+    (ICMPv6 with its checksum field zero), checksum filled in."""
+    pseudo6 = ip6(src) + ip6(dst) + struct.pack("!I3xB", len(icmp), 58)
+    c = csum(pseudo6 + icmp)
+    icmp = icmp[:2] + struct.pack("!H", c) + icmp[4:]
+    hdr = struct.pack("!IHBB16s16s", 6 << 28, len(icmp), 58, 255, ip6(src), ip6(dst))
+    return hdr + icmp
+
+
+def cmd_ndpspoof(iface, guest6, gw6, dns6):
+    """Neighbour advertisements from the guest claiming the gateway's and
+    the DNS host's IPv6 addresses (unicast to rnet, override flag, the
+    guest's own MAC as target link-layer address), and a solicitation sent
+    as if from the gateway. rnet must ignore all of them."""
+    me = own_mac(iface)
+    gw = gateway_mac(iface)
+    frames = []
+    for name, target in (("gateway", gw6), ("dns", dns6)):
+        na = struct.pack("!BBHI16s", 136, 0, 0, 0xA0000000, ip6(target)) + bytes([2, 1]) + me
+        frames.append(("na_claims_" + name, eth(gw, me, ETH_P_IPV6, ipv6_icmp(guest6, target, na))))
+    ns = struct.pack("!BBHI16s", 135, 0, 0, 0, ip6(dns6)) + bytes([1, 1]) + me
+    frames.append(("ns_from_gateway", eth(gw, me, ETH_P_IPV6, ipv6_icmp(gw6, dns6, ns))))
+    s = raw_socket(iface)
+    for kind, f in frames:
+        send(s, f)
+        print("sent", kind, flush=True)
+
+
 def cmd_loopback(iface, port):
     me, gw = own_mac(iface), gateway_mac(iface)
     port = int(port)
@@ -471,6 +504,7 @@ COMMANDS = {
     "udpflood": cmd_udpflood,
     "frames": cmd_frames,
     "arpspoof": cmd_arpspoof,
+    "ndpspoof": cmd_ndpspoof,
     "loopback": cmd_loopback,
     "hold": cmd_hold,
 }
