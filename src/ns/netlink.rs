@@ -225,50 +225,52 @@ impl RtNetlink {
         table: u32,
         priority: u32,
     ) -> Result<(), Errno> {
-        let msg = tcp_source_rule(from, table, priority);
-        match self.request(RouteNetlinkMessage::NewRule(msg), NLM_F_CREATE | NLM_F_EXCL) {
-            Err(Errno::EEXIST) => Ok(()),
-            other => other,
-        }
+        self.add_rule(tcp_source_rule(from, table, priority))
     }
 
     /// Removes the rule [`add_tcp_source_rule`](Self::add_tcp_source_rule)
     /// added; a rule that is not there (ENOENT) counts as removed.
-    /// Adds `to ADDR ipproto tcp dport PORT lookup TABLE` (EEXIST is success).
-    pub fn add_tcp_dest_rule(
-        &mut self,
-        to: SocketAddrV4,
-        table: u32,
-        priority: u32,
-    ) -> Result<(), Errno> {
-        let msg = tcp_dest_rule(to, table, priority);
-        match self.request(RouteNetlinkMessage::NewRule(msg), NLM_F_CREATE | NLM_F_EXCL) {
-            Err(Errno::EEXIST) => Ok(()),
-            other => other,
-        }
-    }
-
-    /// Removes the rule [`RtNetlink::add_tcp_dest_rule`] added (ENOENT is success).
-    pub fn del_tcp_dest_rule(
-        &mut self,
-        to: SocketAddrV4,
-        table: u32,
-        priority: u32,
-    ) -> Result<(), Errno> {
-        let msg = tcp_dest_rule(to, table, priority);
-        match self.request(RouteNetlinkMessage::DelRule(msg), 0) {
-            Err(Errno::ENOENT) => Ok(()),
-            other => other,
-        }
-    }
-
     pub fn del_tcp_source_rule(
         &mut self,
         from: SocketAddrV4,
         table: u32,
         priority: u32,
     ) -> Result<(), Errno> {
-        let msg = tcp_source_rule(from, table, priority);
+        self.del_rule(tcp_source_rule(from, table, priority))
+    }
+
+    /// Adds `priority PRIO to IP ipproto tcp dport PORT lookup TABLE` for
+    /// the TCP endpoint `to` (EEXIST counts as success).
+    pub fn add_tcp_dest_rule(
+        &mut self,
+        to: SocketAddrV4,
+        table: u32,
+        priority: u32,
+    ) -> Result<(), Errno> {
+        self.add_rule(tcp_dest_rule(to, table, priority))
+    }
+
+    /// Removes the rule [`add_tcp_dest_rule`](Self::add_tcp_dest_rule)
+    /// added (ENOENT counts as removed).
+    pub fn del_tcp_dest_rule(
+        &mut self,
+        to: SocketAddrV4,
+        table: u32,
+        priority: u32,
+    ) -> Result<(), Errno> {
+        self.del_rule(tcp_dest_rule(to, table, priority))
+    }
+
+    /// Adds a policy rule; one already present is not an error.
+    fn add_rule(&mut self, msg: RuleMessage) -> Result<(), Errno> {
+        match self.request(RouteNetlinkMessage::NewRule(msg), NLM_F_CREATE | NLM_F_EXCL) {
+            Err(Errno::EEXIST) => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Deletes a policy rule; one already gone is not an error.
+    fn del_rule(&mut self, msg: RuleMessage) -> Result<(), Errno> {
         match self.request(RouteNetlinkMessage::DelRule(msg), 0) {
             Err(Errno::ENOENT) => Ok(()),
             other => other,
