@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 
 secs=${FUZZ_SECONDS:-30}
-read -r -a targets <<<"${FUZZ_TARGETS:-frame ingress dhcp api specs}"
+read -r -a targets <<<"${FUZZ_TARGETS:-frame ingress dhcp api specs vnet}"
 
 if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
     echo "installing cargo-fuzz"

@@ -222,7 +222,7 @@ fn bench_classify(c: &mut Criterion) {
     ];
     // The frames must classify as what they are, or the numbers mean nothing.
     for (name, frame) in cases {
-        let v = classify(frame, GW_MAC, &addrs).verdict;
+        let v = classify(frame, GW_MAC, &addrs, false).verdict;
         let ok = match name {
             "tcp_data_1400B" => matches!(
                 v,
@@ -240,7 +240,7 @@ fn bench_classify(c: &mut Criterion) {
     g.throughput(Throughput::Elements(1));
     for (name, frame) in cases {
         g.bench_function(name, |b| {
-            b.iter(|| black_box(classify(black_box(frame), GW_MAC, &addrs)))
+            b.iter(|| black_box(classify(black_box(frame), GW_MAC, &addrs, false)))
         });
     }
     g.finish();

@@ -159,6 +159,20 @@ def main():
     ]:
         write("api", name, json.dumps(req).encode())
 
+    # vnet: GSO size asked for on transmit, a virtio-net header (host byte
+    # order: little-endian here), then the frame as the TAP delivers it.
+    def vnet_hdr(flags, gso_type=0, hdr_len=0, gso_size=0, csum_start=0, csum_offset=0):
+        return struct.pack("<BBHHHHH", flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, 0)
+
+    inner = eth(GW_MAC, 0x0800, tcp(GUEST, GW, 40000, 80, 1, 1, 0x18, b"x" * 100))
+    vxlan = struct.pack("!II", 0x08000000, 0x100) + inner
+    outer = eth(GW_MAC, 0x0800, udp(GUEST, GW, 40001, 8472, vxlan))
+    write("vnet", "vxlan_inner_partial",
+          b"\0\0" + vnet_hdr(1, csum_start=14 + 20 + 8 + 8 + 14 + 20, csum_offset=16) + outer)
+    big = eth(GW_MAC, 0x0800, tcp(GUEST, GW, 40000, 80, 1, 1, 0x18, b"y" * 3000))
+    write("vnet", "tso_segment", struct.pack("!H", 1448) + vnet_hdr(1, 1, 54, 1448, 34, 16) + big)
+    write("vnet", "plain_udp", b"\0\0" + vnet_hdr(0) + eth(GW_MAC, 0x0800, udp(GUEST, GW, 5, 53, b"q")))
+
     # specs: one kind of text per file.
     for name, text in [
         ("port", "8080:80"),

@@ -369,6 +369,7 @@ pub struct Config {
     pub(crate) publish: Vec<crate::ports::PortSpec>,
     pub(crate) publish_auto: Vec<crate::autopub::AutoPublish>,
     pub(crate) fast_ports: bool,
+    pub(crate) offloads: bool,
     pub(crate) pcap: Option<PathBuf>,
     pub(crate) pcap_cap: u64,
     pub(crate) mac: Option<[u8; 6]>,
@@ -486,6 +487,7 @@ pub struct ConfigBuilder {
     publish: Vec<crate::ports::PortSpec>,
     publish_auto: Vec<crate::autopub::AutoPublish>,
     fast_ports: bool,
+    offloads: bool,
     pcap: Option<PathBuf>,
     pcap_cap: u64,
     mac: Option<[u8; 6]>,
@@ -518,6 +520,7 @@ impl Default for ConfigBuilder {
             publish: Vec::new(),
             publish_auto: Vec::new(),
             fast_ports: true,
+            offloads: true,
             pcap: None,
             pcap_cap: crate::pcap::DEFAULT_CAP,
             mac: None,
@@ -631,6 +634,15 @@ impl ConfigBuilder {
         self
     }
 
+    /// Open the TAP with a virtio-net header and checksum/TSO offloads
+    /// (default true): the guest hands over TCP segments of up to 64 KiB
+    /// with checksums left partial, and rnet sends large segments back for
+    /// the guest kernel to cut. Only applies when rnet opens the TAP itself.
+    pub fn offloads(mut self, yes: bool) -> Self {
+        self.offloads = yes;
+        self
+    }
+
     /// Write every frame crossing the TAP to this pcap file, rotating to
     /// `FILE.1` past `cap` bytes (default 100 MiB).
     pub fn pcap(mut self, path: Option<PathBuf>, cap: u64) -> Self {
@@ -728,6 +740,7 @@ impl ConfigBuilder {
             publish: self.publish,
             publish_auto: self.publish_auto,
             fast_ports: self.fast_ports,
+            offloads: self.offloads,
             pcap: self.pcap,
             pcap_cap: self.pcap_cap,
             mac: self.mac,

@@ -193,7 +193,7 @@ impl Network {
         let setup = ns::TapSetup {
             name: config.tap_name().to_string(),
             mtu: config.mtu(),
-            vnet_hdr: false,
+            vnet_hdr: config.offloads,
             configure: config.configure().then(|| ns::IfaceConfig {
                 addr: config.guest(),
                 prefix_len: config.cidr().prefix(),
@@ -203,8 +203,10 @@ impl Network {
             }),
         };
         let opened = ns::open_tap(&target, &setup)?;
+        let vnet = setup.vnet_hdr;
         Network::serve(
             opened.fd,
+            vnet,
             opened.name,
             Some(opened.mac),
             Some(target),
@@ -224,11 +226,12 @@ impl Network {
         config: Config,
     ) -> Result<Network, Error> {
         let name = config.tap_name().to_string();
-        Network::serve(tap, name, None, watch_pid.map(Target::Pid), config)
+        Network::serve(tap, false, name, None, watch_pid.map(Target::Pid), config)
     }
 
     fn serve(
         fd: OwnedFd,
+        vnet: bool,
         tap_name: String,
         guest_mac: Option<[u8; 6]>,
         target: Option<Target>,
@@ -239,7 +242,8 @@ impl Network {
             _ => None,
         };
         let fast = config.fast_ports;
-        let mut tap = tap::Tap::new(fd).map_err(Error::io("preparing the TAP descriptor"))?;
+        let mut tap =
+            tap::Tap::with_vnet_hdr(fd, vnet).map_err(Error::io("preparing the TAP descriptor"))?;
         // Absolute, so rotation still finds it after the sandbox's chdir.
         let pcap_path = config
             .pcap

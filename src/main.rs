@@ -216,6 +216,14 @@ struct NetArgs {
     #[arg(long, value_name = "auto|stack", default_value = "auto", help_heading = "Ports",
           value_parser = ["auto", "stack"])]
     port_path: String,
+    /// Open the TAP without the virtio-net header and its offloads. By
+    /// default the guest kernel may hand rnet TCP segments of up to 64 KiB
+    /// with partial checksums (TSO), and rnet sends large segments back for
+    /// the guest to cut into MSS-sized pieces; this flag restores one
+    /// MTU-sized frame per read and write (for comparisons, or a kernel
+    /// that refuses TUNSETOFFLOAD).
+    #[arg(long, help_heading = "Interface")]
+    no_offload: bool,
     /// Serve the control socket at PATH (slirp4netns's JSON protocol; used
     /// by `rnet port`). Created mode 0600, removed on exit.
     #[arg(long, value_name = "PATH", help_heading = "Ports")]
@@ -308,6 +316,7 @@ impl NetArgs {
             .exit_fd(self.exit_fd)
             .api_socket(self.api_socket.clone())
             .fast_ports(self.port_path == "auto")
+            .offloads(!self.no_offload)
             .pcap(self.pcap.clone(), self.pcap_max_mib.saturating_mul(1 << 20))
             .sandbox(!self.no_sandbox)
             .seccomp(!self.no_sandbox)
@@ -388,9 +397,22 @@ fn attach(a: AttachArgs, sigs: SigSet) -> Result<u8, String> {
             handle.stop();
         }
     });
+    let totals = net.handle();
     let why = net.wait().map_err(|e| e.to_string())?;
-    info!(reason = ?why, "network stopped");
+    log_stopped(&format!("{why:?}"), &totals);
     Ok(0)
+}
+
+/// The last log line: why rnet stopped and what crossed the TAP.
+fn log_stopped(reason: &str, handle: &rnet::Handle) {
+    let s = handle.stats();
+    info!(
+        reason,
+        frames_in = s.frames_in,
+        bytes_in = s.bytes_in,
+        frames_out = s.frames_out,
+        "network stopped"
+    );
 }
 
 fn run(r: RunArgs, sigs: SigSet) -> Result<u8, String> {
@@ -406,9 +428,11 @@ fn run(r: RunArgs, sigs: SigSet) -> Result<u8, String> {
         }
     });
     let code = rnet::wait_for_exit(pid).map_err(|e| format!("waiting for the command: {e}"))?;
-    net.handle().stop();
-    if let Err(e) = net.wait() {
-        error!("{e}");
+    let totals = net.handle();
+    totals.stop();
+    match net.wait() {
+        Ok(why) => log_stopped(&format!("{why:?}"), &totals),
+        Err(e) => error!("{e}"),
     }
     Ok(code.clamp(0, 255) as u8)
 }

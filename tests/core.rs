@@ -192,7 +192,7 @@ fn harness_dns_responder() {
 
 // ---------------------------------------------------------------- 5. bulk TCP
 
-fn bulk_guest_to_host(rnet: &Rnet, dst: &str, total: u64) {
+fn bulk_guest_to_host(rnet: &Rnet, dst: &str, total: u64) -> TapTotals {
     let (addr, result) = tcp_sink();
     let expected = thread::spawn(move || Pattern::digest(total));
     let script = guest_script("stream.py");
@@ -209,9 +209,10 @@ fn bulk_guest_to_host(rnet: &Rnet, dst: &str, total: u64) {
     let expected = expected.join().unwrap();
     assert_eq!(Digested::parse(&out.stdout), expected, "guest side");
     assert_eq!(host, expected, "host side");
+    TapTotals::parse(&out.stderr)
 }
 
-fn bulk_host_to_guest(rnet: &Rnet, dst: &str, total: u64) {
+fn bulk_host_to_guest(rnet: &Rnet, dst: &str, total: u64) -> TapTotals {
     let (addr, result) = tcp_source(total);
     let expected = thread::spawn(move || Pattern::digest(total));
     let script = guest_script("stream.py");
@@ -226,6 +227,36 @@ fn bulk_host_to_guest(rnet: &Rnet, dst: &str, total: u64) {
         total as f64 / t0.elapsed().as_secs_f64() / 1e6
     );
     assert_eq!(Digested::parse(&out.stdout), expected.join().unwrap());
+    TapTotals::parse(&out.stderr)
+}
+
+/// What crossed the TAP, from rnet's last log line ("network stopped").
+#[derive(Debug)]
+struct TapTotals {
+    frames_in: u64,
+    bytes_in: u64,
+    frames_out: u64,
+}
+
+impl TapTotals {
+    fn parse(stderr: &str) -> TapTotals {
+        let line = stderr
+            .lines()
+            .rfind(|l| l.contains("network stopped"))
+            .unwrap_or_else(|| panic!("no 'network stopped' line in:\n{stderr}"));
+        let field = |k: &str| -> u64 {
+            let v = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix(&format!("{k}=")))
+                .unwrap_or_else(|| panic!("{k} missing in {line}"));
+            v.parse().unwrap_or_else(|e| panic!("{k}={v}: {e}"))
+        };
+        TapTotals {
+            frames_in: field("frames_in"),
+            bytes_in: field("bytes_in"),
+            frames_out: field("frames_out"),
+        }
+    }
 }
 
 #[test]
@@ -240,13 +271,34 @@ fn bulk_tcp_1gib_host_to_guest() {
     bulk_host_to_guest(&Rnet::new().allow_host_loopback(), GATEWAY, GIB);
 }
 
-/// The same transfers at a 1500-byte MTU (many more, smaller segments).
+/// The same transfers at a 1500-byte MTU. With offloads (the default) the
+/// guest hands over TCP segments larger than the MTU (TSO) and rnet sends
+/// GSO frames back, so both directions need far fewer frames than
+/// 1,460-byte segments would; with `--no-offload` every frame fits the MTU.
 #[test]
 fn bulk_tcp_64mib_mtu_1500() {
     require!(require_userns);
+    const TOTAL: u64 = 64 << 20;
+    let mss_frames = TOTAL / 1460;
     let rnet = Rnet::new().allow_host_loopback().arg("--mtu").arg("1500");
-    bulk_guest_to_host(&rnet, GATEWAY, 64 << 20);
-    bulk_host_to_guest(&rnet, GATEWAY, 64 << 20);
+    let up = bulk_guest_to_host(&rnet, GATEWAY, TOTAL);
+    let down = bulk_host_to_guest(&rnet, GATEWAY, TOTAL);
+    eprintln!("offloads: guest->host {up:?}, host->guest {down:?}");
+    assert!(
+        up.bytes_in / up.frames_in > 3000,
+        "no TSO segments from the guest: {up:?}"
+    );
+    assert!(
+        down.frames_out < mss_frames / 2,
+        "no GSO frames to the guest: {down:?} (MSS-sized would be {mss_frames})"
+    );
+
+    let plain = rnet.arg("--no-offload");
+    let up = bulk_guest_to_host(&plain, GATEWAY, TOTAL);
+    let down = bulk_host_to_guest(&plain, GATEWAY, TOTAL);
+    eprintln!("--no-offload: guest->host {up:?}, host->guest {down:?}");
+    assert!(up.bytes_in <= up.frames_in * 1514, "{up:?}");
+    assert!(down.frames_out >= mss_frames, "{down:?}");
 }
 
 // ---------------------------------------------------------------- 6. concurrency

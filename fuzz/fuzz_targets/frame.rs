@@ -34,7 +34,15 @@ fn inside(frame: &[u8], part: &[u8]) {
 }
 
 fuzz_target!(|frame: &[u8]| {
-    let c = classify(frame, EthernetAddress(GATEWAY_MAC), addrs());
+    // Both as a frame whose checksums are checked and as one the guest
+    // kernel vouched for (offloads on).
+    for vouched in [false, true] {
+        check(frame, vouched);
+    }
+});
+
+fn check(frame: &[u8], vouched: bool) {
+    let c = classify(frame, EthernetAddress(GATEWAY_MAC), addrs(), vouched);
     match c.verdict {
         Verdict::Tcp { ip, .. } => inside(frame, ip),
         Verdict::Udp { payload, ip, .. } => {
@@ -57,4 +65,4 @@ fuzz_target!(|frame: &[u8]| {
         | Verdict::RouterSolicit
         | Verdict::Drop(_) => {}
     }
-});
+}

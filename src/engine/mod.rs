@@ -485,9 +485,16 @@ impl Engine {
     }
 
     fn on_frame(&mut self, len: usize, now: Instant) {
-        if len > self.stack.mtu + 14 {
+        let meta = self.tap.rx_meta();
+        if meta.unsupported {
+            // A GSO type rnet never enabled (UDP fragmentation offload).
+            self.stats.count_drop(DropReason::Unsupported);
+            return;
+        }
+        if len > self.stack.mtu + 14 && !meta.gso {
             // Larger than the link allows: the guest's TAP MTU was raised
-            // behind rnet's back, or the frame is forged.
+            // behind rnet's back, or the frame is forged. (A TSO burst from
+            // the guest kernel is one TCP segment of up to 64 KiB.)
             self.stats.count_drop(DropReason::Malformed);
             return;
         }
@@ -496,7 +503,12 @@ impl Engine {
         let (action, src_mac) = {
             let (rx, _) = self.tap.split();
             let frame = &rx[..len];
-            let c = classify(frame, self.stack.mac, &self.stack.addrs);
+            let c = classify(
+                frame,
+                self.stack.mac,
+                &self.stack.addrs,
+                meta.l4_csum_vouched,
+            );
             (Action::from_verdict(c.verdict, frame), c.src_mac)
         };
         if !matches!(action, Action::Drop(_)) {
@@ -650,11 +662,6 @@ impl Engine {
         ip_off: usize,
         now: Instant,
     ) {
-        if !crate::stack::classify::tcp_checksum_ok(&self.tap.split().0[ip_off..len]) {
-            // Never open a host connection for a corrupted SYN.
-            self.stats.count_drop(DropReason::BadChecksum);
-            return;
-        }
         let (target, bind) = match route_any(&self.cfg, dst) {
             Route::Host(t) => (t, self.cfg.outbound_addr()),
             Route::Dns => match self.upstreams.first() {

@@ -54,11 +54,13 @@ pub(crate) enum Step {
     Exec = 13,
     /// Anything else; the context says what.
     Internal = 14,
+    /// ioctl(TUNSETOFFLOAD).
+    Offload = 15,
 }
 
 impl Step {
     /// All steps, to decode the tag byte.
-    const ALL: [Step; 14] = [
+    const ALL: [Step; 15] = [
         Step::JoinUserns,
         Step::JoinNetns,
         Step::OpenTun,
@@ -73,6 +75,7 @@ impl Step {
         Step::GidMap,
         Step::Exec,
         Step::Internal,
+        Step::Offload,
     ];
 
     /// The step with tag byte `b`, if any.

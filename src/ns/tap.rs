@@ -72,6 +72,7 @@ impl IfReq {
 
 nix::ioctl_readwrite_bad!(tun_set_iff, libc::TUNSETIFF, IfReq);
 nix::ioctl_write_ptr_bad!(tun_set_vnet_hdr_sz, libc::TUNSETVNETHDRSZ, libc::c_int);
+nix::ioctl_write_int_bad!(tun_set_offload, libc::TUNSETOFFLOAD);
 nix::ioctl_readwrite_bad!(get_hwaddr, libc::SIOCGIFHWADDR, IfReq);
 
 /// Checks that `name` can be a Linux interface name.
@@ -312,6 +313,11 @@ pub(crate) fn tap_error(e: ChildError, target: &Target, name: &str) -> NsError {
             step: "set the virtio-net header size (TUNSETVNETHDRSZ)".to_owned(),
             errno,
         },
+        Step::Offload => NsError::TapSetup {
+            name,
+            step: "enable checksum and segmentation offloads (TUNSETOFFLOAD)".to_owned(),
+            errno,
+        },
         Step::ReadMac => NsError::TapSetup {
             name,
             step: "read its MAC address".to_owned(),
@@ -376,6 +382,13 @@ fn helper_main(
         // points at `len`, alive for the call.
         unsafe { tun_set_vnet_hdr_sz(tun.as_raw_fd(), &len) }
             .map_err(|e| ChildError::new(Step::VnetHdrSize, e, "TUNSETVNETHDRSZ"))?;
+        // Partial checksums and TCP segments of up to 64 KiB from the guest,
+        // and GSO frames towards it (see the tap module of the data plane).
+        let offloads = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6;
+        // SAFETY: TUNSETOFFLOAD takes its flags by value; `tun` is an open
+        // TAP descriptor.
+        unsafe { tun_set_offload(tun.as_raw_fd(), offloads as libc::c_int) }
+            .map_err(|e| ChildError::new(Step::Offload, e, "TUNSETOFFLOAD"))?;
     }
 
     if let Some(cfg) = &setup.configure {

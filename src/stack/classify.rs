@@ -19,7 +19,7 @@ use crate::stats::DropReason;
 pub enum Verdict<'a> {
     /// An ARP request for a virtual host (or a reply to rnet): smoltcp answers.
     Arp,
-    /// A TCP segment (checksum checked later by smoltcp).
+    /// A TCP segment with a valid (or kernel-vouched) checksum.
     Tcp {
         /// Guest endpoint.
         src: SocketAddr,
@@ -97,8 +97,15 @@ pub struct Classified<'a> {
     pub verdict: Verdict<'a>,
 }
 
-/// Classifies one Ethernet frame from the guest.
-pub fn classify<'a>(frame: &'a [u8], our_mac: EthernetAddress, addrs: &NetAddrs) -> Classified<'a> {
+/// Classifies one Ethernet frame from the guest. `l4_vouched` says the
+/// guest kernel vouched for the TCP/UDP checksum (see [`crate::tap::RxMeta`]),
+/// which then is not checked: it may be partial by design.
+pub fn classify<'a>(
+    frame: &'a [u8],
+    our_mac: EthernetAddress,
+    addrs: &NetAddrs,
+    l4_vouched: bool,
+) -> Classified<'a> {
     let drop = |r| Classified {
         src_mac: EthernetAddress([0; 6]),
         verdict: Verdict::Drop(r),
@@ -114,12 +121,12 @@ pub fn classify<'a>(frame: &'a [u8], our_mac: EthernetAddress, addrs: &NetAddrs)
     let verdict = match eth.ethertype() {
         EthernetProtocol::Arp => arp(&frame[14..], addrs),
         EthernetProtocol::Ipv4 if dst_mac == our_mac || dst_mac.is_broadcast() => {
-            ipv4(&frame[14..], addrs)
+            ipv4(&frame[14..], addrs, l4_vouched)
         }
         EthernetProtocol::Ipv4 => Verdict::Drop(DropReason::NotForUs),
         EthernetProtocol::Ipv6 => match &addrs.v6 {
             Some(v6) if dst_mac == our_mac || dst_mac.0[..2] == [0x33, 0x33] => {
-                ipv6(&frame[14..], v6)
+                ipv6(&frame[14..], v6, l4_vouched)
             }
             Some(_) => Verdict::Drop(DropReason::NotForUs),
             None => Verdict::Drop(DropReason::Unsupported),
@@ -154,7 +161,7 @@ fn arp(bytes: &[u8], addrs: &NetAddrs) -> Verdict<'static> {
     }
 }
 
-fn ipv4<'a>(bytes: &'a [u8], addrs: &NetAddrs) -> Verdict<'a> {
+fn ipv4<'a>(bytes: &'a [u8], addrs: &NetAddrs, l4_vouched: bool) -> Verdict<'a> {
     let Ok(ip) = Ipv4Packet::new_checked(bytes) else {
         return Verdict::Drop(DropReason::Malformed);
     };
@@ -171,7 +178,7 @@ fn ipv4<'a>(bytes: &'a [u8], addrs: &NetAddrs) -> Verdict<'a> {
     let dst = ip.dst_addr();
     let ip_bytes = &bytes[..ip.total_len() as usize];
     let payload = &ip_bytes[ip.header_len() as usize..];
-    if let Some(v) = dhcp(&ip, payload, addrs) {
+    if let Some(v) = dhcp(&ip, payload, addrs, l4_vouched) {
         return v;
     }
     if !addrs.is_guest_source(src) {
@@ -182,6 +189,9 @@ fn ipv4<'a>(bytes: &'a [u8], addrs: &NetAddrs) -> Verdict<'a> {
             let Ok(tcp) = TcpPacket::new_checked(payload) else {
                 return Verdict::Drop(DropReason::Malformed);
             };
+            if !l4_vouched && !tcp.verify_checksum(&src.into(), &dst.into()) {
+                return Verdict::Drop(DropReason::BadChecksum);
+            }
             Verdict::Tcp {
                 src: SocketAddrV4::new(src, tcp.src_port()).into(),
                 dst: SocketAddrV4::new(dst, tcp.dst_port()).into(),
@@ -193,7 +203,8 @@ fn ipv4<'a>(bytes: &'a [u8], addrs: &NetAddrs) -> Verdict<'a> {
             let Ok(udp) = UdpPacket::new_checked(payload) else {
                 return Verdict::Drop(DropReason::Malformed);
             };
-            if udp.checksum() != 0 && !udp.verify_checksum(&src.into(), &dst.into()) {
+            if !l4_vouched && udp.checksum() != 0 && !udp.verify_checksum(&src.into(), &dst.into())
+            {
                 return Verdict::Drop(DropReason::BadChecksum);
             }
             if udp.dst_port() == 0 || udp.src_port() == 0 {
@@ -249,7 +260,7 @@ fn solicited_node(ip: Ipv6Addr) -> Ipv6Addr {
     )
 }
 
-fn ipv6<'a>(bytes: &'a [u8], v6: &V6Addrs) -> Verdict<'a> {
+fn ipv6<'a>(bytes: &'a [u8], v6: &V6Addrs, l4_vouched: bool) -> Verdict<'a> {
     let Ok(ip) = Ipv6Packet::new_checked(bytes) else {
         return Verdict::Drop(DropReason::Malformed);
     };
@@ -282,6 +293,9 @@ fn ipv6<'a>(bytes: &'a [u8], v6: &V6Addrs) -> Verdict<'a> {
             let Ok(tcp) = TcpPacket::new_checked(payload) else {
                 return Verdict::Drop(DropReason::Malformed);
             };
+            if !l4_vouched && !tcp.verify_checksum(&src.into(), &dst.into()) {
+                return Verdict::Drop(DropReason::BadChecksum);
+            }
             Verdict::Tcp {
                 src: SocketAddrV6::new(src, tcp.src_port(), 0, 0).into(),
                 dst: SocketAddrV6::new(dst, tcp.dst_port(), 0, 0).into(),
@@ -294,7 +308,7 @@ fn ipv6<'a>(bytes: &'a [u8], v6: &V6Addrs) -> Verdict<'a> {
                 return Verdict::Drop(DropReason::Malformed);
             };
             // The checksum is mandatory over IPv6.
-            if !udp.verify_checksum(&src.into(), &dst.into()) {
+            if !l4_vouched && !udp.verify_checksum(&src.into(), &dst.into()) {
                 return Verdict::Drop(DropReason::BadChecksum);
             }
             if udp.dst_port() == 0 || udp.src_port() == 0 {
@@ -371,7 +385,12 @@ fn icmpv6<'a>(ip: &Ipv6Packet<&[u8]>, payload: &'a [u8], v6: &V6Addrs) -> Verdic
 
 /// Recognises a DHCP client message, which may come from 0.0.0.0 before
 /// the guest has an address.
-fn dhcp<'a>(ip: &Ipv4Packet<&[u8]>, payload: &'a [u8], addrs: &NetAddrs) -> Option<Verdict<'a>> {
+fn dhcp<'a>(
+    ip: &Ipv4Packet<&[u8]>,
+    payload: &'a [u8],
+    addrs: &NetAddrs,
+    l4_vouched: bool,
+) -> Option<Verdict<'a>> {
     if ip.next_header() != IpProtocol::Udp {
         return None;
     }
@@ -385,31 +404,12 @@ fn dhcp<'a>(ip: &Ipv4Packet<&[u8]>, payload: &'a [u8], addrs: &NetAddrs) -> Opti
     if udp.src_port() != 68 || udp.dst_port() != 67 {
         return None;
     }
-    if udp.checksum() != 0 && !udp.verify_checksum(&src.into(), &dst.into()) {
+    if !l4_vouched && udp.checksum() != 0 && !udp.verify_checksum(&src.into(), &dst.into()) {
         return Some(Verdict::Drop(DropReason::BadChecksum));
     }
     Some(Verdict::Dhcp {
         payload: &payload[8..udp.len() as usize],
     })
-}
-
-/// Whether the TCP segment in the IP packet `ip` (v4 or v6) has a valid
-/// checksum. The classifier leaves TCP checksums to smoltcp, which checks
-/// every segment of a flow; a segment that would *start* a flow (and a host
-/// connect) is checked here first.
-pub fn tcp_checksum_ok(ip: &[u8]) -> bool {
-    use smoltcp::wire::Ipv6Packet;
-    match ip.first().map(|b| b >> 4) {
-        Some(4) => Ipv4Packet::new_checked(ip).is_ok_and(|p| {
-            TcpPacket::new_checked(p.payload())
-                .is_ok_and(|t| t.verify_checksum(&p.src_addr().into(), &p.dst_addr().into()))
-        }),
-        Some(6) => Ipv6Packet::new_checked(ip).is_ok_and(|p| {
-            TcpPacket::new_checked(p.payload())
-                .is_ok_and(|t| t.verify_checksum(&p.src_addr().into(), &p.dst_addr().into()))
-        }),
-        _ => false,
-    }
 }
 
 #[cfg(test)]
@@ -427,7 +427,7 @@ mod tests {
         let mac = EthernetAddress([2, 0, 0, 0, 0, 2]);
         for len in 0..80 {
             let frame: Vec<u8> = (0..len).map(|i| (i * 37 + 11) as u8).collect();
-            let c = classify(&frame, mac, &a);
+            let c = classify(&frame, mac, &a, false);
             assert!(matches!(c.verdict, Verdict::Drop(_)), "len {len}: {c:?}");
         }
     }
@@ -461,24 +461,24 @@ mod tests {
         };
         let na = build(136, guest);
         assert!(matches!(
-            classify(&na, ours, &a).verdict,
+            classify(&na, ours, &a, false).verdict,
             Verdict::NeighborAdvert
         ));
         let ns = build(135, gw);
         assert!(matches!(
-            classify(&ns, ours, &a).verdict,
+            classify(&ns, ours, &a, false).verdict,
             Verdict::NeighborSolicit { target, .. } if target == gw
         ));
         // A question about any other address is not answered (AnyIP).
         let other = build(135, "fd00::7".parse().unwrap());
         assert!(matches!(
-            classify(&other, ours, &a).verdict,
+            classify(&other, ours, &a, false).verdict,
             Verdict::Drop(DropReason::NotForUs)
         ));
         // IPv6 off: unsupported, as before.
         let off = addrs();
         assert!(matches!(
-            classify(&ns, ours, &off).verdict,
+            classify(&ns, ours, &off, false).verdict,
             Verdict::Drop(DropReason::Unsupported)
         ));
     }

@@ -4,11 +4,20 @@
 //! smoltcp sees holds at most one received frame, the one already matched to
 //! a flow, and transmits straight into the TAP's scratch buffer. There is no
 //! queue and no allocation per frame.
+//!
+//! With TAP offloads on (see [`crate::tap`]), the device tells smoltcp to
+//! neither verify nor compute TCP checksums (the classifier checks those the
+//! kernel does not vouch for; the guest kernel completes ours) and that
+//! IPv4 TCP segments of up to 64 KiB may be handed over whole, to be cut
+//! into the guest's MSS by the guest kernel. smoltcp 0.14 offers no IPv6
+//! segmentation, so IPv6 segments keep to the MTU.
 
-use smoltcp::phy::{self, Checksum, ChecksumCapabilities, DeviceCapabilities, Medium};
+use std::num::NonZeroUsize;
+
+use smoltcp::phy::{self, Checksum, ChecksumCapabilities, DeviceCapabilities, Medium, PacketMeta};
 use smoltcp::time::Instant;
 
-use crate::tap::TapTx;
+use crate::tap::{MAX_GSO_FRAME, TapTx};
 
 /// A one-frame device over the TAP.
 pub struct FrameDevice<'a> {
@@ -25,11 +34,17 @@ impl<'a> FrameDevice<'a> {
         Self { rx, tx, mtu, sent }
     }
 
-    /// Checksum work: verify what the guest sends, compute what we send.
-    pub fn checksums() -> ChecksumCapabilities {
+    /// Checksum work: the classifier has already checked the guest's TCP
+    /// checksums, so smoltcp only computes ours; with `offloads`, the guest
+    /// kernel completes them instead.
+    pub fn checksums(offloads: bool) -> ChecksumCapabilities {
         let mut c = ChecksumCapabilities::default();
         c.ipv4 = Checksum::Both;
-        c.tcp = Checksum::Both;
+        c.tcp = if offloads {
+            Checksum::None
+        } else {
+            Checksum::Tx
+        };
         c
     }
 }
@@ -51,6 +66,7 @@ impl phy::Device for FrameDevice<'_> {
             Tx {
                 tx: self.tx.reborrow(),
                 sent: self.sent,
+                gso_size: None,
             },
         ))
     }
@@ -59,6 +75,7 @@ impl phy::Device for FrameDevice<'_> {
         Some(Tx {
             tx: self.tx.reborrow(),
             sent: self.sent,
+            gso_size: None,
         })
     }
 
@@ -66,7 +83,11 @@ impl phy::Device for FrameDevice<'_> {
         let mut caps = DeviceCapabilities::default();
         caps.medium = Medium::Ethernet;
         caps.max_transmission_unit = self.mtu + 14;
-        caps.checksum = Self::checksums();
+        let offloads = self.tx.offloads();
+        caps.checksum = Self::checksums(offloads);
+        if offloads {
+            caps.segmentation.tcpv4 = NonZeroUsize::new(MAX_GSO_FRAME);
+        }
         caps
     }
 }
@@ -84,14 +105,19 @@ impl phy::RxToken for Rx<'_> {
 pub struct Tx<'b> {
     tx: TapTx<'b>,
     sent: &'b mut u64,
+    gso_size: Option<u16>,
 }
 
 impl phy::TxToken for Tx<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(mut self, len: usize, f: F) -> R {
-        let (r, ok) = self.tx.send_with(len, f);
+        let (r, ok) = self.tx.send_with(len, self.gso_size, f);
         if ok {
             *self.sent += 1;
         }
         r
+    }
+
+    fn set_meta(&mut self, meta: PacketMeta) {
+        self.gso_size = meta.segmentation_offload_size.map(|s| s.get());
     }
 }
