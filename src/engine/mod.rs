@@ -260,7 +260,9 @@ pub struct Engine {
     ping_warned: bool,
     rules: BTreeMap<u64, ports::Rule>,
     next_rule: u64,
-    udp_return: HashMap<(SocketAddrV4, SocketAddrV4), ports::UdpReturn>,
+    /// Published-UDP conversations: (guest endpoint, client as the guest
+    /// sees it) → the listener and the real client.
+    udp_return: HashMap<(SocketAddr, SocketAddr), ports::UdpReturn>,
     commands: mpsc::Receiver<Command>,
     next_sweep: Instant,
     dhcp: DhcpServer,
@@ -543,7 +545,7 @@ impl Engine {
                 payload,
                 ip_off,
             } => match route(&self.cfg, dst) {
-                _ if self.udp_return_to_client(src, dst, payload.clone(), now) => {}
+                _ if self.udp_return_to_client(src.into(), dst.into(), payload.clone(), now) => {}
                 Route::Host(target) => self.udp_out(src.into(), target, payload, now),
                 Route::Dns => self.dns_query(src.into(), payload, now),
                 Route::Deny(d) => self.deny(d, *src.ip(), *dst.ip(), ip_off, len),
@@ -554,6 +556,7 @@ impl Engine {
                 payload,
                 ip_off,
             } => match crate::nat::route6(&self.cfg, dst) {
+                _ if self.udp_return_to_client(src.into(), dst.into(), payload.clone(), now) => {}
                 Route::Host(target) => self.udp_out(src.into(), target, payload, now),
                 Route::Dns => self.dns_query(src.into(), payload, now),
                 Route::Deny(d) => self.deny6(d, *src.ip(), ip_off, len),
