@@ -1,10 +1,12 @@
 //! IPv6 on the virtual link: namespace configuration, router advertisements,
-//! NDP, ICMPv6 echo to the gateway, TCP/UDP to the host's ::1 through the gateway fd00::2, DNS over
+//! NDP, ICMPv6 echo to the gateway and (through ping sockets) to a test
+//! host, TCP/UDP to the host's ::1 through the gateway fd00::2, DNS over
 //! IPv6 to fd00::3, published TCP and UDP ports on IPv6 host addresses (by
 //! `-p` and through the API), and `--no-ipv6`.
 //!
-//! Every rnet here runs with `--outbound-allow none` and a loopback DNS
-//! responder (see `common::Rnet`); guests only talk to fd00::2 and fd00::3.
+//! Every rnet here runs with an outbound allow-list (`none`, or the test
+//! host it pings) and a loopback DNS responder (see `common::Rnet`); guests
+//! only talk to fd00::2, fd00::3 and a test host this file creates.
 
 mod common;
 
@@ -461,4 +463,50 @@ fn published_udp_over_v6_two_clients() {
     let c = client("127.0.0.1:0");
     let dst: SocketAddr = format!("127.0.0.1:{}", hp + 1).parse().unwrap();
     udp_clients_get_own_replies(&[(&c, "c")], dst, "::ffff:10.0.2.2");
+}
+
+/// Everything in this file touching net.ipv4.ping_group_range (which also
+/// governs IPv6 ping sockets) stays in this one test.
+#[test]
+fn ping6_test_host_through_ping_sockets() {
+    require!(require_root);
+    let th = TestHost::create_v6();
+    let (_, addr) = th.v6.unwrap();
+    let addr = addr.to_string();
+    let ping = |count: &'static str| {
+        ["ping", "-6", "-c", count, "-W", "2", addr.as_str()].map(String::from)
+    };
+    let range = SysctlGuard::new("/proc/sys/net/ipv4/ping_group_range");
+
+    range.set("0 2147483647");
+    let allowed = Rnet::new().outbound_allow(&th.cidr6());
+    let out = allowed.run(&strs(&ping("3")), secs(30));
+    out.assert_success("guest ping -6 of the test host, ping sockets allowed");
+    assert!(out.stdout.contains(" 3 received"), "{out}");
+
+    // Outside the allow-list (only the test host's IPv4 address is on it):
+    // refused by rnet, which says so.
+    let out = Rnet::new()
+        .outbound_allow(&th.cidr())
+        .run(&strs(&ping("1")), secs(30));
+    out.assert_failure("guest ping -6 of a test host outside the allow-list");
+    assert!(
+        out.stdout
+            .to_lowercase()
+            .contains("administratively prohibited"),
+        "{out}"
+    );
+
+    range.set("1 0");
+    let out = allowed.run(&strs(&ping("3")), secs(30));
+    out.assert_failure("guest ping -6 of the test host, ping sockets denied");
+    let warnings = out
+        .stderr
+        .lines()
+        .filter(|l| l.contains("ping_group_range"));
+    assert_eq!(
+        warnings.count(),
+        1,
+        "rnet must log the ping_group_range warning exactly once: {out}"
+    );
 }
