@@ -334,7 +334,8 @@ pub enum PortError {
         /// The existing rule.
         id: u64,
     },
-    /// Unsupported combination (e.g. IPv6 guest side).
+    /// Unsupported combination (e.g. an IPv6 guest address while IPv6 is
+    /// off).
     #[error("{0}")]
     Unsupported(String),
     /// No rule with that id.
