@@ -319,12 +319,22 @@ pub fn parse_request(req: &Value, guest: Ipv4Addr) -> Result<Request, &'static s
                 .and_then(Value::as_u64)
                 .filter(|p| *p <= 65535)
                 .ok_or("bad request: add_hostfwd: bad arguments.host_port")?;
-            let guest_ip: Ipv4Addr = match arg("guest_addr") {
-                None | Some(Value::Null) => guest,
-                Some(Value::String(s)) if s.is_empty() => guest,
-                Some(Value::String(s)) => s
-                    .parse()
-                    .map_err(|_| "bad request: add_hostfwd: bad arguments.guest_addr")?,
+            // Absent, slirp4netns's default: the guest's IPv4 address for
+            // an IPv4 host address; for an IPv6 one, the guest itself in
+            // each client's family (see `PortSpec::guest_ip`).
+            let default_guest = match host_ip {
+                IpAddr::V4(_) => Some(IpAddr::V4(guest)),
+                IpAddr::V6(_) => None,
+            };
+            let guest_ip: Option<IpAddr> = match arg("guest_addr") {
+                None | Some(Value::Null) => default_guest,
+                Some(Value::String(s)) if s.is_empty() => default_guest,
+                // A v4-mapped address means the IPv4 one.
+                Some(Value::String(s)) => Some(
+                    s.parse::<IpAddr>()
+                        .map_err(|_| "bad request: add_hostfwd: bad arguments.guest_addr")?
+                        .to_canonical(),
+                ),
                 _ => return Err("bad request: add_hostfwd: bad arguments.guest_addr"),
             };
             let guest_port = arg("guest_port")
@@ -334,7 +344,7 @@ pub fn parse_request(req: &Value, guest: Ipv4Addr) -> Result<Request, &'static s
             Ok(Request::Add(PortSpec::single(
                 proto,
                 SocketAddr::new(host_ip, host_port as u16),
-                Some(guest_ip),
+                guest_ip,
                 guest_port as u16,
             )))
         }
@@ -404,8 +414,30 @@ mod tests {
             Request::Add(PortSpec::single(
                 Proto::Udp,
                 "0.0.0.0:8472".parse().unwrap(),
-                Some(G),
+                Some(G.into()),
                 8472
+            ))
+        );
+        // IPv6 host and guest addresses; with an IPv6 host address and no
+        // guest address the rule follows each client's family.
+        let add = parse(r#"{"execute":"add_hostfwd","arguments":{"proto":"tcp","host_addr":"::1","host_port":8080,"guest_addr":"fd00::100","guest_port":80}}"#).unwrap();
+        assert_eq!(
+            add,
+            Request::Add(PortSpec::single(
+                Proto::Tcp,
+                "[::1]:8080".parse().unwrap(),
+                Some("fd00::100".parse().unwrap()),
+                80
+            ))
+        );
+        let add = parse(r#"{"execute":"add_hostfwd","arguments":{"proto":"udp","host_addr":"::","host_port":8080,"guest_port":80}}"#).unwrap();
+        assert_eq!(
+            add,
+            Request::Add(PortSpec::single(
+                Proto::Udp,
+                "[::]:8080".parse().unwrap(),
+                None,
+                80
             ))
         );
     }
@@ -429,7 +461,11 @@ mod tests {
                 "bad request: add_hostfwd: bad arguments.host_port",
             ),
             (
-                r#"{"execute":"add_hostfwd","arguments":{"proto":"tcp","host_port":1,"guest_addr":"::1","guest_port":1}}"#,
+                r#"{"execute":"add_hostfwd","arguments":{"proto":"tcp","host_port":1,"guest_addr":"fd00::x","guest_port":1}}"#,
+                "bad request: add_hostfwd: bad arguments.guest_addr",
+            ),
+            (
+                r#"{"execute":"add_hostfwd","arguments":{"proto":"tcp","host_port":1,"guest_addr":"[::1]","guest_port":1}}"#,
                 "bad request: add_hostfwd: bad arguments.guest_addr",
             ),
             (

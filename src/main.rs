@@ -196,9 +196,11 @@ struct NetArgs {
     disable_dns: bool,
     /// Publish a host port into the namespace (repeatable):
     /// [HOST_IP:]HOST_PORT[-END]:[GUEST_IP:]GUEST_PORT[-END][/tcp|/udp].
-    /// HOST_IP defaults to 0.0.0.0, GUEST_IP to the guest (10.0.2.100), the
-    /// protocol to tcp. The guest sees the client's real address (a client
-    /// on the host's loopback appears as 10.0.2.2).
+    /// HOST_IP defaults to 0.0.0.0, GUEST_IP to the guest in the client's
+    /// family (10.0.2.100, fd00::100), the protocol to tcp; IPv6 addresses
+    /// go in brackets ([::1]:8080:[fd00::100]:80). The guest sees the
+    /// client's real address (a client on the host's loopback appears as
+    /// 10.0.2.2, or fd00::2 over IPv6).
     #[arg(short = 'p', long, value_name = "SPEC", help_heading = "Ports")]
     publish: Vec<PortSpec>,
     /// Publish the namespace's listening sockets automatically on the same

@@ -20,7 +20,8 @@ pub struct PortArgs {
 
 #[derive(Subcommand, Debug)]
 enum Action {
-    /// Publish a port: [HOST_IP:]HOST_PORT:[GUEST_IP:]GUEST_PORT[/tcp|/udp].
+    /// Publish a port: [HOST_IP:]HOST_PORT:[GUEST_IP:]GUEST_PORT[/tcp|/udp]
+    /// (IPv6 addresses in brackets: [::1]:8080:[fd00::100]:80).
     /// HOST_PORT 0 lets the kernel choose a free port, which is printed.
     Add {
         /// The port spec (as for -p; one port or a range).

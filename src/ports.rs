@@ -8,7 +8,13 @@
 //! [HOST_IP:]HOST_PORT[-END]:[GUEST_IP:]GUEST_PORT[-END][/tcp|/udp]
 //! ```
 //!
-//! - `HOST_IP` defaults to `0.0.0.0`; `GUEST_IP` to the guest (net + 100).
+//! - `HOST_IP` defaults to `0.0.0.0`; an IPv6 address goes in brackets
+//!   (`[::1]:8080:80`, `[::]:8080:80`).
+//! - `GUEST_IP` defaults to the guest itself in the client's family: IPv4
+//!   clients reach net + 100, IPv6 clients prefix::100 (or net + 100 when
+//!   IPv6 is off). Given, it may be IPv4 or, in brackets, IPv6
+//!   (`[::1]:8080:[fd00::100]:80`); a client of the other family then
+//!   appears to the guest as the gateway of the guest address's family.
 //! - A range maps port by port and both sides must have the same length:
 //!   `30000-32767:30000-32767` publishes the Kubernetes NodePort range.
 //! - The protocol defaults to `tcp`.
@@ -81,8 +87,8 @@ pub struct PortSpec {
     pub host_ip: IpAddr,
     /// First host port (0: let the kernel choose; only with `count == 1`).
     pub host_port: u16,
-    /// Guest address (None: the guest's configured address).
-    pub guest_ip: Option<Ipv4Addr>,
+    /// Guest address (None: the guest's own address in the client's family).
+    pub guest_ip: Option<IpAddr>,
     /// First guest port.
     pub guest_port: u16,
     /// Number of ports.
@@ -94,7 +100,7 @@ impl PortSpec {
     pub fn single(
         proto: Proto,
         host: SocketAddr,
-        guest_ip: Option<Ipv4Addr>,
+        guest_ip: Option<IpAddr>,
         guest_port: u16,
     ) -> Self {
         Self {
@@ -121,8 +127,10 @@ impl fmt::Display for PortSpec {
             IpAddr::V6(ip) => write!(f, "[{ip}]:{}:", range(self.host_port))?,
             IpAddr::V4(ip) => write!(f, "{ip}:{}:", range(self.host_port))?,
         }
-        if let Some(g) = self.guest_ip {
-            write!(f, "{g}:")?;
+        match self.guest_ip {
+            Some(IpAddr::V6(g)) => write!(f, "[{g}]:")?,
+            Some(IpAddr::V4(g)) => write!(f, "{g}:")?,
+            None => {}
         }
         write!(f, "{}/{}", range(self.guest_port), self.proto)
     }
@@ -158,29 +166,31 @@ impl FromStr for PortSpec {
             Some((b, p)) => (b, p.parse()?),
             None => (spec, Proto::Tcp),
         };
-        // A bracketed IPv6 host address may contain colons.
-        let (host_ip, rest) = if let Some(r) = body.strip_prefix('[') {
-            let (ip, rest) = r.split_once("]:").ok_or_else(|| {
-                PortSpecError(format!("{spec}: unterminated [IPv6] host address"))
-            })?;
-            let ip: IpAddr = ip
-                .parse()
-                .map_err(|_| PortSpecError(format!("{spec}: bad host address {ip:?}")))?;
-            (Some(ip), rest)
-        } else {
-            (None, body)
+        let fields = split_fields(body, spec)?;
+        let host_ip = |f: &Field<'_>| parse_ip(f.text, spec);
+        let guest_ip = |f: &Field<'_>| {
+            if f.bracketed {
+                // A v4-mapped address means the IPv4 one.
+                f.text
+                    .parse::<IpAddr>()
+                    .map(|ip| ip.to_canonical())
+                    .map_err(|_| PortSpecError(format!("{spec}: bad guest address {:?}", f.text)))
+            } else {
+                parse_v4(f.text, spec).map(IpAddr::V4)
+            }
         };
-        let parts: Vec<&str> = rest.split(':').collect();
-        let (host_ip, host, guest_ip, guest) = match (host_ip, parts.as_slice()) {
-            (h, [hp, gp]) => (h, *hp, None, *gp),
-            (None, [hi, hp, gp]) if hi.contains('.') => (Some(parse_ip(hi, spec)?), *hp, None, *gp),
-            (h, [hp, gi, gp]) => (h, *hp, Some(parse_v4(gi, spec)?), *gp),
-            (None, [hi, hp, gi, gp]) => (
-                Some(parse_ip(hi, spec)?),
-                *hp,
-                Some(parse_v4(gi, spec)?),
-                *gp,
-            ),
+        let (host_ip, host, guest_ip, guest) = match fields.as_slice() {
+            [hp, gp] if !hp.bracketed && !gp.bracketed => (None, hp.text, None, gp.text),
+            // HOST_IP:HOST_PORT:GUEST_PORT when the first field is an
+            // address (bracketed, or dotted IPv4), else
+            // HOST_PORT:GUEST_IP:GUEST_PORT.
+            [hi, hp, gp] if (hi.bracketed || hi.text.contains('.')) && !hp.bracketed => {
+                (Some(host_ip(hi)?), hp.text, None, gp.text)
+            }
+            [hp, gi, gp] if !hp.bracketed => (None, hp.text, Some(guest_ip(gi)?), gp.text),
+            [hi, hp, gi, gp] if !hp.bracketed && !gp.bracketed => {
+                (Some(host_ip(hi)?), hp.text, Some(guest_ip(gi)?), gp.text)
+            }
             _ => {
                 return Err(PortSpecError(format!(
                     "{spec}: expected [HOST_IP:]HOST_PORT:[GUEST_IP:]GUEST_PORT[/tcp|/udp]"
@@ -205,14 +215,69 @@ impl FromStr for PortSpec {
     }
 }
 
+/// One `:`-separated field of a spec; a bracketed field (an IPv6 address)
+/// may contain colons.
+struct Field<'a> {
+    text: &'a str,
+    bracketed: bool,
+}
+
+fn split_fields<'a>(body: &'a str, spec: &str) -> Result<Vec<Field<'a>>, PortSpecError> {
+    let mut fields = Vec::new();
+    let mut rest = body;
+    loop {
+        let (field, after) = if let Some(r) = rest.strip_prefix('[') {
+            let (inside, after) = r
+                .split_once(']')
+                .ok_or_else(|| PortSpecError(format!("{spec}: unterminated [IPv6] address")))?;
+            let after = match after.strip_prefix(':') {
+                Some(a) => Some(a),
+                None if after.is_empty() => None,
+                None => {
+                    return Err(PortSpecError(format!(
+                        "{spec}: expected ':' after [{inside}]"
+                    )));
+                }
+            };
+            (
+                Field {
+                    text: inside,
+                    bracketed: true,
+                },
+                after,
+            )
+        } else {
+            let (text, after) = match rest.split_once(':') {
+                Some((t, a)) => (t, Some(a)),
+                None => (rest, None),
+            };
+            (
+                Field {
+                    text,
+                    bracketed: false,
+                },
+                after,
+            )
+        };
+        fields.push(field);
+        match after {
+            Some(a) => rest = a,
+            None => return Ok(fields),
+        }
+    }
+}
+
 fn parse_ip(s: &str, spec: &str) -> Result<IpAddr, PortSpecError> {
     s.parse()
         .map_err(|_| PortSpecError(format!("{spec}: bad host address {s:?}")))
 }
 
 fn parse_v4(s: &str, spec: &str) -> Result<Ipv4Addr, PortSpecError> {
-    s.parse()
-        .map_err(|_| PortSpecError(format!("{spec}: bad guest address {s:?} (an IPv4 address)")))
+    s.parse().map_err(|_| {
+        PortSpecError(format!(
+            "{spec}: bad guest address {s:?} (an IPv4 address, or an IPv6 one in brackets)"
+        ))
+    })
 }
 
 /// A published port as listed by the control socket and `rnet port ls`.
@@ -222,8 +287,10 @@ pub struct PortInfo {
     pub id: u64,
     /// The rule, with the host port the kernel chose if 0 was asked.
     pub spec: PortSpec,
-    /// The guest address actually used.
-    pub guest_ip: Ipv4Addr,
+    /// The guest address shown for the rule: the one given, else the
+    /// guest's own (IPv6 for a rule bound to one IPv6 host address, IPv4
+    /// otherwise).
+    pub guest_ip: IpAddr,
     /// Which forwarding path carries it.
     pub path: &'static str,
 }
@@ -267,7 +334,8 @@ pub enum PortError {
         /// The existing rule.
         id: u64,
     },
-    /// Unsupported combination (e.g. IPv6 guest side).
+    /// Unsupported combination (e.g. an IPv6 guest address while IPv6 is
+    /// off).
     #[error("{0}")]
     Unsupported(String),
     /// No rule with that id.
@@ -289,7 +357,7 @@ mod tests {
     #[test]
     fn grammar_table() {
         let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
-        let g = Ipv4Addr::new(10, 0, 2, 50);
+        let g = IpAddr::V4(Ipv4Addr::new(10, 0, 2, 50));
         let cases: &[(&str, PortSpec)] = &[
             (
                 "8080:80",
@@ -369,6 +437,39 @@ mod tests {
                 },
             ),
             (
+                "[::1]:8080:[fd00::100]:80/udp",
+                PortSpec {
+                    proto: Proto::Udp,
+                    host_ip: "::1".parse().unwrap(),
+                    host_port: 8080,
+                    guest_ip: Some("fd00::100".parse().unwrap()),
+                    guest_port: 80,
+                    count: 1,
+                },
+            ),
+            (
+                "8080:[fd00::100]:80",
+                PortSpec {
+                    proto: Proto::Tcp,
+                    host_ip: any,
+                    host_port: 8080,
+                    guest_ip: Some("fd00::100".parse().unwrap()),
+                    guest_port: 80,
+                    count: 1,
+                },
+            ),
+            (
+                "[::]:8080:10.0.2.50:80",
+                PortSpec {
+                    proto: Proto::Tcp,
+                    host_ip: "::".parse().unwrap(),
+                    host_port: 8080,
+                    guest_ip: Some(g),
+                    guest_port: 80,
+                    count: 1,
+                },
+            ),
+            (
                 "0:80",
                 PortSpec {
                     proto: Proto::Tcp,
@@ -401,6 +502,10 @@ mod tests {
             ("8080:fd00::5:80", "expected"),
             ("1.2.3:8080:80", "host address"),
             ("0-3:0-3", "host port"),
+            ("8080:[fd00::5:80", "unterminated"),
+            ("8080:[fd00::x]:80", "guest address"),
+            ("[::1]8080:80", "expected ':'"),
+            ("8080:[::1]", "expected"),
         ] {
             let e = s.parse::<PortSpec>().unwrap_err().to_string();
             assert!(e.contains(needle), "{s}: {e}");

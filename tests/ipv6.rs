@@ -1,9 +1,12 @@
 //! IPv6 on the virtual link: namespace configuration, router advertisements,
-//! NDP, ICMPv6 echo to the gateway, TCP/UDP to the host's ::1 through the
-//! gateway fd00::2, DNS over IPv6 to fd00::3, and `--no-ipv6`.
+//! NDP, ICMPv6 echo to the gateway and (through ping sockets) to a test
+//! host, TCP/UDP to the host's ::1 through the gateway fd00::2, DNS over
+//! IPv6 to fd00::3, published TCP and UDP ports on IPv6 host addresses (by
+//! `-p` and through the API), and `--no-ipv6`.
 //!
-//! Every rnet here runs with `--outbound-allow none` and a loopback DNS
-//! responder (see `common::Rnet`); guests only talk to fd00::2 and fd00::3.
+//! Every rnet here runs with an outbound allow-list (`none`, or the test
+//! host it pings) and a loopback DNS responder (see `common::Rnet`); guests
+//! only talk to fd00::2, fd00::3 and a test host this file creates.
 
 mod common;
 
@@ -16,6 +19,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
+use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 const GW6: &str = "fd00::2";
@@ -301,4 +305,208 @@ fn published_port_from_host_v6_loopback() {
     let (body, _) =
         http_get(format!("[::1]:{}", hp + 1).parse().unwrap()).expect("GET over v6, dual-stack");
     assert!(body.contains("client=fd00::2"), "{body}");
+}
+
+/// One control-socket request through the library's client.
+#[track_caller]
+fn api_call(path: &std::path::Path, req: Value) -> Value {
+    rnet::api::call(path, &req).unwrap_or_else(|e| panic!("API request {req}: {e}"))
+}
+
+/// add_hostfwd over the JSON API exactly as a slirp4netns client sends it;
+/// returns the rule's id.
+#[track_caller]
+fn add_hostfwd(path: &std::path::Path, args: Value) -> u64 {
+    let mut a = args;
+    a["proto"] = json!("tcp");
+    let r = api_call(path, json!({"execute": "add_hostfwd", "arguments": a}));
+    r["return"]["id"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("add_hostfwd {a}: {r}"))
+}
+
+#[test]
+fn api_hostfwd_with_v6_host_and_guest_addresses() {
+    require!(require_userns);
+    let api = TempPath::new("api");
+    let rnet = Rnet::new().arg("--api-socket").arg(&api.0);
+    let mut guest = LineProc::spawn(&mut rnet.run_cmd(&[PYTHON, "-c", V6_HTTP_GUEST, "8000"]));
+    guest.wait_line("listening", secs(30), |l| l == "listening");
+    let hp = free_service_block(3);
+    let get = |port: u16| {
+        let (body, _) = http_get(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)))
+            .unwrap_or_else(|e| panic!("GET [::1]:{port}: {e}"));
+        body.trim().to_string()
+    };
+
+    // No guest address: the IPv6 client reaches the guest over IPv6, as
+    // the IPv6 gateway (the host's ::1).
+    let plain = add_hostfwd(
+        &api.0,
+        json!({"host_addr": "::1", "host_port": hp, "guest_port": 8000}),
+    );
+    assert_eq!(get(hp), "client=fd00::2");
+    // An IPv4 guest address: the same client arrives over IPv4, as the
+    // IPv4 gateway (seen v4-mapped by the guest's dual-stack socket).
+    let to_v4 = add_hostfwd(
+        &api.0,
+        json!({"host_addr": "::1", "host_port": hp + 1, "guest_addr": "10.0.2.100", "guest_port": 8000}),
+    );
+    assert_eq!(get(hp + 1), "client=::ffff:10.0.2.2");
+    // `rnet port add` with bracketed IPv6 host and guest addresses.
+    let out = port_cli(
+        &api.0,
+        "add",
+        &[&format!("[::1]:{}:[fd00::100]:8000", hp + 2)],
+    );
+    out.assert_success("rnet port add [::1]:HP:[fd00::100]:8000");
+    assert_eq!(get(hp + 2), "client=fd00::2");
+
+    // list_hostfwd echoes the IPv6 addresses.
+    let list = api_call(&api.0, json!({"execute": "list_hostfwd"}));
+    let entries = list["return"]["entries"].as_array().expect("entries");
+    let entry = |port: u16| {
+        entries
+            .iter()
+            .find(|e| e["host_port"] == json!(port))
+            .unwrap_or_else(|| panic!("no entry for host port {port}: {list}"))
+    };
+    for (port, id, guest_addr) in [
+        (hp, Some(plain), "fd00::100"),
+        (hp + 1, Some(to_v4), "10.0.2.100"),
+        (hp + 2, None, "fd00::100"),
+    ] {
+        let e = entry(port);
+        assert_eq!(e["host_addr"], json!("::1"), "{e}");
+        assert_eq!(e["guest_addr"], json!(guest_addr), "{e}");
+        assert_eq!(e["guest_port"], json!(8000), "{e}");
+        if let Some(id) = id {
+            assert_eq!(e["id"], json!(id), "{e}");
+        }
+    }
+    // The fast path's agent speaks IPv4: IPv6 guests take the stack.
+    assert_eq!(entry(hp)["path"], json!("stack"));
+    let rows = port_rows(&api.0);
+    assert!(
+        rows.iter()
+            .any(|r| r[2] == format!("[::1]:{}", hp + 2) && r[3] == "[fd00::100]:8000"),
+        "{rows:?}"
+    );
+    guest.stop(secs(10));
+}
+
+/// A guest UDP echo server on [::]:PORT (dual-stack) that appends the
+/// client address it saw to each reply.
+const V6_UDP_GUEST: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.bind(("::", int(sys.argv[1])))
+print("listening", flush=True)
+while True:
+    d, peer = s.recvfrom(65535)
+    s.sendto(d + b" seen=" + peer[0].encode(), peer)
+"#;
+
+/// Sends `n` tagged datagrams from each client to `dst`, interleaved, then
+/// checks that each client got back exactly its own, from `dst`, with the
+/// client address the guest reported.
+#[track_caller]
+fn udp_clients_get_own_replies(clients: &[(&UdpSocket, &str)], dst: SocketAddr, seen: &str) {
+    let n = 5;
+    for i in 0..n {
+        for (s, tag) in clients {
+            s.send_to(format!("{tag}{i}").as_bytes(), dst)
+                .unwrap_or_else(|e| panic!("client {tag}: send to {dst}: {e}"));
+        }
+    }
+    for (s, tag) in clients {
+        let mut got: Vec<String> = (0..n)
+            .map(|i| {
+                let mut b = [0u8; 2048];
+                let (k, from) = s
+                    .recv_from(&mut b)
+                    .unwrap_or_else(|e| panic!("client {tag}: reply {i} from {dst}: {e}"));
+                assert_eq!(from, dst, "client {tag}: reply source");
+                String::from_utf8_lossy(&b[..k]).into_owned()
+            })
+            .collect();
+        got.sort();
+        let want: Vec<String> = (0..n).map(|i| format!("{tag}{i} seen={seen}")).collect();
+        assert_eq!(got, want, "client {tag} must get exactly its own replies");
+    }
+}
+
+#[test]
+fn published_udp_over_v6_two_clients() {
+    require!(require_userns);
+    let hp = free_service_block(2);
+    let rnet = Rnet::new()
+        .arg("-p")
+        .arg(format!("[::1]:{hp}:9000/udp"))
+        .arg("-p")
+        .arg(format!("[::]:{}:9000/udp", hp + 1));
+    let mut guest = LineProc::spawn(&mut rnet.run_cmd(&[PYTHON, "-c", V6_UDP_GUEST, "9000"]));
+    guest.wait_line("listening", secs(30), |l| l == "listening");
+    let client = |bind: &str| {
+        let s = UdpSocket::bind(bind).unwrap();
+        s.set_read_timeout(Some(secs(5))).unwrap();
+        s
+    };
+    let (a, b) = (client("[::1]:0"), client("[::1]:0"));
+    // Two IPv6 clients on [::1]: each appears as fd00::2 with its own port.
+    let dst: SocketAddr = format!("[::1]:{hp}").parse().unwrap();
+    udp_clients_get_own_replies(&[(&a, "a"), (&b, "b")], dst, GW6);
+    // The dual-stack [::] port: IPv6 clients over IPv6, an IPv4 client over
+    // IPv4 as the IPv4 gateway.
+    let dst: SocketAddr = format!("[::1]:{}", hp + 1).parse().unwrap();
+    udp_clients_get_own_replies(&[(&a, "a"), (&b, "b")], dst, GW6);
+    let c = client("127.0.0.1:0");
+    let dst: SocketAddr = format!("127.0.0.1:{}", hp + 1).parse().unwrap();
+    udp_clients_get_own_replies(&[(&c, "c")], dst, "::ffff:10.0.2.2");
+}
+
+/// Everything in this file touching net.ipv4.ping_group_range (which also
+/// governs IPv6 ping sockets) stays in this one test.
+#[test]
+fn ping6_test_host_through_ping_sockets() {
+    require!(require_root);
+    let th = TestHost::create_v6();
+    let (_, addr) = th.v6.unwrap();
+    let addr = addr.to_string();
+    let ping = |count: &'static str| {
+        ["ping", "-6", "-c", count, "-W", "2", addr.as_str()].map(String::from)
+    };
+    let range = SysctlGuard::new("/proc/sys/net/ipv4/ping_group_range");
+
+    range.set("0 2147483647");
+    let allowed = Rnet::new().outbound_allow(&th.cidr6());
+    let out = allowed.run(&strs(&ping("3")), secs(30));
+    out.assert_success("guest ping -6 of the test host, ping sockets allowed");
+    assert!(out.stdout.contains(" 3 received"), "{out}");
+
+    // Outside the allow-list (only the test host's IPv4 address is on it):
+    // refused by rnet, which says so.
+    let out = Rnet::new()
+        .outbound_allow(&th.cidr())
+        .run(&strs(&ping("1")), secs(30));
+    out.assert_failure("guest ping -6 of a test host outside the allow-list");
+    assert!(
+        out.stdout
+            .to_lowercase()
+            .contains("administratively prohibited"),
+        "{out}"
+    );
+
+    range.set("1 0");
+    let out = allowed.run(&strs(&ping("3")), secs(30));
+    out.assert_failure("guest ping -6 of the test host, ping sockets denied");
+    let warnings = out
+        .stderr
+        .lines()
+        .filter(|l| l.contains("ping_group_range"));
+    assert_eq!(
+        warnings.count(),
+        1,
+        "rnet must log the ping_group_range warning exactly once: {out}"
+    );
 }

@@ -249,7 +249,7 @@ pub struct Engine {
     next_id: u64,
     tcp_index: HashMap<TcpKey, usize>,
     udp_index: HashMap<SocketAddr, usize>,
-    icmp_index: HashMap<(Ipv4Addr, u16), usize>,
+    icmp_index: HashMap<(IpAddr, u16), usize>,
     timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
     dirty: Vec<(usize, u64)>,
     stats: Arc<Stats>,
@@ -260,7 +260,9 @@ pub struct Engine {
     ping_warned: bool,
     rules: BTreeMap<u64, ports::Rule>,
     next_rule: u64,
-    udp_return: HashMap<(SocketAddrV4, SocketAddrV4), ports::UdpReturn>,
+    /// Published-UDP conversations: (guest endpoint, client as the guest
+    /// sees it) → the listener and the real client.
+    udp_return: HashMap<(SocketAddr, SocketAddr), ports::UdpReturn>,
     commands: mpsc::Receiver<Command>,
     next_sweep: Instant,
     dhcp: DhcpServer,
@@ -543,7 +545,7 @@ impl Engine {
                     return;
                 }
                 match route(&self.cfg, SocketAddrV4::new(dst, 0)) {
-                    Route::Host(_) => self.relay_echo(src, dst, ident, icmp, now),
+                    Route::Host(_) => self.relay_echo(src.into(), dst.into(), ident, icmp, now),
                     Route::Dns | Route::Deny(_) => {
                         self.deny(Deny::NotAllowed, src, dst, ip_off, len)
                     }
@@ -555,7 +557,7 @@ impl Engine {
                 payload,
                 ip_off,
             } => match route(&self.cfg, dst) {
-                _ if self.udp_return_to_client(src, dst, payload.clone(), now) => {}
+                _ if self.udp_return_to_client(src.into(), dst.into(), payload.clone(), now) => {}
                 Route::Host(target) => self.udp_out(src.into(), target, payload, now),
                 Route::Dns => self.dns_query(src.into(), payload, now),
                 Route::Deny(d) => self.deny(d, *src.ip(), *dst.ip(), ip_off, len),
@@ -566,6 +568,7 @@ impl Engine {
                 payload,
                 ip_off,
             } => match crate::nat::route6(&self.cfg, dst) {
+                _ if self.udp_return_to_client(src.into(), dst.into(), payload.clone(), now) => {}
                 Route::Host(target) => self.udp_out(src.into(), target, payload, now),
                 Route::Dns => self.dns_query(src.into(), payload, now),
                 Route::Deny(d) => self.deny6(d, *src.ip(), ip_off, len),
@@ -577,7 +580,20 @@ impl Engine {
                 ident,
                 seq,
                 icmp,
-            } => self.echo6(src, dst, ident, seq, icmp, len),
+            } => {
+                // Answered for rnet's own addresses, relayed through a ping
+                // socket where the address policy allows, refused elsewhere.
+                if self.stack.addrs.v6.is_some_and(|v6| v6.is_virtual(dst)) {
+                    self.echo6_reply(src, dst, ident, seq, icmp);
+                    return;
+                }
+                match crate::nat::route6(&self.cfg, SocketAddrV6::new(dst, 0, 0, 0)) {
+                    Route::Host(_) => {
+                        self.relay_echo(src.into(), dst.into(), ident, icmp, now);
+                    }
+                    Route::Dns | Route::Deny(_) => self.deny6(Deny::NotAllowed, src, 14, len),
+                }
+            }
             Action::NeighborSolicit { src, target } => self.neighbor_advert(src, target, src_mac),
             Action::NeighborAdvert => {
                 let (rx, tx) = self.tap.split();
@@ -885,34 +901,22 @@ impl Engine {
         }
     }
 
-    /// ICMPv6 echo: answered for rnet's own addresses, refused elsewhere
-    /// (relaying IPv6 echo through ping sockets is not implemented yet).
-    fn echo6(
+    /// Answers an ICMPv6 echo request to one of rnet's own addresses.
+    fn echo6_reply(
         &mut self,
         src: Ipv6Addr,
         dst: Ipv6Addr,
         ident: u16,
         seq: u16,
         icmp: Range<usize>,
-        len: usize,
     ) {
-        let Some(v6) = self.stack.addrs.v6 else {
+        let h = header(&mut self.stack);
+        let (rx, mut tx) = self.tap.split();
+        let Some(data) = rx.get(icmp.start + 8..icmp.end) else {
             return;
         };
-        if v6.is_virtual(dst) {
-            let h = header(&mut self.stack);
-            let (rx, mut tx) = self.tap.split();
-            let Some(data) = rx.get(icmp.start + 8..icmp.end) else {
-                return;
-            };
-            if tx.build(|buf| emit::echo6_reply(buf, &h, dst, src, ident, seq, data)) {
-                self.stack.frames_out += 1;
-            }
-            return;
-        }
-        match crate::nat::route6(&self.cfg, SocketAddrV6::new(dst, 0, 0, 0)) {
-            Route::Host(_) => self.stats.count_drop(DropReason::Unsupported),
-            Route::Dns | Route::Deny(_) => self.deny6(Deny::NotAllowed, src, 14, len),
+        if tx.build(|buf| emit::echo6_reply(buf, &h, dst, src, ident, seq, data)) {
+            self.stack.frames_out += 1;
         }
     }
 
@@ -979,10 +983,12 @@ impl Engine {
         }
     }
 
+    /// Relays a guest echo request (the ICMP or ICMPv6 message at `icmp`
+    /// in the current TAP frame) through the ping socket of its identifier.
     fn relay_echo(
         &mut self,
-        src: Ipv4Addr,
-        dst: Ipv4Addr,
+        src: IpAddr,
+        dst: IpAddr,
         ident: u16,
         icmp: Range<usize>,
         now: Instant,

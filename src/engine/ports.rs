@@ -4,7 +4,7 @@
 //! and the requests other threads send to change the rules.
 
 use std::io;
-use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::ops::Range;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
@@ -16,10 +16,10 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tracing::{debug, info, warn};
 
 use super::{Engine, FIRST_FLOW, Flow, Slot};
-use crate::nat::guest_view;
+use crate::nat::published_target;
 use crate::nat::tcp::TcpFlow;
 use crate::ports::{PortError, PortInfo, PortSpec, Proto};
-use crate::stack::emit::{self, Header, UDP_PAYLOAD_OFFSET};
+use crate::stack::emit::{self, Header, UDP_PAYLOAD_OFFSET, UDP6_PAYLOAD_OFFSET};
 use crate::stats::DropReason;
 
 /// Connections accepted per listener wake-up before other work runs.
@@ -46,15 +46,34 @@ pub struct Rule {
 /// A TCP listener for one host port.
 pub struct TcpListen {
     pub(super) listener: TcpListener,
-    guest: SocketAddrV4,
-    /// Connections go through the agent and splice(2) (the fast path).
+    /// The rule's guest address (None: the guest, in the client's family;
+    /// see [`published_target`]).
+    guest_ip: Option<IpAddr>,
+    guest_port: u16,
+    /// IPv4 connections go through the agent and splice(2) (the fast path).
     fast: bool,
+}
+
+impl TcpListen {
+    /// The guest endpoint of IPv4 connections, which the fast path can
+    /// carry; None for an IPv6 guest address.
+    fn guest_v4(&self, guest: Ipv4Addr) -> Option<SocketAddrV4> {
+        match self.guest_ip {
+            None => Some(SocketAddrV4::new(guest, self.guest_port)),
+            Some(IpAddr::V4(g)) => Some(SocketAddrV4::new(g, self.guest_port)),
+            Some(IpAddr::V6(_)) => None,
+        }
+    }
 }
 
 /// A UDP socket for one host port.
 pub struct UdpListen {
     pub(super) socket: UdpSocket,
-    guest: SocketAddrV4,
+    guest_ip: Option<IpAddr>,
+    guest_port: u16,
+    /// Datagrams may become IPv6 frames (an IPv6 socket or guest address),
+    /// so they are received at the IPv6 payload offset.
+    may_v6: bool,
 }
 
 /// Where the guest's answers to a published-UDP client go.
@@ -93,7 +112,22 @@ impl Engine {
                 "{spec}: host port 0 (any free port) only works for a single port"
             )));
         }
-        let guest_ip = spec.guest_ip.unwrap_or(self.cfg.guest());
+        if matches!(spec.guest_ip, Some(IpAddr::V6(_))) && self.cfg.ipv6_prefix().is_none() {
+            return Err(PortError::Unsupported(format!(
+                "{spec}: the guest address is IPv6, but IPv6 is off"
+            )));
+        }
+        // What the rule shows as its guest address: a rule bound to one
+        // IPv6 host address only ever takes IPv6 clients.
+        let shown_guest = match (spec.guest_ip, spec.host_ip, self.cfg.ipv6_guest()) {
+            (Some(g), _, _) => g,
+            (None, IpAddr::V6(h), Some(g6))
+                if !h.is_unspecified() && h.to_ipv4_mapped().is_none() =>
+            {
+                IpAddr::V6(g6)
+            }
+            _ => IpAddr::V4(self.cfg.guest()),
+        };
         if spec.guest_port as u32 + spec.count as u32 > 65536
             || spec.host_port as u32 + spec.count as u32 > 65536
         {
@@ -106,7 +140,7 @@ impl Engine {
         let mut bound_port = spec.host_port;
         for i in 0..spec.count {
             let addr = SocketAddr::new(spec.host_ip, spec.host_port.wrapping_add(i));
-            let guest = SocketAddrV4::new(guest_ip, spec.guest_port + i);
+            let guest_port = spec.guest_port + i;
             let bound = bind(spec.proto, addr).map_err(|e| bind_error(spec, addr, e));
             let flow = match bound {
                 Ok(Bound::Tcp(listener)) => {
@@ -115,7 +149,8 @@ impl Engine {
                     }
                     Flow::TcpListen(TcpListen {
                         listener,
-                        guest,
+                        guest_ip: spec.guest_ip,
+                        guest_port,
                         fast: false,
                     })
                 }
@@ -123,7 +158,13 @@ impl Engine {
                     if i == 0 {
                         bound_port = socket.local_addr().map(|a| a.port()).unwrap_or(0);
                     }
-                    Flow::UdpListen(UdpListen { socket, guest })
+                    Flow::UdpListen(UdpListen {
+                        socket,
+                        guest_ip: spec.guest_ip,
+                        guest_port,
+                        may_v6: spec.host_ip.is_ipv6()
+                            || matches!(spec.guest_ip, Some(IpAddr::V6(_))),
+                    })
                 }
                 Err(e) => {
                     for (idx, _) in slots {
@@ -152,10 +193,11 @@ impl Engine {
         let mut info = PortInfo {
             id,
             spec: shown,
-            guest_ip,
+            guest_ip: shown_guest,
             path: "stack",
         };
-        if spec.proto == Proto::Tcp && self.route_rule(&slots) {
+        // The fast path carries IPv4 guest connections only.
+        if spec.proto == Proto::Tcp && shown_guest.is_ipv4() && self.route_rule(&slots) {
             info.path = "fast";
         }
         info!(id, rule = %shown, path = info.path, "published");
@@ -197,7 +239,8 @@ impl Engine {
             else {
                 return;
             };
-            let (guest, lid, fast, rule) = (l.guest, *id, l.fast, *rule);
+            let (guest_ip, guest_port, lid, fast, rule) =
+                (l.guest_ip, l.guest_port, *id, l.fast, *rule);
             let (stream, peer) = match l.listener.accept() {
                 Ok(x) => x,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -212,31 +255,22 @@ impl Engine {
                 // More may be waiting: come back after other work.
                 self.mark_dirty(idx, lid);
             }
-            let key = match guest_view(&self.cfg, peer) {
-                Some(client) => {
-                    if fast && self.agent.is_some() {
-                        self.accept_fast(stream, peer, client, guest, rule);
-                        continue;
-                    }
-                    (SocketAddr::V4(guest), SocketAddr::V4(client))
-                }
-                // An IPv6 client reaches the guest's IPv6 address on the
-                // same port, through the stack (the agent speaks IPv4).
-                None => match (
-                    crate::nat::guest_view6(&self.cfg, peer),
-                    self.cfg.ipv6_guest(),
-                ) {
-                    (Some(client), Some(g6)) => (
-                        SocketAddr::V6(std::net::SocketAddrV6::new(g6, guest.port(), 0, 0)),
-                        SocketAddr::V6(client),
-                    ),
-                    _ => {
-                        // IPv6 is off: the guest could not answer.
-                        self.stats.count_drop(DropReason::Unsupported);
-                        continue;
-                    }
-                },
+            let Some((guest, client)) = published_target(&self.cfg, guest_ip, guest_port, peer)
+            else {
+                // An IPv6 guest address while IPv6 is off: nothing to reach.
+                self.stats.count_drop(DropReason::Unsupported);
+                continue;
             };
+            // The agent speaks IPv4: connections to an IPv6 guest address
+            // take the stack.
+            if let (SocketAddr::V4(g4), SocketAddr::V4(c4)) = (guest, client)
+                && fast
+                && self.agent.is_some()
+            {
+                self.accept_fast(stream, peer, c4, g4, rule);
+                continue;
+            }
+            let key = (guest, client);
             if self.tcp_index.len() >= self.limits.tcp_flows {
                 self.limit_reached("TCP flows");
                 continue;
@@ -286,7 +320,7 @@ impl Engine {
             let Some(rule) = self.rules.get(&id) else {
                 continue;
             };
-            if rule.info.spec.proto != Proto::Tcp {
+            if rule.info.spec.proto != Proto::Tcp || !rule.info.guest_ip.is_ipv4() {
                 continue;
             }
             let slots = rule.slots.clone();
@@ -306,13 +340,18 @@ impl Engine {
         let Some(agent) = self.agent.as_mut() else {
             return false;
         };
-        let guests: Vec<SocketAddrV4> = slots
+        let guest = self.cfg.guest();
+        let guests: Option<Vec<SocketAddrV4>> = slots
             .iter()
             .filter_map(|(idx, _)| match self.flows.get(*idx).map(|s| &s.flow) {
-                Some(Flow::TcpListen(l)) => Some(l.guest),
+                Some(Flow::TcpListen(l)) => Some(l.guest_v4(guest)),
                 _ => None,
             })
             .collect();
+        // An IPv6 guest address: the agent cannot carry it.
+        let Some(guests) = guests else {
+            return false;
+        };
         for (n, g) in guests.iter().enumerate() {
             if let Err(e) = agent.route_replies(*g) {
                 warn!(guest = %g, "cannot route replies for the fast path ({e}); this port uses the stack path");
@@ -335,6 +374,7 @@ impl Engine {
     }
 
     fn unroute_rule(&mut self, slots: &[(usize, u64)]) {
+        let guest = self.cfg.guest();
         let Some(agent) = self.agent.as_mut() else {
             return;
         };
@@ -343,8 +383,9 @@ impl Engine {
                 flow: Flow::TcpListen(l),
                 ..
             }) = self.flows.get(*idx)
+                && let Some(g) = l.guest_v4(guest)
             {
-                let _ = agent.unroute_replies(l.guest);
+                let _ = agent.unroute_replies(g);
             }
         }
     }
@@ -455,7 +496,7 @@ impl Engine {
             }
             return;
         };
-        let max = self.stack.mtu.saturating_sub(28);
+        let mtu = self.stack.mtu;
         for _ in 0..64 {
             let Some(Slot {
                 flow: Flow::UdpListen(l),
@@ -465,36 +506,70 @@ impl Engine {
             else {
                 return;
             };
-            let (guest, lid) = (l.guest, *id);
+            let (guest_ip, guest_port, lid) = (l.guest_ip, l.guest_port, *id);
+            // Received where the payload of the frame it may become goes;
+            // an IPv4 datagram received at the IPv6 offset moves down.
+            let off = if l.may_v6 {
+                UDP6_PAYLOAD_OFFSET
+            } else {
+                UDP_PAYLOAD_OFFSET
+            };
             let h = Header {
                 eth_src: self.stack.mac,
                 eth_dst: guest_mac,
                 ident: self.stack.next_ident(),
             };
             let mut got = None;
+            let mut too_big = false;
             let mut more = true;
             let cfg = &self.cfg;
             let socket = &l.socket;
             let sent = self.tap.tx().build(|buf| {
-                let end = (UDP_PAYLOAD_OFFSET + max).min(buf.len());
-                match socket.recv_from(&mut buf[UDP_PAYLOAD_OFFSET..end]) {
-                    Ok((n, peer)) => match guest_view(cfg, peer) {
-                        Some(client) => {
-                            got = Some((peer, client));
-                            emit::udp_frame(buf, &h, client, guest, n)
-                        }
-                        None => 0,
-                    },
+                let end = (off + mtu.saturating_sub(28)).min(buf.len());
+                let Some(room) = buf.get_mut(off..end) else {
+                    more = false;
+                    return 0;
+                };
+                let (n, peer) = match socket.recv_from(room) {
+                    Ok(x) => x,
                     Err(_) => {
                         more = false;
-                        0
+                        return 0;
                     }
+                };
+                let Some((guest, client)) = published_target(cfg, guest_ip, guest_port, peer)
+                else {
+                    return 0;
+                };
+                let len = match (client, guest) {
+                    (SocketAddr::V4(c), SocketAddr::V4(g)) => {
+                        if off != UDP_PAYLOAD_OFFSET {
+                            buf.copy_within(off..off + n, UDP_PAYLOAD_OFFSET);
+                        }
+                        emit::udp_frame(buf, &h, c, g, n)
+                    }
+                    (SocketAddr::V6(c), SocketAddr::V6(g)) => {
+                        if off != UDP6_PAYLOAD_OFFSET || n + 48 > mtu {
+                            too_big = true;
+                            return 0;
+                        }
+                        emit::udp6_frame(buf, &h, c, g, n)
+                    }
+                    _ => 0,
+                };
+                if len > 0 {
+                    got = Some((peer, guest, client));
                 }
+                len
             });
             if sent {
                 self.stack.frames_out += 1;
             }
-            if let Some((peer, client)) = got {
+            if too_big {
+                // Larger than an IPv6 frame on this link can carry.
+                self.stats.count_drop(DropReason::Unsupported);
+            }
+            if let Some((peer, guest, client)) = got {
                 self.udp_return.insert(
                     (guest, client),
                     UdpReturn {
@@ -519,8 +594,8 @@ impl Engine {
     /// is such a conversation. Returns whether it was one.
     pub(super) fn udp_return_to_client(
         &mut self,
-        src: SocketAddrV4,
-        dst: SocketAddrV4,
+        src: SocketAddr,
+        dst: SocketAddr,
         payload: Range<usize>,
         now: Instant,
     ) -> bool {

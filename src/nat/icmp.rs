@@ -1,31 +1,35 @@
 //! ICMP echo: answered locally for the virtual hosts, relayed through
-//! unprivileged ping sockets for everything else.
+//! unprivileged ping sockets for everything else, over IPv4 and IPv6.
 //!
-//! A ping socket (`socket(AF_INET, SOCK_DGRAM, IPPROTO_ICMP)`) lets an
-//! unprivileged process send echo requests; the kernel rewrites the echo
-//! identifier to the socket's own, so rnet keeps one socket per guest
-//! identifier and writes the guest's identifier back into each reply. The
-//! kernel only grants such sockets to groups inside
+//! A ping socket (`socket(AF_INET, SOCK_DGRAM, IPPROTO_ICMP)`, or
+//! `AF_INET6` with `IPPROTO_ICMPV6`) lets an unprivileged process send echo
+//! requests; the kernel rewrites the echo identifier to the socket's own
+//! (and computes the checksum), so rnet keeps one socket per guest address
+//! and identifier and writes the guest's identifier back into each reply.
+//! The kernel only grants such sockets, of either family, to groups inside
 //! `net.ipv4.ping_group_range`; when it refuses, rnet says so once.
 
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use mio::net::UdpSocket;
 use smoltcp::time::Instant;
-use smoltcp::wire::{Icmpv4Message, Icmpv4Packet};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::Config;
-use crate::nat::guest_view;
+use crate::nat::{guest_view, guest_view6};
 use crate::stack::Stack;
-use crate::stack::emit::{self, Header, ICMP_OFFSET};
+use crate::stack::emit::{self, Header, ICMP_OFFSET, ICMP6_OFFSET};
 use crate::tap::TapTx;
+
+/// ICMP and ICMPv6 echo reply types.
+const ECHO_REPLY: u8 = 0;
+const ECHO6_REPLY: u8 = 129;
 
 /// One guest echo identifier and its ping socket.
 pub struct IcmpFlow {
-    /// The guest's address.
-    pub guest: Ipv4Addr,
+    /// The guest's address; the ping socket has its family.
+    pub guest: IpAddr,
     /// The guest's echo identifier.
     pub ident: u16,
     /// The ping socket.
@@ -35,19 +39,20 @@ pub struct IcmpFlow {
 }
 
 impl IcmpFlow {
-    /// Opens a ping socket. `EACCES` means `ping_group_range` excludes us.
+    /// Opens a ping socket of `guest`'s family; `bind` applies to IPv4.
+    /// `EACCES` means `ping_group_range` excludes us.
     pub fn open(
-        guest: Ipv4Addr,
+        guest: IpAddr,
         ident: u16,
         bind: Option<Ipv4Addr>,
         now: Instant,
     ) -> io::Result<Self> {
-        let s = Socket::new(
-            Domain::IPV4,
-            Type::DGRAM.nonblocking().cloexec(),
-            Some(Protocol::ICMPV4),
-        )?;
-        if let Some(ip) = bind {
+        let (domain, proto) = match guest {
+            IpAddr::V4(_) => (Domain::IPV4, Protocol::ICMPV4),
+            IpAddr::V6(_) => (Domain::IPV6, Protocol::ICMPV6),
+        };
+        let s = Socket::new(domain, Type::DGRAM.nonblocking().cloexec(), Some(proto))?;
+        if let (Some(ip), IpAddr::V4(_)) = (bind, guest) {
             s.bind(&SocketAddr::from((ip, 0)).into())?;
         }
         Ok(Self {
@@ -59,9 +64,9 @@ impl IcmpFlow {
     }
 
     /// Sends the guest's echo request (the whole ICMP message) to `dst`.
-    pub fn send(&mut self, dst: Ipv4Addr, icmp: &[u8], now: Instant) -> io::Result<()> {
+    pub fn send(&mut self, dst: IpAddr, icmp: &[u8], now: Instant) -> io::Result<()> {
         self.last_active = now;
-        match self.socket.send_to(icmp, SocketAddr::from((dst, 0))) {
+        match self.socket.send_to(icmp, SocketAddr::new(dst, 0)) {
             Ok(_) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
             Err(e) => Err(e),
@@ -73,7 +78,10 @@ impl IcmpFlow {
         let Some(guest_mac) = stack.guest_mac() else {
             return;
         };
-        let max = stack.mtu.saturating_sub(20);
+        let (off, max) = match self.guest {
+            IpAddr::V4(_) => (ICMP_OFFSET, stack.mtu.saturating_sub(20)),
+            IpAddr::V6(_) => (ICMP6_OFFSET, stack.mtu.saturating_sub(40)),
+        };
         for _ in 0..64 {
             let h = Header {
                 eth_src: stack.mac,
@@ -83,22 +91,33 @@ impl IcmpFlow {
             let mut more = true;
             let (socket, guest, ident) = (&self.socket, self.guest, self.ident);
             let sent = tx.build(|buf| {
-                let end = (ICMP_OFFSET + max).min(buf.len());
-                match socket.recv_from(&mut buf[ICMP_OFFSET..end]) {
+                let end = (off + max).min(buf.len());
+                let Some(room) = buf.get_mut(off..end) else {
+                    more = false;
+                    return 0;
+                };
+                match socket.recv_from(room) {
                     Ok((n, from)) => {
-                        let Some(src) = guest_view(cfg, from) else {
+                        let Some(msg) = buf.get_mut(off..off + n).filter(|m| m.len() >= 8) else {
                             return 0;
                         };
-                        let Ok(mut icmp) =
-                            Icmpv4Packet::new_checked(&mut buf[ICMP_OFFSET..ICMP_OFFSET + n])
-                        else {
-                            return 0;
-                        };
-                        if icmp.msg_type() != Icmpv4Message::EchoReply {
-                            return 0;
+                        // The kernel passes only replies to this socket's
+                        // identifier; put the guest's back (the frame
+                        // builders redo the checksum).
+                        msg[4..6].copy_from_slice(&ident.to_be_bytes());
+                        match guest {
+                            IpAddr::V4(g) if msg[0] == ECHO_REPLY => match guest_view(cfg, from) {
+                                Some(src) => emit::icmp_frame(buf, &h, *src.ip(), g, n),
+                                None => 0,
+                            },
+                            IpAddr::V6(g) if msg[0] == ECHO6_REPLY => {
+                                match guest_view6(cfg, from) {
+                                    Some(src) => emit::icmp6_frame(buf, &h, *src.ip(), g, n, 64),
+                                    None => 0,
+                                }
+                            }
+                            _ => 0,
                         }
-                        icmp.set_echo_ident(ident);
-                        emit::icmp_frame(buf, &h, *src.ip(), guest, n)
                     }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
                     Err(_) => {

@@ -9,7 +9,7 @@
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
@@ -876,8 +876,8 @@ pub fn dns_answer(q: &[u8]) -> Option<Vec<u8>> {
 
 /// A test host: network namespace `rnet-test-<pid>-<n>` joined to the root
 /// namespace by a veth pair on a /30 of 198.18.0.0/15 unique to this process
-/// and host. IPv6 is off on both ends so the only traffic is the test's.
-/// Deleted on drop.
+/// and host. IPv6 is off on both ends so the only traffic is the test's,
+/// unless [`TestHost::create_v6`] made it. Deleted on drop.
 pub struct TestHost {
     pub ns: String,
     pub host_if: String,
@@ -885,6 +885,10 @@ pub struct TestHost {
     pub near: Ipv4Addr,
     /// The test host's address.
     pub addr: Ipv4Addr,
+    /// Root-namespace end and test host of the veth over IPv6
+    /// ([`TestHost::create_v6`] only).
+    pub v6: Option<(Ipv6Addr, Ipv6Addr)>,
+    n: u64,
 }
 
 fn sh(args: &[&str]) {
@@ -909,6 +913,8 @@ impl TestHost {
             host_if: format!("rnt{pid}h{n}"),
             near: Ipv4Addr::from(base + 1),
             addr: Ipv4Addr::from(base + 2),
+            v6: None,
+            n,
         };
         let (ns, hif) = (th.ns.as_str(), th.host_if.as_str());
         sh(&["ip", "netns", "add", ns]);
@@ -942,9 +948,77 @@ impl TestHost {
         th
     }
 
+    /// A test host that also speaks IPv6: a /64 of fd42::/16 unique to this
+    /// process and host on the veth, ::1 the root-namespace end and ::2 the
+    /// test host. Duplicate address detection and router solicitations are
+    /// off, so the addresses work at once; besides the test's packets only
+    /// the kernels' link-local housekeeping (neighbour discovery, MLD)
+    /// crosses the veth.
+    pub fn create_v6() -> TestHost {
+        let mut th = TestHost::create();
+        let pid = std::process::id();
+        let prefix = format!("fd42:{:x}:{:x}:{:x}", pid >> 16, pid & 0xffff, th.n);
+        let (near, addr): (Ipv6Addr, Ipv6Addr) = (
+            format!("{prefix}::1").parse().unwrap(),
+            format!("{prefix}::2").parse().unwrap(),
+        );
+        let (ns, hif) = (th.ns.as_str(), th.host_if.as_str());
+        for (k, v) in [
+            ("accept_dad", "0"),
+            ("accept_ra", "0"),
+            ("router_solicitations", "0"),
+            ("disable_ipv6", "0"),
+        ] {
+            let path = format!("/proc/sys/net/ipv6/conf/{hif}/{k}");
+            std::fs::write(&path, v).unwrap_or_else(|e| panic!("write {path}: {e}"));
+        }
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            "sysctl",
+            "-qw",
+            "net.ipv6.conf.veth0.accept_dad=0",
+            "net.ipv6.conf.veth0.accept_ra=0",
+            "net.ipv6.conf.veth0.router_solicitations=0",
+            "net.ipv6.conf.all.disable_ipv6=0",
+            "net.ipv6.conf.veth0.disable_ipv6=0",
+        ]);
+        sh(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{near}/64"),
+            "dev",
+            hif,
+            "nodad",
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{addr}/64"),
+            "dev",
+            "veth0",
+            "nodad",
+        ]);
+        th.v6 = Some((near, addr));
+        th
+    }
+
     /// The address as a /32 for `--outbound-allow`.
     pub fn cidr(&self) -> String {
         format!("{}/32", self.addr)
+    }
+
+    /// The IPv6 address ([`TestHost::create_v6`]) as a /128 for
+    /// `--outbound-allow`.
+    pub fn cidr6(&self) -> String {
+        let (_, addr) = self.v6.expect("a test host made by create_v6");
+        format!("{addr}/128")
     }
 
     /// Runs `f` on a thread that joined the test host's netns (sockets made
