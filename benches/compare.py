@@ -117,11 +117,16 @@ def guest_probe(host, port, timeout):
 
 
 def guest_hold(host, port, count):
-    """Opens `count` idle connections, says so, holds them until stdin closes."""
+    """Opens `count` idle connections, says so, holds them until stdin closes.
+    If one fails, says how many were open and why, and exits."""
     raise_nofile()
     socks = []
-    for _ in range(count):
-        socks.append(socket.create_connection((host, port), timeout=10.0))
+    try:
+        for _ in range(count):
+            socks.append(socket.create_connection((host, port), timeout=10.0))
+    except OSError as e:
+        print(json.dumps({"open": len(socks), "error": str(e) or type(e).__name__}), flush=True)
+        return 1
     print(json.dumps({"open": len(socks)}), flush=True)
     sys.stdin.read()
     for s in socks:
@@ -602,17 +607,33 @@ def run_ipv6(tool, args, raw, servers, r, notes):
         ns.close()
 
 
+class HoldError(RuntimeError):
+    """The guest opened only `opened` of the connections asked for."""
+
+    def __init__(self, msg, opened):
+        super().__init__(msg)
+        self.opened = opened
+
+
 def hold_flows(ns, args, port, count, timeout):
     """A guest process holding `count` idle connections to the host holder."""
     hold = subprocess.Popen(
         ns.nsenter([args.python, os.path.abspath(__file__), "guest", "hold", GATEWAY, str(port), str(count)]),
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    if not wait_line(hold.stdout, timeout):
-        why = hold.stderr.read().strip() if hold.poll() is not None else f"timeout after {timeout} s"
-        end_holder(hold)
-        raise RuntimeError(f"holding {count} connections failed: {why}")
-    return hold
+    r, _, _ = select.select([hold.stdout], [], [], timeout)
+    line = hold.stdout.readline() if r else ""
+    try:
+        said = json.loads(line)
+    except ValueError:
+        said = {}
+    if said.get("open") == count and "error" not in said:
+        return hold
+    end_holder(hold)
+    if "error" in said:
+        raise HoldError(f"the guest opened {said['open']} of {count} connections, then: {said['error']}", said["open"])
+    why = hold.stderr.read().strip() if hold.poll() is not None else f"timeout after {timeout} s"
+    raise RuntimeError(f"holding {count} connections failed: {why}")
 
 
 def end_holder(hold):
@@ -663,7 +684,6 @@ def run_flows(tool, args, raw, servers, r, notes):
         # process's limit (raised to the hard limit at start; rnet raises its
         # own too). Spare room for everything else.
         limit = nofile_limit()
-        more = args.many_flows - args.flows
         if limit is not None and limit < args.many_flows + 512:
             r["ns_to_host_many_65520"] = f"n/a: open-file limit {limit}"
             notes.append(
@@ -672,25 +692,7 @@ def run_flows(tool, args, raw, servers, r, notes):
             )
             log(f"  {args.many_flows} flows: skipped, open-file limit {limit}")
         elif args.many_flows > 0:
-            t0 = time.monotonic()
-            if more > 0:
-                holds.append(hold_flows(ns, args, holder.port, more, 600))
-            held = wait_held(holder, max(args.many_flows, args.flows), 60)
-            opened = time.monotonic() - t0
-            r["many_flows_held"] = held
-            r["rss_many_flows_kib"] = rss_kib(ns.pid())
-            log(f"  {held} flows open after {opened:.1f} s, RSS {r['rss_many_flows_kib']} KiB")
-            name = f"{tool}-flows{args.many_flows}-iperf.json"
-            gbps, err = iperf(ns, servers["iperf"], args.iperf_seconds, False, raw, name)
-            r["ns_to_host_many_65520"] = gbps
-            one = r.get("ns_to_host_65520")
-            r["many_flows_share"] = gbps / one if gbps is not None and one else None
-            share = f" ({100 * r['many_flows_share']:.0f}% of 1 flow)" if r["many_flows_share"] is not None else ""
-            log(f"  ns_to_host with {held} flows open: {fmt(gbps)} Gbit/s{share}" + (f" ({err})" if err else ""))
-            if err:
-                notes.append(f"{tool} {args.many_flows} flows: {err}")
-            if held < args.many_flows:
-                notes.append(f"{tool}: only {held} of {args.many_flows} idle flows reached the host holder")
+            many_flows(tool, args, raw, servers, r, notes, ns, holds, limit)
         raw.write(
             f"{label}.json",
             json.dumps({k: r.get(k) for k in (
@@ -706,6 +708,43 @@ def run_flows(tool, args, raw, servers, r, notes):
             end_holder(hold)
         holder.release()
         ns.close()
+
+
+def many_flows(tool, args, raw, servers, r, notes, ns, holds, limit):
+    """Tops the guest's idle flows up to --many-flows, then one iperf3 stream
+    namespace -> host; its share of the tool's one-flow figure."""
+    holder = servers["hold"]
+    t0 = time.monotonic()
+    more = args.many_flows - args.flows
+    if more > 0:
+        try:
+            holds.append(hold_flows(ns, args, holder.port, more, 600))
+        except HoldError as e:
+            reached = args.flows + e.opened
+            r["ns_to_host_many_65520"] = f"n/a: stalled at {reached:,} flows"
+            why = str(e)
+            if tool == "pasta" and limit is not None and limit // 2 < args.many_flows + 64:
+                why += (
+                    f" (this pasta accepts about half its open-file limit, here {limit}, in TCP connections; "
+                    f"a hard limit of {2 * (args.many_flows + 64)} or more would let it hold {args.many_flows:,})"
+                )
+            notes.append(f"{tool} {args.many_flows} flows: {why}")
+            log(f"  {args.many_flows} flows: {why}")
+            return
+    held = wait_held(holder, max(args.many_flows, args.flows), 60)
+    r["many_flows_held"] = held
+    r["rss_many_flows_kib"] = rss_kib(ns.pid())
+    log(f"  {held} flows open after {time.monotonic() - t0:.1f} s, RSS {r['rss_many_flows_kib']} KiB")
+    gbps, err = iperf(ns, servers["iperf"], args.iperf_seconds, False, raw, f"{tool}-flows{args.many_flows}-iperf.json")
+    r["ns_to_host_many_65520"] = gbps
+    one = r.get("ns_to_host_65520")
+    r["many_flows_share"] = gbps / one if gbps is not None and one else None
+    share = f" ({100 * r['many_flows_share']:.0f}% of 1 flow)" if r["many_flows_share"] is not None else ""
+    log(f"  ns_to_host with {held} flows open: {fmt(gbps)} Gbit/s{share}" + (f" ({err})" if err else ""))
+    if err:
+        notes.append(f"{tool} {args.many_flows} flows: {err}")
+    if held < args.many_flows:
+        notes.append(f"{tool}: only {held} of {args.many_flows} idle flows reached the host holder")
 
 
 def ns_listening(ns, port):

@@ -111,6 +111,13 @@ if [[ $(id -u) == 0 ]]; then
         echo "compare.sh: /dev/net/tun should be mode 0666 for unprivileged users (chmod 0666 /dev/net/tun)" >&2
     fi
     chown -R 65534:65534 "$out"
+    # 10,000 idle flows take a descriptor each in several processes (and
+    # pasta accepts only about half its limit in connections): raise the
+    # hard open-file limit where root may; the run inherits it.
+    hard=$(ulimit -Hn)
+    if [[ $hard != unlimited ]] && ((hard < 65536)); then
+        ulimit -Hn 65536 2>/dev/null || echo "compare.sh: cannot raise the hard open-file limit above $hard" >&2
+    fi
     echo "compare.sh: running as root; the benchmark runs as uid 65534 (setpriv)" >&2
     cd /
     drop=(setpriv --reuid 65534 --regid 65534 --clear-groups --inh-caps=-all
