@@ -5,10 +5,10 @@ ports, RootlessKit's builtin port driver).
 Run through benches/compare.sh, which checks the tools and drops root
 privileges. This script does the work:
 
-    compare.py run --out DIR [--rnet PATH]
+    compare.py run --out DIR [--rnet PATH] --netbench PATH
                    [--tools rnet,slirp4netns,pasta,rootlesskit]
                    [--iperf-seconds 5] [--rtt-count 10000] [--cps-seconds 5]
-                   [--flows 1000]
+                   [--flows 1000] [--many-flows 10000]
 
 For each tool it creates a rootless namespace (`unshare -Urn`), attaches the
 tool to it, and drives clients inside the namespace with `nsenter` against
@@ -20,8 +20,16 @@ servers listening on the host's 127.0.0.1, reached through the gateway
 - pasta:       pasta --config-net -a 10.0.2.100 -g 10.0.2.2 with its gateway
                mapping, every port forwarding off (-t/-u/-T/-U none)
 
-The guest only ever connects to 10.0.2.2. The same file is also the guest-side
-client (`compare.py guest ...`), run inside the namespace.
+The guest only ever connects to 10.0.2.2 (and, for the IPv6 row, to fd00::2,
+which rnet with --allow-host-loopback, slirp4netns --enable-ipv6 and pasta's
+gateway mapping all turn into the host's ::1). Latency and short connections
+use the compiled `netbench` example (examples/netbench.rs) at both ends; the
+readiness probe, the idle-flow holder and the peer check use this file as the
+guest-side helper (`compare.py guest ...`), run inside the namespace.
+
+Many open flows: on the instance used for RSS, the guest holds --many-flows
+idle connections to a host holder, then one iperf3 stream runs namespace ->
+host; its figure is compared with the one-flow figure of the same run.
 
 Published ports (MTU 65520): a fresh namespace per forwarder publishes host
 127.0.0.1:HP to guest port 5201, an iperf3 server runs inside the namespace,
@@ -42,6 +50,7 @@ output under DIR/raw/.
 """
 
 import argparse
+import errno
 import json
 import os
 import platform
@@ -50,7 +59,6 @@ import select
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -59,6 +67,10 @@ import time
 from datetime import datetime, timezone
 
 GATEWAY = "10.0.2.2"
+# IPv6: the guest and gateway on fd00::/64 (rnet's and slirp4netns's default
+# prefix; pasta is given the same); the gateway maps to the host's ::1.
+GATEWAY6 = "fd00::2"
+GUEST6 = "fd00::100"
 GUEST_IFACE = "tap0"
 TOOLS = ("rnet", "slirp4netns", "pasta", "rootlesskit")
 # Tools with a column in the main table (rootlesskit only forwards ports here).
@@ -104,65 +116,17 @@ def guest_probe(host, port, timeout):
     return 1
 
 
-def guest_latency(host, port, count):
-    """1-byte ping-pong over one connection; round-trip times in µs."""
-    s = connect(host, port)
-    buf = b"x"
-    for _ in range(min(1000, count // 10)):  # warm-up
-        s.sendall(buf)
-        s.recv(1)
-    samples = []
-    clock = time.perf_counter_ns
-    send, recv = s.send, s.recv
-    for _ in range(count):
-        t0 = clock()
-        send(buf)
-        if not recv(1):
-            raise SystemExit("server closed the connection")
-        samples.append(clock() - t0)
-    s.close()
-    samples.sort()
-    us = [x / 1000.0 for x in samples]
-    out = {
-        "count": count,
-        "median_us": statistics.median(us),
-        "p99_us": us[min(len(us) - 1, int(len(us) * 0.99))],
-        "min_us": us[0],
-        "max_us": us[-1],
-        "mean_us": statistics.fmean(us),
-    }
-    print(json.dumps(out))
-    return 0
-
-
-def guest_cps(host, port, seconds):
-    """Short connections: connect, send 1 byte, read 1 byte, close."""
-    n = errors = 0
-    end = time.monotonic() + seconds
-    t0 = time.monotonic()
-    while time.monotonic() < end:
-        try:
-            s = socket.create_connection((host, port), timeout=5.0)
-            s.sendall(b"c")
-            ok = s.recv(1) == b"c"
-            s.close()
-            if ok:
-                n += 1
-            else:
-                errors += 1
-        except OSError:
-            errors += 1
-    elapsed = time.monotonic() - t0
-    print(json.dumps({"connections": n, "errors": errors, "seconds": elapsed, "per_sec": n / elapsed}))
-    return 0
-
-
 def guest_hold(host, port, count):
-    """Opens `count` idle connections, says so, holds them until stdin closes."""
+    """Opens `count` idle connections, says so, holds them until stdin closes.
+    If one fails, says how many were open and why, and exits."""
     raise_nofile()
     socks = []
-    for _ in range(count):
-        socks.append(socket.create_connection((host, port), timeout=10.0))
+    try:
+        for _ in range(count):
+            socks.append(socket.create_connection((host, port), timeout=10.0))
+    except OSError as e:
+        print(json.dumps({"open": len(socks), "error": str(e) or type(e).__name__}), flush=True)
+        return 1
     print(json.dumps({"open": len(socks)}), flush=True)
     sys.stdin.read()
     for s in socks:
@@ -194,7 +158,7 @@ def guest_peer(addr, port, timeout):
 
 
 # --------------------------------------------------------------------------
-# host side: servers on 127.0.0.1
+# host side: servers on 127.0.0.1 (and ::1)
 # --------------------------------------------------------------------------
 
 
@@ -205,22 +169,17 @@ def raise_nofile():
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+def free_port(addr="127.0.0.1"):
+    with socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET) as s:
+        s.bind((addr, 0))
         return s.getsockname()[1]
 
 
-class Server:
-    """A TCP server on 127.0.0.1 in a thread.
+class Holder:
+    """Accepts TCP connections on 127.0.0.1 in a thread and keeps them open
+    (the idle flows of the RSS and many-flows rows)."""
 
-    mode "echo": echo everything on each connection (one thread each);
-    mode "cps": read 1 byte, answer it, close (inline, one at a time);
-    mode "hold": accept and keep the connection open.
-    """
-
-    def __init__(self, mode):
-        self.mode = mode
+    def __init__(self):
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
@@ -234,34 +193,13 @@ class Server:
         while True:
             try:
                 c, _ = self.sock.accept()
-            except OSError:
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE):
+                    time.sleep(0.01)
+                    continue
                 return
-            c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self.mode == "echo":
-                threading.Thread(target=self._echo, args=(c,), daemon=True).start()
-            elif self.mode == "cps":
-                try:
-                    b = c.recv(1)
-                    if b:
-                        c.sendall(b)
-                except OSError:
-                    pass
-                c.close()
-            else:
-                with self.lock:
-                    self.held.append(c)
-
-    @staticmethod
-    def _echo(c):
-        try:
-            while True:
-                b = c.recv(65536)
-                if not b:
-                    break
-                c.sendall(b)
-        except OSError:
-            pass
-        c.close()
+            with self.lock:
+                self.held.append(c)
 
     def held_count(self):
         with self.lock:
@@ -272,6 +210,33 @@ class Server:
             for c in self.held:
                 c.close()
             self.held = []
+
+
+class NetbenchServer:
+    """A `netbench rr-server` or `cps-server` on a loopback address (127.0.0.1
+    or ::1), started by this script and stopped by its pid."""
+
+    def __init__(self, netbench, mode, addr, raw):
+        self.log = open(raw.path(f"netbench-{mode}-{'v6' if ':' in addr else 'v4'}.log"), "w")
+        listen = f"[{addr}]:0" if ":" in addr else f"{addr}:0"
+        self.proc = subprocess.Popen(
+            [netbench, mode, "--listen", listen],
+            stdout=subprocess.PIPE, stderr=self.log, stdin=subprocess.DEVNULL, text=True,
+        )
+        self.port = None
+        r, _, _ = select.select([self.proc.stdout], [], [], READY_TIMEOUT)
+        if r:
+            try:
+                self.port = int(json.loads(self.proc.stdout.readline())["listening"].rsplit(":", 1)[1])
+            except (ValueError, KeyError, IndexError):
+                pass
+        if self.port is None:
+            self.close()
+            raise SystemExit(f"netbench {mode} on {addr} did not start (see raw/{os.path.basename(self.log.name)})")
+
+    def close(self):
+        stop_pid(self.proc)
+        self.log.close()
 
 
 # --------------------------------------------------------------------------
@@ -322,11 +287,14 @@ class Namespace:
 
     With `publish` (a host port), the tool also forwards host
     127.0.0.1:publish to the guest's port GUEST_PORT; `port_path` "stack"
-    asks rnet for its userspace-stack path.
+    asks rnet for its userspace-stack path. With `ipv6`, the link also
+    carries IPv6 with the gateway GATEWAY6 mapped to the host's ::1, and the
+    readiness probe goes through it (`probe_port` is then a port on ::1).
     """
 
-    def __init__(self, tool, mtu, args, raw, label, probe_port, publish=None, port_path=None):
+    def __init__(self, tool, mtu, args, raw, label, probe_port, publish=None, port_path=None, ipv6=False):
         self.tool = tool
+        self.ipv6 = ipv6
         self.mtu = mtu
         self.args = args
         self.raw = raw
@@ -385,6 +353,10 @@ class Namespace:
                 "slirp4netns", "--configure", f"--mtu={self.mtu}", "--disable-dns",
                 f"--ready-fd={w}",
             ]
+            if self.ipv6:
+                # The guest takes an fd00::/64 address by SLAAC; the
+                # gateway fd00::2 is the host's ::1 (host loopback is on).
+                cmd.append("--enable-ipv6")
             if self.publish:
                 self.api = os.path.join(self._scratch(), "api.sock")
                 cmd.append(f"--api-socket={self.api}")
@@ -395,11 +367,19 @@ class Namespace:
             w = None
             tcp = f"127.0.0.1/{self.publish}:{GUEST_PORT}" if self.publish else "none"
             cmd = [
-                "pasta", "--foreground", "--quiet", "--config-net", "-4",
+                "pasta", "--foreground", "--quiet", "--config-net",
                 "--mtu", str(self.mtu), "--ns-ifname", GUEST_IFACE,
                 "--address", "10.0.2.100", "--netmask", "24", "--gateway", GATEWAY,
+            ]
+            if self.ipv6:
+                # Its gateway mapping covers IPv6 too: fd00::2 is the
+                # host's ::1. NDP stays on for the gateway's neighbour entry.
+                cmd += ["--address", GUEST6, "--gateway", GATEWAY6]
+            else:
+                cmd += ["-4", "--no-ndp"]
+            cmd += [
                 "--tcp-ports", tcp, "--udp-ports", "none", "--tcp-ns", "none", "--udp-ns", "none",
-                "--no-dhcp", "--no-dhcpv6", "--no-ndp", "--no-ra", pid,
+                "--no-dhcp", "--no-dhcpv6", "--no-ra", pid,
             ]
         self.log.write("$ " + " ".join(cmd) + "\n")
         self.log.flush()
@@ -414,10 +394,12 @@ class Namespace:
                 os.close(r)
                 raise RuntimeError(f"{self.tool} did not signal readiness (see raw/{self.label}.log)")
         os.close(r)
-        # Every tool: one real exchange through the gateway.
-        out = self.guest(["probe", GATEWAY, str(probe_port), str(READY_TIMEOUT)], timeout=READY_TIMEOUT + 5)
+        # Every tool: one real exchange through the gateway (for IPv6, once
+        # the guest's address is usable: SLAAC and DAD take a moment).
+        gw = GATEWAY6 if self.ipv6 else GATEWAY
+        out = self.guest(["probe", gw, str(probe_port), str(READY_TIMEOUT)], timeout=READY_TIMEOUT + 5)
         if not json.loads(out.strip().splitlines()[-1]).get("ok"):
-            raise RuntimeError(f"{self.tool}: the namespace cannot reach the host through {GATEWAY}: {out}")
+            raise RuntimeError(f"{self.tool}: the namespace cannot reach the host through {gw}: {out}")
         if self.publish and self.tool == "slirp4netns":
             req = {
                 "execute": "add_hostfwd",
@@ -530,8 +512,10 @@ def wait_bytes(fd, timeout):
 # --------------------------------------------------------------------------
 
 
-def iperf(ns, port, seconds, reverse, raw, name):
-    argv = ["iperf3", "-c", GATEWAY, "-p", str(port), "-t", str(seconds), "-J"]
+def iperf(ns, port, seconds, reverse, raw, name, ipv6=False):
+    argv = ["iperf3", "-c", GATEWAY6 if ipv6 else GATEWAY, "-p", str(port), "-t", str(seconds), "-J"]
+    if ipv6:
+        argv.append("-6")
     if reverse:
         argv.append("-R")
     p = subprocess.run(ns.nsenter(argv), capture_output=True, text=True, timeout=seconds + 60)
@@ -543,6 +527,15 @@ def iperf(ns, port, seconds, reverse, raw, name):
         return j["end"]["sum_received"]["bits_per_second"] / 1e9, None
     except (ValueError, KeyError) as e:
         return None, f"unparsable iperf3 output ({e})"
+
+
+def netbench_guest(ns, argv, raw, name, timeout):
+    """Runs the netbench client inside the namespace; its JSON result."""
+    p = subprocess.run(ns.nsenter([ns.args.netbench] + argv), capture_output=True, text=True, timeout=timeout)
+    raw.write(name, p.stdout + (("\n# stderr\n" + p.stderr) if p.stderr else ""))
+    if p.returncode != 0:
+        raise RuntimeError(f"netbench {argv[0]} failed: {p.stderr.strip() or p.returncode}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
 
 
 def run_tool(tool, args, raw, servers, results, notes):
@@ -565,64 +558,193 @@ def run_tool(tool, args, raw, servers, results, notes):
                 if err:
                     notes.append(f"{tool} {key}: {err}")
             if mtu == 65520:
-                out = ns.guest(["latency", GATEWAY, str(servers["echo"].port), str(args.rtt_count)])
-                raw.write(f"{label}-latency.json", out)
-                lat = json.loads(out.strip().splitlines()[-1])
+                lat = netbench_guest(
+                    ns, ["rr-client", "--connect", f"{GATEWAY}:{servers['echo'].port}", "--count", str(args.rtt_count)],
+                    raw, f"{label}-latency.json", timeout=300,
+                )
                 r["rtt_median_us"] = lat["median_us"]
                 r["rtt_p99_us"] = lat["p99_us"]
                 log(f"  rtt: median {lat['median_us']:.1f} µs, p99 {lat['p99_us']:.1f} µs")
-                out = ns.guest(["cps", GATEWAY, str(servers["cps"].port), str(args.cps_seconds)], timeout=args.cps_seconds + 120)
-                raw.write(f"{label}-cps.json", out)
-                cps = json.loads(out.strip().splitlines()[-1])
+                cps = netbench_guest(
+                    ns, ["cps-client", "--connect", f"{GATEWAY}:{servers['cps'].port}", "--seconds", str(args.cps_seconds)],
+                    raw, f"{label}-cps.json", timeout=args.cps_seconds + 120,
+                )
                 r["cps"] = cps["per_sec"]
                 log(f"  short connections: {cps['per_sec']:.0f}/s ({cps['errors']} errors)")
                 if cps["errors"]:
-                    notes.append(f"{tool}: {cps['errors']} failed short connections")
+                    notes.append(f"{tool}: {cps['errors']} failed short connections (first: {cps.get('first_error', '?')})")
         except (RuntimeError, OSError, ValueError, KeyError, subprocess.SubprocessError) as e:
             notes.append(f"{tool} MTU {mtu}: {e}")
             log(f"  failed: {e}")
         finally:
             ns.close()
 
-    # Memory, on a fresh instance so earlier traffic does not count.
+    run_ipv6(tool, args, raw, servers, r, notes)
+    run_flows(tool, args, raw, servers, r, notes)
+
+
+def run_ipv6(tool, args, raw, servers, r, notes):
+    """Namespace -> host over IPv6 at MTU 65520: guest -> fd00::2 -> host ::1."""
+    label = f"{tool}-ipv6"
+    log(f"{tool}: IPv6, MTU 65520")
+    try:
+        ns = Namespace(tool, 65520, args, raw, label, servers["cps6"].port, ipv6=True)
+    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+        r["ns_to_host_v6_65520"] = f"n/a: {tool} set-up failed"
+        notes.append(f"{tool} IPv6: {e}")
+        log(f"  failed: {e}")
+        return
+    try:
+        gbps, err = iperf(ns, servers["iperf6"], args.iperf_seconds, False, raw, f"{label}-iperf.json", ipv6=True)
+        r["ns_to_host_v6_65520"] = gbps
+        log(f"  ns_to_host_v6_65520: {fmt(gbps)} Gbit/s" + (f" ({err})" if err else ""))
+        if err:
+            notes.append(f"{tool} ns_to_host_v6_65520: {err}")
+    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+        notes.append(f"{tool} IPv6: {e}")
+        log(f"  failed: {e}")
+    finally:
+        ns.close()
+
+
+class HoldError(RuntimeError):
+    """The guest opened only `opened` of the connections asked for."""
+
+    def __init__(self, msg, opened):
+        super().__init__(msg)
+        self.opened = opened
+
+
+def hold_flows(ns, args, port, count, timeout):
+    """A guest process holding `count` idle connections to the host holder."""
+    hold = subprocess.Popen(
+        ns.nsenter([args.python, os.path.abspath(__file__), "guest", "hold", GATEWAY, str(port), str(count)]),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    r, _, _ = select.select([hold.stdout], [], [], timeout)
+    line = hold.stdout.readline() if r else ""
+    try:
+        said = json.loads(line)
+    except ValueError:
+        said = {}
+    if said.get("open") == count and "error" not in said:
+        return hold
+    end_holder(hold)
+    if "error" in said:
+        raise HoldError(f"the guest opened {said['open']} of {count} connections, then: {said['error']}", said["open"])
+    why = hold.stderr.read().strip() if hold.poll() is not None else f"timeout after {timeout} s"
+    raise RuntimeError(f"holding {count} connections failed: {why}")
+
+
+def end_holder(hold):
+    try:
+        hold.stdin.close()
+    except OSError:
+        pass
+    try:
+        hold.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        hold.kill()
+        hold.wait()
+
+
+def wait_held(holder, count, timeout):
+    deadline = time.monotonic() + timeout
+    while holder.held_count() < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return holder.held_count()
+
+
+def nofile_limit():
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def run_flows(tool, args, raw, servers, r, notes):
+    """RSS on a fresh instance (idle, then with --flows idle connections);
+    then, on the same instance, --many-flows idle connections and one
+    iperf3 stream namespace -> host."""
     label = f"{tool}-rss"
+    log(f"{tool}: RSS, {args.flows} and {args.many_flows} open flows")
     try:
         ns = Namespace(tool, 65520, args, raw, label, servers["cps"].port)
     except (RuntimeError, OSError, subprocess.SubprocessError) as e:
         notes.append(f"{tool} RSS: {e}")
         return
-    hold = None
+    holds = []
+    holder = servers["hold"]
     try:
         r["rss_idle_kib"] = rss_kib(ns.pid())
-        hold = subprocess.Popen(
-            ns.nsenter([args.python, os.path.abspath(__file__), "guest", "hold", GATEWAY, str(servers["hold"].port), str(args.flows)]),
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        if not wait_line(hold.stdout, 120):
-            raise RuntimeError(f"holding {args.flows} connections failed: {hold.stderr.read() if hold.poll() is not None else 'timeout'}")
-        deadline = time.monotonic() + 30
-        while servers["hold"].held_count() < args.flows and time.monotonic() < deadline:
-            time.sleep(0.01)
+        holds.append(hold_flows(ns, args, holder.port, args.flows, 120))
+        r["flows_held"] = wait_held(holder, args.flows, 30)
         r["rss_flows_kib"] = rss_kib(ns.pid())
-        r["flows_held"] = servers["hold"].held_count()
-        raw.write(f"{label}.json", json.dumps({"idle_kib": r["rss_idle_kib"], "flows_kib": r["rss_flows_kib"], "flows": r["flows_held"]}) + "\n")
         log(f"  RSS idle {r['rss_idle_kib']} KiB, with {r['flows_held']} flows {r['rss_flows_kib']} KiB")
+        # Every idle flow is a descriptor in the guest holder, in the host
+        # holder (this process) and in the forwarder; all three inherit this
+        # process's limit (raised to the hard limit at start; rnet raises its
+        # own too). Spare room for everything else.
+        limit = nofile_limit()
+        if limit is not None and limit < args.many_flows + 512:
+            r["ns_to_host_many_65520"] = f"n/a: open-file limit {limit}"
+            notes.append(
+                f"{tool} {args.many_flows} flows: skipped, the open-file limit is {limit} and the row needs about "
+                f"{args.many_flows + 512} (raise the hard limit: ulimit -Hn, LimitNOFILE=)"
+            )
+            log(f"  {args.many_flows} flows: skipped, open-file limit {limit}")
+        elif args.many_flows > 0:
+            many_flows(tool, args, raw, servers, r, notes, ns, holds, limit)
+        raw.write(
+            f"{label}.json",
+            json.dumps({k: r.get(k) for k in (
+                "rss_idle_kib", "flows_held", "rss_flows_kib", "many_flows_held", "rss_many_flows_kib",
+                "ns_to_host_many_65520", "many_flows_share",
+            )}) + "\n",
+        )
     except (RuntimeError, OSError, subprocess.SubprocessError) as e:
-        notes.append(f"{tool} RSS: {e}")
+        notes.append(f"{tool} RSS / many flows: {e}")
         log(f"  failed: {e}")
     finally:
-        if hold:
-            try:
-                hold.stdin.close()
-            except OSError:
-                pass
-            try:
-                hold.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                hold.kill()
-                hold.wait()
-        servers["hold"].release()
+        for hold in holds:
+            end_holder(hold)
+        holder.release()
         ns.close()
+
+
+def many_flows(tool, args, raw, servers, r, notes, ns, holds, limit):
+    """Tops the guest's idle flows up to --many-flows, then one iperf3 stream
+    namespace -> host; its share of the tool's one-flow figure."""
+    holder = servers["hold"]
+    t0 = time.monotonic()
+    more = args.many_flows - args.flows
+    if more > 0:
+        try:
+            holds.append(hold_flows(ns, args, holder.port, more, 600))
+        except HoldError as e:
+            reached = args.flows + e.opened
+            r["ns_to_host_many_65520"] = f"n/a: stalled at {reached:,} flows"
+            why = str(e)
+            if tool == "pasta" and limit is not None and limit // 2 < args.many_flows + 64:
+                why += (
+                    f" (this pasta accepts about half its open-file limit, here {limit}, in TCP connections; "
+                    f"a hard limit of {2 * (args.many_flows + 64)} or more would let it hold {args.many_flows:,})"
+                )
+            notes.append(f"{tool} {args.many_flows} flows: {why}")
+            log(f"  {args.many_flows} flows: {why}")
+            return
+    held = wait_held(holder, max(args.many_flows, args.flows), 60)
+    r["many_flows_held"] = held
+    r["rss_many_flows_kib"] = rss_kib(ns.pid())
+    log(f"  {held} flows open after {time.monotonic() - t0:.1f} s, RSS {r['rss_many_flows_kib']} KiB")
+    gbps, err = iperf(ns, servers["iperf"], args.iperf_seconds, False, raw, f"{tool}-flows{args.many_flows}-iperf.json")
+    r["ns_to_host_many_65520"] = gbps
+    one = r.get("ns_to_host_65520")
+    r["many_flows_share"] = gbps / one if gbps is not None and one else None
+    share = f" ({100 * r['many_flows_share']:.0f}% of 1 flow)" if r["many_flows_share"] is not None else ""
+    log(f"  ns_to_host with {held} flows open: {fmt(gbps)} Gbit/s{share}" + (f" ({err})" if err else ""))
+    if err:
+        notes.append(f"{tool} {args.many_flows} flows: {err}")
+    if held < args.many_flows:
+        notes.append(f"{tool}: only {held} of {args.many_flows} idle flows reached the host holder")
 
 
 def ns_listening(ns, port):
@@ -749,7 +871,13 @@ def run_published(fwd, tool, args, raw, servers, ports, notes):
 
 
 def fmt(v, digits=2):
+    if isinstance(v, str):  # a reason, e.g. "n/a: ..."
+        return v
     return "–" if v is None else f"{v:.{digits}f}"
+
+
+def num(v):
+    return v if isinstance(v, (int, float)) else None
 
 
 def log(msg):
@@ -763,6 +891,8 @@ ROWS = [
     ("ns_to_host_1500", "namespace → host, MTU 1500", "Gbit/s", 2, "≥ 4.0×"),
     ("host_to_ns_1500", "host → namespace, MTU 1500", "Gbit/s", 2, "≥ 3.0×"),
     ("ns_to_host_v6_65520", "namespace → host over IPv6, MTU 65520", "Gbit/s", 2, None),
+    ("ns_to_host_many_65520", "{many_flows:,} open flows: one active flow's throughput, namespace → host, MTU 65520",
+     "Gbit/s (share of 1 flow)", 2, "≥ 80% of 1 flow"),
     ("published_in", "published port, host → namespace, MTU 65520", "Gbit/s", 2, "≥ 2.5×"),
     ("published_out", "published port, namespace → host, MTU 65520", "Gbit/s", 2, "≥ 2.5×"),
     ("published_seen", "published port: a 127.0.0.1 client is seen as", "", None, "source kept"),
@@ -772,7 +902,6 @@ ROWS = [
     ("rss_idle_mib", "RSS idle", "MiB", 1, "≤ 8 MiB"),
     ("rss_flows_mib", "RSS with {flows} open idle TCP flows", "MiB", 1, "≤ 64 MiB"),
 ]
-PLACEHOLDERS = {"ns_to_host_v6_65520": "n/a: IPv6 not yet"}
 
 
 def seen_cell(p):
@@ -782,6 +911,7 @@ def seen_cell(p):
 
 
 def ratio(a, b):
+    a, b = num(a), num(b)
     return f"{a / b:.2f}×" if a is not None and b else "–"
 
 
@@ -800,9 +930,12 @@ def table(results, ports, args, meta, notes):
         f"### rnet vs slirp4netns vs pasta — {meta['date']}",
         "",
         f"Machine: {meta['machine']}. {meta['versions']}. iperf3 {args.iperf_seconds} s, one stream; "
-        f"ping-pong over {args.rtt_count} round trips (python3 client and server); "
-        f"short connections for {args.cps_seconds} s (python3); all as an unprivileged user, "
-        "guest → gateway 10.0.2.2 → host 127.0.0.1; published ports: host client → 127.0.0.1:HP → guest port "
+        f"ping-pong over {args.rtt_count} round trips and short connections (connect, 1 byte each way, "
+        f"the server closes) for {args.cps_seconds} s, both with the compiled netbench client and server "
+        "(examples/netbench.rs, std only) at both ends; all as an unprivileged user, "
+        f"guest → gateway {GATEWAY} → host 127.0.0.1 (IPv6: {GATEWAY6} → host ::1); "
+        f"{args.many_flows:,} open flows: idle connections held by the guest while one iperf3 stream runs, "
+        "share of the same tool's 1-flow figure from this run; published ports: host client → 127.0.0.1:HP → guest port "
         f"{GUEST_PORT}. "
         f"Load average at start {meta['loadavg_start'][0]:.2f}, at end {meta['loadavg_end'][0]:.2f}.",
         "",
@@ -810,23 +943,34 @@ def table(results, ports, args, meta, notes):
         "|---|---|" + "---|" * len(tools) + "---|---|",
     ]
     for key, label, unit, digits, target in ROWS:
-        label = label.format(flows=args.flows)
-        if key in PLACEHOLDERS:
-            cells = [PLACEHOLDERS[key]] * len(tools)
-            rat = "n/a"
-        elif key == "published_seen":
+        label = label.format(flows=args.flows, many_flows=args.many_flows)
+        if key == "published_seen":
             cells = [seen_cell(ports.get(t)) for t in tools]
             rat = ""
         else:
             cells = [fmt(results.get(t, {}).get(key), digits) for t in tools]
+            if key == "ns_to_host_many_65520":
+                for i, t in enumerate(tools):
+                    share = results.get(t, {}).get("many_flows_share")
+                    if share is not None:
+                        cells[i] += f" ({100 * share:.0f}%)"
             rat = ratio(results.get("rnet", {}).get(key), results.get("slirp4netns", {}).get(key))
         lines.append(f"| {label} | {unit} | " + " | ".join(cells) + f" | {rat} | {target or ''} |")
     lines.append("")
     lines.append(
         "Ratios are rnet / slirp4netns from the same run (lower is better for latency and RSS). "
+        f"{args.many_flows:,} open flows: in brackets, the share of the same tool's namespace → host, MTU 65520 figure "
+        "(one flow, nothing else open) from this run. "
         "Published-port rows: rnet's fast path, slirp4netns's API-added port, pasta's -t; "
         "all forwarders, RootlessKit included, in the next table."
     )
+    share = results.get("rnet", {}).get("many_flows_share")
+    if share is not None:
+        lines.append("")
+        lines.append(
+            f"{args.many_flows:,}-flow target (rnet, ≥ 80% of its 1-flow figure): {100 * share:.0f}% "
+            f"({'met' if share >= 0.8 else 'missed'})."
+        )
     if fwds:
         fast = ports.get("rnet", {})
         lines += [
@@ -905,15 +1049,22 @@ def svg_chart(results, ports, args, meta):
     groups = []
     for key, label, *_ in ROWS[:4]:
         direction, mtu = label.split(", ")
-        groups.append((direction, mtu, [(t, results.get(t, {}).get(key)) for t in tools]))
+        groups.append((direction, mtu, [(t, num(results.get(t, {}).get(key))) for t in tools]))
+    groups.append(("namespace → host", "IPv6, MTU 65520", [(t, num(results.get(t, {}).get("ns_to_host_v6_65520"))) for t in tools]))
+    groups.append((
+        "namespace → host", f"{args.many_flows:,} flows open",
+        [(t, num(results.get(t, {}).get("ns_to_host_many_65520"))) for t in tools],
+    ))
+    main_groups = len(groups)
     for key, direction in (("published_in", "published, host → ns"), ("published_out", "published, ns → host")):
-        groups.append((direction, "MTU 65520", [(f, ports.get(f, {}).get(key)) for f in fwds]))
+        groups.append((direction, "MTU 65520", [(f, num(ports.get(f, {}).get(key))) for f in fwds]))
     vals = [v for _, _, ss in groups for _, v in ss if v is not None]
     vmax = max(vals + [1.0])
     step = nice_step(vmax)
     top = step * (int(vmax / step) + 1)
-    W, H = 1000, 440
     left, right, ytop, bottom = 60, 20, 60, 100
+    # Wide enough for each group's two label lines (about 130 px).
+    W, H = max(1000, left + right + 135 * len(groups)), 440
     pw, ph = W - left - right, H - ytop - bottom
     gw = pw / len(groups)
     bw = min(34, (gw - 16) / max(len(ss) for _, _, ss in groups))
@@ -945,7 +1096,7 @@ def svg_chart(results, ports, args, meta):
         out.append(f'<text x="{cx:.1f}" y="{ytop + ph + 18}" text-anchor="middle">{esc(direction)}</text>')
         out.append(f'<text x="{cx:.1f}" y="{ytop + ph + 33}" text-anchor="middle" fill="#555">{esc(detail)}</text>')
     if fwds:
-        sep = left + 4 * gw
+        sep = left + main_groups * gw
         out.append(f'<line x1="{sep:.1f}" y1="{ytop}" x2="{sep:.1f}" y2="{ytop + ph + 36}" stroke="#999" stroke-dasharray="4 3"/>')
     lx = left
     for t in list(dict.fromkeys(tools + fwds)):
@@ -1032,25 +1183,34 @@ def cmd_run(args):
     meta = machine_meta(args)
     log(f"{meta['date']}: {meta['machine']}")
     log(meta["versions"])
-    servers = {"echo": Server("echo"), "cps": Server("cps"), "hold": Server("hold")}
-    iperf_port = free_port()
-    iperf_log = open(raw.path("iperf3-server.log"), "w")
-    iperf_srv = subprocess.Popen(
-        ["iperf3", "-s", "-B", "127.0.0.1", "-p", str(iperf_port)],
-        stdout=iperf_log, stderr=iperf_log, stdin=subprocess.DEVNULL,
-    )
-    servers["iperf"] = iperf_port
-    deadline = time.monotonic() + READY_TIMEOUT
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", iperf_port), timeout=1).close()
-            break
-        except OSError:
-            if iperf_srv.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("the iperf3 server did not start")
-            time.sleep(0.02)
+    # Every server listens on host loopback only: 127.0.0.1, or ::1 for the
+    # IPv6 row (the forwarders map their gateway there).
+    servers = {"hold": Holder()}
+    started = []
+    iperf_logs = []
     results, ports, notes = {}, {}, []
     try:
+        for key, mode, addr in (("echo", "rr-server", "127.0.0.1"), ("cps", "cps-server", "127.0.0.1"), ("cps6", "cps-server", "::1")):
+            servers[key] = NetbenchServer(args.netbench, mode, addr, raw)
+            started.append(servers[key])
+        for key, addr, logname in (("iperf", "127.0.0.1", "iperf3-server.log"), ("iperf6", "::1", "iperf3-server-v6.log")):
+            port = free_port(addr)
+            iperf_logs.append(open(raw.path(logname), "w"))
+            srv = subprocess.Popen(
+                ["iperf3", "-s", "-B", addr, "-p", str(port)],
+                stdout=iperf_logs[-1], stderr=iperf_logs[-1], stdin=subprocess.DEVNULL,
+            )
+            started.append(srv)
+            servers[key] = port
+            deadline = time.monotonic() + READY_TIMEOUT
+            while True:
+                try:
+                    socket.create_connection((addr, port), timeout=1).close()
+                    break
+                except OSError:
+                    if srv.poll() is not None or time.monotonic() > deadline:
+                        raise SystemExit(f"the iperf3 server on {addr} did not start")
+                    time.sleep(0.02)
         for tool in args.tools:
             if tool in TABLE_TOOLS:
                 run_tool(tool, args, raw, servers, results, notes)
@@ -1058,8 +1218,13 @@ def cmd_run(args):
             if tool in args.tools:
                 run_published(fwd, tool, args, raw, servers, ports, notes)
     finally:
-        stop_pid(iperf_srv)
-        iperf_log.close()
+        for srv in started:
+            if isinstance(srv, NetbenchServer):
+                srv.close()
+            else:
+                stop_pid(srv)
+        for f in iperf_logs:
+            f.close()
     meta["loadavg_end"] = os.getloadavg()
     md = table(results, ports, args, meta, notes)
     with open(os.path.join(args.out, "table.md"), "w") as f:
@@ -1087,21 +1252,20 @@ def main():
     r.add_argument("--rtt-count", type=int, default=10000)
     r.add_argument("--cps-seconds", type=int, default=5)
     r.add_argument("--flows", type=int, default=1000)
+    r.add_argument("--many-flows", type=int, default=10000)
+    r.add_argument("--netbench", required=True, help="the built examples/netbench binary")
     g = sub.add_parser("guest", help="(inside the namespace) one client")
-    g.add_argument("what", choices=["probe", "latency", "cps", "hold", "peer"])
+    g.add_argument("what", choices=["probe", "hold", "peer"])
     g.add_argument("host")
     g.add_argument("port", type=int)
     g.add_argument("n", type=float)
     a = ap.parse_args()
     if a.cmd == "run":
         a.rnet = os.path.abspath(a.rnet)
+        a.netbench = os.path.abspath(a.netbench)
         return cmd_run(a)
     if a.what == "probe":
         return guest_probe(a.host, a.port, a.n)
-    if a.what == "latency":
-        return guest_latency(a.host, a.port, int(a.n))
-    if a.what == "cps":
-        return guest_cps(a.host, a.port, a.n)
     if a.what == "peer":
         return guest_peer(a.host, a.port, a.n)
     return guest_hold(a.host, a.port, int(a.n))

@@ -6,10 +6,13 @@
 #
 #   benches/compare.sh [--out DIR] [--tools rnet,slirp4netns,pasta,rootlesskit]
 #                      [--iperf-seconds N] [--rtt-count N] [--cps-seconds N]
-#                      [--flows N]
+#                      [--flows N] [--many-flows N]
 #
-# Build rnet first (cargo build --release); RNET=/path/to/rnet overrides
-# (RNET_REV=... names its revision in the table).
+# Build rnet and the load programs first:
+#   cargo build --release && cargo build --release --example netbench
+# RNET=/path/to/rnet and NETBENCH=/path/to/netbench override the binaries
+# found in ${CARGO_TARGET_DIR:-target}/release (RNET_REV=... names rnet's
+# revision in the table).
 # Run as an unprivileged user; when started as root the whole run drops to
 # uid/gid 65534 (nobody) with setpriv (RootlessKit then gets a subuid/subgid
 # range through files bind-mounted in a private mount namespace).
@@ -24,13 +27,18 @@ while (($#)); do
     case "$1" in
     --out) out=$2; shift 2 ;;
     --tools) tools=$2; shift 2 ;;
-    --iperf-seconds | --rtt-count | --cps-seconds | --flows) pass+=("$1" "$2"); shift 2 ;;
+    --iperf-seconds | --rtt-count | --cps-seconds | --flows | --many-flows) pass+=("$1" "$2"); shift 2 ;;
     -h | --help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "compare.sh: unknown argument $1 (try --help)" >&2; exit 2 ;;
     esac
 done
 out=${out:-$root/bench-results/$(date -u +%Y-%m-%d)}
-rnet=${RNET:-$root/target/release/rnet}
+target=${CARGO_TARGET_DIR:-$root/target}
+rnet=${RNET:-$target/release/rnet}
+netbench=${NETBENCH:-$target/release/examples/netbench}
+# Absolute: as root the run below starts from /.
+[[ $rnet == /* ]] || rnet=$PWD/$rnet
+[[ $netbench == /* ]] || netbench=$PWD/$netbench
 
 missing=()
 need() { command -v "$1" >/dev/null 2>&1 || missing+=("$1"); }
@@ -43,6 +51,11 @@ done
 for t in iperf3 unshare nsenter; do need "$t"; done
 if ((${#missing[@]})); then
     echo "compare.sh: missing ${missing[*]} (Debian: apt-get install iperf3 util-linux); cannot run" >&2
+    exit 1
+fi
+# The latency and short-connection client and server, the same for every tool.
+if [[ ! -x $netbench ]]; then
+    echo "compare.sh: no netbench at $netbench (cargo build --release --example netbench, or set NETBENCH); cannot run" >&2
     exit 1
 fi
 
@@ -90,7 +103,7 @@ fi
 mkdir -p "$out/raw"
 out=$(cd "$out" && pwd) # absolute: the root path below runs from /
 run=("$python" "$here/compare.py" run --out "$out" --rnet "$rnet" --rnet-rev "$rev"
-    --tools "$tools" --python "$python" "${pass[@]}")
+    --netbench "$netbench" --tools "$tools" --python "$python" "${pass[@]}")
 
 if [[ $(id -u) == 0 ]]; then
     command -v setpriv >/dev/null 2>&1 || { echo "compare.sh: running as root needs setpriv (util-linux) to drop to uid 65534" >&2; exit 1; }
@@ -98,6 +111,13 @@ if [[ $(id -u) == 0 ]]; then
         echo "compare.sh: /dev/net/tun should be mode 0666 for unprivileged users (chmod 0666 /dev/net/tun)" >&2
     fi
     chown -R 65534:65534 "$out"
+    # 10,000 idle flows take a descriptor each in several processes (and
+    # pasta accepts only about half its limit in connections): raise the
+    # hard open-file limit where root may; the run inherits it.
+    hard=$(ulimit -Hn)
+    if [[ $hard != unlimited ]] && ((hard < 65536)); then
+        ulimit -Hn 65536 2>/dev/null || echo "compare.sh: cannot raise the hard open-file limit above $hard" >&2
+    fi
     echo "compare.sh: running as root; the benchmark runs as uid 65534 (setpriv)" >&2
     cd /
     drop=(setpriv --reuid 65534 --regid 65534 --clear-groups --inh-caps=-all
