@@ -226,6 +226,13 @@ struct NetArgs {
     /// that refuses TUNSETOFFLOAD).
     #[arg(long, help_heading = "Interface")]
     no_offload: bool,
+    /// After traffic, keep polling for US microseconds before sleeping
+    /// (0: sleep at once). A reply arriving within that time is handled
+    /// without a wake-up, which roughly halves the round-trip time rnet adds,
+    /// for up to that much CPU time per burst. Ignored with a single CPU.
+    #[arg(long, value_name = "US", default_value_t = 50, help_heading = "Interface",
+          value_parser = clap::value_parser!(u32).range(0..=10_000))]
+    busy_poll_us: u32,
     /// Serve the control socket at PATH (slirp4netns's JSON protocol; used
     /// by `rnet port`). Created mode 0600, removed on exit.
     #[arg(long, value_name = "PATH", help_heading = "Ports")]
@@ -319,6 +326,9 @@ impl NetArgs {
             .api_socket(self.api_socket.clone())
             .fast_ports(self.port_path == "auto")
             .offloads(!self.no_offload)
+            .busy_poll(std::time::Duration::from_micros(u64::from(
+                self.busy_poll_us,
+            )))
             .pcap(self.pcap.clone(), self.pcap_max_mib.saturating_mul(1 << 20))
             .sandbox(!self.no_sandbox)
             .seccomp(!self.no_sandbox)

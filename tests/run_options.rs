@@ -154,3 +154,23 @@ fn subordinate_ids_are_mapped_with_newuidmap() {
         "setgroups stays allowed: {out}"
     );
 }
+
+/// `--busy-poll-us`: 0 (sleep at once) still carries traffic; an out-of-range
+/// value is refused with the allowed range.
+#[test]
+fn busy_poll_option() {
+    if !require_userns("busy_poll_option") {
+        return;
+    }
+    let out = Rnet::new()
+        .arg("--busy-poll-us")
+        .arg("0")
+        .run(&["ping", "-c", "1", "-W", "5", "10.0.2.2"], T);
+    out.assert_success("ping the gateway with --busy-poll-us 0");
+    let bad = Rnet::new()
+        .arg("--busy-poll-us")
+        .arg("20000")
+        .run(&["true"], T);
+    bad.assert_failure("--busy-poll-us 20000");
+    assert!(bad.stderr.contains("0..=10000"), "{bad}");
+}
