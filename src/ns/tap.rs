@@ -315,7 +315,9 @@ pub(crate) fn tap_error(e: ChildError, target: &Target, name: &str) -> NsError {
         },
         Step::Offload => NsError::TapSetup {
             name,
-            step: "enable checksum and segmentation offloads (TUNSETOFFLOAD)".to_owned(),
+            step:
+                "enable checksum and segmentation offloads (TUNSETOFFLOAD; --no-offload skips them)"
+                    .to_owned(),
             errno,
         },
         Step::ReadMac => NsError::TapSetup {
