@@ -113,6 +113,16 @@ impl VnetHdr {
     }
 }
 
+/// How a TCP segment larger than the guest takes is to be cut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gso {
+    /// Payload bytes per piece, options already accounted for (smoltcp's
+    /// segmentation request).
+    Payload(u16),
+    /// The guest's MSS; the segment's TCP options come off it.
+    Mss(u16),
+}
+
 /// What the kernel said about the frame last read.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct RxMeta {
@@ -178,6 +188,11 @@ impl Tap {
     /// What the kernel said about the frame last read.
     pub fn rx_meta(&self) -> RxMeta {
         self.rx_meta
+    }
+
+    /// The receive buffer, to rewrite a frame in place before it is handled.
+    pub fn rx_mut(&mut self) -> &mut [u8] {
+        &mut self.rx
     }
 
     /// Frames and bytes written so far.
@@ -319,13 +334,13 @@ impl TapTx<'_> {
     pub fn send_with<R>(
         &mut self,
         len: usize,
-        gso_size: Option<u16>,
+        gso: Option<Gso>,
         f: impl FnOnce(&mut [u8]) -> R,
     ) -> (R, bool) {
         let len = len.min(self.buf.len());
         let r = f(&mut self.buf[..len]);
         let hdr = if self.vnet {
-            tcp_offload(&mut self.buf[..len], gso_size)
+            tcp_offload(&mut self.buf[..len], gso)
         } else {
             VnetHdr::default()
         };
@@ -374,13 +389,13 @@ impl TapTx<'_> {
 /// segment, puts the pseudo-header sum in the checksum field and marks it
 /// NEEDS_CSUM (the guest completes it, or skips it for local delivery as it
 /// does for its own loopback traffic), and asks for segmentation when the
-/// payload exceeds `gso_size`. Anything else (ARP, NDP) leaves untouched
-/// with an empty header.
+/// payload exceeds the piece size `gso` gives. Anything else (ARP, NDP)
+/// leaves untouched with an empty header.
 ///
 /// Hand-written rather than through smoltcp's packet views: smoltcp built
 /// the frame a moment ago, so only offsets are read, and this runs once per
 /// segment on the hot path.
-fn tcp_offload(frame: &mut [u8], gso_size: Option<u16>) -> VnetHdr {
+fn tcp_offload(frame: &mut [u8], gso: Option<Gso>) -> VnetHdr {
     let none = VnetHdr::default();
     let Ok(eth) = EthernetFrame::new_checked(&*frame) else {
         return none;
@@ -425,10 +440,12 @@ fn tcp_offload(frame: &mut [u8], gso_size: Option<u16>) -> VnetHdr {
         ..VnetHdr::default()
     };
     let payload = tcp_len.saturating_sub(tcp_hlen);
-    if let Some(size) = gso_size
-        && size > 0
-        && payload > usize::from(size)
-    {
+    let size = match gso {
+        Some(Gso::Payload(n)) => n,
+        Some(Gso::Mss(mss)) => mss.saturating_sub((tcp_hlen - 20) as u16),
+        None => 0,
+    };
+    if size > 0 && payload > usize::from(size) {
         hdr.gso_type = gso_type;
         hdr.gso_size = size;
         hdr.hdr_len = (l4 + tcp_hlen) as u16;
@@ -615,7 +632,7 @@ mod tests {
                 let mut frame = segment(v6, payload);
                 let l4 = 14 + if v6 { 40 } else { 20 };
                 let full = u16::from_be_bytes([frame[l4 + 16], frame[l4 + 17]]);
-                let hdr = tcp_offload(&mut frame, Some(1460));
+                let hdr = tcp_offload(&mut frame, Some(Gso::Payload(1460)));
                 assert_eq!(hdr.flags, VnetHdr::NEEDS_CSUM);
                 assert_eq!(usize::from(hdr.csum_start), l4);
                 assert_eq!(hdr.csum_offset, 16);
@@ -641,7 +658,10 @@ mod tests {
     fn frames_other_than_tcp_get_an_empty_header() {
         let mut arp = vec![0u8; 42];
         arp[12..14].copy_from_slice(&[0x08, 0x06]);
-        assert_eq!(tcp_offload(&mut arp, Some(1460)), VnetHdr::default());
+        assert_eq!(
+            tcp_offload(&mut arp, Some(Gso::Payload(1460))),
+            VnetHdr::default()
+        );
         let mut short = vec![0u8; 20];
         assert_eq!(tcp_offload(&mut short, None), VnetHdr::default());
         let mut udp = segment(false, 10);

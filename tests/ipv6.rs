@@ -22,7 +22,7 @@ use common::*;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-const GW6: &str = "fd00::2";
+const GW6: &str = GATEWAY6;
 const DNS6: &str = "fd00::3";
 
 macro_rules! require {

@@ -622,19 +622,28 @@ impl Engine {
                 syn_only,
                 ip_off,
             } => {
+                let mut guest_mss = None;
                 if let SocketAddr::V6(s6) = src {
                     self.learn_v6(*s6.ip(), src_mac, now);
+                    if self.tap.offloads() {
+                        guest_mss =
+                            crate::stack::rewrite_syn_mss(&mut self.tap.rx_mut()[ip_off..len]);
+                    }
                 }
                 if let Some(&idx) = self.tcp_index.get(&(src, dst)) {
                     let slot = &mut self.flows[idx];
                     if let Flow::Tcp(f) = &mut slot.flow {
+                        if guest_mss.is_some() {
+                            // The guest's SYN-ACK on a published port.
+                            f.guest_mss = guest_mss;
+                        }
                         let (rx, tx) = self.tap.split();
                         self.stack.ingress(now, &rx[..len], tx, &mut f.sockets);
                     }
                     let id = slot.id;
                     self.mark_dirty(idx, id);
                 } else if syn_only {
-                    self.tcp_open(src, dst, len, ip_off, now);
+                    self.tcp_open(src, dst, len, ip_off, guest_mss, now);
                 } else {
                     // A stray segment: with no listener smoltcp answers RST.
                     self.stats.count_drop(DropReason::NoFlow);
@@ -692,6 +701,7 @@ impl Engine {
         dst: SocketAddr,
         len: usize,
         ip_off: usize,
+        guest_mss: Option<u16>,
         now: Instant,
     ) {
         let (target, bind) = match route_any(&self.cfg, dst) {
@@ -731,6 +741,7 @@ impl Engine {
         match TcpFlow::open((src, dst), target, bind, ip) {
             Ok(mut f) => {
                 f.half_open = true;
+                f.guest_mss = guest_mss;
                 self.half_open += 1;
                 self.per_guest.entry(src.ip()).or_default().0 += 1;
                 self.stack.ingress(now, frame, tx, &mut f.sockets);

@@ -92,6 +92,9 @@ pub struct TcpFlow {
     pub queued: usize,
     /// Counted among the half-open flows (engine's limit).
     pub half_open: bool,
+    /// The guest's real MSS when its SYN was rewritten for large segments
+    /// ([`crate::stack::rewrite_syn_mss`]).
+    pub guest_mss: Option<u16>,
 }
 
 impl TcpFlow {
@@ -139,6 +142,7 @@ impl TcpFlow {
             syn_len,
             queued: 0,
             half_open: false,
+            guest_mss: None,
         })
     }
 
@@ -187,6 +191,7 @@ impl TcpFlow {
             syn_len: 0,
             queued: 0,
             half_open: false,
+            guest_mss: None,
         })
     }
 
@@ -230,7 +235,7 @@ impl TcpFlow {
 
     /// Lets the guest side transmit (SYN-ACK, data, ACKs, FIN, RST).
     pub fn egress(&mut self, stack: &mut Stack, now: Instant, tx: TapTx<'_>) {
-        stack.egress(now, tx, &mut self.sockets);
+        stack.egress(now, tx, &mut self.sockets, self.guest_mss);
     }
 
     /// When smoltcp next needs this flow serviced.

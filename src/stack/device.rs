@@ -17,7 +17,7 @@ use std::num::NonZeroUsize;
 use smoltcp::phy::{self, Checksum, ChecksumCapabilities, DeviceCapabilities, Medium, PacketMeta};
 use smoltcp::time::Instant;
 
-use crate::tap::{MAX_GSO_FRAME, TapTx};
+use crate::tap::{Gso, MAX_GSO_FRAME, TapTx};
 
 /// A one-frame device over the TAP.
 pub struct FrameDevice<'a> {
@@ -25,13 +25,27 @@ pub struct FrameDevice<'a> {
     tx: TapTx<'a>,
     mtu: usize,
     sent: &'a mut u64,
+    guest_mss: Option<u16>,
 }
 
 impl<'a> FrameDevice<'a> {
     /// A device that yields `rx` once (if any) and writes to `tx`.
     /// `mtu` is the IP MTU; `sent` counts transmitted frames.
     pub fn new(rx: Option<&'a [u8]>, tx: TapTx<'a>, mtu: usize, sent: &'a mut u64) -> Self {
-        Self { rx, tx, mtu, sent }
+        Self {
+            rx,
+            tx,
+            mtu,
+            sent,
+            guest_mss: None,
+        }
+    }
+
+    /// The guest's real MSS for a flow whose SYN rnet rewrote (IPv6 with
+    /// offloads): segments larger than it leave as GSO frames cut to it.
+    pub fn with_guest_mss(mut self, mss: Option<u16>) -> Self {
+        self.guest_mss = mss;
+        self
     }
 
     /// Checksum work: the classifier has already checked the guest's TCP
@@ -66,7 +80,7 @@ impl phy::Device for FrameDevice<'_> {
             Tx {
                 tx: self.tx.reborrow(),
                 sent: self.sent,
-                gso_size: None,
+                gso: self.guest_mss.map(Gso::Mss),
             },
         ))
     }
@@ -75,15 +89,24 @@ impl phy::Device for FrameDevice<'_> {
         Some(Tx {
             tx: self.tx.reborrow(),
             sent: self.sent,
-            gso_size: None,
+            gso: self.guest_mss.map(Gso::Mss),
         })
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
         let mut caps = DeviceCapabilities::default();
         caps.medium = Medium::Ethernet;
-        caps.max_transmission_unit = self.mtu + 14;
         let offloads = self.tx.offloads();
+        // With offloads smoltcp may build segments up to 64 KiB: IPv4 ones
+        // it marks for segmentation itself; IPv6 ones (which smoltcp 0.14
+        // cannot mark) only for flows whose SYN advertised a large MSS, with
+        // the guest's real MSS kept by rnet. smoltcp sends nothing else
+        // larger than the link MTU (UDP and ICMP never go through it).
+        caps.max_transmission_unit = if offloads {
+            MAX_GSO_FRAME
+        } else {
+            self.mtu + 14
+        };
         caps.checksum = Self::checksums(offloads);
         if offloads {
             caps.segmentation.tcpv4 = NonZeroUsize::new(MAX_GSO_FRAME);
@@ -105,12 +128,12 @@ impl phy::RxToken for Rx<'_> {
 pub struct Tx<'b> {
     tx: TapTx<'b>,
     sent: &'b mut u64,
-    gso_size: Option<u16>,
+    gso: Option<Gso>,
 }
 
 impl phy::TxToken for Tx<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(mut self, len: usize, f: F) -> R {
-        let (r, ok) = self.tx.send_with(len, self.gso_size, f);
+        let (r, ok) = self.tx.send_with(len, self.gso, f);
         if ok {
             *self.sent += 1;
         }
@@ -118,6 +141,8 @@ impl phy::TxToken for Tx<'_> {
     }
 
     fn set_meta(&mut self, meta: PacketMeta) {
-        self.gso_size = meta.segmentation_offload_size.map(|s| s.get());
+        if let Some(size) = meta.segmentation_offload_size {
+            self.gso = Some(Gso::Payload(size.get()));
+        }
     }
 }

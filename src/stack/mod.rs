@@ -167,12 +167,21 @@ impl Stack {
         self.iface.poll_ingress_single(now, &mut dev, sockets);
     }
 
-    /// Lets the sockets of `sockets` transmit what they have queued.
-    pub fn egress(&mut self, now: Instant, mut tx: TapTx<'_>, sockets: &mut SocketSet) {
+    /// Lets the sockets of `sockets` transmit what they have queued;
+    /// `guest_mss` is the flow's real MSS when rnet enlarged the one smoltcp
+    /// saw (see [`rewrite_syn_mss`]).
+    pub fn egress(
+        &mut self,
+        now: Instant,
+        mut tx: TapTx<'_>,
+        sockets: &mut SocketSet,
+        guest_mss: Option<u16>,
+    ) {
         // Each round emits at most one segment per socket; bound the rounds
         // so one flow cannot monopolise the loop (its timer brings it back).
         for _ in 0..256 {
-            let mut dev = FrameDevice::new(None, tx.reborrow(), self.mtu, &mut self.frames_out);
+            let mut dev = FrameDevice::new(None, tx.reborrow(), self.mtu, &mut self.frames_out)
+                .with_guest_mss(guest_mss);
             if self.iface.poll_egress(now, &mut dev, sockets) == smoltcp::iface::PollResult::None {
                 break;
             }
@@ -216,6 +225,49 @@ impl Stack {
     }
 }
 
+/// The MSS rnet puts in a guest's IPv6 SYN when offloads are on: the most
+/// an IPv6 packet of 65,535 bytes can carry, so smoltcp builds segments of
+/// up to 64 KiB that leave as GSO frames.
+pub const LARGE_MSS6: u16 = 65535 - 40 - 20;
+
+/// Replaces the MSS option of the TCP SYN (or SYN-ACK) in the IPv6 packet
+/// `ip` with [`LARGE_MSS6`] and returns the guest's own value, or None
+/// when `ip` is no such segment or carries no MSS option.
+///
+/// smoltcp 0.14 can ask the device to segment IPv4 only; for IPv6 it keeps
+/// segments to the smaller of the link MTU and the peer's MSS. Showing it a
+/// large MSS and cutting its segments to the guest's real one in the
+/// device is the same offload by other means. The checksum is left as is:
+/// the classifier has already checked it, and smoltcp, with offloads on,
+/// does not look at it.
+pub fn rewrite_syn_mss(ip: &mut [u8]) -> Option<u16> {
+    let tcp = ip.get_mut(40..)?;
+    if tcp.len() < 20 || tcp[13] & 0x02 == 0 {
+        return None;
+    }
+    let hlen = (usize::from(tcp[12] >> 4) * 4).min(tcp.len());
+    let mut i = 20;
+    while i < hlen {
+        match tcp[i] {
+            0 => return None,
+            1 => i += 1,
+            kind => {
+                let len = usize::from(*tcp.get(i + 1)?);
+                if len < 2 || i + len > hlen {
+                    return None;
+                }
+                if kind == 2 && len == 4 {
+                    let old = u16::from_be_bytes([tcp[i + 2], tcp[i + 3]]);
+                    tcp[i + 2..i + 4].copy_from_slice(&LARGE_MSS6.to_be_bytes());
+                    return Some(old);
+                }
+                i += len;
+            }
+        }
+    }
+    None
+}
+
 /// A per-process seed for smoltcp's initial sequence numbers and ports.
 fn seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
@@ -230,4 +282,49 @@ pub fn now() -> Instant {
     static START: OnceLock<std::time::Instant> = OnceLock::new();
     let start = START.get_or_init(std::time::Instant::now);
     Instant::from_micros(start.elapsed().as_micros() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An IPv6 header (zeros will do) and a TCP header with `flags` and
+    /// `opts`.
+    fn segment(flags: u8, opts: &[u8]) -> Vec<u8> {
+        let mut p = vec![0u8; 40 + 20];
+        p[40 + 12] = (((20 + opts.len()) / 4) as u8) << 4;
+        p[40 + 13] = flags;
+        p.extend_from_slice(opts);
+        p
+    }
+
+    #[test]
+    fn syn_mss_is_enlarged_and_the_old_one_returned() {
+        // NOP, NOP, SACK-permitted, MSS 1440, window scale 7, NOP: the
+        // order Linux does not use, so the walk over options is exercised.
+        let opts = [1, 1, 4, 2, 2, 4, 0x05, 0xa0, 3, 3, 7, 1];
+        for flags in [0x02, 0x12] {
+            let mut p = segment(flags, &opts);
+            assert_eq!(rewrite_syn_mss(&mut p), Some(1440));
+            assert_eq!(&p[64..68], &[2, 4, 0xff, 0xc3], "65475");
+            assert_eq!(&p[60..64], &opts[..4], "options before MSS intact");
+            assert_eq!(&p[68..], &opts[8..], "options after MSS intact");
+        }
+    }
+
+    #[test]
+    fn other_segments_are_left_alone() {
+        let mss = [2, 4, 0x05, 0xa0];
+        let mut ack = segment(0x10, &mss);
+        assert_eq!(rewrite_syn_mss(&mut ack), None);
+        assert_eq!(&ack[60..], &mss);
+        let mut no_mss = segment(0x02, &[1, 1, 4, 2]);
+        assert_eq!(rewrite_syn_mss(&mut no_mss), None);
+        // An option running past the header, a zero length, a short packet.
+        for bad in [vec![2u8, 9, 0, 0], vec![5, 0, 1, 1]] {
+            let mut p = segment(0x02, &bad);
+            assert_eq!(rewrite_syn_mss(&mut p), None, "{bad:?}");
+        }
+        assert_eq!(rewrite_syn_mss(&mut [0u8; 50]), None);
+    }
 }

@@ -24,6 +24,8 @@ use sha2::{Digest, Sha256};
 pub const RNET: &str = env!("CARGO_BIN_EXE_rnet");
 pub const PYTHON: &str = "/usr/bin/python3";
 pub const GATEWAY: &str = "10.0.2.2";
+/// The gateway's IPv6 address (default prefix).
+pub const GATEWAY6: &str = "fd00::2";
 pub const DNS_ADDR: &str = "10.0.2.3";
 pub const NOBODY: u32 = 65534;
 
@@ -722,7 +724,11 @@ impl Pattern {
 /// Accepts one connection, reads it to EOF hashing, then closes; the result
 /// arrives on the returned channel.
 pub fn tcp_sink() -> (SocketAddr, mpsc::Receiver<io::Result<Digested>>) {
-    let l = loopback_listener();
+    tcp_sink_on(loopback_listener())
+}
+
+/// [`tcp_sink`] on a listener of the caller's choice.
+pub fn tcp_sink_on(l: TcpListener) -> (SocketAddr, mpsc::Receiver<io::Result<Digested>>) {
     let addr = l.local_addr().unwrap();
     let (tx, rx) = mpsc::channel();
     thread::spawn(move || {
@@ -752,7 +758,11 @@ pub fn tcp_sink() -> (SocketAddr, mpsc::Receiver<io::Result<Digested>>) {
 
 /// Accepts one connection, sends `total` bytes of the [`Pattern`], then closes.
 pub fn tcp_source(total: u64) -> (SocketAddr, mpsc::Receiver<io::Result<u64>>) {
-    let l = loopback_listener();
+    tcp_source_on(loopback_listener(), total)
+}
+
+/// [`tcp_source`] on a listener of the caller's choice.
+pub fn tcp_source_on(l: TcpListener, total: u64) -> (SocketAddr, mpsc::Receiver<io::Result<u64>>) {
     let addr = l.local_addr().unwrap();
     let (tx, rx) = mpsc::channel();
     thread::spawn(move || {
