@@ -27,11 +27,16 @@ pub fn render_text(s: &Value) -> String {
     );
     let _ = writeln!(
         o,
-        "tap           in {} frames / {} bytes, out {} frames / {} bytes",
+        "tap           in {} frames / {} bytes, out {} frames / {} bytes{}",
         n(&tap["frames_in"]),
         n(&tap["bytes_in"]),
         n(&tap["frames_out"]),
-        n(&tap["bytes_out"])
+        n(&tap["bytes_out"]),
+        match tap["offloads"].as_bool() {
+            Some(true) => " (offloads: TSO, checksum)",
+            Some(false) => " (no offloads)",
+            None => "",
+        }
     );
     let f = &s["flows"];
     let tcp: Vec<String> = f["tcp"]
@@ -243,7 +248,8 @@ mod tests {
     fn sample() -> Value {
         json!({
             "uptime_secs": 12.5,
-            "tap": {"frames_in": 10, "bytes_in": 1000, "frames_out": 9, "bytes_out": 900},
+            "tap": {"frames_in": 10, "bytes_in": 1000, "frames_out": 9, "bytes_out": 900,
+                    "offloads": true},
             "flows": {"tcp": {"ESTABLISHED": 2}, "tcp_spliced": 1, "udp": 3, "icmp": 0, "dns": 0},
             "tcp_opened": 7,
             "spliced_bytes": {"to_guest": 5, "from_guest": 6},
@@ -269,5 +275,6 @@ mod tests {
     fn text_has_ports() {
         let t = render_text(&sample());
         assert!(t.contains("0.0.0.0:8080") && t.contains("fast"));
+        assert!(t.contains("(offloads: TSO, checksum)"), "{t}");
     }
 }

@@ -1531,6 +1531,7 @@ impl Engine {
                 "bytes_in": s.bytes_in,
                 "frames_out": out.frames,
                 "bytes_out": out.bytes,
+                "offloads": self.tap.offloads(),
             },
             "flows": {
                 "tcp": tcp,
@@ -1572,6 +1573,8 @@ impl Engine {
             host_loopback = if c.allow_host_loopback() { "allowed" } else { "blocked" },
             outbound = %c.outbound(),
             dns_upstreams = %if c.disable_dns() { "disabled".to_string() } else { ups.join(",") },
+            offloads = if self.tap.offloads() { "tso,csum" } else { "off" },
+            busy_poll_us = self.busy_poll_us,
             "network ready"
         );
         if let (Some(p), Some(g), Some(d), Some(guest)) = (
