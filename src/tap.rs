@@ -212,68 +212,63 @@ impl Tap {
         }
     }
 
-    /// Reads one frame into the receive buffer.
+    /// Reads one frame into the receive buffer (with offloads, its header
+    /// comes in the same readv, so the frame still starts at the beginning
+    /// of the buffer).
     pub fn read_frame(&mut self) -> io::Result<ReadOutcome> {
-        if self.vnet {
-            return self.read_vnet_frame();
-        }
-        loop {
-            match nix::unistd::read(&self.fd, &mut self.rx) {
+        let mut hdr = [0u8; VNET_HDR_LEN];
+        let n = loop {
+            let r = if self.vnet {
+                let mut iov = [IoSliceMut::new(&mut hdr), IoSliceMut::new(&mut self.rx)];
+                nix::sys::uio::readv(&self.fd, &mut iov)
+            } else {
+                nix::unistd::read(&self.fd, &mut self.rx)
+            };
+            match r {
                 Ok(0) => return Ok(ReadOutcome::Closed),
-                Ok(n) => {
-                    if let Some(p) = &mut self.pcap {
-                        p.record(&self.rx[..n]);
-                    }
-                    return Ok(ReadOutcome::Frame(n));
-                }
+                Ok(n) => break n,
                 Err(Errno::EAGAIN) => return Ok(ReadOutcome::WouldBlock),
                 Err(Errno::EINTR) => continue,
                 Err(Errno::EBADFD) | Err(Errno::EIO) => return Ok(ReadOutcome::Closed),
                 Err(e) => return Err(e.into()),
             }
+        };
+        let n = if self.vnet {
+            self.take_vnet_hdr(&hdr, n)
+        } else {
+            n
+        };
+        if let Some(p) = &mut self.pcap {
+            p.record(&self.rx[..n]);
         }
+        Ok(ReadOutcome::Frame(n))
     }
 
-    /// Reads the header and the frame behind it in one readv, so the frame
-    /// still starts at the beginning of the receive buffer.
-    fn read_vnet_frame(&mut self) -> io::Result<ReadOutcome> {
-        let mut hdr = [0u8; VNET_HDR_LEN];
-        loop {
-            let mut iov = [IoSliceMut::new(&mut hdr), IoSliceMut::new(&mut self.rx)];
-            match nix::sys::uio::readv(&self.fd, &mut iov) {
-                Ok(0) => return Ok(ReadOutcome::Closed),
-                Ok(n) if n < VNET_HDR_LEN => {
-                    // Cannot come from the kernel; an empty frame is dropped
-                    // (and counted) as malformed by the classifier.
-                    self.rx_meta = RxMeta::default();
-                    return Ok(ReadOutcome::Frame(0));
-                }
-                Ok(n) => {
-                    let h = VnetHdr::parse(&hdr);
-                    let gso = h.gso_type & !VnetHdr::GSO_ECN;
-                    self.rx_meta = RxMeta {
-                        l4_csum_vouched: h.flags & (VnetHdr::NEEDS_CSUM | VnetHdr::DATA_VALID) != 0,
-                        gso: gso == VnetHdr::GSO_TCPV4 || gso == VnetHdr::GSO_TCPV6,
-                        unsupported: !matches!(
-                            gso,
-                            VnetHdr::GSO_NONE | VnetHdr::GSO_TCPV4 | VnetHdr::GSO_TCPV6
-                        ),
-                    };
-                    let n = n - VNET_HDR_LEN;
-                    if h.flags & VnetHdr::NEEDS_CSUM != 0 {
-                        complete_inner_checksum(&mut self.rx[..n], &h);
-                    }
-                    if let Some(p) = &mut self.pcap {
-                        p.record(&self.rx[..n]);
-                    }
-                    return Ok(ReadOutcome::Frame(n));
-                }
-                Err(Errno::EAGAIN) => return Ok(ReadOutcome::WouldBlock),
-                Err(Errno::EINTR) => continue,
-                Err(Errno::EBADFD) | Err(Errno::EIO) => return Ok(ReadOutcome::Closed),
-                Err(e) => return Err(e.into()),
-            }
+    /// Notes what the header of a read of `n` bytes says about the frame
+    /// behind it, completes a partial checksum inside its payload, and
+    /// returns the frame's length.
+    fn take_vnet_hdr(&mut self, hdr: &[u8; VNET_HDR_LEN], n: usize) -> usize {
+        if n < VNET_HDR_LEN {
+            // Cannot come from the kernel; an empty frame is dropped (and
+            // counted) as malformed by the classifier.
+            self.rx_meta = RxMeta::default();
+            return 0;
         }
+        let h = VnetHdr::parse(hdr);
+        let gso = h.gso_type & !VnetHdr::GSO_ECN;
+        self.rx_meta = RxMeta {
+            l4_csum_vouched: h.flags & (VnetHdr::NEEDS_CSUM | VnetHdr::DATA_VALID) != 0,
+            gso: gso == VnetHdr::GSO_TCPV4 || gso == VnetHdr::GSO_TCPV6,
+            unsupported: !matches!(
+                gso,
+                VnetHdr::GSO_NONE | VnetHdr::GSO_TCPV4 | VnetHdr::GSO_TCPV6
+            ),
+        };
+        let n = n - VNET_HDR_LEN;
+        if h.flags & VnetHdr::NEEDS_CSUM != 0 {
+            complete_inner_checksum(&mut self.rx[..n], &h);
+        }
+        n
     }
 
     /// The receive buffer (valid up to the length [`Tap::read_frame`] returned)
@@ -358,11 +353,8 @@ impl TapTx<'_> {
 
     fn write(&mut self, len: usize, hdr: VnetHdr) -> bool {
         let frame = &self.buf[..len];
-        let sent = if self.vnet {
-            write_vnet_frame(self.fd, &hdr.to_bytes(), frame)
-        } else {
-            write_frame(self.fd, frame)
-        };
+        let hdr = hdr.to_bytes();
+        let sent = write_frame(self.fd, self.vnet.then_some(&hdr), frame);
         if sent {
             self.out.frames += 1;
             self.out.bytes += len as u64;
@@ -509,23 +501,16 @@ fn pseudo_header_sum(src: &[u8], dst: &[u8], tcp_len: usize) -> u16 {
     sum as u16
 }
 
-/// Writes a virtio-net header and the frame behind it in one writev.
-fn write_vnet_frame(fd: BorrowedFd<'_>, hdr: &[u8; VNET_HDR_LEN], frame: &[u8]) -> bool {
-    let iov = [IoSlice::new(hdr), IoSlice::new(frame)];
+/// Writes one frame, behind its virtio-net header when `hdr` is given; a
+/// full queue or a vanished device drops it (the guest's TCP retransmits)
+/// and reports false.
+fn write_frame(fd: BorrowedFd<'_>, hdr: Option<&[u8; VNET_HDR_LEN]>, frame: &[u8]) -> bool {
     loop {
-        match nix::sys::uio::writev(fd, &iov) {
-            Ok(_) => return true,
-            Err(Errno::EINTR) => continue,
-            Err(_) => return false,
-        }
-    }
-}
-
-/// Writes one frame; a full queue or a vanished device drops it (the guest's
-/// TCP retransmits) and reports false.
-fn write_frame(fd: BorrowedFd<'_>, frame: &[u8]) -> bool {
-    loop {
-        match nix::unistd::write(fd, frame) {
+        let r = match hdr {
+            Some(h) => nix::sys::uio::writev(fd, &[IoSlice::new(h), IoSlice::new(frame)]),
+            None => nix::unistd::write(fd, frame),
+        };
+        match r {
             Ok(_) => return true,
             Err(Errno::EINTR) => continue,
             Err(_) => return false,

@@ -112,17 +112,7 @@ fn ping_gateway_and_relay() {
     range.set("1 0");
     let out = rnet.run(&ping(&addr), secs(30));
     out.assert_failure("guest ping of the test host, ping sockets denied");
-    // One warning line for the three echo requests (the line itself may name
-    // the sysctl more than once, e.g. in its fix-it hint).
-    let warnings = out
-        .stderr
-        .lines()
-        .filter(|l| l.contains("ping_group_range"));
-    assert_eq!(
-        warnings.count(),
-        1,
-        "rnet must log the ping_group_range warning exactly once: {out}"
-    );
+    assert_one_ping_range_warning(&out);
 }
 
 // ---------------------------------------------------------------- 4. DNS

@@ -500,13 +500,5 @@ fn ping6_test_host_through_ping_sockets() {
     range.set("1 0");
     let out = allowed.run(&strs(&ping("3")), secs(30));
     out.assert_failure("guest ping -6 of the test host, ping sockets denied");
-    let warnings = out
-        .stderr
-        .lines()
-        .filter(|l| l.contains("ping_group_range"));
-    assert_eq!(
-        warnings.count(),
-        1,
-        "rnet must log the ping_group_range warning exactly once: {out}"
-    );
+    assert_one_ping_range_warning(&out);
 }

@@ -1456,6 +1456,22 @@ pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'sta
 
 // ---------------------------------------------------------------- status and process figures
 
+/// rnet logged the `ping_group_range` warning exactly once, however many
+/// echo requests it could not relay (the line itself may name the sysctl
+/// more than once, e.g. in its fix-it hint).
+#[track_caller]
+pub fn assert_one_ping_range_warning(out: &Output) {
+    let warnings = out
+        .stderr
+        .lines()
+        .filter(|l| l.contains("ping_group_range"))
+        .count();
+    assert_eq!(
+        warnings, 1,
+        "rnet must log the ping_group_range warning exactly once: {out}"
+    );
+}
+
 /// `rnet status --api-socket PATH --json`, parsed.
 #[track_caller]
 pub fn status_json(api: &std::path::Path) -> serde_json::Value {
