@@ -424,6 +424,9 @@ fn tcp_offload(frame: &mut [u8], gso: Option<Gso>) -> VnetHdr {
         return none;
     }
     let tcp_hlen = usize::from(frame[l4 + 12] >> 4) * 4;
+    if !(20..=tcp_len).contains(&tcp_hlen) {
+        return none;
+    }
     frame[l4 + 16..l4 + 18].copy_from_slice(&pseudo.to_be_bytes());
     let mut hdr = VnetHdr {
         flags: VnetHdr::NEEDS_CSUM,
@@ -652,6 +655,13 @@ mod tests {
         let mut udp = segment(false, 10);
         udp[14 + 9] = 17;
         assert_eq!(tcp_offload(&mut udp, None), VnetHdr::default());
+        // A TCP data offset below the 20-byte header (found by fuzzing).
+        let mut bad = segment(false, 10);
+        bad[14 + 20 + 12] = 0x10;
+        assert_eq!(
+            tcp_offload(&mut bad, Some(Gso::Mss(1460))),
+            VnetHdr::default()
+        );
     }
 
     #[test]

@@ -5,9 +5,10 @@
 //!
 //! # Input format
 //!
-//! `GSO_HI GSO_LO` (the segment size asked for on transmit, 0 for none),
-//! then the 12-byte virtio-net header and the frame as the kernel would
-//! deliver them on one read.
+//! `GSO_HI GSO_LO`: how the frame sent back is to be cut (0: not at all;
+//! otherwise the top bit picks the guest's MSS over a payload size, and the
+//! other 15 bits are the size), then the 12-byte virtio-net header and the
+//! frame as the kernel would deliver them on one read.
 //!
 //! A `SOCK_SEQPACKET` socket pair stands in for the TAP: the target writes
 //! the record to one end, reads it through [`Tap`] on the other, then sends
@@ -21,7 +22,7 @@ use std::sync::Mutex;
 
 use libfuzzer_sys::fuzz_target;
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
-use rnet::tap::{ReadOutcome, Tap, VNET_HDR_LEN};
+use rnet::tap::{Gso, ReadOutcome, Tap, VNET_HDR_LEN};
 
 struct Pair {
     guest: OwnedFd,
@@ -63,7 +64,11 @@ fuzz_target!(|data: &[u8]| {
     let _ = (meta.gso, meta.l4_csum_vouched, meta.unsupported);
     let (rx, mut tx) = p.tap.split();
     let frame = rx[..n].to_vec();
-    let gso = (gso != 0).then_some(gso);
+    let gso = match (gso & 0x8000 != 0, gso & 0x7fff) {
+        (_, 0) => None,
+        (true, n) => Some(Gso::Mss(n)),
+        (false, n) => Some(Gso::Payload(n)),
+    };
     let (_, sent) = tx.send_with(frame.len(), gso, |buf| buf.copy_from_slice(&frame));
     assert!(sent, "the socket pair takes every frame");
     let mut back = vec![0u8; VNET_HDR_LEN + frame.len() + 1];
