@@ -8,9 +8,10 @@
 //! With TAP offloads on (see [`crate::tap`]), the device tells smoltcp to
 //! neither verify nor compute TCP checksums (the classifier checks those the
 //! kernel does not vouch for; the guest kernel completes ours) and that
-//! IPv4 TCP segments of up to 64 KiB may be handed over whole, to be cut
-//! into the guest's MSS by the guest kernel. smoltcp 0.14 offers no IPv6
-//! segmentation, so IPv6 segments keep to the MTU.
+//! TCP segments of up to 64 KiB may be handed over whole, to be cut into
+//! the guest's MSS by the guest kernel: smoltcp marks IPv4 ones itself;
+//! IPv6 ones (smoltcp 0.14 cannot mark them) are cut to the MSS rnet kept
+//! when it enlarged the guest's (see [`super::rewrite_syn_mss`]).
 
 use std::num::NonZeroUsize;
 
