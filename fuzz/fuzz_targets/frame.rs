@@ -1,4 +1,5 @@
-//! `classify` — the first look at every guest frame — on arbitrary bytes.
+//! `classify` — the first look at every guest frame — on arbitrary bytes,
+//! and the SYN MSS rewrite that walks TCP options in place.
 //!
 //! It must never panic, and every slice it hands back must lie inside the
 //! frame it was given (the engine turns them into offsets).
@@ -38,6 +39,13 @@ fuzz_target!(|frame: &[u8]| {
     // kernel vouched for (offloads on).
     for vouched in [false, true] {
         check(frame, vouched);
+    }
+    // The SYN MSS rewrite (IPv6 with offloads) walks TCP options in place.
+    if let Some(ip) = frame.get(14..) {
+        let mut ip = ip.to_vec();
+        if rnet::stack::rewrite_syn_mss(&mut ip).is_some() {
+            assert_eq!(ip.len(), frame.len() - 14, "rewrite changed the length");
+        }
     }
 });
 
