@@ -324,8 +324,9 @@ impl TapTx<'_> {
     /// Builds a frame of `len` bytes with `f` in the scratch buffer and
     /// writes it: the path of frames from smoltcp. With offloads on, a TCP
     /// segment's checksum is left for the guest kernel (smoltcp then leaves
-    /// it zero) and a segment whose payload exceeds `gso_size` goes out as
-    /// one GSO frame. Returns whether the frame was handed to the kernel.
+    /// it zero) and a segment whose payload exceeds the piece size `gso`
+    /// gives goes out as one GSO frame. Returns whether the frame was handed
+    /// to the kernel.
     pub fn send_with<R>(
         &mut self,
         len: usize,
