@@ -43,9 +43,7 @@ pub fn bin_dir() -> &'static Path {
         if super::common::is_root() {
             // Root runs some of these as uid 65534, which may be unable to
             // traverse the directories above the build tree: use a copy.
-            let bin = d.join("rnet");
-            std::fs::copy(RNET, &bin).unwrap();
-            std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+            super::common::install_executable(Path::new(RNET), &d.join("rnet"));
             std::os::unix::fs::symlink("rnet", d.join("slirp4netns")).unwrap();
         } else {
             std::os::unix::fs::symlink(RNET, d.join("slirp4netns")).unwrap();

@@ -313,6 +313,26 @@ pub fn setpriv_nobody(prog: &str) -> Command {
     c
 }
 
+/// Copies the executable `src` to `dst` (mode 0755) in a child process
+/// (`install`), so this process never holds `dst` open for writing: a copy
+/// made here could leak its write descriptor into a child that another test
+/// thread forks meanwhile, and exec of `dst` would then fail with "Text
+/// file busy" (ETXTBSY) until that child execs.
+pub fn install_executable(src: &std::path::Path, dst: &std::path::Path) {
+    let st = Command::new("install")
+        .args(["-m", "0755"])
+        .arg(src)
+        .arg(dst)
+        .status()
+        .unwrap_or_else(|e| panic!("install {}: {e}", dst.display()));
+    assert!(
+        st.success(),
+        "install {} -> {}: {st}",
+        src.display(),
+        dst.display()
+    );
+}
+
 /// A copy of the rnet binary that uid 65534 can execute: the build tree may
 /// sit below a directory other users cannot traverse (a home directory, a
 /// CI work folder), so the binary is copied once into a fresh 0755
@@ -326,8 +346,7 @@ pub fn rnet_for_nobody() -> String {
         std::fs::create_dir_all(&dir).expect("create dir for the nobody binary");
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod dir");
         let dst = dir.join("rnet");
-        std::fs::copy(RNET, &dst).expect("copy rnet for uid 65534");
-        std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o755)).expect("chmod rnet");
+        install_executable(std::path::Path::new(RNET), &dst);
         dst.to_string_lossy().into_owned()
     })
     .clone()
