@@ -465,19 +465,8 @@ fn complete_inner_checksum(frame: &mut [u8], h: &VnetHdr) {
     if outer_l4 == Some(start) || field + 2 > frame.len() {
         return;
     }
-    let mut sum: u32 = 0;
-    let mut words = frame[start..].chunks_exact(2);
-    for w in &mut words {
-        sum += u32::from(u16::from_be_bytes([w[0], w[1]]));
-    }
-    if let [last] = words.remainder() {
-        sum += u32::from(*last) << 8;
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
     // As the kernel does for any protocol: 0 goes out as 0xffff.
-    let csum = match !(sum as u16) {
+    let csum = match !fold(ones_sum(0, &frame[start..])) {
         0 => 0xffff,
         c => c,
     };
@@ -488,17 +477,30 @@ fn complete_inner_checksum(frame: &mut [u8], h: &VnetHdr) {
 /// which is what a partial checksum field holds (RFC 1071; smoltcp keeps its
 /// own version private).
 fn pseudo_header_sum(src: &[u8], dst: &[u8], tcp_len: usize) -> u16 {
-    let words = |b: &[u8]| {
-        b.chunks_exact(2)
-            .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
-            .sum::<u32>()
-    };
     let len = tcp_len as u32;
-    let mut sum = words(src)
-        + words(dst)
+    let sum = ones_sum(ones_sum(0, src), dst)
         + u32::from(u8::from(IpProtocol::Tcp))
         + (len >> 16)
         + (len & 0xffff);
+    fold(sum)
+}
+
+/// Adds `bytes`, as big-endian 16-bit words (an odd last byte padded with
+/// zero), to the running one's-complement sum `sum`. Unfolded: 32 bits
+/// hold the sum of any frame rnet handles.
+fn ones_sum(mut sum: u32, bytes: &[u8]) -> u32 {
+    let mut words = bytes.chunks_exact(2);
+    for w in &mut words {
+        sum += u32::from(u16::from_be_bytes([w[0], w[1]]));
+    }
+    if let [last] = words.remainder() {
+        sum += u32::from(*last) << 8;
+    }
+    sum
+}
+
+/// Folds a running sum's carries back in (RFC 1071).
+fn fold(mut sum: u32) -> u16 {
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
@@ -534,14 +536,7 @@ mod tests {
     /// The one's-complement sum a NIC completing a partial checksum takes,
     /// inverted, over `bytes`.
     fn completed(bytes: &[u8]) -> u16 {
-        let mut sum: u32 = bytes
-            .chunks(2)
-            .map(|w| u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)])))
-            .sum();
-        while sum > 0xffff {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        !(sum as u16)
+        !fold(ones_sum(0, bytes))
     }
 
     /// A TCP segment with `payload` bytes in an Ethernet frame, its checksum

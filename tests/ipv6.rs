@@ -10,17 +10,14 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, UdpSocket};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 
 const GW6: &str = GATEWAY6;
 const DNS6: &str = "fd00::3";
@@ -190,55 +187,6 @@ fn no_ipv6_gives_no_address() {
     assert!(!out.stdout.contains("fd00"), "{out}");
 }
 
-/// Accepts one connection on [::1], hashes it to EOF.
-fn v6_sink() -> (SocketAddr, mpsc::Receiver<std::io::Result<Digested>>) {
-    let l = v6_listener();
-    let addr = l.local_addr().unwrap();
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        let res = (|| {
-            let (mut s, _) = l.accept()?;
-            s.set_read_timeout(Some(Duration::from_secs(60)))?;
-            let mut h = Sha256::new();
-            let mut b = vec![0u8; BLOCK];
-            let mut n = 0u64;
-            loop {
-                let k = s.read(&mut b)?;
-                if k == 0 {
-                    break;
-                }
-                h.update(&b[..k]);
-                n += k as u64;
-            }
-            let sha256 = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
-            Ok(Digested { bytes: n, sha256 })
-        })();
-        let _ = tx.send(res);
-    });
-    (addr, rx)
-}
-
-/// Accepts one connection on [::1], sends `total` pattern bytes, closes.
-fn v6_source(total: u64) -> (SocketAddr, mpsc::Receiver<std::io::Result<u64>>) {
-    let l = v6_listener();
-    let addr = l.local_addr().unwrap();
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        let res = (|| {
-            let (mut s, _) = l.accept()?;
-            s.set_write_timeout(Some(Duration::from_secs(60)))?;
-            let mut p = Pattern::new();
-            for i in 0..total / BLOCK as u64 {
-                s.write_all(p.block(i))?;
-            }
-            s.shutdown(Shutdown::Write)?;
-            Ok(total)
-        })();
-        let _ = tx.send(res);
-    });
-    (addr, rx)
-}
-
 #[test]
 fn bulk_tcp_over_v6_both_ways() {
     require!(require_userns);
@@ -247,7 +195,7 @@ fn bulk_tcp_over_v6_both_ways() {
     let script = guest_script("stream.py");
     let expected = Pattern::digest(total);
 
-    let (addr, result) = v6_sink();
+    let (addr, result) = tcp_sink_on(v6_listener());
     let (port, total_s) = (addr.port().to_string(), total.to_string());
     let out = rnet.run(&[PYTHON, &script, "send", GW6, &port, &total_s], secs(300));
     out.assert_success("guest stream.py send over v6");
@@ -255,7 +203,7 @@ fn bulk_tcp_over_v6_both_ways() {
     assert_eq!(Digested::parse(&out.stdout), expected, "guest side");
     assert_eq!(host, expected, "host side");
 
-    let (addr, result) = v6_source(total);
+    let (addr, result) = tcp_source_on(v6_listener(), total);
     let port = addr.port().to_string();
     let out = rnet.run(&[PYTHON, &script, "recv", GW6, &port], secs(300));
     out.assert_success("guest stream.py recv over v6");

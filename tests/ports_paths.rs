@@ -19,7 +19,6 @@ use std::thread;
 use std::time::Instant;
 
 use common::*;
-use sha2::{Digest, Sha256};
 
 const LOCALHOST: Ipv4Addr = Ipv4Addr::LOCALHOST;
 const MIB: u64 = 1 << 20;
@@ -208,10 +207,6 @@ fn fast_path_keeps_test_host_source_address() {
     source_address_kept(PortPath::Default);
 }
 
-fn hex(d: &[u8]) -> String {
-    d.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn rate(t0: Instant) -> String {
     let t = t0.elapsed();
     format!("{t:?} ({:.0} MB/s)", BULK as f64 / t.as_secs_f64() / 1e6)
@@ -270,23 +265,7 @@ fn stack_path_256mib_guest_to_host() {
     let t0 = Instant::now();
     let mut s = TcpStream::connect((LOCALHOST, hp)).unwrap();
     s.set_read_timeout(Some(secs(60))).unwrap();
-    let mut h = Sha256::new();
-    let mut b = vec![0u8; BLOCK];
-    let mut n = 0u64;
-    loop {
-        let k = s
-            .read(&mut b)
-            .unwrap_or_else(|e| panic!("after {n} bytes: {e}"));
-        if k == 0 {
-            break;
-        }
-        h.update(&b[..k]);
-        n += k as u64;
-    }
+    let got = digest_reader(&mut s).unwrap_or_else(|e| panic!("{e}"));
     eprintln!("guest->host 256 MiB on the stack path in {}", rate(t0));
-    let got = Digested {
-        bytes: n,
-        sha256: hex(&h.finalize()),
-    };
     assert_eq!(got, expected.join().unwrap());
 }

@@ -42,6 +42,16 @@ impl<'a> FrameDevice<'a> {
         }
     }
 
+    /// A token that writes one frame into the TAP (cut to the guest's MSS
+    /// unless smoltcp asks for another size).
+    fn tx_token(&mut self) -> Tx<'_> {
+        Tx {
+            tx: self.tx.reborrow(),
+            sent: self.sent,
+            gso: self.guest_mss.map(Gso::Mss),
+        }
+    }
+
     /// The guest's real MSS for a flow whose SYN rnet rewrote (IPv6 with
     /// offloads): segments larger than it leave as GSO frames cut to it.
     pub fn with_guest_mss(mut self, mss: Option<u16>) -> Self {
@@ -76,22 +86,11 @@ impl phy::Device for FrameDevice<'_> {
 
     fn receive(&mut self, _ts: Instant) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
         let frame = self.rx.take()?;
-        Some((
-            Rx(frame),
-            Tx {
-                tx: self.tx.reborrow(),
-                sent: self.sent,
-                gso: self.guest_mss.map(Gso::Mss),
-            },
-        ))
+        Some((Rx(frame), self.tx_token()))
     }
 
     fn transmit(&mut self, _ts: Instant) -> Option<Self::TxToken<'_>> {
-        Some(Tx {
-            tx: self.tx.reborrow(),
-            sent: self.sent,
-            gso: self.guest_mss.map(Gso::Mss),
-        })
+        Some(self.tx_token())
     }
 
     fn capabilities(&self) -> DeviceCapabilities {

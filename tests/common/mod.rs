@@ -740,6 +740,27 @@ impl Pattern {
     }
 }
 
+/// Reads `r` to EOF: its length and SHA-256 (an error says how far it got).
+pub fn digest_reader(r: &mut impl Read) -> io::Result<Digested> {
+    let mut h = Sha256::new();
+    let mut b = vec![0u8; BLOCK];
+    let mut n = 0u64;
+    loop {
+        let k = r
+            .read(&mut b)
+            .map_err(|e| io::Error::new(e.kind(), format!("after {n} bytes: {e}")))?;
+        if k == 0 {
+            break;
+        }
+        h.update(&b[..k]);
+        n += k as u64;
+    }
+    Ok(Digested {
+        bytes: n,
+        sha256: hex(&h.finalize()),
+    })
+}
+
 /// Accepts one connection, reads it to EOF hashing, then closes; the result
 /// arrives on the returned channel.
 pub fn tcp_sink() -> (SocketAddr, mpsc::Receiver<io::Result<Digested>>) {
@@ -754,21 +775,7 @@ pub fn tcp_sink_on(l: TcpListener) -> (SocketAddr, mpsc::Receiver<io::Result<Dig
         let res = (|| {
             let (mut s, _) = l.accept()?;
             s.set_read_timeout(Some(Duration::from_secs(60)))?;
-            let mut h = Sha256::new();
-            let mut b = vec![0u8; BLOCK];
-            let mut n = 0u64;
-            loop {
-                let k = s.read(&mut b)?;
-                if k == 0 {
-                    break;
-                }
-                h.update(&b[..k]);
-                n += k as u64;
-            }
-            Ok(Digested {
-                bytes: n,
-                sha256: hex(&h.finalize()),
-            })
+            digest_reader(&mut s)
         })();
         let _ = tx.send(res);
     });
