@@ -375,6 +375,7 @@ pub struct Config {
     pub(crate) busy_poll: Duration,
     pub(crate) pcap: Option<PathBuf>,
     pub(crate) pcap_cap: u64,
+    pub(crate) metrics_addr: Option<SocketAddr>,
     pub(crate) mac: Option<[u8; 6]>,
     pub(crate) limits: Limits,
     pub(crate) sandbox: bool,
@@ -499,6 +500,8 @@ pub struct ConfigBuilder {
     busy_poll: Duration,
     pcap: Option<PathBuf>,
     pcap_cap: u64,
+    metrics_addr: Option<SocketAddr>,
+    metrics_public: bool,
     mac: Option<[u8; 6]>,
     limits: Limits,
     sandbox: bool,
@@ -533,6 +536,8 @@ impl Default for ConfigBuilder {
             busy_poll: DEFAULT_BUSY_POLL,
             pcap: None,
             pcap_cap: crate::pcap::DEFAULT_CAP,
+            metrics_addr: None,
+            metrics_public: false,
             mac: None,
             limits: Limits::default(),
             sandbox: false,
@@ -671,6 +676,16 @@ impl ConfigBuilder {
         self
     }
 
+    /// Serve Prometheus metrics over HTTP at `addr` (`GET /metrics`), on a
+    /// thread of its own. Only loopback addresses are accepted unless
+    /// `public` says otherwise: the metrics show traffic volumes and
+    /// published ports, which other hosts have no business reading.
+    pub fn metrics_addr(mut self, addr: Option<SocketAddr>, public: bool) -> Self {
+        self.metrics_addr = addr;
+        self.metrics_public = public;
+        self
+    }
+
     /// Once set up, isolate the process: a private mount namespace with an
     /// empty read-only root, no capabilities but those the data plane
     /// needs, no_new_privs (see [`crate::sandbox`]). Default false: it
@@ -732,6 +747,14 @@ impl ConfigBuilder {
                 self.cidr.prefix
             )));
         }
+        if let Some(a) = self.metrics_addr
+            && !self.metrics_public
+            && !a.ip().is_loopback()
+        {
+            return Err(ConfigError::Conflict(format!(
+                "--metrics-addr {a} is not a loopback address: metrics would be readable from other hosts; use 127.0.0.1 or [::1], or add --metrics-addr-public"
+            )));
+        }
         if let Some(p) = self.ipv6 {
             validate_ipv6_prefix(p)?;
             if self.mtu < 1280 {
@@ -764,6 +787,7 @@ impl ConfigBuilder {
             busy_poll: self.busy_poll,
             pcap: self.pcap,
             pcap_cap: self.pcap_cap,
+            metrics_addr: self.metrics_addr,
             mac: self.mac,
             limits: self.limits,
             sandbox: self.sandbox,

@@ -20,7 +20,8 @@
 //! - [`services`]: the DNS forwarder and the DHCPv4 server.
 //! - [`ports`], [`api`], [`autopub`]: port publishing, the control socket
 //!   (slirp4netns's JSON protocol), `--publish-auto`.
-//! - [`status`], [`pcap`], [`stats`]: what an operator sees.
+//! - [`status`], [`metrics`], [`pcap`], [`stats`]: what an operator sees
+//!   (the status report, the Prometheus endpoint, captures, counters).
 //! - [`sandbox`]: self-isolation once set up.
 //! - the event loop (private) ties them together on one thread.
 //!
@@ -51,6 +52,7 @@ pub mod api;
 pub mod autopub;
 pub mod config;
 mod engine;
+pub mod metrics;
 pub mod nat;
 pub mod ns;
 pub mod pcap;
@@ -75,6 +77,13 @@ pub use engine::ExitReason;
 pub use ns::{NsError, Target};
 pub use ports::{PortError, PortInfo, PortSpec, Proto};
 pub use stats::{DropReason, StatsSnapshot};
+
+/// The commit rnet was built from (`unknown` when built outside a git
+/// checkout, for example from a release tarball).
+pub const BUILD_COMMIT: &str = match option_env!("RNET_GIT_COMMIT") {
+    Some(c) => c,
+    None => "unknown",
+};
 
 use engine::{Control, Engine};
 use stats::Stats;
@@ -158,16 +167,39 @@ impl Handle {
         self.ask(engine::Command::Status)
     }
 
+    /// Like [`Handle::status`], giving the event loop at most `limit` to
+    /// answer (the metrics endpoint's scrape deadline).
+    pub fn status_within(
+        &self,
+        limit: std::time::Duration,
+    ) -> Result<serde_json::Value, PortError> {
+        self.ask_within(engine::Command::Status, limit)
+    }
+
+    /// How many times the data plane was restarted in place. rnet does
+    /// not restart it yet, so this is 0; the metric exists so dashboards
+    /// and alerts can be written against it now.
+    pub fn restarts(&self) -> u64 {
+        0
+    }
+
     fn ask<T>(
         &self,
         cmd: impl FnOnce(std::sync::mpsc::SyncSender<T>) -> engine::Command,
+    ) -> Result<T, PortError> {
+        self.ask_within(cmd, std::time::Duration::from_secs(10))
+    }
+
+    fn ask_within<T>(
+        &self,
+        cmd: impl FnOnce(std::sync::mpsc::SyncSender<T>) -> engine::Command,
+        limit: std::time::Duration,
     ) -> Result<T, PortError> {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         if !self.control.send(cmd(tx)) {
             return Err(PortError::Stopped);
         }
-        rx.recv_timeout(std::time::Duration::from_secs(10))
-            .map_err(|_| PortError::Stopped)
+        rx.recv_timeout(limit).map_err(|_| PortError::Stopped)
     }
 }
 
@@ -178,6 +210,7 @@ pub struct Network {
     thread: JoinHandle<io::Result<ExitReason>>,
     tap_name: String,
     api: Option<api::ApiServer>,
+    metrics: Option<metrics::MetricsServer>,
     watcher: Option<JoinHandle<()>>,
 }
 
@@ -285,6 +318,7 @@ impl Network {
                 .into_iter()
                 .collect(),
         });
+        let config_metrics = config.metrics_addr;
         let config = Arc::new(config);
         let (mut engine, control, stats) = Engine::new(config, tap, pid, upstreams)
             .map_err(Error::io("starting the event loop"))?;
@@ -307,6 +341,13 @@ impl Network {
                 "creating the API socket {}",
                 path.display()
             )))?),
+            None => None,
+        };
+        let metrics_listener = match config_metrics {
+            Some(addr) => Some(
+                metrics::MetricsListener::bind(addr)
+                    .map_err(Error::io(format!("binding the metrics endpoint {addr}")))?,
+            ),
             None => None,
         };
         let tables = match (auto.is_empty(), pid) {
@@ -354,6 +395,17 @@ impl Network {
             },
             None => None,
         };
+        let metrics = match metrics_listener {
+            Some(l) => match l.serve(handle.clone()) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    handle.stop();
+                    let _ = thread.join();
+                    return Err(Error::io("starting the metrics thread")(e));
+                }
+            },
+            None => None,
+        };
         let watcher = tables.and_then(|t| {
             let h = handle.clone();
             std::thread::Builder::new()
@@ -370,6 +422,7 @@ impl Network {
             thread,
             tap_name,
             api,
+            metrics,
             watcher,
         })
     }
@@ -414,6 +467,11 @@ impl Network {
         self.handle.clone()
     }
 
+    /// Where the metrics endpoint listens, when one was asked for.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics.as_ref().map(metrics::MetricsServer::addr)
+    }
+
     /// The TAP device's name inside the namespace.
     pub fn tap_name(&self) -> &str {
         &self.tap_name
@@ -425,6 +483,9 @@ impl Network {
         let result = self.thread.join();
         if let Some(api) = self.api {
             api.shutdown();
+        }
+        if let Some(m) = self.metrics {
+            m.shutdown();
         }
         if let Some(w) = self.watcher {
             let _ = w.join();

@@ -54,6 +54,11 @@ struct Cli {
     /// Only warnings and errors.
     #[arg(short, long, global = true, conflicts_with = "verbose")]
     quiet: bool,
+    /// Log line format: `text` for people, `json` (one object per line:
+    /// timestamp, level, fields, message) for log collectors.
+    #[arg(long, value_name = "FORMAT", global = true, default_value = "text",
+          value_parser = ["text", "json"])]
+    log_format: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -85,6 +90,28 @@ enum Command {
     /// by protocol and state, bytes and frames each way, drops by reason,
     /// published ports with their path and open connections, uptime.
     Status(statuscmd::StatusArgs),
+    /// Print a shell completion script for bash, zsh or fish.
+    ///
+    /// For example, for bash:
+    ///   rnet completions bash > ~/.local/share/bash-completion/completions/rnet
+    #[command(verbatim_doc_comment)]
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_name = "SHELL", value_parser = ["bash", "zsh", "fish"])]
+        shell: String,
+    },
+    /// Print rnet's manual page (roff) on standard output, or write a page
+    /// per subcommand into a directory.
+    ///
+    /// For example:
+    ///   rnet man | man -l -
+    ///   rnet man --dir ~/.local/share/man/man1
+    #[command(verbatim_doc_comment)]
+    Man {
+        /// Write rnet.1 and rnet-SUBCOMMAND.1 into DIR instead.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
     /// Behave as slirp4netns (same command line, defaults and exit codes).
     ///
     /// `rnet slirp4netns --help` shows its options. Invoking rnet through a
@@ -256,6 +283,14 @@ struct NetArgs {
     /// Exit when file descriptor N hangs up (its other end is closed).
     #[arg(long, value_name = "N", help_heading = "Lifecycle")]
     exit_fd: Option<i32>,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics (the families
+    /// of `rnet status --prometheus`, plus rnet_build_info). Only loopback
+    /// addresses unless --metrics-addr-public.
+    #[arg(long, value_name = "ADDR:PORT", help_heading = "Diagnostics")]
+    metrics_addr: Option<std::net::SocketAddr>,
+    /// Allow --metrics-addr on an address other hosts can reach.
+    #[arg(long, requires = "metrics_addr", help_heading = "Diagnostics")]
+    metrics_addr_public: bool,
     /// Do not isolate rnet once set up. By default it moves to an empty
     /// read-only root in a mount namespace of its own, drops capabilities,
     /// sets no_new_privs and installs a seccomp allow-list.
@@ -330,6 +365,7 @@ impl NetArgs {
                 self.busy_poll_us,
             )))
             .pcap(self.pcap.clone(), self.pcap_max_mib.saturating_mul(1 << 20))
+            .metrics_addr(self.metrics_addr, self.metrics_addr_public)
             .sandbox(!self.no_sandbox)
             .seccomp(!self.no_sandbox)
             .build()
@@ -338,6 +374,10 @@ impl NetArgs {
 }
 
 fn init_logging(verbose: u8, quiet: bool) {
+    init_logging_as(verbose, quiet, false);
+}
+
+fn init_logging_as(verbose: u8, quiet: bool, json: bool) {
     use tracing_subscriber::EnvFilter;
     let default = match (quiet, verbose) {
         (true, _) => "warn",
@@ -346,12 +386,16 @@ fn init_logging(verbose: u8, quiet: bool) {
         _ => "trace",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_target(false);
+    if json {
+        fmt.json().with_current_span(false).init();
+    } else {
+        fmt.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
 }
 
 fn main() -> ExitCode {
@@ -363,7 +407,12 @@ fn main() -> ExitCode {
         // Only reached when rnet's own options came first (`rnet -v slirp4netns`).
         return compat::main("slirp4netns", args);
     }
-    init_logging(cli.verbose, cli.quiet);
+    match &cli.command {
+        Command::Completions { shell } => return completions(shell),
+        Command::Man { dir } => return man_page(dir.as_deref()),
+        _ => {}
+    }
+    init_logging_as(cli.verbose, cli.quiet, cli.log_format == "json");
 
     // SIGINT and SIGTERM are taken synchronously by a dedicated thread; block
     // them before any thread exists so every thread inherits the mask.
@@ -380,12 +429,47 @@ fn main() -> ExitCode {
         Command::Run(r) => run(r, sigs),
         Command::Port(p) => portcmd::run(p),
         Command::Status(a) => statuscmd::run(a),
-        Command::Slirp4netns { .. } => unreachable!("handled before"),
+        Command::Slirp4netns { .. } | Command::Completions { .. } | Command::Man { .. } => {
+            unreachable!("handled before")
+        }
     };
     match result {
         Ok(code) => ExitCode::from(code),
         Err(msg) => {
             error!("{msg}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `rnet completions SHELL`: the script, from the same clap definitions
+/// that parse the command line.
+fn completions(shell: &str) -> ExitCode {
+    use clap::CommandFactory;
+    use clap_complete::Shell;
+    let shell = match shell {
+        "bash" => Shell::Bash,
+        "zsh" => Shell::Zsh,
+        _ => Shell::Fish,
+    };
+    clap_complete::generate(shell, &mut Cli::command(), "rnet", &mut std::io::stdout());
+    ExitCode::SUCCESS
+}
+
+/// `rnet man`: rnet(1) in roff on standard output, or with `--dir` every
+/// page (rnet.1 and rnet-SUBCOMMAND.1) written into a directory.
+fn man_page(dir: Option<&std::path::Path>) -> ExitCode {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command().disable_help_subcommand(true);
+    cmd.build();
+    let result = match dir {
+        Some(d) => clap_mangen::generate_to(cmd, d),
+        None => clap_mangen::Man::new(cmd).render(&mut std::io::stdout()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("rnet: could not write the manual page: {e}");
             ExitCode::from(1)
         }
     }
@@ -401,7 +485,9 @@ fn attach(a: AttachArgs, sigs: SigSet) -> Result<u8, String> {
         },
         (None, None) => return Err("give a PID or --netns PATH".into()),
     };
+    let notify = SystemdNotify::from_env();
     let net = Network::attach(target, config).map_err(|e| e.to_string())?;
+    notify.ready();
     let handle = net.handle();
     std::thread::spawn(move || {
         if let Ok(sig) = sigs.wait() {
@@ -413,6 +499,47 @@ fn attach(a: AttachArgs, sigs: SigSet) -> Result<u8, String> {
     let why = net.wait().map_err(|e| e.to_string())?;
     log_stopped(&format!("{why:?}"), &totals);
     Ok(0)
+}
+
+/// systemd's readiness protocol (`Type=notify`): when `NOTIFY_SOCKET` is
+/// set, `READY=1` is sent there once the network is usable. The socket is
+/// connected before the network starts, because the sandbox hides the
+/// filesystem path afterwards.
+struct SystemdNotify(Option<std::os::unix::net::UnixDatagram>);
+
+impl SystemdNotify {
+    fn from_env() -> SystemdNotify {
+        use std::os::linux::net::SocketAddrExt;
+        use std::os::unix::net::{SocketAddr, UnixDatagram};
+        let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+            return SystemdNotify(None);
+        };
+        let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
+        let addr = match bytes.strip_prefix(b"@") {
+            Some(name) => SocketAddr::from_abstract_name(name),
+            None => SocketAddr::from_pathname(&path),
+        };
+        let sock =
+            UnixDatagram::unbound().and_then(|s| addr.and_then(|a| s.connect_addr(&a)).map(|()| s));
+        match sock {
+            Ok(s) => SystemdNotify(Some(s)),
+            Err(e) => {
+                tracing::warn!(
+                    "NOTIFY_SOCKET {}: {e}; systemd will not hear that rnet is ready",
+                    path.to_string_lossy()
+                );
+                SystemdNotify(None)
+            }
+        }
+    }
+
+    fn ready(&self) {
+        if let Some(s) = &self.0
+            && let Err(e) = s.send(b"READY=1\n")
+        {
+            tracing::warn!("telling systemd rnet is ready: {e}");
+        }
+    }
 }
 
 /// The last log line: why rnet stopped and what crossed the TAP.
@@ -433,7 +560,9 @@ fn run(r: RunArgs, sigs: SigSet) -> Result<u8, String> {
         subids: !r.no_subids,
         resolv_conf: (!r.host_resolv_conf).then(|| format!("nameserver {}\n", config.dns())),
     };
+    let notify = SystemdNotify::from_env();
     let (net, pid) = Network::spawn_with(&r.command, config, &opts).map_err(|e| e.to_string())?;
+    notify.ready();
     std::thread::spawn(move || {
         while let Ok(sig) = sigs.wait() {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
