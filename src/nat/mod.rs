@@ -153,6 +153,9 @@ pub fn route(cfg: &Config, dst: SocketAddrV4) -> Route {
             _ => Route::Deny(Deny::Special),
         };
     }
+    if cfg.host_aliases().contains(&ip) {
+        return Route::Host(SocketAddrV4::new(Ipv4Addr::LOCALHOST, dst.port()).into());
+    }
     if is_special(ip) || cfg.cidr().contains(ip) {
         return Route::Deny(Deny::Special);
     }
