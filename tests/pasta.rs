@@ -458,3 +458,48 @@ fn command_line_texts_and_failures() {
     out.assert_success("rnet pasta --version");
     assert!(out.stdout.starts_with("pasta "), "{out}");
 }
+
+/// `pasta [OPTIONS] COMMAND...`: new namespaces running the command, pasta
+/// in front, its exit status passed on.
+fn command_shape(test: &str, nobody: bool) {
+    if !require_userns(test) {
+        return;
+    }
+    if nobody && !is_root() {
+        eprintln!("SKIP {test}: needs root to become uid 65534");
+        assert!(!in_ci(), "{test}: CI runs the tests as root");
+        return;
+    }
+    let dns = DnsServer::start();
+    let mut cmd = as_user(pasta_bin().to_str().unwrap(), nobody);
+    policy_env(&mut cmd, ALLOW_NONE, &dns);
+    cmd.args([
+        "--config-net",
+        "-a",
+        "10.0.2.100",
+        "-n",
+        "24",
+        "-g",
+        "10.0.2.2",
+        "-I",
+        "tap0",
+        "--",
+        "sh",
+        "-c",
+        "ip -o -4 addr show tap0; dig +short +time=3 +tries=2 @10.0.2.3 cmd.example.test; exit 7",
+    ]);
+    let out = run(&mut cmd, secs(30));
+    assert_eq!(out.code(), Some(7), "{out}");
+    assert!(out.stdout.contains("10.0.2.100/24"), "{out}");
+    assert!(out.stdout.contains(&DNS_ANSWER.to_string()), "{out}");
+}
+
+#[test]
+fn command_shape_root() {
+    command_shape("command_shape_root", false);
+}
+
+#[test]
+fn command_shape_as_nobody() {
+    command_shape("command_shape_as_nobody", true);
+}
