@@ -258,6 +258,35 @@ mod tests {
     }
 
     #[test]
+    fn moved_dns_and_host_aliases() {
+        let cfg = Config::builder()
+            .dns_addr(Some(Ipv4Addr::new(169, 254, 1, 1)))
+            .host_alias(Ipv4Addr::new(169, 254, 1, 2))
+            .outbound(OutboundPolicy::Only(vec![]))
+            .build()
+            .unwrap();
+        assert_eq!(route(&cfg, sa("169.254.1.1:53")), Route::Dns);
+        assert_eq!(
+            route(&cfg, sa("10.0.2.3:53")),
+            Route::Deny(Deny::Special),
+            "net + 3 is no longer the forwarder"
+        );
+        // An alias reaches the host's loopback whatever the gateway's switch.
+        assert_eq!(
+            route(&cfg, sa("169.254.1.2:8080")),
+            Route::Host("127.0.0.1:8080".parse().unwrap())
+        );
+        assert_eq!(
+            route(&cfg, sa("10.0.2.2:80")),
+            Route::Deny(Deny::HostLoopbackOff)
+        );
+        assert_eq!(
+            route(&cfg, sa("169.254.1.3:80")),
+            Route::Deny(Deny::NotAllowed)
+        );
+    }
+
+    #[test]
     fn loopback_and_special_never_forwarded() {
         let cfg = Config::builder().allow_host_loopback(true).build().unwrap();
         for d in [
