@@ -1574,6 +1574,10 @@ impl Engine {
             busy_poll_us = self.busy_poll_us,
             "network ready"
         );
+        if !c.host_aliases().is_empty() {
+            let a: Vec<String> = c.host_aliases().iter().map(|a| a.to_string()).collect();
+            info!(aliases = %a.join(","), "these addresses reach the host's loopback");
+        }
         if let (Some(p), Some(g), Some(d), Some(guest)) = (
             c.ipv6_prefix(),
             c.ipv6_gateway(),
