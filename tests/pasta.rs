@@ -434,11 +434,11 @@ fn command_line_texts_and_failures() {
                 "24",
                 "-g",
                 "10.0.2.2",
-                "-T",
+                "-U",
                 "80",
                 "1",
             ],
-            "-T none",
+            "-U none",
         ),
         (
             vec![
@@ -523,4 +523,70 @@ fn command_shape_root() {
 #[test]
 fn command_shape_as_nobody() {
     command_shape("command_shape_as_nobody", true);
+}
+
+/// `-T NS_PORT:HOST_PORT`: the namespace's 127.0.0.1:NS_PORT reaches the
+/// host's 127.0.0.1:HOST_PORT.
+fn tcp_ns(test: &str, nobody: bool) {
+    if !require_userns(test) {
+        return;
+    }
+    if nobody && !is_root() {
+        eprintln!("SKIP {test}: needs root to become uid 65534");
+        assert!(!in_ci(), "{test}: CI runs the tests as root");
+        return;
+    }
+    let dns = DnsServer::start();
+    let http = HttpServer::start();
+    let prefix: &[&str] = if nobody { NOBODY_PREFIX } else { &[] };
+    let t = Target::start_via(prefix, &["-Urn"]);
+    let pid = t.pid().to_string();
+    let spec = format!("5432,8080:{}", http.port());
+    let mut cmd = as_user(pasta_bin().to_str().unwrap(), nobody);
+    policy_env(&mut cmd, ALLOW_NONE, &dns);
+    cmd.args([
+        "--config-net",
+        "-a",
+        "10.0.2.100",
+        "-n",
+        "24",
+        "-g",
+        "10.0.2.2",
+        "-I",
+        "tap0",
+        "--no-map-gw",
+        "-T",
+        &spec,
+        &pid,
+    ]);
+    let out = run(&mut cmd, secs(20));
+    assert_eq!(out.code(), Some(0), "pasta did not start: {out}");
+    let c = run(
+        &mut t.exec(&strs(&curl("http://127.0.0.1:8080/"))),
+        secs(20),
+    );
+    c.assert_success("curl the namespace's 127.0.0.1:8080");
+    assert_eq!(c.stdout, HTTP_BODY);
+    assert!(http.hits() >= 1);
+    // Nothing listens on the host's 5432: the connection is accepted and closed.
+    let c = run(
+        &mut t.exec(&strs(&curl("http://127.0.0.1:5432/"))),
+        secs(20),
+    );
+    c.assert_failure("curl a -T port with no host server");
+    drop(t);
+    assert!(
+        eventually(secs(10), || our_pastas(&pid).is_empty()),
+        "pasta still running after its target exited"
+    );
+}
+
+#[test]
+fn tcp_ns_root() {
+    tcp_ns("tcp_ns_root", false);
+}
+
+#[test]
+fn tcp_ns_as_nobody() {
+    tcp_ns("tcp_ns_as_nobody", true);
 }

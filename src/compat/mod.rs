@@ -16,6 +16,7 @@
 pub mod args;
 pub mod pasta;
 pub mod pasta_args;
+pub mod pasta_fwd;
 
 use std::ffi::{OsStr, OsString};
 use std::net::Ipv4Addr;

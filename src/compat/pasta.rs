@@ -55,7 +55,8 @@
 //! # What differs from pasta
 //!
 //! Published ports keep the client's address (a client on the host's
-//! loopback appears as the gateway); `-T/-U` accept only `none`; `-t all`
+//! loopback appears as the gateway); `-T` takes explicit ports only
+//! ([`super::pasta_fwd`]) and `-U` only `none`; `-t all`
 //! publishes every non-ephemeral port and fails if one is taken;
 //! `--outbound-if4` binds to that interface's address; `--no-tcp`,
 //! `--no-udp`, `--no-icmp`, the DHCP/NDP switches, `-D`, `-S` are accepted
@@ -81,6 +82,7 @@ use tracing::{info, warn};
 
 use super::args::ArgError;
 use super::pasta_args::{self, HostLoopback, Parsed, PastaOptions, PortForward, Shape};
+use super::pasta_fwd::{self, Reverse};
 
 /// The pasta release whose interface this mode follows.
 pub const PASTA_VERSION: &str = "2025_01_21";
@@ -168,7 +170,7 @@ User-mode networking for network namespaces (rnet's pasta mode).
       --outbound-if6 NAME  accepted
   -t, --tcp-ports SPEC     publish host TCP ports into the namespace
   -u, --udp-ports SPEC     publish host UDP ports into the namespace
-  -T, --tcp-ns SPEC        namespace loopback to host (only none)
+  -T, --tcp-ns SPEC        namespace's 127.0.0.1 TCP ports to the host's (no auto)
   -U, --udp-ns SPEC        namespace loopback to host (only none)
       SPEC: none | auto | [ADDR[%IF]/]PORT[-END][:TARGET[-END]][,...] | all | ~PORT[-END]
       --netns PATH|NAME    serve this network namespace file (NAME: /run/netns/NAME)
@@ -381,14 +383,47 @@ pub fn build_config(o: &PastaOptions) -> Result<Config, String> {
             }
         }
     }
-    for (flag, list) in [("-T", &o.tcp_ns), ("-U", &o.udp_ns)] {
-        if list.iter().any(|f| *f != PortForward::None) {
-            return Err(format!(
-                "{flag}: forwarding the namespace's loopback ports to the host is not supported by rnet; use {flag} none (the namespace reaches the host's loopback through the gateway or --map-guest-addr)"
-            ));
+    reverse_ports(o)?;
+    b.build().map_err(|e| e.to_string())
+}
+
+/// The `-T` ports (namespace loopback to host loopback); `-U` takes only
+/// `none`.
+pub fn reverse_ports(o: &PastaOptions) -> Result<Vec<Reverse>, String> {
+    if o.udp_ns.iter().any(|f| *f != PortForward::None) {
+        return Err(
+            "-U: forwarding the namespace's loopback UDP ports to the host is not supported by rnet; use -U none".into(),
+        );
+    }
+    let mut out = Vec::new();
+    for f in &o.tcp_ns {
+        match f {
+            PortForward::None => {}
+            PortForward::Auto => {
+                return Err(
+                    "-T auto is not supported by rnet; give the ports (-T 5432,8080:80) or -T none"
+                        .into(),
+                );
+            }
+            PortForward::Ports(set) => {
+                if set.addr.is_some_and(|a| !a.is_loopback()) || set.iface.is_some() {
+                    return Err(format!(
+                        "-T: rnet listens on the namespace's 127.0.0.1 only, not {}",
+                        set.addr.map_or_else(String::new, |a| a.to_string())
+                    ));
+                }
+                for m in set.expand(ephemeral_range()) {
+                    for i in 0..m.count {
+                        out.push(Reverse {
+                            ns_port: m.host + i,
+                            host_port: m.guest + i,
+                        });
+                    }
+                }
+            }
         }
     }
-    b.build().map_err(|e| e.to_string())
+    Ok(out)
 }
 
 /// Logs what is accepted but not acted on.
@@ -435,6 +470,9 @@ fn log_accepted(o: &PastaOptions) {
 /// `pasta [OPTIONS] [COMMAND...]`: new namespaces, in front.
 fn run_command(o: &PastaOptions, argv: &[String]) -> Result<u8, String> {
     let config = build_config(o)?;
+    if !reverse_ports(o)?.is_empty() {
+        return Err("-T needs a PID or --netns target (not a command)".into());
+    }
     log_accepted(o);
     let argv: Vec<OsString> = if argv.is_empty() {
         vec![std::env::var_os("SHELL").unwrap_or_else(|| "/bin/sh".into())]
@@ -547,6 +585,10 @@ fn serve(o: &PastaOptions, ready: Option<&mut File>) -> Result<(), String> {
         Shape::Netns { path, userns } => Target::Pid(spawn_anchor(path, userns.as_deref())?),
         Shape::Command(_) => unreachable!("commands run in front"),
     };
+    let reverse = match &target {
+        Target::Pid(pid) => pasta_fwd::open_listeners(*pid, &reverse_ports(o)?)?,
+        Target::Path { .. } => Vec::new(),
+    };
     log_accepted(o);
     let sigs = block_signals()?;
     let net = match Network::attach(target, config) {
@@ -558,6 +600,7 @@ fn serve(o: &PastaOptions, ready: Option<&mut File>) -> Result<(), String> {
             return Err(e.to_string());
         }
     };
+    pasta_fwd::serve(reverse);
     if let Some(w) = ready {
         let _ = w.write_all(b"1");
     }
