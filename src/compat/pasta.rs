@@ -812,10 +812,26 @@ mod tests {
             "24",
             "-g",
             "10.0.2.2",
-            "-T",
+            "-U",
             "80",
             "1",
         ]);
-        assert!(build_config(&rev).unwrap_err().contains("-T none"));
+        assert!(build_config(&rev).unwrap_err().contains("-U none"));
+        let rev = opts(&["-T", "5432,8080:80", "-T", "none", "1"]);
+        assert_eq!(
+            reverse_ports(&rev).unwrap(),
+            vec![
+                Reverse {
+                    ns_port: 5432,
+                    host_port: 5432
+                },
+                Reverse {
+                    ns_port: 8080,
+                    host_port: 80
+                }
+            ]
+        );
+        assert!(reverse_ports(&opts(&["-T", "auto", "1"])).is_err());
+        assert!(reverse_ports(&opts(&["-T", "192.0.2.1/80", "1"])).is_err());
     }
 }
