@@ -590,3 +590,44 @@ fn tcp_ns_root() {
 fn tcp_ns_as_nobody() {
     tcp_ns("tcp_ns_as_nobody", true);
 }
+
+#[test]
+fn foreground_and_pid_file() {
+    if !require_userns("foreground_and_pid_file") {
+        return;
+    }
+    let dns = DnsServer::start();
+    let dir = TempDir::new("pasta-pid");
+    let pid_file = dir.join("pasta.pid");
+    let t = Target::userns();
+    let mut cmd = Command::new(pasta_bin());
+    policy_env(&mut cmd, ALLOW_NONE, &dns);
+    cmd.args([
+        "-f",
+        "-P",
+        pid_file.to_str().unwrap(),
+        "--config-net",
+        "-a",
+        "10.0.2.100",
+        "-n",
+        "24",
+        "-g",
+        "10.0.2.2",
+        "-I",
+        "tap0",
+    ])
+    .arg(t.pid().to_string());
+    let mut p = Proc::spawn(&mut cmd);
+    let configured = eventually(secs(20), || {
+        let a = run(&mut t.exec(&["ip", "-o", "-4", "addr", "show"]), secs(10));
+        a.stdout.contains("10.0.2.100/24")
+    });
+    assert!(configured, "tap0 never got its address");
+    // In front: the process we started is the server, and the pid file names it.
+    assert!(p.wait_timeout(secs(0)).is_none(), "-f returned");
+    let written = std::fs::read_to_string(&pid_file).unwrap();
+    assert_eq!(written.trim(), p.pid().to_string());
+    drop(t);
+    let out = p.finish(secs(10));
+    assert_eq!(out.code(), Some(0), "{out}");
+}
