@@ -599,6 +599,7 @@ fn foreground_and_pid_file() {
     let dns = DnsServer::start();
     let dir = TempDir::new("pasta-pid");
     let pid_file = dir.join("pasta.pid");
+    let hp = free_service_block(1);
     let t = Target::userns();
     let mut cmd = Command::new(pasta_bin());
     policy_env(&mut cmd, ALLOW_NONE, &dns);
@@ -615,14 +616,19 @@ fn foreground_and_pid_file() {
         "10.0.2.2",
         "-I",
         "tap0",
+        "-t",
+        &format!("127.0.0.1/{hp}:80"),
     ])
     .arg(t.pid().to_string());
     let mut p = Proc::spawn(&mut cmd);
-    let configured = eventually(secs(20), || {
-        let a = run(&mut t.exec(&["ip", "-o", "-4", "addr", "show"]), secs(10));
-        a.stdout.contains("10.0.2.100/24")
+    // In front there is no ready signal; the published port listening is
+    // the last visible step of the set-up (the address comes earlier).
+    let listening = eventually(secs(20), || {
+        std::net::TcpStream::connect(("127.0.0.1", hp)).is_ok()
     });
-    assert!(configured, "tap0 never got its address");
+    assert!(listening, "the published port never listened");
+    let a = run(&mut t.exec(&["ip", "-o", "-4", "addr", "show"]), secs(10));
+    assert!(a.stdout.contains("10.0.2.100/24"), "{a}");
     // In front: the process we started is the server, and the pid file names it.
     assert!(p.wait_timeout(secs(0)).is_none(), "-f returned");
     let written = std::fs::read_to_string(&pid_file).unwrap();
