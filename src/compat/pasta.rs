@@ -17,8 +17,8 @@
 //! With PID and `--netns`, rnet forks into the background once the
 //! namespace is configured and its ports are bound: the child tells the
 //! parent through a pipe (`1` ready, or `E` and the error text, which the
-//! parent prints), and the parent exits 0 or 1. The child starts a new
-//! session and points its stdin/stdout/stderr at /dev/null (or the `-l` log
+//! parent prints), and the parent exits 0 or 1. The child calls setsid(2)
+//! and points its stdin/stdout/stderr at /dev/null (or the `-l` log
 //! file) first, so a caller that reads the output until EOF is not held.
 //! `-f` stays in front. `-P FILE` gets the serving process's pid before the
 //! parent exits.

@@ -77,7 +77,7 @@ pub fn open_listeners(pid: i32, ports: &[Reverse]) -> Result<Vec<(Reverse, TcpLi
                     Ok(r) => match r.fd {
                         Some(fd) => out.push((*p, TcpListener::from(fd))),
                         None => {
-                            failure = Some("the namespace helper ended early".into());
+                            failure = Some("the child in the namespace ended early".into());
                             break;
                         }
                     },
