@@ -790,7 +790,6 @@ impl ConfigBuilder {
                 self.cidr.prefix
             )));
         }
-        self.validate_addresses()?;
         if let Some(p) = self.ipv6 {
             validate_ipv6_prefix(p)?;
             if self.mtu < 1280 {
@@ -800,6 +799,7 @@ impl ConfigBuilder {
                 )));
             }
         }
+        self.validate_addresses()?;
         Ok(Config {
             tap_name: self.tap_name,
             mtu: self.mtu,

@@ -375,12 +375,13 @@ fn main() -> ExitCode {
         return code;
     }
     let cli = Cli::parse();
+    if let Command::Pasta { args } = &cli.command {
+        // Only reached when rnet's own options came first (`rnet -v pasta`).
+        return compat::pasta::main("pasta", args);
+    }
     if let Command::Slirp4netns { args } = &cli.command {
         // Only reached when rnet's own options came first (`rnet -v slirp4netns`).
         return compat::main("slirp4netns", args);
-    }
-    if let Command::Pasta { args } = &cli.command {
-        return compat::pasta::main("pasta", args);
     }
     init_logging(cli.verbose, cli.quiet);
 
@@ -395,11 +396,12 @@ fn main() -> ExitCode {
     }
 
     let result = match cli.command {
+        Command::Pasta { .. } => unreachable!("handled before"),
         Command::Attach(a) => attach(a, sigs),
         Command::Run(r) => run(r, sigs),
         Command::Port(p) => portcmd::run(p),
         Command::Status(a) => statuscmd::run(a),
-        Command::Slirp4netns { .. } | Command::Pasta { .. } => unreachable!("handled before"),
+        Command::Slirp4netns { .. } => unreachable!("handled before"),
     };
     match result {
         Ok(code) => ExitCode::from(code),
