@@ -29,7 +29,7 @@
 //! the file's path. Instead, before attaching, it forks a small *anchor*
 //! child that joins the namespace (the `--userns` first, then the network
 //! namespace) and stays outside the sandbox; rnet then serves the anchor's
-//! namespaces exactly as in PID mode. The anchor `stat`s the path twice a
+//! namespaces exactly as in PID mode. The anchor `stat`s the path four times a
 //! second and exits when it no longer names the namespace it joined (its
 //! device and inode changed: unmounted, or deleted, which is all Podman
 //! does to clean up); the data plane sees the anchor exit through its
@@ -88,7 +88,7 @@ use super::pasta_fwd::{self, Reverse};
 pub const PASTA_VERSION: &str = "2025_01_21";
 
 /// How often the anchor looks at the `--netns` file.
-const NETNS_POLL: Duration = Duration::from_millis(500);
+const NETNS_POLL: Duration = Duration::from_millis(250);
 
 /// Whether argv\[0\] names pasta (its base name is exactly `pasta`).
 pub fn invoked_as_pasta(argv0: &OsStr) -> bool {
