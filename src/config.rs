@@ -19,6 +19,8 @@ use std::time::Duration;
 pub const DEFAULT_MTU: u32 = 65520;
 /// Default time the event loop keeps polling after traffic.
 pub const DEFAULT_BUSY_POLL: Duration = Duration::from_micros(50);
+/// How many host aliases ([`ConfigBuilder::host_alias`]) a network may have.
+pub const MAX_HOST_ALIASES: usize = 4;
 /// Default TAP device name inside the namespace.
 pub const DEFAULT_TAP: &str = "tap0";
 
@@ -357,6 +359,10 @@ pub struct Config {
     pub(crate) mtu: u32,
     pub(crate) configure: bool,
     pub(crate) cidr: Ipv4Cidr,
+    pub(crate) guest_addr: Option<Ipv4Addr>,
+    pub(crate) gateway_addr: Option<Ipv4Addr>,
+    pub(crate) dns_addr: Option<Ipv4Addr>,
+    pub(crate) host_aliases: Vec<Ipv4Addr>,
     pub(crate) ipv6: Option<Ipv6Addr>,
     pub(crate) allow_host_loopback: bool,
     pub(crate) outbound: OutboundPolicy,
@@ -409,17 +415,27 @@ impl Config {
     pub fn cidr(&self) -> Ipv4Cidr {
         self.cidr
     }
-    /// The gateway address (net + 2).
+    /// The gateway address (net + 2 unless set).
     pub fn gateway(&self) -> Ipv4Addr {
-        self.cidr.nth(2)
+        self.gateway_addr.unwrap_or_else(|| self.cidr.nth(2))
     }
-    /// The DNS forwarder address (net + 3).
+    /// The DNS forwarder address (net + 3 unless set).
     pub fn dns(&self) -> Ipv4Addr {
-        self.cidr.nth(3)
+        self.dns_addr.unwrap_or_else(|| self.cidr.nth(3))
     }
-    /// The address configured on the guest's TAP (net + 100).
+    /// The address configured on the guest's TAP (net + 100 unless set).
     pub fn guest(&self) -> Ipv4Addr {
-        self.cidr.nth(100)
+        self.guest_addr.unwrap_or_else(|| self.cidr.nth(100))
+    }
+    /// Whether the guest's address was set explicitly (then DHCP offers
+    /// only that address).
+    pub fn guest_is_explicit(&self) -> bool {
+        self.guest_addr.is_some()
+    }
+    /// Extra addresses that stand for the host's loopback (see
+    /// [`ConfigBuilder::host_alias`]).
+    pub fn host_aliases(&self) -> &[Ipv4Addr] {
+        &self.host_aliases
     }
     /// The IPv6 /64 prefix (network address), when IPv6 is on.
     pub fn ipv6_prefix(&self) -> Option<Ipv6Addr> {
@@ -482,6 +498,10 @@ pub struct ConfigBuilder {
     mtu: u32,
     configure: bool,
     cidr: Ipv4Cidr,
+    guest_addr: Option<Ipv4Addr>,
+    gateway_addr: Option<Ipv4Addr>,
+    dns_addr: Option<Ipv4Addr>,
+    host_aliases: Vec<Ipv4Addr>,
     ipv6: Option<Ipv6Addr>,
     allow_host_loopback: bool,
     outbound: OutboundPolicy,
@@ -518,6 +538,10 @@ impl Default for ConfigBuilder {
                 addr: Ipv4Addr::new(10, 0, 2, 0),
                 prefix: 24,
             },
+            guest_addr: None,
+            gateway_addr: None,
+            dns_addr: None,
+            host_aliases: Vec::new(),
             ipv6: None,
             allow_host_loopback: false,
             outbound: OutboundPolicy::Any,
@@ -565,6 +589,38 @@ impl ConfigBuilder {
     /// The virtual network (default 10.0.2.0/24).
     pub fn cidr(mut self, cidr: Ipv4Cidr) -> Self {
         self.cidr = cidr;
+        self
+    }
+    /// The guest's address inside the virtual network (default net + 100).
+    /// With an explicit address the network may be as small as a /30, and
+    /// DHCP offers exactly this address.
+    pub fn guest_addr(mut self, addr: Option<Ipv4Addr>) -> Self {
+        self.guest_addr = addr;
+        self
+    }
+    /// The gateway's address inside the virtual network (default net + 2).
+    /// It is the guest's default route, answers ARP and ping, and stands
+    /// for the host's loopback under [`ConfigBuilder::allow_host_loopback`].
+    pub fn gateway_addr(mut self, addr: Option<Ipv4Addr>) -> Self {
+        self.gateway_addr = addr;
+        self
+    }
+    /// The DNS forwarder's address (default net + 3). It may lie outside
+    /// the virtual network (for example the link-local 169.254.1.1), which
+    /// the guest then reaches through its default route.
+    pub fn dns_addr(mut self, addr: Option<Ipv4Addr>) -> Self {
+        self.dns_addr = addr;
+        self
+    }
+    /// An extra address that stands for the host itself (repeatable): TCP,
+    /// UDP and ping to it reach the host's 127.0.0.1, like the gateway with
+    /// [`ConfigBuilder::allow_host_loopback`], but independently of that
+    /// setting. Like the gateway's mapping, it is an explicit grant and not
+    /// subject to the outbound allow-list, which governs real destinations.
+    pub fn host_alias(mut self, addr: Ipv4Addr) -> Self {
+        if !self.host_aliases.contains(&addr) {
+            self.host_aliases.push(addr);
+        }
         self
     }
     /// IPv6 on the virtual link with this /64 prefix (default: off; rnet's
@@ -733,9 +789,11 @@ impl ConfigBuilder {
         {
             return Err(ConfigError::TapName(n.clone()));
         }
-        if !(1..=25).contains(&self.cidr.prefix) {
+        // net + 100 must fit unless the guest's address is given.
+        let max_prefix = if self.guest_addr.is_some() { 30 } else { 25 };
+        if !(1..=max_prefix).contains(&self.cidr.prefix) {
             return Err(ConfigError::Cidr(format!(
-                "{}: prefix length needs to be 1-25",
+                "{}: prefix length needs to be 1-{max_prefix}",
                 self.cidr
             )));
         }
@@ -764,11 +822,16 @@ impl ConfigBuilder {
                 )));
             }
         }
+        self.validate_addresses()?;
         Ok(Config {
             tap_name: self.tap_name,
             mtu: self.mtu,
             configure: self.configure,
             cidr: self.cidr,
+            guest_addr: self.guest_addr,
+            gateway_addr: self.gateway_addr,
+            dns_addr: self.dns_addr,
+            host_aliases: self.host_aliases,
             ipv6: self.ipv6,
             allow_host_loopback: self.allow_host_loopback,
             outbound: self.outbound,
@@ -793,6 +856,65 @@ impl ConfigBuilder {
             sandbox: self.sandbox,
             seccomp: self.seccomp,
         })
+    }
+}
+
+impl ConfigBuilder {
+    /// Checks the guest, gateway, DNS and host-alias addresses against the
+    /// network and each other.
+    fn validate_addresses(&self) -> Result<(), ConfigError> {
+        let c = self.cidr;
+        let guest = self.guest_addr.unwrap_or_else(|| c.nth(100));
+        let gateway = self.gateway_addr.unwrap_or_else(|| c.nth(2));
+        let dns = self.dns_addr.unwrap_or_else(|| c.nth(3));
+        let host_in_net = |ip: Ipv4Addr| c.contains(ip) && ip != c.network() && ip != c.broadcast();
+        let unusable = |ip: Ipv4Addr| {
+            ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || ip.is_broadcast()
+        };
+        if !host_in_net(guest) {
+            return Err(ConfigError::Conflict(format!(
+                "guest address {guest} is not a host address of the network {}/{}",
+                c.network(),
+                c.prefix
+            )));
+        }
+        if !host_in_net(gateway) || gateway == guest {
+            return Err(ConfigError::Conflict(format!(
+                "gateway {gateway} must be a host address of the network {}/{} other than the guest's {guest}",
+                c.network(),
+                c.prefix
+            )));
+        }
+        if unusable(dns)
+            || dns == guest
+            || dns == gateway
+            || dns == c.network()
+            || dns == c.broadcast()
+        {
+            return Err(ConfigError::Conflict(format!(
+                "DNS forwarder address {dns} must differ from the guest ({guest}) and the gateway ({gateway}) and be a unicast address"
+            )));
+        }
+        if self.host_aliases.len() > MAX_HOST_ALIASES {
+            return Err(ConfigError::Conflict(format!(
+                "at most {MAX_HOST_ALIASES} host aliases, not {}",
+                self.host_aliases.len()
+            )));
+        }
+        for &a in &self.host_aliases {
+            if unusable(a)
+                || a == guest
+                || a == gateway
+                || a == dns
+                || a == c.network()
+                || a == c.broadcast()
+            {
+                return Err(ConfigError::Conflict(format!(
+                    "host alias {a} must be a unicast address other than the guest ({guest}), gateway ({gateway}) and DNS forwarder ({dns})"
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -893,6 +1015,42 @@ mod tests {
         assert!(Config::builder().cidr(host).build().is_err());
         let wide: Ipv4Cidr = "10.0.0.0/26".parse().unwrap();
         assert!(Config::builder().cidr(wide).build().is_err());
+    }
+
+    #[test]
+    fn explicit_addresses() {
+        let net: Ipv4Cidr = "192.168.7.0/24".parse().unwrap();
+        let a = |s: &str| Some(s.parse::<Ipv4Addr>().unwrap());
+        let c = Config::builder()
+            .cidr(net)
+            .guest_addr(a("192.168.7.50"))
+            .gateway_addr(a("192.168.7.1"))
+            .dns_addr(a("169.254.1.1"))
+            .host_alias("169.254.1.2".parse().unwrap())
+            .build()
+            .unwrap();
+        assert_eq!(c.guest(), a("192.168.7.50").unwrap());
+        assert_eq!(c.gateway(), a("192.168.7.1").unwrap());
+        assert_eq!(c.dns(), a("169.254.1.1").unwrap());
+        assert_eq!(c.host_aliases(), &[a("169.254.1.2").unwrap()]);
+        // A /30 is fine with an explicit guest, not without.
+        let small: Ipv4Cidr = "10.9.0.0/30".parse().unwrap();
+        let b = Config::builder()
+            .cidr(small)
+            .gateway_addr(a("10.9.0.1"))
+            .dns_addr(a("169.254.1.1"));
+        assert!(b.clone().build().is_err());
+        assert!(b.guest_addr(a("10.9.0.2")).build().is_ok());
+        for bad in [
+            Config::builder().guest_addr(a("10.0.3.1")),
+            Config::builder().guest_addr(a("10.0.2.2")),
+            Config::builder().gateway_addr(a("10.0.2.255")),
+            Config::builder().dns_addr(a("10.0.2.2")),
+            Config::builder().dns_addr(a("127.0.0.1")),
+            Config::builder().host_alias("10.0.2.3".parse().unwrap()),
+        ] {
+            assert!(bad.build().is_err());
+        }
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The `rnet` command: parses the command line, calls the library, maps
 //! errors to exit codes (1 for any failure, the command's own status for
 //! `rnet run`). Invoked as `slirp4netns` (or `rnet slirp4netns ...`) it is
-//! a drop-in slirp4netns instead (`compat`).
+//! a drop-in slirp4netns instead, and as `pasta` (or `rnet pasta ...`) a
+//! drop-in pasta (`compat`).
 
 mod compat;
 mod portcmd;
@@ -121,6 +122,21 @@ enum Command {
     #[command(disable_help_flag = true, disable_version_flag = true)]
     Slirp4netns {
         /// slirp4netns's options and arguments.
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "ARGS"
+        )]
+        args: Vec<OsString>,
+    },
+    /// Behave as pasta (same command line; forks into the background once ready).
+    ///
+    /// `rnet pasta --help` shows its options. Invoking rnet through a
+    /// symlink named `pasta` does the same, which is how Podman 5/6
+    /// (`helper_binaries_dir` or PATH) and RootlessKit (`--net=pasta`) use it.
+    #[command(disable_help_flag = true, disable_version_flag = true)]
+    Pasta {
+        /// pasta's options and arguments.
         #[arg(
             trailing_var_arg = true,
             allow_hyphen_values = true,
@@ -403,6 +419,10 @@ fn main() -> ExitCode {
         return code;
     }
     let cli = Cli::parse();
+    if let Command::Pasta { args } = &cli.command {
+        // Only reached when rnet's own options came first (`rnet -v pasta`).
+        return compat::pasta::main("pasta", args);
+    }
     if let Command::Slirp4netns { args } = &cli.command {
         // Only reached when rnet's own options came first (`rnet -v slirp4netns`).
         return compat::main("slirp4netns", args);
@@ -425,6 +445,7 @@ fn main() -> ExitCode {
     }
 
     let result = match cli.command {
+        Command::Pasta { .. } => unreachable!("handled before"),
         Command::Attach(a) => attach(a, sigs),
         Command::Run(r) => run(r, sigs),
         Command::Port(p) => portcmd::run(p),

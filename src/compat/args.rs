@@ -98,14 +98,16 @@ pub struct ArgError {
 }
 
 impl ArgError {
-    fn usage(message: impl Into<String>) -> ArgError {
+    /// An error after which the usage text follows.
+    pub fn usage(message: impl Into<String>) -> ArgError {
         ArgError {
             message: message.into(),
             usage: true,
         }
     }
 
-    fn plain(message: impl Into<String>) -> ArgError {
+    /// An error printed alone.
+    pub fn plain(message: impl Into<String>) -> ArgError {
         ArgError {
             message: message.into(),
             usage: false,
@@ -139,7 +141,7 @@ enum Opt {
 }
 
 /// (long name, takes a value, identity), in slirp4netns's order.
-const LONG: &[(&str, bool, Opt)] = &[
+const LONG: &[LongOpt<Opt>] = &[
     ("configure", false, Opt::Configure),
     ("exit-fd", true, Opt::ExitFd),
     ("ready-fd", true, Opt::ReadyFd),
@@ -177,33 +179,138 @@ fn short(c: char) -> Option<(bool, Opt)> {
     })
 }
 
-/// Finds a long option by exact name or unambiguous prefix, as glibc does.
-fn lookup_long(prog: &str, name: &str) -> Result<(&'static str, bool, Opt), ArgError> {
-    if let Some(&e) = LONG.iter().find(|(n, _, _)| *n == name) {
-        return Ok(e);
-    }
-    let matches: Vec<_> = LONG
-        .iter()
-        .filter(|(n, _, _)| n.starts_with(name))
-        .collect();
-    match matches.as_slice() {
-        [] => Err(ArgError::usage(format!(
-            "{prog}: unrecognized option '--{name}'"
-        ))),
-        [one] => Ok(**one),
-        many => {
-            let all: Vec<String> = many.iter().map(|(n, _, _)| format!("'--{n}'")).collect();
-            Err(ArgError::usage(format!(
-                "{prog}: option '--{name}' is ambiguous; possibilities: {}",
-                all.join(" ")
-            )))
+/// One long option: its name, whether it takes a value, its identity.
+pub type LongOpt<O> = (&'static str, bool, O);
+
+/// A GNU `getopt_long` work-alike over one program's option tables; shared
+/// by the slirp4netns and pasta command lines.
+pub struct Getopt<'a, O> {
+    /// The program's name in getopt's messages.
+    pub prog: &'a str,
+    /// The long options.
+    pub long: &'a [LongOpt<O>],
+    /// The short options: letter to (takes a value, identity).
+    pub short: fn(char) -> Option<(bool, O)>,
+    /// Stop at the first positional argument, as an option string that
+    /// starts with `+` does: it and everything after are positionals.
+    /// Otherwise options and positionals may be mixed (permutation).
+    pub stop_at_positional: bool,
+}
+
+/// How a [`Getopt::run`] ended.
+pub enum GetoptEnd<R> {
+    /// Every argument was read; these are the positionals, in order.
+    Done(Vec<String>),
+    /// An option's handler ended parsing early (`--help`, `--version`).
+    Early(R),
+}
+
+impl<O: Copy> Getopt<'_, O> {
+    /// Finds a long option by exact name or unambiguous prefix, as glibc does.
+    fn lookup_long(&self, name: &str) -> Result<LongOpt<O>, ArgError> {
+        let prog = self.prog;
+        if let Some(&e) = self.long.iter().find(|(n, _, _)| *n == name) {
+            return Ok(e);
         }
+        let matches: Vec<_> = self
+            .long
+            .iter()
+            .filter(|(n, _, _)| n.starts_with(name))
+            .collect();
+        match matches.as_slice() {
+            [] => Err(ArgError::usage(format!(
+                "{prog}: unrecognized option '--{name}'"
+            ))),
+            [one] => Ok(**one),
+            many => {
+                let all: Vec<String> = many.iter().map(|(n, _, _)| format!("'--{n}'")).collect();
+                Err(ArgError::usage(format!(
+                    "{prog}: option '--{name}' is ambiguous; possibilities: {}",
+                    all.join(" ")
+                )))
+            }
+        }
+    }
+
+    /// Reads `args` (after the program name), calling `apply` for each
+    /// option with its value; `apply` returning `Some` ends parsing.
+    pub fn run<R>(
+        &self,
+        args: &[OsString],
+        mut apply: impl FnMut(O, Option<String>) -> Result<Option<R>, ArgError>,
+    ) -> Result<GetoptEnd<R>, ArgError> {
+        let prog = self.prog;
+        let mut positionals: Vec<String> = Vec::new();
+        let mut args = args.iter().map(|a| a.to_string_lossy().into_owned());
+        while let Some(arg) = args.next() {
+            if arg == "--" {
+                positionals.extend(args.by_ref());
+                break;
+            }
+            if let Some(body) = arg.strip_prefix("--") {
+                let (name, inline) = match body.split_once('=') {
+                    Some((n, v)) => (n, Some(v.to_string())),
+                    None => (body, None),
+                };
+                let (full, takes, opt) = self.lookup_long(name)?;
+                let value = match (takes, inline) {
+                    (false, Some(_)) => {
+                        return Err(ArgError::usage(format!(
+                            "{prog}: option '--{full}' doesn't allow an argument"
+                        )));
+                    }
+                    (false, None) => None,
+                    (true, Some(v)) => Some(v),
+                    (true, None) => Some(args.next().ok_or_else(|| {
+                        ArgError::usage(format!("{prog}: option '--{full}' requires an argument"))
+                    })?),
+                };
+                if let Some(p) = apply(opt, value)? {
+                    return Ok(GetoptEnd::Early(p));
+                }
+            } else if arg.len() > 1 && arg.starts_with('-') {
+                let cluster: Vec<char> = arg[1..].chars().collect();
+                let mut i = 0;
+                while i < cluster.len() {
+                    let c = cluster[i];
+                    let (takes, opt) = (self.short)(c).ok_or_else(|| {
+                        ArgError::usage(format!("{prog}: invalid option -- '{c}'"))
+                    })?;
+                    i += 1;
+                    let value = if takes {
+                        let rest: String = cluster[i..].iter().collect();
+                        i = cluster.len();
+                        if rest.is_empty() {
+                            Some(args.next().ok_or_else(|| {
+                                ArgError::usage(format!(
+                                    "{prog}: option requires an argument -- '{c}'"
+                                ))
+                            })?)
+                        } else {
+                            Some(rest)
+                        }
+                    } else {
+                        None
+                    };
+                    if let Some(p) = apply(opt, value)? {
+                        return Ok(GetoptEnd::Early(p));
+                    }
+                }
+            } else {
+                positionals.push(arg);
+                if self.stop_at_positional {
+                    positionals.extend(args.by_ref());
+                    break;
+                }
+            }
+        }
+        Ok(GetoptEnd::Done(positionals))
     }
 }
 
 /// `strtol(s, &end, 10)` with `*end == '\0'` and no overflow: leading
 /// whitespace and a sign are allowed, nothing after the digits.
-fn c_long(s: &str) -> Option<i64> {
+pub fn c_long(s: &str) -> Option<i64> {
     let t = s.trim_start_matches([' ', '\t', '\n', '\r', '\x0b', '\x0c']);
     if t.is_empty() {
         return None;
@@ -276,12 +383,10 @@ pub fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8), String> {
 /// getopt's messages.
 pub fn parse(prog: &str, args: &[OsString]) -> Result<Parsed, ArgError> {
     let mut o = Options::default();
-    let mut positionals: Vec<String> = Vec::new();
     let mut netns_type: Option<String> = None;
-    let mut args = args.iter().map(|a| a.to_string_lossy().into_owned());
 
     // Applies one option; returns Some for -h/-v, which end parsing at once.
-    let mut apply = |opt: Opt, value: Option<String>| -> Result<Option<Parsed>, ArgError> {
+    let apply = |opt: Opt, value: Option<String>| -> Result<Option<Parsed>, ArgError> {
         let v = value.unwrap_or_default();
         match opt {
             Opt::Configure => o.configure = true,
@@ -332,61 +437,16 @@ pub fn parse(prog: &str, args: &[OsString]) -> Result<Parsed, ArgError> {
         Ok(None)
     };
 
-    while let Some(arg) = args.next() {
-        if arg == "--" {
-            positionals.extend(args.by_ref());
-            break;
-        }
-        if let Some(body) = arg.strip_prefix("--") {
-            let (name, inline) = match body.split_once('=') {
-                Some((n, v)) => (n, Some(v.to_string())),
-                None => (body, None),
-            };
-            let (full, takes, opt) = lookup_long(prog, name)?;
-            let value = match (takes, inline) {
-                (false, Some(_)) => {
-                    return Err(ArgError::usage(format!(
-                        "{prog}: option '--{full}' doesn't allow an argument"
-                    )));
-                }
-                (false, None) => None,
-                (true, Some(v)) => Some(v),
-                (true, None) => Some(args.next().ok_or_else(|| {
-                    ArgError::usage(format!("{prog}: option '--{full}' requires an argument"))
-                })?),
-            };
-            if let Some(p) = apply(opt, value)? {
-                return Ok(p);
-            }
-        } else if arg.len() > 1 && arg.starts_with('-') {
-            let cluster: Vec<char> = arg[1..].chars().collect();
-            let mut i = 0;
-            while i < cluster.len() {
-                let c = cluster[i];
-                let (takes, opt) = short(c)
-                    .ok_or_else(|| ArgError::usage(format!("{prog}: invalid option -- '{c}'")))?;
-                i += 1;
-                let value = if takes {
-                    let rest: String = cluster[i..].iter().collect();
-                    i = cluster.len();
-                    if rest.is_empty() {
-                        Some(args.next().ok_or_else(|| {
-                            ArgError::usage(format!("{prog}: option requires an argument -- '{c}'"))
-                        })?)
-                    } else {
-                        Some(rest)
-                    }
-                } else {
-                    None
-                };
-                if let Some(p) = apply(opt, value)? {
-                    return Ok(p);
-                }
-            }
-        } else {
-            positionals.push(arg);
-        }
-    }
+    let getopt = Getopt {
+        prog,
+        long: LONG,
+        short,
+        stop_at_positional: false,
+    };
+    let positionals = match getopt.run(args, apply)? {
+        GetoptEnd::Done(p) => p,
+        GetoptEnd::Early(p) => return Ok(p),
+    };
     if o.macaddress.is_some() && !o.configure {
         return Err(ArgError::usage(
             "--macaddr cannot be specified when --configure or -c is not specified",

@@ -14,6 +14,9 @@
 //! /etc/resolv.conf.
 
 pub mod args;
+pub mod pasta;
+pub mod pasta_args;
+pub mod pasta_fwd;
 
 use std::ffi::{OsStr, OsString};
 use std::net::Ipv4Addr;
@@ -48,9 +51,17 @@ pub fn dispatch() -> Option<ExitCode> {
         let rest = argv.split_off(1);
         return Some(main(&argv0.to_string_lossy(), &rest));
     }
+    if pasta::invoked_as_pasta(&argv0) {
+        let rest = argv.split_off(1);
+        return Some(pasta::main("pasta", &rest));
+    }
     if argv.get(1).is_some_and(|a| a == "slirp4netns") {
         let rest = argv.split_off(2);
         return Some(main("slirp4netns", &rest));
+    }
+    if argv.get(1).is_some_and(|a| a == "pasta") {
+        let rest = argv.split_off(2);
+        return Some(pasta::main("pasta", &rest));
     }
     None
 }

@@ -332,6 +332,7 @@ impl Engine {
         }
         let stats = Arc::new(Stats::default());
         let (cfg_net, cfg_mtu, cfg_limits) = (cfg.cidr(), cfg.mtu(), cfg.limits());
+        let dhcp = DhcpServer::new(dhcp_config(&cfg, cfg_net, cfg_mtu));
         let engine = Self {
             exit_fd: cfg.exit_fd,
             cfg,
@@ -359,11 +360,7 @@ impl Engine {
             udp_return: HashMap::new(),
             commands,
             next_sweep: stack::now(),
-            dhcp: DhcpServer::new(DhcpConfig::new(
-                cfg_net.network(),
-                cfg_net.prefix(),
-                u16::try_from(cfg_mtu).unwrap_or(u16::MAX),
-            )),
+            dhcp,
             agent_target: None,
             agent: None,
             splice_alias: HashMap::new(),
@@ -1577,6 +1574,10 @@ impl Engine {
             busy_poll_us = self.busy_poll_us,
             "network ready"
         );
+        if !c.host_aliases().is_empty() {
+            let a: Vec<String> = c.host_aliases().iter().map(|a| a.to_string()).collect();
+            info!(aliases = %a.join(","), "these addresses reach the host's loopback");
+        }
         if let (Some(p), Some(g), Some(d), Some(guest)) = (
             c.ipv6_prefix(),
             c.ipv6_gateway(),
@@ -1596,6 +1597,24 @@ fn header(stack: &mut Stack) -> Header {
             .unwrap_or(smoltcp::wire::EthernetAddress::BROADCAST),
         ident: stack.next_ident(),
     }
+}
+
+/// The DHCP server's settings: the network's defaults, with the gateway,
+/// DNS forwarder and (when set explicitly) the guest's one address.
+fn dhcp_config(cfg: &Config, net: crate::config::Ipv4Cidr, mtu: u32) -> DhcpConfig {
+    let mut d = DhcpConfig::new(
+        net.network(),
+        net.prefix(),
+        u16::try_from(mtu).unwrap_or(u16::MAX),
+    );
+    d.server = cfg.gateway();
+    d.router = cfg.gateway();
+    d.dns = cfg.dns();
+    if cfg.guest_is_explicit() {
+        d.first = cfg.guest();
+        d.pool_size = 1;
+    }
+    d
 }
 
 fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {

@@ -153,6 +153,9 @@ pub fn route(cfg: &Config, dst: SocketAddrV4) -> Route {
             _ => Route::Deny(Deny::Special),
         };
     }
+    if cfg.host_aliases().contains(&ip) {
+        return Route::Host(SocketAddrV4::new(Ipv4Addr::LOCALHOST, dst.port()).into());
+    }
     if is_special(ip) || cfg.cidr().contains(ip) {
         return Route::Deny(Deny::Special);
     }
@@ -251,6 +254,35 @@ mod tests {
         assert_eq!(
             route(&on, sa("10.0.2.2:80")),
             Route::Host("127.0.0.1:80".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn moved_dns_and_host_aliases() {
+        let cfg = Config::builder()
+            .dns_addr(Some(Ipv4Addr::new(169, 254, 1, 1)))
+            .host_alias(Ipv4Addr::new(169, 254, 1, 2))
+            .outbound(OutboundPolicy::Only(vec![]))
+            .build()
+            .unwrap();
+        assert_eq!(route(&cfg, sa("169.254.1.1:53")), Route::Dns);
+        assert_eq!(
+            route(&cfg, sa("10.0.2.3:53")),
+            Route::Deny(Deny::Special),
+            "net + 3 is no longer the forwarder"
+        );
+        // An alias reaches the host's loopback whatever the gateway's switch.
+        assert_eq!(
+            route(&cfg, sa("169.254.1.2:8080")),
+            Route::Host("127.0.0.1:8080".parse().unwrap())
+        );
+        assert_eq!(
+            route(&cfg, sa("10.0.2.2:80")),
+            Route::Deny(Deny::HostLoopbackOff)
+        );
+        assert_eq!(
+            route(&cfg, sa("169.254.1.3:80")),
+            Route::Deny(Deny::NotAllowed)
         );
     }
 

@@ -43,6 +43,8 @@ pub struct NetAddrs {
     pub gateway: Ipv4Addr,
     /// DNS forwarder (net + 3).
     pub dns: Ipv4Addr,
+    /// Addresses standing for the host ([`Config::host_aliases`]).
+    pub host_aliases: [Option<Ipv4Addr>; crate::config::MAX_HOST_ALIASES],
     /// IPv6 addresses, when IPv6 is on.
     pub v6: Option<V6Addrs>,
 }
@@ -83,10 +85,15 @@ impl V6Addrs {
 impl NetAddrs {
     /// Derives the addresses from a configuration.
     pub fn from_config(cfg: &Config) -> Self {
+        let mut host_aliases = [None; crate::config::MAX_HOST_ALIASES];
+        for (slot, a) in host_aliases.iter_mut().zip(cfg.host_aliases()) {
+            *slot = Some(*a);
+        }
         Self {
             cidr: cfg.cidr(),
             gateway: cfg.gateway(),
             dns: cfg.dns(),
+            host_aliases,
             v6: cfg.ipv6_prefix().map(|prefix| V6Addrs {
                 prefix,
                 gateway: cfg.ipv6_gateway().unwrap_or(prefix),
@@ -98,7 +105,7 @@ impl NetAddrs {
 
     /// Whether `ip` is one of rnet's own virtual hosts.
     pub fn is_virtual(&self, ip: Ipv4Addr) -> bool {
-        ip == self.gateway || ip == self.dns
+        ip == self.gateway || ip == self.dns || self.host_aliases.contains(&Some(ip))
     }
 
     /// Whether `ip` may be a guest's source address.

@@ -507,7 +507,20 @@ pub struct Target {
 
 impl Target {
     pub fn start(unshare_args: &[&str]) -> Target {
-        let mut cmd = Command::new("unshare");
+        Target::start_via(&[], unshare_args)
+    }
+
+    /// Like [`Target::start`] with `prefix` (e.g. a `setpriv` command line)
+    /// in front of `unshare`.
+    pub fn start_via(prefix: &[&str], unshare_args: &[&str]) -> Target {
+        let mut cmd = match prefix.split_first() {
+            Some((p, rest)) => {
+                let mut c = Command::new(p);
+                c.args(rest).arg("unshare");
+                c
+            }
+            None => Command::new("unshare"),
+        };
         cmd.args(unshare_args)
             .args(["sh", "-c", "echo ready; exec sleep 600"])
             .stdin(Stdio::null())

@@ -1,0 +1,837 @@
+//! pasta compatibility mode: rnet as a drop-in `pasta` for Podman 5/6 and
+//! RootlessKit's `--net=pasta`.
+//!
+//! Selected when the program is invoked under the name `pasta` (a symlink)
+//! or as `rnet pasta ARGS...`. The command line is [`super::pasta_args`];
+//! this module maps it onto rnet's [`Config`] and runs it.
+//!
+//! # Shapes and lifetime
+//!
+//! - `pasta [OPTIONS] [COMMAND [ARG]...]`: new user and network namespaces
+//!   running COMMAND (default `$SHELL`), through `rnet run`'s machinery;
+//!   rnet stays in front and exits with the command's status.
+//! - `pasta [OPTIONS] PID`: serves PID's namespaces until PID exits.
+//! - `pasta [OPTIONS] --netns PATH|NAME [--userns PATH]`: serves the
+//!   namespace file until it is deleted (or unmounted).
+//!
+//! With PID and `--netns`, rnet forks into the background once the
+//! namespace is configured and its ports are bound: the child tells the
+//! parent through a pipe (`1` ready, or `E` and the error text, which the
+//! parent prints), and the parent exits 0 or 1. The child calls setsid(2)
+//! and points its stdin/stdout/stderr at /dev/null (or the `-l` log
+//! file) first, so a caller that reads the output until EOF is not held.
+//! `-f` stays in front. `-P FILE` gets the serving process's pid before the
+//! parent exits.
+//!
+//! # Watching the `--netns` file
+//!
+//! The serving process is sandboxed (an empty root), so it cannot look at
+//! the file's path. Instead, before attaching, it forks a small *anchor*
+//! child that joins the namespace (the `--userns` first, then the network
+//! namespace) and stays outside the sandbox; rnet then serves the anchor's
+//! namespaces exactly as in PID mode. The anchor `stat`s the path four times a
+//! second and exits when it no longer names the namespace it joined (its
+//! device and inode changed: unmounted, or deleted, which is all Podman
+//! does to clean up); the data plane sees the anchor exit through its
+//! pidfd, as for any PID target, and stops. The anchor dies with rnet
+//! (`PR_SET_PDEATHSIG`). It also gives `-t auto` a process whose
+//! `/proc/PID/net` shows the namespace's sockets.
+//!
+//! # Addresses
+//!
+//! `-a/-n/-g` set the guest's address, prefix and gateway; any of them left
+//! out is copied, as pasta does, from the host interface that carries the
+//! first IPv4 default route (`/proc/net/route` for the route, the
+//! interface's own address list for the address and prefix). The gateway
+//! reaches the host's 127.0.0.1 unless `--no-map-gw` /
+//! `--map-host-loopback none`; `--map-host-loopback ADDR` and
+//! `--map-guest-addr ADDR` add addresses that reach the host. rnet serves
+//! "the host at its own address" (pasta's `--map-guest-addr`) through the
+//! host's loopback, like the gateway: a server the host runs on 127.0.0.1
+//! or 0.0.0.0 answers. `--dns-forward ADDR` moves rnet's DNS forwarder to
+//! ADDR (default net + 3). These are general [`Config`] settings
+//! (`guest_addr`, `gateway_addr`, `dns_addr`, `host_alias`).
+//!
+//! # What differs from pasta
+//!
+//! Published ports keep the client's address (a client on the host's
+//! loopback appears as the gateway); `-T` takes explicit ports only
+//! ([`super::pasta_fwd`]) and `-U` only `none`; `-t all`
+//! publishes every non-ephemeral port and fails if one is taken;
+//! `--outbound-if4` binds to that interface's address; `--no-tcp`,
+//! `--no-udp`, `--no-icmp`, the DHCP/NDP switches, `-D`, `-S` are accepted
+//! and logged. As in slirp4netns mode, `RNET_OUTBOUND_ALLOW` and
+//! `RNET_DNS_UPSTREAM` set the outbound allow-list and the DNS upstreams
+//! (they win over `--dns-host`).
+
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use nix::sys::signal::{SigSet, Signal};
+use nix::unistd::{ForkResult, Pid};
+use rnet::autopub::AutoPublish;
+use rnet::{Config, Ipv4Cidr, Network, OutboundPolicy, PortSpec, Proto, Target, config};
+use tracing::{info, warn};
+
+use super::args::ArgError;
+use super::pasta_args::{self, HostLoopback, Parsed, PastaOptions, PortForward, Shape};
+use super::pasta_fwd::{self, Reverse};
+
+/// The pasta release whose interface this mode follows.
+pub const PASTA_VERSION: &str = "2025_01_21";
+
+/// How often the anchor looks at the `--netns` file.
+const NETNS_POLL: Duration = Duration::from_millis(250);
+
+/// Whether argv\[0\] names pasta (its base name is exactly `pasta`).
+pub fn invoked_as_pasta(argv0: &OsStr) -> bool {
+    Path::new(argv0).file_name().is_some_and(|n| n == "pasta")
+}
+
+/// Runs pasta mode with the arguments after the program name.
+pub fn main(prog: &str, argv: &[OsString]) -> ExitCode {
+    let o = match pasta_args::parse(prog, argv) {
+        Ok(Parsed::Help) => {
+            print!("{}", usage(prog));
+            return ExitCode::SUCCESS;
+        }
+        Ok(Parsed::Version) => {
+            print!("{}", version());
+            return ExitCode::SUCCESS;
+        }
+        Ok(Parsed::Run(o)) => o,
+        Err(ArgError { message, usage: u }) => {
+            eprintln!("{message}");
+            if u {
+                eprintln!("Try '{prog} --help' for more information.");
+            }
+            return ExitCode::FAILURE;
+        }
+    };
+    let verbose = match o.debug {
+        0 => 0,
+        1 => 1,
+        _ => 2,
+    };
+    crate::init_logging(verbose, o.quiet);
+    let result = match &o.shape {
+        Shape::Command(argv) => run_command(&o, argv),
+        Shape::Pid(_) | Shape::Netns { .. } if o.foreground => serve(&o, None).map(|()| 0),
+        Shape::Pid(_) | Shape::Netns { .. } => daemonize(&o),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(msg) => {
+            eprintln!("{msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The `--help` text.
+pub fn usage(prog: &str) -> String {
+    format!(
+        "\
+Usage: {prog} [OPTION]... [COMMAND [ARG]...]
+       {prog} [OPTION]... PID
+       {prog} [OPTION]... --netns [PATH|NAME]
+User-mode networking for network namespaces (rnet's pasta mode).
+
+  -f, --foreground         stay in the foreground (default: background once ready)
+  -P, --pid FILE           write the serving process's pid to FILE
+  -q, --quiet              only warnings and errors
+  -d, --debug              debug messages
+      --trace              everything
+  -e, --stderr             accepted (messages go to stderr until rnet is ready)
+  -l, --log-file PATH      log to PATH once in the background
+  -p, --pcap FILE          capture every frame to FILE (pcap)
+  -m, --mtu MTU            MTU of the namespace's interface (default 65520)
+  -a, --address ADDR       the namespace's IPv4 address (default: the host's)
+  -n, --netmask MASK       its prefix length or dotted mask (default: the host's)
+  -g, --gateway ADDR       its gateway (default: the host's)
+      --config-net         configure the interface: address, routes, MTU, link up
+  -I, --ns-ifname NAME     the interface's name (default: the host's upstream interface)
+  -4, --ipv4-only          no IPv6
+  -6, --ipv6-only          accepted (rnet always serves IPv4)
+      --no-map-gw          the gateway does not reach the host's loopback
+      --map-host-loopback ADDR|none  the address that reaches the host's loopback
+      --map-guest-addr ADDR  an address that reaches the host (host.containers.internal)
+      --dns-forward ADDR   rnet's DNS forwarder listens at ADDR (default net + 3)
+      --dns-host ADDR      the resolver the forwarder asks (default: /etc/resolv.conf)
+  -o, --outbound ADDR      source address of outgoing host sockets
+      --outbound-if4 NAME  bind outgoing host sockets to NAME's address
+      --outbound-if6 NAME  accepted
+  -t, --tcp-ports SPEC     publish host TCP ports into the namespace
+  -u, --udp-ports SPEC     publish host UDP ports into the namespace
+  -T, --tcp-ns SPEC        namespace's 127.0.0.1 TCP ports to the host's (no auto)
+  -U, --udp-ns SPEC        namespace loopback to host (only none)
+      SPEC: none | auto | [ADDR[%IF]/]PORT[-END][:TARGET[-END]][,...] | all | ~PORT[-END]
+      --netns PATH|NAME    serve this network namespace file (NAME: /run/netns/NAME)
+      --userns PATH        join this user namespace first
+      --no-tcp, --no-udp, --no-icmp, --no-dhcp, --no-ndp, --no-dhcpv6, --no-ra
+  -D, --dns ADDR, -S, --search DOMAIN  accepted
+  -h, --help               show this help and exit
+      --version            show version and exit
+"
+    )
+}
+
+/// The `--version` text.
+pub fn version() -> String {
+    format!(
+        "pasta {PASTA_VERSION}+rnet\nrnet {} (commit {})\n",
+        env!("CARGO_PKG_VERSION"),
+        option_env!("RNET_GIT_COMMIT").unwrap_or("unknown"),
+    )
+}
+
+/// What pasta copies from the host when `-a/-n/-g` are left out: the
+/// interface with the first IPv4 default route, its address and prefix, and
+/// the route's gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostDefaults {
+    pub ifname: String,
+    pub addr: Option<(Ipv4Addr, u8)>,
+    pub gateway: Ipv4Addr,
+}
+
+/// Finds the first IPv4 default route in `/proc/net/route`'s text:
+/// (interface, gateway).
+pub fn default_route(table: &str) -> Option<(String, Ipv4Addr)> {
+    table.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        // Iface Destination Gateway Flags ... Mask
+        if f.len() < 8 || f[1] != "00000000" || f[7] != "00000000" {
+            return None;
+        }
+        let flags = u32::from_str_radix(f[3], 16).ok()?;
+        if flags & 1 == 0 {
+            return None; // not RTF_UP
+        }
+        let gw = u32::from_str_radix(f[2], 16).ok()?;
+        // The kernel prints the network-order word as a native number: its
+        // native bytes are the address's bytes.
+        Some((f[0].to_string(), Ipv4Addr::from(gw.to_ne_bytes())))
+    })
+}
+
+fn host_defaults() -> Option<HostDefaults> {
+    let table = std::fs::read_to_string("/proc/net/route").ok()?;
+    let (ifname, gateway) = default_route(&table)?;
+    let addr = nix::ifaddrs::getifaddrs().ok()?.find_map(|ifa| {
+        if ifa.interface_name != ifname {
+            return None;
+        }
+        let a = ifa.address.as_ref()?.as_sockaddr_in()?.ip();
+        let m = ifa.netmask.as_ref()?.as_sockaddr_in()?.ip();
+        Some((a, u32::from(m).leading_ones() as u8))
+    });
+    Some(HostDefaults {
+        ifname,
+        addr,
+        gateway,
+    })
+}
+
+/// The ephemeral port range (`all` leaves it out).
+fn ephemeral_range() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|p| p.parse::<u16>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32768, 60999))
+}
+
+/// The library settings for these options (and the environment).
+pub fn build_config(o: &PastaOptions) -> Result<Config, String> {
+    let host = if o.address.is_none() || o.netmask.is_none() || o.gateway.is_none() {
+        host_defaults()
+    } else {
+        None
+    };
+    let no_host = |what: &str| {
+        format!(
+            "no {what} given and none to copy from the host (no interface with an IPv4 default route): pass -a ADDR -n PREFIX -g GATEWAY"
+        )
+    };
+    let host_addr = host.as_ref().and_then(|h| h.addr);
+    let addr = match o.address {
+        Some(a) => a,
+        None => host_addr.map(|(a, _)| a).ok_or_else(|| no_host("-a"))?,
+    };
+    let prefix = match o.netmask {
+        Some(n) => n,
+        None => host_addr.map(|(_, p)| p).ok_or_else(|| no_host("-n"))?,
+    };
+    let gateway = match o.gateway {
+        Some(g) => g,
+        None => host
+            .as_ref()
+            .map(|h| h.gateway)
+            .ok_or_else(|| no_host("-g"))?,
+    };
+    if !(1..=30).contains(&prefix) {
+        return Err(format!(
+            "netmask /{prefix}: rnet needs a prefix length of 1-30 (room for the guest and the gateway)"
+        ));
+    }
+    let cidr = Ipv4Cidr::new(addr, prefix).map_err(|e| e.to_string())?;
+    let cidr = Ipv4Cidr::new(cidr.network(), prefix).map_err(|e| e.to_string())?;
+    if !cidr.contains(gateway) {
+        return Err(format!(
+            "gateway {gateway} is outside {}/{prefix}: give -g inside the network of -a/-n",
+            cidr.network()
+        ));
+    }
+    let dns = o.dns_forward.unwrap_or_else(|| {
+        let d = cidr.nth(3);
+        if d != addr && d != gateway && cidr.contains(d) && d != cidr.broadcast() {
+            d
+        } else {
+            Ipv4Addr::new(169, 254, 1, 1)
+        }
+    });
+
+    let outbound = match std::env::var(super::ENV_OUTBOUND_ALLOW) {
+        Ok(v) => super::parse_outbound_allow(&v)?,
+        Err(_) => OutboundPolicy::Any,
+    };
+    let upstreams = match (std::env::var(super::ENV_DNS_UPSTREAM), o.dns_host) {
+        (Ok(v), _) => super::parse_dns_upstreams(&v)?,
+        (Err(_), Some(h)) => vec![SocketAddr::new(h, 53)],
+        (Err(_), None) => Vec::new(),
+    };
+    let outbound_addr = match (o.outbound, &o.outbound_if4) {
+        (Some(a), _) => Some(a),
+        (None, Some(ifname)) => Some(super::resolve_outbound_addr(ifname).map_err(|_| {
+            format!("--outbound-if4 {ifname}: no such interface with an IPv4 address")
+        })?),
+        (None, None) => None,
+    };
+    let mtu = o.mtu.unwrap_or(config::DEFAULT_MTU);
+    let tap = match (&o.ns_ifname, &host) {
+        (Some(n), _) => n.clone(),
+        (None, Some(h)) => h.ifname.clone(),
+        (None, None) => {
+            host_defaults().map_or_else(|| config::DEFAULT_TAP.to_string(), |h| h.ifname)
+        }
+    };
+    let mut b = Config::builder()
+        .tap_name(tap)
+        .mtu(mtu)
+        .configure(o.config_net)
+        .cidr(cidr)
+        .guest_addr(Some(addr))
+        .gateway_addr(Some(gateway))
+        .dns_addr(Some(dns))
+        .outbound(outbound)
+        .outbound_addr(outbound_addr)
+        .dns_upstreams(upstreams)
+        .ipv6((!o.ipv4_only && mtu >= 1280).then_some(config::DEFAULT_IPV6_PREFIX))
+        .pcap(o.pcap.clone(), rnet::pcap::DEFAULT_CAP)
+        .fast_ports(true)
+        .sandbox(true)
+        .seccomp(true);
+    b = match o.host_loopback {
+        HostLoopback::Gateway => b.allow_host_loopback(true),
+        HostLoopback::Off => b.allow_host_loopback(false),
+        HostLoopback::Addr(a) if a == gateway => b.allow_host_loopback(true),
+        HostLoopback::Addr(a) => b.allow_host_loopback(false).host_alias(a),
+    };
+    if let Some(a) = o.map_guest_addr {
+        b = b.host_alias(a);
+    }
+    let eph = ephemeral_range();
+    for (proto, list) in [(Proto::Tcp, &o.tcp), (Proto::Udp, &o.udp)] {
+        for f in list {
+            match f {
+                PortForward::None => {}
+                PortForward::Auto => {
+                    b = b.publish_auto(AutoPublish {
+                        proto,
+                        first: 1,
+                        last: 65535,
+                    })
+                }
+                PortForward::Ports(set) => {
+                    if let Some(i) = &set.iface {
+                        warn!(
+                            "port spec with %{i}: rnet cannot bind a published port to an interface; it listens on the address alone"
+                        );
+                    }
+                    let host_ip = set.addr.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+                    for m in set.expand(eph) {
+                        b = b.publish(PortSpec {
+                            proto,
+                            host_ip,
+                            host_port: m.host,
+                            guest_ip: None,
+                            guest_port: m.guest,
+                            count: m.count,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    reverse_ports(o)?;
+    b.build().map_err(|e| e.to_string())
+}
+
+/// The `-T` ports (namespace loopback to host loopback); `-U` takes only
+/// `none`.
+pub fn reverse_ports(o: &PastaOptions) -> Result<Vec<Reverse>, String> {
+    if o.udp_ns.iter().any(|f| *f != PortForward::None) {
+        return Err(
+            "-U: forwarding the namespace's loopback UDP ports to the host is not supported by rnet; use -U none".into(),
+        );
+    }
+    let mut out = Vec::new();
+    for f in &o.tcp_ns {
+        match f {
+            PortForward::None => {}
+            PortForward::Auto => {
+                return Err(
+                    "-T auto is not supported by rnet; give the ports (-T 5432,8080:80) or -T none"
+                        .into(),
+                );
+            }
+            PortForward::Ports(set) => {
+                if set.addr.is_some_and(|a| !a.is_loopback()) || set.iface.is_some() {
+                    return Err(format!(
+                        "-T: rnet listens on the namespace's 127.0.0.1 only, not {}",
+                        set.addr.map_or_else(String::new, |a| a.to_string())
+                    ));
+                }
+                for m in set.expand(ephemeral_range()) {
+                    for i in 0..m.count {
+                        out.push(Reverse {
+                            ns_port: m.host + i,
+                            host_port: m.guest + i,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Logs what is accepted but not acted on.
+fn log_accepted(o: &PastaOptions) {
+    for i in &o.ignored {
+        info!("{i}: accepted, no effect in rnet");
+    }
+    let flags = [
+        (o.no_tcp, "--no-tcp"),
+        (o.no_udp, "--no-udp"),
+        (o.no_icmp, "--no-icmp"),
+        (o.no_dhcp, "--no-dhcp"),
+        (o.no_ndp, "--no-ndp"),
+        (o.no_dhcpv6, "--no-dhcpv6"),
+        (o.no_ra, "--no-ra"),
+    ];
+    for (on, name) in flags {
+        if on {
+            info!("{name}: accepted; rnet still serves it");
+        }
+    }
+    if o.ipv6_only {
+        warn!("-6/--ipv6-only: rnet always serves IPv4 as well");
+    }
+    if o.address6.is_some() || o.gateway6.is_some() || o.outbound6.is_some() {
+        warn!(
+            "IPv6 addresses in -a/-g/-o are not supported: the namespace gets fd00::100 via fd00::2"
+        );
+    }
+    if let Some(i) = &o.outbound_if6 {
+        info!("--outbound-if6 {i}: accepted; IPv6 host sockets use the host's default source");
+    }
+    if o.mac.is_some() {
+        info!("-M/--mac-addr: accepted; rnet's own MAC is fixed");
+    }
+    for d in &o.dns {
+        info!("-D {d}: accepted (the namespace's resolver configuration is the caller's)");
+    }
+    for s in &o.search {
+        info!("-S {s}: accepted (the namespace's resolver configuration is the caller's)");
+    }
+}
+
+/// `pasta [OPTIONS] [COMMAND...]`: new namespaces, in front.
+fn run_command(o: &PastaOptions, argv: &[String]) -> Result<u8, String> {
+    let config = build_config(o)?;
+    if !reverse_ports(o)?.is_empty() {
+        return Err("-T needs a PID or --netns target (not a command)".into());
+    }
+    log_accepted(o);
+    let argv: Vec<OsString> = if argv.is_empty() {
+        vec![std::env::var_os("SHELL").unwrap_or_else(|| "/bin/sh".into())]
+    } else {
+        argv.iter().map(OsString::from).collect()
+    };
+    let sigs = block_signals()?;
+    let opts = rnet::ns::SpawnOptions {
+        subids: false,
+        resolv_conf: Some(format!("nameserver {}\n", config.dns())),
+    };
+    let (net, pid) = Network::spawn_with(&argv, config, &opts).map_err(|e| e.to_string())?;
+    if let Some(f) = &o.pid_file {
+        write_pid_file(f, std::process::id())?;
+    }
+    std::thread::spawn(move || {
+        while let Ok(sig) = sigs.wait() {
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), sig);
+        }
+    });
+    let code = rnet::wait_for_exit(pid).map_err(|e| format!("waiting for the command: {e}"))?;
+    let h = net.handle();
+    h.stop();
+    let _ = net.wait();
+    Ok(code.clamp(0, 255) as u8)
+}
+
+fn block_signals() -> Result<SigSet, String> {
+    let mut sigs = SigSet::empty();
+    sigs.add(Signal::SIGINT);
+    sigs.add(Signal::SIGTERM);
+    sigs.thread_block()
+        .map_err(|e| format!("cannot block signals: {e}"))?;
+    Ok(sigs)
+}
+
+fn write_pid_file(path: &Path, pid: u32) -> Result<(), String> {
+    std::fs::write(path, format!("{pid}\n"))
+        .map_err(|e| format!("cannot write the pid file {}: {e}", path.display()))
+}
+
+/// Forks; the parent waits for the child's word and exits 0 (ready) or 1.
+fn daemonize(o: &PastaOptions) -> Result<u8, String> {
+    let (r, w) = nix::unistd::pipe().map_err(|e| format!("pipe: {e}"))?;
+    // SAFETY: no thread has been started yet (logging starts none), so the
+    // child may do anything the parent could.
+    match unsafe { nix::unistd::fork() }.map_err(|e| format!("fork: {e}"))? {
+        ForkResult::Parent { child } => {
+            drop(w);
+            // Only the first byte decides: the serving process and what it
+            // forks keep the pipe open for as long as they run.
+            let mut r = File::from(r);
+            let mut first = [0u8; 1];
+            match r.read(&mut first) {
+                Ok(1) if first[0] == b'1' => Ok(0),
+                Ok(1) if first[0] == b'E' => {
+                    let mut msg = Vec::new();
+                    for b in std::io::BufReader::new(r).bytes() {
+                        match b {
+                            Ok(b'\n') | Err(_) => break,
+                            Ok(b) => msg.push(b),
+                        }
+                    }
+                    let _ = nix::sys::wait::waitpid(child, None);
+                    Err(String::from_utf8_lossy(&msg).into_owned())
+                }
+                _ => {
+                    let _ = nix::sys::wait::waitpid(child, None);
+                    Err("the background process ended before the network was up".into())
+                }
+            }
+        }
+        ForkResult::Child => {
+            drop(r);
+            let mut w = File::from(w);
+            let code = match serve(o, Some(&mut w)) {
+                Ok(()) => 0,
+                Err(msg) => {
+                    // The parent prints it; our stderr may be /dev/null by now.
+                    let _ = w.write_all(format!("E{msg}\n").as_bytes());
+                    1
+                }
+            };
+            std::process::exit(code);
+        }
+    }
+}
+
+/// Serves a PID or `--netns` target; `ready` is the pipe to the waiting
+/// parent (None in the foreground).
+fn serve(o: &PastaOptions, ready: Option<&mut File>) -> Result<(), String> {
+    let config = build_config(o)?;
+    // Everything that needs the filesystem happens before attaching: the
+    // sandbox hides it afterwards.
+    let quiet_io = match ready {
+        Some(_) => Some(open_background_stdio(o.log_file.as_deref())?),
+        None => None,
+    };
+    if let Some((null, log)) = &quiet_io {
+        nix::unistd::setsid().map_err(|e| format!("setsid: {e}"))?;
+        // Before anything is forked, so that nothing holds the caller's
+        // output pipes once the parent has exited.
+        redirect_stdio(null, log)?;
+    }
+    if let Some(f) = &o.pid_file {
+        write_pid_file(f, std::process::id())?;
+    }
+    let target = match &o.shape {
+        Shape::Pid(p) => Target::Pid(*p),
+        Shape::Netns { path, userns } => Target::Pid(spawn_anchor(path, userns.as_deref())?),
+        Shape::Command(_) => unreachable!("commands run in front"),
+    };
+    let reverse = match &target {
+        Target::Pid(pid) => pasta_fwd::open_listeners(*pid, &reverse_ports(o)?)?,
+        Target::Path { .. } => Vec::new(),
+    };
+    log_accepted(o);
+    let sigs = block_signals()?;
+    let net = match Network::attach(target, config) {
+        Ok(n) => n,
+        Err(e) => {
+            if let Some(f) = &o.pid_file {
+                let _ = std::fs::remove_file(f);
+            }
+            return Err(e.to_string());
+        }
+    };
+    pasta_fwd::serve(reverse);
+    if let Some(w) = ready {
+        let _ = w.write_all(b"1");
+    }
+    let handle = net.handle();
+    std::thread::spawn(move || {
+        if let Ok(sig) = sigs.wait() {
+            info!("{sig:?} received; stopping");
+            handle.stop();
+        }
+    });
+    let why = net.wait().map_err(|e| e.to_string())?;
+    info!(reason = ?why, "network stopped");
+    Ok(())
+}
+
+/// /dev/null for stdin, and /dev/null or the log file for stdout/stderr.
+fn open_background_stdio(log: Option<&Path>) -> Result<(OwnedFd, Option<OwnedFd>), String> {
+    let null = File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .map_err(|e| format!("/dev/null: {e}"))?;
+    let log = log
+        .map(|p| {
+            File::options()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| format!("cannot open the log file {}: {e}", p.display()))
+        })
+        .transpose()?;
+    Ok((null.into(), log.map(OwnedFd::from)))
+}
+
+fn redirect_stdio(null: &OwnedFd, log: &Option<OwnedFd>) -> Result<(), String> {
+    let out = log.as_ref().unwrap_or(null);
+    for (src, dst) in [(null, 0), (out, 1), (out, 2)] {
+        // SAFETY: dup2 only replaces descriptor `dst` (0-2) with a copy of
+        // an open descriptor this function borrows; nothing in the process
+        // holds 0-2 as owned Rust objects.
+        if unsafe { libc::dup2(src.as_raw_fd(), dst) } < 0 {
+            return Err(format!(
+                "redirecting descriptor {dst}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Forks the anchor for `--netns`: it joins `userns` (if given) and the
+/// network namespace at `path`, then exits once `path` no longer names that
+/// namespace. Returns its pid once it is inside.
+fn spawn_anchor(path: &Path, userns: Option<&Path>) -> Result<i32, String> {
+    let describe = |e: std::io::Error, p: &Path| format!("{}: {e}", p.display());
+    let ns = File::open(path).map_err(|e| describe(e, path))?;
+    let ident = ns.metadata().map_err(|e| describe(e, path))?;
+    let ident = (ident.dev(), ident.ino());
+    let user = userns
+        .map(|u| File::open(u).map_err(|e| describe(e, u)))
+        .transpose()?;
+    let (r, w) = nix::unistd::pipe().map_err(|e| format!("pipe: {e}"))?;
+    let parent = std::process::id();
+    // SAFETY: single-threaded here (no thread has been started yet).
+    match unsafe { nix::unistd::fork() }.map_err(|e| format!("fork: {e}"))? {
+        ForkResult::Parent { child } => {
+            drop(w);
+            let mut word = Vec::new();
+            let _ = File::from(r).read_to_end(&mut word);
+            if word.first() == Some(&b'1') {
+                Ok(child.as_raw())
+            } else {
+                let _ = nix::sys::wait::waitpid(child, None);
+                Err(String::from_utf8_lossy(&word).trim_end().to_string())
+            }
+        }
+        ForkResult::Child => {
+            drop(r);
+            let mut w = File::from(w);
+            // SAFETY: prctl(PR_SET_PDEATHSIG) only sets this process's
+            // parent-death signal.
+            unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+            if nix::unistd::getppid().as_raw() as u32 != parent {
+                std::process::exit(0);
+            }
+            let joined = (|| -> Result<(), String> {
+                use nix::sched::{CloneFlags, setns};
+                if let (Some(u), Some(p)) = (&user, userns) {
+                    setns(u, CloneFlags::CLONE_NEWUSER)
+                        .map_err(|e| format!("joining the user namespace {}: {e}", p.display()))?;
+                }
+                setns(&ns, CloneFlags::CLONE_NEWNET).map_err(|e| {
+                    format!("joining the network namespace {}: {e}", path.display())
+                })?;
+                Ok(())
+            })();
+            if let Err(msg) = joined {
+                let _ = w.write_all(msg.as_bytes());
+                std::process::exit(1);
+            }
+            drop(ns);
+            drop(user);
+            let _ = w.write_all(b"1");
+            drop(w);
+            loop {
+                std::thread::sleep(NETNS_POLL);
+                let same = std::fs::metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == ident);
+                if !same {
+                    std::process::exit(0);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(args: &[&str]) -> PastaOptions {
+        match pasta_args::parse(
+            "pasta",
+            &args.iter().map(OsString::from).collect::<Vec<_>>(),
+        ) {
+            Ok(Parsed::Run(o)) => *o,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn argv0_detection() {
+        assert!(invoked_as_pasta(OsStr::new("pasta")));
+        assert!(invoked_as_pasta(OsStr::new("/usr/libexec/podman/pasta")));
+        assert!(!invoked_as_pasta(OsStr::new("pasta.avx2")));
+        assert!(!invoked_as_pasta(OsStr::new("rnet")));
+    }
+
+    #[test]
+    fn proc_net_route() {
+        let t = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+                 eth1\t0000A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
+                 eth0\t00000000\t0101A8C0\t0003\t0\t0\t100\t00000000\t0\t0\t0\n";
+        // The text is what a little-endian kernel prints.
+        if cfg!(target_endian = "little") {
+            assert_eq!(
+                default_route(t),
+                Some(("eth0".into(), Ipv4Addr::new(192, 168, 1, 1)))
+            );
+        }
+        assert_eq!(default_route("Iface\n"), None);
+    }
+
+    #[test]
+    fn config_mapping() {
+        let c = build_config(&opts(&[
+            "--config-net",
+            "-a",
+            "10.0.2.100",
+            "-n",
+            "24",
+            "-g",
+            "10.0.2.2",
+            "--dns-forward",
+            "169.254.1.1",
+            "--map-guest-addr",
+            "169.254.1.2",
+            "--no-map-gw",
+            "-I",
+            "tap0",
+            "-t",
+            "127.0.0.1/8080-8081:80-81,~8081",
+            "-u",
+            "5353",
+            "1",
+        ]))
+        .unwrap();
+        assert_eq!(c.guest(), Ipv4Addr::new(10, 0, 2, 100));
+        assert_eq!(c.gateway(), Ipv4Addr::new(10, 0, 2, 2));
+        assert_eq!(c.dns(), Ipv4Addr::new(169, 254, 1, 1));
+        assert_eq!(c.host_aliases(), &[Ipv4Addr::new(169, 254, 1, 2)]);
+        assert!(!c.allow_host_loopback());
+        assert!(c.configure());
+        assert_eq!(c.mtu(), 65520);
+        let p = c.published();
+        assert_eq!(p.len(), 2);
+        assert_eq!(p[0].to_string(), "127.0.0.1:8080:80/tcp");
+        assert_eq!(p[1].to_string(), "0.0.0.0:5353:5353/udp");
+        let c = build_config(&opts(&[
+            "-a",
+            "192.168.5.6",
+            "-n",
+            "255.255.255.252",
+            "-g",
+            "192.168.5.5",
+            "--map-host-loopback",
+            "192.0.2.9",
+            "1",
+        ]))
+        .unwrap();
+        assert_eq!(c.dns(), Ipv4Addr::new(169, 254, 1, 1));
+        assert_eq!(c.host_aliases(), &[Ipv4Addr::new(192, 0, 2, 9)]);
+        assert!(!c.configure());
+        let gw_out = opts(&["-a", "10.0.2.100", "-n", "24", "-g", "10.0.3.2", "1"]);
+        assert!(build_config(&gw_out).unwrap_err().contains("outside"));
+        let rev = opts(&[
+            "-a",
+            "10.0.2.100",
+            "-n",
+            "24",
+            "-g",
+            "10.0.2.2",
+            "-U",
+            "80",
+            "1",
+        ]);
+        assert!(build_config(&rev).unwrap_err().contains("-U none"));
+        let rev = opts(&["-T", "5432,8080:80", "-T", "none", "1"]);
+        assert_eq!(
+            reverse_ports(&rev).unwrap(),
+            vec![
+                Reverse {
+                    ns_port: 5432,
+                    host_port: 5432
+                },
+                Reverse {
+                    ns_port: 8080,
+                    host_port: 80
+                }
+            ]
+        );
+        assert!(reverse_ports(&opts(&["-T", "auto", "1"])).is_err());
+        assert!(reverse_ports(&opts(&["-T", "192.0.2.1/80", "1"])).is_err());
+    }
+}
