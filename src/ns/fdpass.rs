@@ -16,6 +16,11 @@ pub struct Received {
     pub fd: Option<OwnedFd>,
     /// The message or its control data did not fit and was cut.
     pub truncated: bool,
+    /// The data was cut (`MSG_TRUNC`).
+    pub data_truncated: bool,
+    /// Descriptors were discarded (`MSG_CTRUNC`: no room, or no free
+    /// descriptor number in the receiver).
+    pub fd_truncated: bool,
 }
 
 /// Sends `data` and, if given, a copy of `fd` in one message on the
@@ -88,6 +93,8 @@ pub fn recv_with_fd(sock: BorrowedFd<'_>, buf: &mut [u8]) -> nix::Result<Receive
             len,
             fd: first,
             truncated,
+            data_truncated: msg.flags.contains(MsgFlags::MSG_TRUNC),
+            fd_truncated: msg.flags.contains(MsgFlags::MSG_CTRUNC),
         });
     }
 }
