@@ -831,6 +831,10 @@ fn agent_calls() -> Vec<(libc::c_long, confine::Arg)> {
         (libc::SYS_fcntl, Any),
         (libc::SYS_lseek, Any),
         (libc::SYS_pread64, Any),
+        // std's read_to_string asks for the file's size.
+        (libc::SYS_statx, Any),
+        (libc::SYS_fstat, Any),
+        (libc::SYS_newfstatat, Any),
         (libc::SYS_pipe2, Any),
     ]);
     v
@@ -1246,6 +1250,10 @@ mod tests {
     use std::time::Instant;
 
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use nix::sys::socket::sockopt;
+    use nix::unistd::{ForkResult, fork};
+
+    use crate::ns::process::{exit_child, kill_and_reap};
     use nix::sys::socket::{SockaddrIn, getpeername, getsockname};
     use nix::sys::wait::waitpid;
 
