@@ -120,7 +120,16 @@ fn children(pid: u32) -> Vec<u32> {
 /// in the guest's user and network namespaces (uid 0 there).
 fn as_guest_root(guest_pid: u32, argv: &[&str]) -> Command {
     let mut c = setpriv_nobody("nsenter");
-    c.args(["-t", &guest_pid.to_string(), "-U", "-n", "--"]);
+    // uid 65534 is the guest's root: keep it (the guest's setgroups is
+    // denied, so nsenter must not try to switch credentials).
+    c.args([
+        "--preserve-credentials",
+        "-t",
+        &guest_pid.to_string(),
+        "-U",
+        "-n",
+        "--",
+    ]);
     c.args(argv);
     c
 }
@@ -194,11 +203,22 @@ fn agent_is_confined() {
     assert!(root.is_empty(), "the agent's root holds {root:?}");
     let environ = std::fs::read(format!("/proc/{agent}/environ")).expect("read environ");
     assert!(environ.is_empty(), "the agent's environment: {environ:?}");
-    let fds = std::fs::read_dir(format!("/proc/{agent}/fd"))
+    let fds: Vec<String> = std::fs::read_dir(format!("/proc/{agent}/fd"))
         .expect("list the agent's fds")
-        .count();
-    // stdin/out/err (/dev/null), its socket, four socket tables.
-    assert!(fds <= 8, "the agent holds {fds} descriptors");
+        .filter_map(|e| {
+            let link = std::fs::read_link(e.ok()?.path()).ok()?;
+            Some(link.to_string_lossy().into_owned())
+        })
+        .collect();
+    // stdin/out/err (/dev/null), its socket, four socket tables, the
+    // netlink socket of the reply rules.
+    assert!(fds.len() <= 9, "the agent holds {fds:?}");
+    assert!(
+        fds.iter()
+            .all(|l| l == "/dev/null" || l.starts_with("socket:") || l.contains("/net/")),
+        "the agent holds {fds:?}"
+    );
+    let fds = fds.len();
     eprintln!(
         "agent {agent}: CapEff {:#x}, {fds} descriptors",
         hex(agent, "CapEff")
