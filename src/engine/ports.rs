@@ -6,8 +6,8 @@
 use std::collections::VecDeque;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::os::fd::OwnedFd;
 use std::ops::Range;
+use std::os::fd::OwnedFd;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 
@@ -614,9 +614,7 @@ impl FastPath {
     pub(super) fn release(&mut self, client: SocketAddrV4) {
         if let AgentState::Ready(agent) = &mut self.state
             && self.pending.len() < 2 * MAX_OUTSTANDING
-            && agent
-                .submit(crate::ns::Submit::Release(client))
-                .is_ok()
+            && agent.submit(crate::ns::Submit::Release(client)).is_ok()
         {
             self.pending.push_back(Pending {
                 what: PendingWhat::Release,
@@ -693,7 +691,9 @@ impl Engine {
                 None => Err(io::Error::from(io::ErrorKind::BrokenPipe)),
             });
         if let Err(e) = registered {
-            warn!("fast path for published TCP ports unavailable (cannot watch the agent: {e}); they use the stack path");
+            warn!(
+                "fast path for published TCP ports unavailable (cannot watch the agent: {e}); they use the stack path"
+            );
             return;
         }
         info!(
@@ -730,10 +730,12 @@ impl Engine {
             return false;
         }
         let guest = self.cfg.guest();
-        let all_v4 = slots.iter().all(|(idx, _)| match self.flows.get(*idx).map(|s| &s.flow) {
-            Some(Flow::TcpListen(l)) => l.guest_v4(guest).is_some(),
-            _ => true,
-        });
+        let all_v4 = slots
+            .iter()
+            .all(|(idx, _)| match self.flows.get(*idx).map(|s| &s.flow) {
+                Some(Flow::TcpListen(l)) => l.guest_v4(guest).is_some(),
+                _ => true,
+            });
         if !all_v4 {
             return false;
         }
@@ -797,7 +799,10 @@ impl Engine {
                     else {
                         return;
                     };
-                    info!(pid = agent.pid(), "namespace agent restarted; published TCP ports use the fast path again");
+                    info!(
+                        pid = agent.pid(),
+                        "namespace agent restarted; published TCP ports use the fast path again"
+                    );
                     self.fast.restarts += 1;
                     self.fast.warned = false;
                     self.fast.state = AgentState::Ready(agent);
@@ -846,14 +851,19 @@ impl Engine {
         };
         let fd = match reply {
             crate::ns::Reply::Ok { fd: Some(fd), .. } => fd,
-            crate::ns::Reply::Ok { fd: None, fd_lost: true } => {
+            crate::ns::Reply::Ok {
+                fd: None,
+                fd_lost: true,
+            } => {
                 // No free descriptor number in rnet: free the reserve so
                 // this connection (on the stack path) and the next ones
                 // have room; the agent did nothing wrong.
                 self.fast.reserve.clear();
                 self.fast.next_refill = now + Duration::from_secs(1);
                 self.stats.count_drop(DropReason::AgentFdLost);
-                warn!("a descriptor from the namespace agent was lost (rnet is out of descriptors; raise its open-file limit); the connection takes the stack path");
+                warn!(
+                    "a descriptor from the namespace agent was lost (rnet is out of descriptors; raise its open-file limit); the connection takes the stack path"
+                );
                 if transparent {
                     self.fast.release(client);
                 }
@@ -941,7 +951,9 @@ impl Engine {
                     self.fast.state = AgentState::Joining(agent, now + AGENT_START_DEADLINE);
                 }
                 Err(e) => {
-                    warn!("the namespace agent's launcher is gone ({e}); published TCP ports use the stack path from now on");
+                    warn!(
+                        "the namespace agent's launcher is gone ({e}); published TCP ports use the stack path from now on"
+                    );
                     let _ = self
                         .poll
                         .registry()
@@ -968,10 +980,7 @@ impl Engine {
         self.fast.refill_reserve(now);
         if self.fast.pending.front().is_some_and(|p| p.deadline <= now) {
             self.agent_unhealthy(
-                &format!(
-                    "did not answer within {} ms",
-                    AGENT_DEADLINE.total_millis()
-                ),
+                &format!("did not answer within {} ms", AGENT_DEADLINE.total_millis()),
                 now,
             );
         }

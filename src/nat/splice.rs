@@ -78,7 +78,13 @@ fn v4_addr(fd: BorrowedFd<'_>, peer: bool) -> Option<SocketAddrV4> {
     // across the call.
     let r = unsafe {
         if peer {
-            libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PEERNAME, p, &mut len)
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERNAME,
+                p,
+                &mut len,
+            )
         } else {
             libc::getsockname(fd.as_raw_fd(), p.cast(), &mut len)
         }

@@ -222,8 +222,12 @@ pub(crate) fn build_seccomp(
     )
     .map_err(|_| "cannot build the seccomp filter")?;
     Ok([
-        allow.try_into().map_err(|_| "cannot compile the seccomp filter")?,
-        nosys.try_into().map_err(|_| "cannot compile the seccomp filter")?,
+        allow
+            .try_into()
+            .map_err(|_| "cannot compile the seccomp filter")?,
+        nosys
+            .try_into()
+            .map_err(|_| "cannot compile the seccomp filter")?,
     ])
 }
 

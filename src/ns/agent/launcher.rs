@@ -175,7 +175,8 @@ impl Launcher {
                 "the agent launcher is gone",
             ));
         }
-        let num = |b: &[u8]| -> Option<i32> { Some(i32::from_le_bytes(b.get(1..5)?.try_into().ok()?)) };
+        let num =
+            |b: &[u8]| -> Option<i32> { Some(i32::from_le_bytes(b.get(1..5)?.try_into().ok()?)) };
         match (buf[0], len, fd) {
             (b'A', 5, Some(fd)) if !truncated => {
                 let pid = num(buf).unwrap_or(0);
@@ -264,7 +265,10 @@ fn launcher_main(
     }
     let _ = confine::clear_environment();
     // The launcher blocks on its socket; rnet's end is non-blocking.
-    let _ = nix::fcntl::fcntl(&sock, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()));
+    let _ = nix::fcntl::fcntl(
+        &sock,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()),
+    );
     if send_with_fd(sock.as_fd(), b"L", None).is_err() {
         return 1;
     }

@@ -60,7 +60,7 @@
 //! replies use the helper report format of `report.rs` (ok + payload, or
 //! errno + context).
 
-mod confine;
+pub(crate) mod confine;
 pub mod launcher;
 
 pub use launcher::Launcher;
@@ -318,7 +318,10 @@ impl Agent {
         sock: OwnedFd,
         launcher: Arc<Launcher>,
     ) -> io::Result<Agent> {
-        nix::fcntl::fcntl(&sock, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))?;
+        nix::fcntl::fcntl(
+            &sock,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )?;
         Ok(Agent {
             pid,
             sock: Some(sock),
@@ -741,7 +744,8 @@ pub(super) fn agent_main(
     confine::close_all_but(&keep);
     reset_signals();
     let report = |r: &[u8]| i32::from(send_with_fd(sock.as_fd(), r, None).is_err());
-    let internal = |e: Errno, what: &str| report(&ChildError::new(Step::Internal, e, what).encode());
+    let internal =
+        |e: Errno, what: &str| report(&ChildError::new(Step::Internal, e, what).encode());
     if let Err(e) = undumpable {
         return internal(e, "make the agent undumpable (PR_SET_DUMPABLE)");
     }
@@ -1126,10 +1130,7 @@ impl AgentState {
         let mut seen = HashSet::new();
         for (proto, file) in &mut self.tables {
             let mut text = String::new();
-            if let Err(e) = file
-                .rewind()
-                .and_then(|()| file.read_to_string(&mut text))
-            {
+            if let Err(e) = file.rewind().and_then(|()| file.read_to_string(&mut text)) {
                 let errno = Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO));
                 return Err(ChildError::new(
                     Step::Internal,
