@@ -650,7 +650,7 @@ impl FastPath {
             AgentState::Backoff(_) => ("restarting", None),
         };
         serde_json::json!({
-            "state": if self.enabled() || state != "off" { state } else { "off" },
+            "state": state,
             "pid": pid,
             "restarts": self.restarts,
             "outstanding": self.pending.len(),

@@ -346,3 +346,97 @@ fn pump(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
+    use std::os::fd::OwnedFd;
+
+    fn connecting_to(server: SocketAddrV4) -> OwnedFd {
+        let s = socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )
+        .expect("socket");
+        s.set_nonblocking(true).expect("nonblocking");
+        match s.connect(&SocketAddr::V4(server).into()) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+            Err(e) => panic!("connect: {e}"),
+        }
+        s.into()
+    }
+
+    fn v4(a: SocketAddr) -> SocketAddrV4 {
+        match a {
+            SocketAddr::V4(a) => a,
+            SocketAddr::V6(_) => panic!("IPv4 expected"),
+        }
+    }
+
+    #[test]
+    fn only_the_socket_asked_for_passes() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
+        let server = v4(listener.local_addr().expect("addr"));
+        let other = TcpListener::bind("127.0.0.1:0").expect("listen");
+        let elsewhere = v4(other.local_addr().expect("addr"));
+
+        let good = connecting_to(server);
+        let local = v4(socket2::SockRef::from(&good)
+            .local_addr()
+            .expect("local")
+            .as_socket()
+            .expect("inet"));
+        assert_eq!(check_guest_socket(&good, None, server), Ok(()));
+        assert_eq!(check_guest_socket(&good, Some(local), server), Ok(()));
+        let fl = fcntl(&good, FcntlArg::F_GETFL).expect("F_GETFL");
+        assert_ne!(fl & libc::O_NONBLOCK, 0);
+
+        assert_eq!(
+            check_guest_socket(&good, None, elsewhere),
+            Err(BadSocket::WrongPeer)
+        );
+        let wrong_local = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 1), local.port());
+        assert_eq!(
+            check_guest_socket(&good, Some(wrong_local), server),
+            Err(BadSocket::WrongLocal)
+        );
+
+        let (r, _w) = nix::unistd::pipe().expect("pipe");
+        assert_eq!(
+            check_guest_socket(&r, None, server),
+            Err(BadSocket::NotASocket)
+        );
+        let udp: OwnedFd = UdpSocket::bind("127.0.0.1:0").expect("udp").into();
+        assert_eq!(
+            check_guest_socket(&udp, None, server),
+            Err(BadSocket::NotTcp4)
+        );
+        let listening: OwnedFd = TcpListener::bind("127.0.0.1:0").expect("listen").into();
+        assert_eq!(
+            check_guest_socket(&listening, None, server),
+            Err(BadSocket::Listening)
+        );
+        let v6 = std::net::TcpListener::bind("[::1]:0");
+        if let Ok(v6) = v6 {
+            let v6: OwnedFd = v6.into();
+            assert_eq!(
+                check_guest_socket(&v6, None, server),
+                Err(BadSocket::NotTcp4)
+            );
+        }
+        let unconnected: OwnedFd = socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )
+        .expect("socket")
+        .into();
+        assert_eq!(
+            check_guest_socket(&unconnected, None, server),
+            Err(BadSocket::WrongPeer)
+        );
+    }
+}

@@ -38,8 +38,10 @@ use seccompiler::{
 };
 
 /// Capability numbers (linux/capability.h).
+pub(crate) const CAP_SETPCAP: u32 = 8;
 pub(crate) const CAP_NET_BIND_SERVICE: u32 = 10;
 pub(crate) const CAP_NET_ADMIN: u32 = 12;
+pub(crate) const CAP_SYS_ADMIN: u32 = 21;
 
 /// `PR_SET_DUMPABLE 0`.
 pub(crate) fn undumpable() -> Result<(), Errno> {

@@ -15,9 +15,15 @@
 //! The launcher stays in rnet's namespaces and never talks to the guest. It
 //! is undumpable, has an empty environment, `/dev/null` as standard
 //! descriptors and nothing else open but its socket and the two namespace
-//! descriptors; it gets SIGKILL when rnet's thread that created it ends,
-//! and exits (killing its agents) when rnet closes the socket. Its agents
-//! get SIGKILL when it dies.
+//! descriptors, no_new_privs, and of its capabilities only those its agents
+//! need before they join a user namespace (`CAP_SYS_ADMIN`,
+//! `CAP_NET_ADMIN`, `CAP_NET_BIND_SERVICE`, `CAP_SETPCAP`; none when rnet
+//! runs unprivileged). It has no seccomp filter: its agents inherit it and
+//! need, until they install their own, the calls of their whole set-up
+//! (setns, mounts, pivot_root, capset, seccomp); its only input is rnet's
+//! socket, two fixed-size messages. It gets SIGKILL when rnet's thread that
+//! created it ends, and exits (killing its agents) when rnet closes the
+//! socket. Its agents get SIGKILL when it dies.
 
 use std::collections::HashSet;
 use std::io;
@@ -264,6 +270,22 @@ fn launcher_main(
         return 1;
     }
     let _ = confine::clear_environment();
+    // What its agents may need before they join a user namespace (where
+    // they get a full set there): joining and mounting, rules, low ports,
+    // and dropping the bounding set. Nothing else, and no_new_privs.
+    let keep = [
+        confine::CAP_SYS_ADMIN,
+        confine::CAP_NET_ADMIN,
+        confine::CAP_NET_BIND_SERVICE,
+        confine::CAP_SETPCAP,
+    ]
+    .iter()
+    .fold(0u64, |m, c| m | (1 << c));
+    if crate::sandbox::drop_capabilities(keep).is_err()
+        || nix::sys::prctl::set_no_new_privs().is_err()
+    {
+        return 1;
+    }
     // The launcher blocks on its socket; rnet's end is non-blocking.
     let _ = nix::fcntl::fcntl(
         &sock,
@@ -286,7 +308,7 @@ fn launcher_main(
         drop(got.fd);
         match (buf[0], got.len) {
             (b'S', 1) => {
-                let reply = start_agent(me, &plan, &sock, &null, opts);
+                let reply = start_agent(me, &plan, &null, opts);
                 let sent = match reply {
                     Ok((pid, fd)) => {
                         children.insert(pid);
@@ -332,7 +354,6 @@ fn launcher_main(
 fn start_agent(
     me: Pid,
     plan: &JoinPlan,
-    launcher_sock: &OwnedFd,
     null: &OwnedFd,
     opts: AgentOptions,
 ) -> Result<(Pid, OwnedFd), Errno> {
@@ -345,10 +366,9 @@ fn start_agent(
     // SAFETY: the launcher is single-threaded; the child runs `agent_main`
     // and leaves through `exit_child`.
     match unsafe { fork() }? {
-        ForkResult::Child => {
-            let _ = launcher_sock;
-            exit_child(|| agent_main(me, plan, agent_end, null.as_raw_fd(), opts))
-        }
+        // The agent closes everything but its own socket (the launcher's
+        // included) first thing.
+        ForkResult::Child => exit_child(|| agent_main(me, plan, agent_end, null.as_raw_fd(), opts)),
         ForkResult::Parent { child } => {
             drop(agent_end);
             Ok((child, rnet_end))

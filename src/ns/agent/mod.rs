@@ -432,8 +432,8 @@ impl Agent {
     /// rnet's event loop does not use it: while such a rule is in place the
     /// guest's replies to connections arriving through the TAP would be
     /// lost, and those must keep working whenever the agent is unhealthy.
-    /// The per-connection rules of [`connect_transparent`]
-    /// (Self::connect_transparent) are enough.
+    /// The per-connection rules of
+    /// [`connect_transparent`](Self::connect_transparent) are enough.
     pub fn route_replies(&mut self, guest: SocketAddrV4) -> io::Result<()> {
         let count = self.routes.get(&guest).copied().unwrap_or(0);
         if count == 0 {
