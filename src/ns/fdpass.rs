@@ -75,8 +75,18 @@ pub fn recv_with_fd(sock: BorrowedFd<'_>, buf: &mut [u8]) -> nix::Result<Receive
             .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
         let len = msg.bytes;
         let mut first = None;
+        let fd_truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
+        // Descriptors were discarded (no free descriptor number, or more
+        // than the buffer holds): the message itself still counts, without
+        // them. (nix refuses to walk a truncated control buffer; with one
+        // descriptor per message, as here, none was installed.)
+        let cmsgs = if fd_truncated {
+            None
+        } else {
+            Some(msg.cmsgs()?)
+        };
         // Take ownership of every descriptor that arrived so none leaks.
-        for cmsg in msg.cmsgs()? {
+        for cmsg in cmsgs.into_iter().flatten() {
             if let ControlMessageOwned::ScmRights(raw) = cmsg {
                 for r in raw {
                     // SAFETY: the kernel just installed `r` in our descriptor
@@ -94,7 +104,7 @@ pub fn recv_with_fd(sock: BorrowedFd<'_>, buf: &mut [u8]) -> nix::Result<Receive
             fd: first,
             truncated,
             data_truncated: msg.flags.contains(MsgFlags::MSG_TRUNC),
-            fd_truncated: msg.flags.contains(MsgFlags::MSG_CTRUNC),
+            fd_truncated,
         });
     }
 }

@@ -1639,6 +1639,91 @@ while True:
     }
 
     #[test]
+    fn lost_descriptor_keeps_the_agent() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+        let Ok(SocketAddr::V4(addr)) = listener.local_addr() else {
+            panic!("IPv4 listener expected");
+        };
+        // SAFETY: the child spawns an agent (system calls and small
+        // allocations) and leaves only through `exit_child`.
+        match unsafe { fork() }.expect("fork") {
+            ForkResult::Child => exit_child(|| {
+                let Ok(mut agent) = Agent::spawn(&Target::Pid(std::process::id() as i32)) else {
+                    return 2;
+                };
+                // Leave no free descriptor number: a limit just above the
+                // highest one open, and every hole below filled.
+                let max = std::fs::read_dir("/proc/self/fd")
+                    .map(|d| {
+                        d.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok())
+                            .max()
+                            .unwrap_or(3)
+                    })
+                    .unwrap_or(1024);
+                let (_, hard) =
+                    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+                        .unwrap_or((0, 4096));
+                if nix::sys::resource::setrlimit(
+                    nix::sys::resource::Resource::RLIMIT_NOFILE,
+                    max + 1,
+                    hard,
+                )
+                .is_err()
+                {
+                    return 3;
+                }
+                let mut fill = Vec::new();
+                while let Ok(fd) = nix::fcntl::open(
+                    "/dev/null",
+                    nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
+                    nix::sys::stat::Mode::empty(),
+                ) {
+                    fill.push(fd);
+                }
+                if agent.submit(Submit::Plain(addr)).is_err() {
+                    return 4;
+                }
+                let end = Instant::now() + Duration::from_secs(5);
+                loop {
+                    match agent.try_reply() {
+                        Ok(Some(Reply::Ok {
+                            fd: None,
+                            fd_lost: true,
+                        })) => break,
+                        Ok(None) if Instant::now() < end => {
+                            let Some(raw) = agent.raw_fd() else { return 5 };
+                            // SAFETY: the agent's socket, open while
+                            // `agent` lives, borrowed for the poll only.
+                            let fd = unsafe { BorrowedFd::borrow_raw(raw) };
+                            launcher::wait_readable(fd, Duration::from_millis(100));
+                        }
+                        other => {
+                            let msg = format!("unexpected answer: {other:?}\n");
+                            // SAFETY: writing a buffer to stderr.
+                            unsafe {
+                                libc::write(2, msg.as_ptr().cast(), msg.len());
+                            }
+                            return 6;
+                        }
+                    }
+                }
+                drop(fill);
+                // The agent was not blamed and still serves.
+                match agent.connect_plain(addr) {
+                    Ok(_) if agent.is_alive() => 0,
+                    _ => 7,
+                }
+            }),
+            ForkResult::Parent { child } => {
+                assert_eq!(
+                    super::super::process::reap(child),
+                    Ok(Some(nix::sys::wait::WaitStatus::Exited(child, 0)))
+                );
+            }
+        }
+    }
+
+    #[test]
     fn spawn_errors() {
         assert!(matches!(
             Agent::spawn(&Target::Pid(4_000_000)),
