@@ -2,6 +2,25 @@
 //! rules and the theory): host listeners living in the flow slab, accepted
 //! connections turned into inbound flows, UDP datagrams carried both ways,
 //! and the requests other threads send to change the rules.
+//!
+//! # The fast path's agent ([`FastPath`])
+//!
+//! The loop never waits for the namespace agent ([`crate::ns::Agent`]): its
+//! socket is non-blocking and watched by the loop (token [`AGENT`]), a
+//! connection accepted on a fast listener is held while its request is out
+//! (at most `MAX_OUTSTANDING` requests, each with a deadline of
+//! `AGENT_DEADLINE`), and the answer starts the spliced flow. While the
+//! agent is not ready, or when it is declared unhealthy (it closed its
+//! socket, missed a deadline, broke the protocol or sent a descriptor that
+//! fails [`crate::nat::splice::check_guest_socket`]), connections take the
+//! stack path, held ones included; the trouble is logged once, the agent is
+//! killed and, after a backoff (`BACKOFF_MIN` doubling up to
+//! `BACKOFF_MAX`), a new one is asked of the launcher
+//! ([`crate::ns::Launcher`], token [`LAUNCHER`]), forked before rnet's
+//! sandbox because the sandbox forbids `fork` and `setns`. A descriptor
+//! lost to a full descriptor table (`MSG_CTRUNC`) is not the agent's fault:
+//! the pipes held in reserve are closed to make room, the loss is counted
+//! and the connection takes the stack path.
 
 use std::collections::VecDeque;
 use std::io;

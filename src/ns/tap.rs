@@ -366,7 +366,10 @@ fn helper_main(
         Mode::empty(),
     )
     .map_err(|e| ChildError::new(Step::OpenTun, e, "open /dev/net/tun"))?;
-    confine_helper(plan)?;
+    // Best effort: the TAP must open wherever it did before (with
+    // --no-sandbox too), so a kernel refusing a stage leaves the helper
+    // less confined rather than failing the start.
+    let _ = confine_helper(plan);
 
     let mut flags = libc::IFF_TAP | libc::IFF_NO_PI;
     if setup.vnet_hdr {
@@ -412,7 +415,8 @@ fn helper_main(
 }
 
 /// Confines the helper once it has joined the namespaces and opened
-/// `/dev/net/tun` (see `agent/confine.rs`): undumpable again (joining a
+/// `/dev/net/tun` (see `agent/confine.rs`), stopping at the first stage
+/// that fails: undumpable again (joining a
 /// user namespace changed its credentials), the namespace descriptors
 /// closed, an empty environment and an empty read-only root, only
 /// CAP_NET_ADMIN (TUNSETIFF, netlink), no_new_privs and a seccomp
