@@ -527,6 +527,8 @@ const MAX_OUTSTANDING: usize = 64;
 /// First and longest wait before a new agent is asked for.
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Releases kept for a later agent at most.
+const MAX_DEFERRED: usize = 4096;
 /// Descriptors held in reserve (pipes: two each) for the moment a
 /// descriptor from the agent finds no free number.
 const RESERVE_PIPES: usize = 2;
@@ -561,7 +563,7 @@ enum PendingWhat {
         rule: u64,
         transparent: bool,
     },
-    Release,
+    Release(SocketAddrV4),
 }
 
 /// The fast path's agent and everything the loop keeps about it. While the
@@ -580,6 +582,11 @@ pub struct FastPath {
     warned: bool,
     reserve: Vec<OwnedFd>,
     next_refill: Instant,
+    /// Per-connection reply rules to remove once an agent can take the
+    /// request (their connection ended, or never got its socket, while no
+    /// agent was ready): a rule left behind would divert the guest's
+    /// replies to a later stack-path connection from the same client.
+    deferred: Vec<SocketAddrV4>,
 }
 
 impl Default for FastPath {
@@ -594,6 +601,7 @@ impl Default for FastPath {
             warned: false,
             reserve: Vec::new(),
             next_refill: Instant::ZERO,
+            deferred: Vec::new(),
         }
     }
 }
@@ -629,16 +637,40 @@ impl FastPath {
         }
     }
 
-    /// Releases the reply rule of a transparent connection that ended.
+    /// Releases the reply rule of a transparent connection that ended;
+    /// later if no agent can take the request now.
     pub(super) fn release(&mut self, client: SocketAddrV4) {
         if let AgentState::Ready(agent) = &mut self.state
             && self.pending.len() < 2 * MAX_OUTSTANDING
             && agent.submit(crate::ns::Submit::Release(client)).is_ok()
         {
             self.pending.push_back(Pending {
-                what: PendingWhat::Release,
+                what: PendingWhat::Release(client),
                 deadline: crate::stack::now() + AGENT_DEADLINE,
             });
+        } else {
+            self.defer_release(client);
+        }
+    }
+
+    fn defer_release(&mut self, client: SocketAddrV4) {
+        if self.deferred.len() < MAX_DEFERRED {
+            self.deferred.push(client);
+        }
+    }
+
+    /// Sends deferred releases while the agent is ready and not busy.
+    fn flush_deferred(&mut self) {
+        while matches!(self.state, AgentState::Ready(_)) && self.pending.len() < MAX_OUTSTANDING {
+            let Some(client) = self.deferred.pop() else {
+                return;
+            };
+            let left = self.deferred.len();
+            self.release(client);
+            if self.deferred.len() > left {
+                // Deferred again: the agent cannot take it now.
+                return;
+            }
         }
     }
 
@@ -997,6 +1029,9 @@ impl Engine {
             }
         }
         self.fast.refill_reserve(now);
+        if !self.fast.deferred.is_empty() {
+            self.fast.flush_deferred();
+        }
         if self.fast.pending.front().is_some_and(|p| p.deadline <= now) {
             self.agent_unhealthy(
                 &format!("did not answer within {} ms", AGENT_DEADLINE.total_millis()),
@@ -1060,16 +1095,23 @@ impl Engine {
         }
         let pending: Vec<Pending> = self.fast.pending.drain(..).collect();
         for p in pending {
-            if let PendingWhat::Connect {
-                stream,
-                peer,
-                client,
-                guest,
-                rule,
-                ..
-            } = p.what
-            {
-                self.accept_stack(stream, peer, guest.into(), client.into(), rule);
+            match p.what {
+                PendingWhat::Connect {
+                    stream,
+                    peer,
+                    client,
+                    guest,
+                    rule,
+                    transparent,
+                } => {
+                    // The agent may have added the client's rule before it
+                    // stopped answering.
+                    if transparent {
+                        self.fast.defer_release(client);
+                    }
+                    self.accept_stack(stream, peer, guest.into(), client.into(), rule);
+                }
+                PendingWhat::Release(client) => self.fast.defer_release(client),
             }
         }
     }

@@ -968,6 +968,18 @@ impl AgentState {
     /// dport PORT lookup REPLY_TABLE`.
     fn conn_rule(&mut self, client: SocketAddrV4, add: bool) -> Result<(), ChildError> {
         if !add && !self.conn_rules.contains(&client) {
+            // Perhaps added by an agent before this one: remove it if it is
+            // there (a rule that is not is fine).
+            if self.rules_ok {
+                let nl = match &mut self.nl {
+                    Some(nl) => nl,
+                    None => match RtNetlink::open() {
+                        Ok(nl) => self.nl.insert(nl),
+                        Err(_) => return Ok(()),
+                    },
+                };
+                let _ = nl.del_tcp_dest_rule(client, REPLY_TABLE, CONN_RULE_PRIORITY);
+            }
             return Ok(());
         }
         if add && !self.rules_ok {
