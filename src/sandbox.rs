@@ -473,6 +473,14 @@ fn isolate_mounts(opts: &SandboxOptions, sys_admin: bool) -> Result<bool, Sandbo
     Ok(own_userns)
 }
 
+/// For a helper process that is already privileged over its user
+/// namespace (the namespace agent, in the guest's): a mount namespace of
+/// its own whose root is an empty read-only tmpfs, as stage 1 with nothing
+/// kept.
+pub(crate) fn empty_root() -> Result<(), SandboxError> {
+    isolate_mounts(&SandboxOptions::default(), true).map(drop)
+}
+
 /// Where to build the new root: an existing directory, not a symbolic
 /// link, that is not a kept path or inside one (a recursive bind of a kept
 /// directory would take along the tmpfs mounted there).
@@ -618,7 +626,7 @@ fn capset(caps: Caps) -> io::Result<()> {
 
 /// Stage 2: only the capabilities in `keep` remain, in the effective and
 /// permitted sets; none are inheritable, ambient or in the bounding set.
-fn drop_capabilities(keep: u64) -> Result<(), SandboxError> {
+pub(crate) fn drop_capabilities(keep: u64) -> Result<(), SandboxError> {
     let s = Stage::Capabilities;
     // SAFETY: prctl with integer arguments only.
     let r = unsafe {

@@ -31,11 +31,18 @@ pub enum DropReason {
     Dhcp,
     /// A state bound was reached (see `Limits`).
     Limit,
+    /// The namespace agent sent a descriptor that is not the guest-side
+    /// socket asked for (the connection took the stack path).
+    AgentBadFd,
+    /// A descriptor from the agent was lost because rnet had no free
+    /// descriptor number (`MSG_CTRUNC`; the connection took the stack
+    /// path).
+    AgentFdLost,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 11] = [
+    pub const ALL: [DropReason; 13] = [
         DropReason::Malformed,
         DropReason::BadChecksum,
         DropReason::Fragment,
@@ -47,6 +54,8 @@ impl DropReason {
         DropReason::HostSocket,
         DropReason::Dhcp,
         DropReason::Limit,
+        DropReason::AgentBadFd,
+        DropReason::AgentFdLost,
     ];
 
     /// A short, stable name for logs and metrics.
@@ -63,6 +72,8 @@ impl DropReason {
             DropReason::HostSocket => "host_socket",
             DropReason::Dhcp => "dhcp",
             DropReason::Limit => "limit",
+            DropReason::AgentBadFd => "agent_bad_fd",
+            DropReason::AgentFdLost => "agent_fd_lost",
         }
     }
 }

@@ -270,9 +270,8 @@ pub struct Engine {
     commands: mpsc::Receiver<Command>,
     next_sweep: Instant,
     dhcp: DhcpServer,
-    /// Where to start the in-namespace agent for fast published ports.
-    agent_target: Option<crate::ns::Target>,
-    agent: Option<crate::ns::Agent>,
+    /// The in-namespace agent for fast published ports.
+    fast: ports::FastPath,
     /// Spliced flow slot → its alias slot.
     splice_alias: HashMap<usize, usize>,
     started: std::time::Instant,
@@ -361,8 +360,7 @@ impl Engine {
             commands,
             next_sweep: stack::now(),
             dhcp,
-            agent_target: None,
-            agent: None,
+            fast: ports::FastPath::default(),
             splice_alias: HashMap::new(),
             started: std::time::Instant::now(),
             spliced_closed: (0, 0),
@@ -398,6 +396,7 @@ impl Engine {
                 match ev.token() {
                     TAP => self.tap_readable = true,
                     WAKER => self.handle_commands(),
+                    t @ (ports::AGENT | ports::LAUNCHER) => self.agent_event(t, now),
                     PIDFD => return Ok(ExitReason::TargetExited),
                     EXIT_FD => {
                         if self.exit_fd_hung_up() {
@@ -418,6 +417,7 @@ impl Engine {
                 return Ok(ExitReason::TapClosed);
             }
             self.fire_timers(now);
+            self.agent_tick(now);
             self.service_dirty(now);
             if now >= self.next_sweep {
                 self.sweep_udp_returns(now);
@@ -443,10 +443,10 @@ impl Engine {
         // About to sleep: make the capture file current.
         self.tap.flush_pcap();
         let next = self.timers.peek().map(|Reverse((at, _, _))| *at);
-        let next = match (next, self.next_ra) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let next = [next, self.next_ra, self.fast.next_deadline()]
+            .into_iter()
+            .flatten()
+            .min();
         next.map(|at| {
             if at <= now {
                 StdDuration::ZERO
@@ -1392,10 +1392,8 @@ impl Engine {
                 self.spliced_closed.1 += down;
                 debug!(up, down, "spliced connection closed");
                 self.stats.tcp_flows.fetch_sub(1, Ordering::Relaxed);
-                if let (Some(client), Some(agent)) = (f.transparent_client, self.agent.as_mut())
-                    && let Err(e) = agent.release(client)
-                {
-                    debug!(%client, error = %e, "cannot release the reply rule");
+                if let Some(client) = f.transparent_client {
+                    self.fast.release(client);
                 }
                 if let Some(alias) = self.splice_alias.remove(&idx)
                     && self.flows.contains(alias)
@@ -1414,7 +1412,7 @@ impl Engine {
     /// Enables the fast path for published TCP ports: the loop starts an
     /// agent inside `target`'s namespaces when it starts running.
     pub fn enable_fast_ports(&mut self, target: crate::ns::Target) {
-        self.agent_target = Some(target);
+        self.fast.enable(target);
     }
 
     /// Counts a refusal caused by a state bound and says so, at most every
@@ -1541,6 +1539,7 @@ impl Engine {
             "spliced_bytes": { "to_guest": up, "from_guest": down },
             "drops": drops,
             "ports": ports,
+            "agent": self.fast.status(),
         })
     }
 

@@ -2,14 +2,36 @@
 //! rules and the theory): host listeners living in the flow slab, accepted
 //! connections turned into inbound flows, UDP datagrams carried both ways,
 //! and the requests other threads send to change the rules.
+//!
+//! # The fast path's agent ([`FastPath`])
+//!
+//! The loop never waits for the namespace agent ([`crate::ns::Agent`]): its
+//! socket is non-blocking and watched by the loop (token [`AGENT`]), a
+//! connection accepted on a fast listener is held while its request is out
+//! (at most `MAX_OUTSTANDING` requests, each with a deadline of
+//! `AGENT_DEADLINE`), and the answer starts the spliced flow. While the
+//! agent is not ready, or when it is declared unhealthy (it closed its
+//! socket, missed a deadline, broke the protocol or sent a descriptor that
+//! fails [`crate::nat::splice::check_guest_socket`]), connections take the
+//! stack path, held ones included; the trouble is logged once, the agent is
+//! killed and, after a backoff (`BACKOFF_MIN` doubling up to
+//! `BACKOFF_MAX`), a new one is asked of the launcher
+//! ([`crate::ns::Launcher`], token [`LAUNCHER`]), forked before rnet's
+//! sandbox because the sandbox forbids `fork` and `setns`. A descriptor
+//! lost to a full descriptor table (`MSG_CTRUNC`) is not the agent's fault:
+//! the pipes held in reserve are closed to make room, the loss is counted
+//! and the connection takes the stack path.
 
+use std::collections::VecDeque;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::ops::Range;
+use std::os::fd::OwnedFd;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 
 use mio::net::{TcpListener, UdpSocket};
+use mio::unix::SourceFd;
 use mio::{Interest, Token};
 use smoltcp::time::{Duration, Instant};
 use socket2::{Domain, Protocol, Socket, Type};
@@ -215,9 +237,6 @@ impl Engine {
     /// until they end.
     fn remove_rule(&mut self, id: u64) -> Result<(), PortError> {
         let rule = self.rules.remove(&id).ok_or(PortError::NoSuchId(id))?;
-        if rule.info.path == "fast" {
-            self.unroute_rule(&rule.slots);
-        }
         for (idx, sid) in rule.slots {
             if self.flows.get(idx).is_some_and(|s| s.id == sid) {
                 self.remove(idx);
@@ -262,220 +281,16 @@ impl Engine {
                 continue;
             };
             // The agent speaks IPv4: connections to an IPv6 guest address
-            // take the stack.
+            // take the stack, as do all while the agent is not ready.
             if let (SocketAddr::V4(g4), SocketAddr::V4(c4)) = (guest, client)
                 && fast
-                && self.agent.is_some()
+                && self.fast.ready()
             {
                 self.accept_fast(stream, peer, c4, g4, rule);
                 continue;
             }
-            let key = (guest, client);
-            if self.tcp_index.len() >= self.limits.tcp_flows {
-                self.limit_reached("TCP flows");
-                continue;
-            }
-            if self.tcp_index.contains_key(&key) {
-                self.stats.count_drop(DropReason::HostSocket);
-                continue;
-            }
-            let flow = match TcpFlow::inbound(key, stream, peer, &mut self.stack.iface) {
-                Ok(f) => f,
-                Err(e) => {
-                    debug!(error = %e, "cannot start inbound flow");
-                    continue;
-                }
-            };
-            debug!(%peer, %guest, "published connection");
-            let Some((fidx, fid)) = self.add_flow(Flow::Tcp(Box::new(flow)), rule) else {
-                continue;
-            };
-            self.tcp_index.insert(key, fidx);
-            self.stats.tcp_opened.fetch_add(1, Ordering::Relaxed);
-            self.stats.tcp_flows.fetch_add(1, Ordering::Relaxed);
-            self.mark_dirty(fidx, fid);
+            self.accept_stack(stream, peer, guest, client, rule);
         }
-    }
-
-    /// Starts the in-namespace agent that makes the fast path possible, and
-    /// moves the TCP rules published so far onto it.
-    pub(super) fn start_agent(&mut self) {
-        let Some(target) = self.agent_target.take() else {
-            return;
-        };
-        match crate::ns::Agent::spawn(&target) {
-            Ok(a) => {
-                debug!(pid = a.pid(), "namespace agent started");
-                self.agent = Some(a);
-            }
-            Err(e) => {
-                warn!(
-                    "fast path for published TCP ports unavailable ({e}); they use the stack path"
-                );
-                return;
-            }
-        }
-        let ids: Vec<u64> = self.rules.keys().copied().collect();
-        for id in ids {
-            let Some(rule) = self.rules.get(&id) else {
-                continue;
-            };
-            if rule.info.spec.proto != Proto::Tcp || !rule.info.guest_ip.is_ipv4() {
-                continue;
-            }
-            let slots = rule.slots.clone();
-            if self.route_rule(&slots)
-                && let Some(rule) = self.rules.get_mut(&id)
-            {
-                rule.info.path = "fast";
-                info!(id, rule = %rule.info.spec, path = "fast", "published port moved to the fast path");
-            }
-        }
-    }
-
-    /// Installs reply routing for every guest endpoint of a TCP rule and
-    /// marks its listeners fast; false (and nothing changed) if the agent
-    /// is missing or refuses.
-    fn route_rule(&mut self, slots: &[(usize, u64)]) -> bool {
-        let Some(agent) = self.agent.as_mut() else {
-            return false;
-        };
-        let guest = self.cfg.guest();
-        let guests: Option<Vec<SocketAddrV4>> = slots
-            .iter()
-            .filter_map(|(idx, _)| match self.flows.get(*idx).map(|s| &s.flow) {
-                Some(Flow::TcpListen(l)) => Some(l.guest_v4(guest)),
-                _ => None,
-            })
-            .collect();
-        // An IPv6 guest address: the agent cannot carry it.
-        let Some(guests) = guests else {
-            return false;
-        };
-        for (n, g) in guests.iter().enumerate() {
-            if let Err(e) = agent.route_replies(*g) {
-                warn!(guest = %g, "cannot route replies for the fast path ({e}); this port uses the stack path");
-                for done in &guests[..n] {
-                    let _ = agent.unroute_replies(*done);
-                }
-                return false;
-            }
-        }
-        for (idx, _) in slots {
-            if let Some(Slot {
-                flow: Flow::TcpListen(l),
-                ..
-            }) = self.flows.get_mut(*idx)
-            {
-                l.fast = true;
-            }
-        }
-        true
-    }
-
-    fn unroute_rule(&mut self, slots: &[(usize, u64)]) {
-        let guest = self.cfg.guest();
-        let Some(agent) = self.agent.as_mut() else {
-            return;
-        };
-        for (idx, _) in slots {
-            if let Some(Slot {
-                flow: Flow::TcpListen(l),
-                ..
-            }) = self.flows.get(*idx)
-                && let Some(g) = l.guest_v4(guest)
-            {
-                let _ = agent.unroute_replies(g);
-            }
-        }
-    }
-
-    /// Carries an accepted connection on the fast path: the agent opens the
-    /// guest side from the client's address, splice(2) moves the bytes.
-    fn accept_fast(
-        &mut self,
-        stream: mio::net::TcpStream,
-        peer: SocketAddr,
-        client: SocketAddrV4,
-        guest: SocketAddrV4,
-        rule: u64,
-    ) {
-        let Some(agent) = self.agent.as_mut() else {
-            return;
-        };
-        let mut transparent = Some(client);
-        let fd = match agent.connect_transparent(client, guest) {
-            Ok(fd) => fd,
-            Err(e)
-                if crate::ns::AgentError::of(&e)
-                    .is_some_and(|a| matches!(a, crate::ns::AgentError::Gone(_))) =>
-            {
-                warn!("namespace agent is gone ({e}); new connections on fast ports are refused");
-                self.stats.count_drop(DropReason::HostSocket);
-                return;
-            }
-            Err(e) => {
-                // The client's address cannot be reused right now (e.g. the
-                // same loopback port still in TIME-WAIT): connect without it.
-                debug!(%client, error = %e, "transparent connect failed; connecting plainly");
-                transparent = None;
-                match agent.connect_plain(guest) {
-                    Ok(fd) => fd,
-                    Err(e) => {
-                        debug!(error = %e, "plain connect failed");
-                        self.stats.count_drop(DropReason::HostSocket);
-                        return;
-                    }
-                }
-            }
-        };
-        let flow = match crate::nat::splice::SpliceFlow::new(stream, fd) {
-            Ok(mut f) => {
-                f.transparent_client = transparent;
-                Box::new(f)
-            }
-            Err(e) => {
-                debug!(error = %e, "cannot set up splice pipes");
-                self.stats.count_drop(DropReason::HostSocket);
-                return;
-            }
-        };
-        let Some((midx, mid)) = self.add_flow(Flow::Splice(flow), rule) else {
-            if let (Some(c), Some(agent)) = (transparent, self.agent.as_mut()) {
-                let _ = agent.release(c);
-            }
-            return;
-        };
-        // The guest-side socket reports under an alias slot of its own.
-        let alias = self.flows.insert(Slot {
-            flow: Flow::Alias(midx, mid),
-            id: self.next_id,
-            sched: None,
-            dirty: false,
-            rule: 0,
-        });
-        self.next_id += 1;
-        let ok = match &mut self.flows[midx].flow {
-            Flow::Splice(f) => self
-                .poll
-                .registry()
-                .register(
-                    &mut f.guest,
-                    Token(alias + FIRST_FLOW),
-                    Interest::READABLE | Interest::WRITABLE,
-                )
-                .is_ok(),
-            _ => false,
-        };
-        self.splice_alias.insert(midx, alias);
-        if !ok {
-            self.remove(midx);
-            return;
-        }
-        debug!(%peer, %guest, path = "fast", "published connection");
-        self.stats.tcp_opened.fetch_add(1, Ordering::Relaxed);
-        self.stats.tcp_flows.fetch_add(1, Ordering::Relaxed);
-        self.mark_dirty(midx, mid);
     }
 
     /// Delivers datagrams from published-UDP clients to the guest, from the
@@ -691,5 +506,712 @@ fn bind_error(spec: PortSpec, addr: SocketAddr, e: io::Error) -> PortError {
             addr,
             source: e,
         },
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The fast path's agent, seen from the event loop.
+
+/// Token of the agent's control socket.
+pub(super) const AGENT: Token = Token(4);
+/// Token of the launcher's control socket.
+pub(super) const LAUNCHER: Token = Token(5);
+
+/// How long one agent request may stay unanswered before the agent is
+/// declared stalled.
+const AGENT_DEADLINE: Duration = Duration::from_millis(1500);
+/// How long a new agent may take to be forked and to join the namespaces.
+const AGENT_START_DEADLINE: Duration = Duration::from_secs(5);
+/// Agent requests outstanding at most; more connections take the stack.
+const MAX_OUTSTANDING: usize = 64;
+/// First and longest wait before a new agent is asked for.
+const BACKOFF_MIN: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Releases kept for a later agent at most.
+const MAX_DEFERRED: usize = 4096;
+/// Descriptors held in reserve (pipes: two each) for the moment a
+/// descriptor from the agent finds no free number.
+const RESERVE_PIPES: usize = 2;
+
+/// Where the agent of the fast path stands.
+enum AgentState {
+    /// No fast path (not asked for, or it cannot work here).
+    Off,
+    /// Serving requests.
+    Ready(crate::ns::Agent),
+    /// Forked, waiting for its "joined" report until the deadline.
+    Joining(crate::ns::Agent, Instant),
+    /// A new agent was asked of the launcher, until the deadline.
+    Requested(Instant),
+    /// Unhealthy: a new agent is asked for at this time.
+    Backoff(Instant),
+}
+
+/// A request the agent has not answered yet.
+struct Pending {
+    what: PendingWhat,
+    deadline: Instant,
+}
+
+enum PendingWhat {
+    Connect {
+        stream: mio::net::TcpStream,
+        peer: SocketAddr,
+        /// The client as the guest sees it.
+        client: SocketAddrV4,
+        guest: SocketAddrV4,
+        rule: u64,
+        transparent: bool,
+    },
+    Release(SocketAddrV4),
+}
+
+/// The fast path's agent and everything the loop keeps about it. While the
+/// agent is anything but ready, published TCP ports take the stack path.
+pub struct FastPath {
+    target: Option<crate::ns::Target>,
+    launcher: Option<std::sync::Arc<crate::ns::Launcher>>,
+    state: AgentState,
+    /// Answers expected from the agent, oldest first (it answers in order).
+    pending: VecDeque<Pending>,
+    /// Consecutive agent failures (for the backoff).
+    failures: u32,
+    /// Agents started after the first.
+    restarts: u64,
+    /// Whether the current trouble was logged.
+    warned: bool,
+    reserve: Vec<OwnedFd>,
+    next_refill: Instant,
+    /// Per-connection reply rules to remove once an agent can take the
+    /// request (their connection ended, or never got its socket, while no
+    /// agent was ready): a rule left behind would divert the guest's
+    /// replies to a later stack-path connection from the same client.
+    deferred: Vec<SocketAddrV4>,
+}
+
+impl Default for FastPath {
+    fn default() -> Self {
+        FastPath {
+            target: None,
+            launcher: None,
+            state: AgentState::Off,
+            pending: VecDeque::new(),
+            failures: 0,
+            restarts: 0,
+            warned: false,
+            reserve: Vec::new(),
+            next_refill: Instant::ZERO,
+            deferred: Vec::new(),
+        }
+    }
+}
+
+impl FastPath {
+    /// Asks for the fast path in `target`'s namespaces.
+    pub(super) fn enable(&mut self, target: crate::ns::Target) {
+        self.target = Some(target);
+    }
+
+    /// Whether the fast path exists at all (a launcher runs).
+    fn enabled(&self) -> bool {
+        self.launcher.is_some()
+    }
+
+    /// Whether a new connection can go through the agent now.
+    fn ready(&self) -> bool {
+        matches!(self.state, AgentState::Ready(_)) && self.pending.len() < MAX_OUTSTANDING
+    }
+
+    /// The earliest deadline the loop must wake up for.
+    pub(super) fn next_deadline(&self) -> Option<Instant> {
+        let state = match &self.state {
+            AgentState::Joining(_, at) | AgentState::Requested(at) | AgentState::Backoff(at) => {
+                Some(*at)
+            }
+            _ => None,
+        };
+        let front = self.pending.front().map(|p| p.deadline);
+        match (state, front) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Releases the reply rule of a transparent connection that ended;
+    /// later if no agent can take the request now.
+    pub(super) fn release(&mut self, client: SocketAddrV4) {
+        if let AgentState::Ready(agent) = &mut self.state
+            && self.pending.len() < 2 * MAX_OUTSTANDING
+            && agent.submit(crate::ns::Submit::Release(client)).is_ok()
+        {
+            self.pending.push_back(Pending {
+                what: PendingWhat::Release(client),
+                deadline: crate::stack::now() + AGENT_DEADLINE,
+            });
+        } else {
+            self.defer_release(client);
+        }
+    }
+
+    fn defer_release(&mut self, client: SocketAddrV4) {
+        if self.deferred.len() < MAX_DEFERRED {
+            self.deferred.push(client);
+        }
+    }
+
+    /// Sends deferred releases while the agent is ready and not busy.
+    fn flush_deferred(&mut self) {
+        while matches!(self.state, AgentState::Ready(_)) && self.pending.len() < MAX_OUTSTANDING {
+            let Some(client) = self.deferred.pop() else {
+                return;
+            };
+            let left = self.deferred.len();
+            self.release(client);
+            if self.deferred.len() > left {
+                // Deferred again: the agent cannot take it now.
+                return;
+            }
+        }
+    }
+
+    /// Keeps [`RESERVE_PIPES`] pipes open, trying at most once a second.
+    fn refill_reserve(&mut self, now: Instant) {
+        if self.reserve.len() >= 2 * RESERVE_PIPES || now < self.next_refill {
+            return;
+        }
+        self.next_refill = now + Duration::from_secs(1);
+        while self.reserve.len() < 2 * RESERVE_PIPES {
+            match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
+                Ok((r, w)) => {
+                    self.reserve.push(r);
+                    self.reserve.push(w);
+                }
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// The agent's part of the status report.
+    pub(super) fn status(&self) -> serde_json::Value {
+        let (state, pid) = match &self.state {
+            AgentState::Off => ("off", None),
+            AgentState::Ready(a) => ("ready", Some(a.pid())),
+            AgentState::Joining(a, _) => ("starting", Some(a.pid())),
+            AgentState::Requested(_) => ("starting", None),
+            AgentState::Backoff(_) => ("restarting", None),
+        };
+        serde_json::json!({
+            "state": state,
+            "pid": pid,
+            "restarts": self.restarts,
+            "outstanding": self.pending.len(),
+        })
+    }
+}
+
+impl Engine {
+    /// Starts the launcher and the first agent that make the fast path
+    /// possible, and moves the TCP rules published so far onto it. Blocks
+    /// (up to a few seconds) for the agent: this runs at start-up.
+    pub(super) fn start_agent(&mut self) {
+        let Some(target) = self.fast.target.take() else {
+            return;
+        };
+        let started = crate::ns::Launcher::spawn(&target).and_then(|l| {
+            let agent = l.spawn_agent()?;
+            Ok((l, agent))
+        });
+        let (launcher, agent) = match started {
+            Ok(x) => x,
+            Err(e) => {
+                warn!(
+                    "fast path for published TCP ports unavailable ({e}); they use the stack path"
+                );
+                return;
+            }
+        };
+        let reg = self.poll.registry();
+        let registered = reg
+            .register(
+                &mut SourceFd(&launcher.raw_fd()),
+                LAUNCHER,
+                Interest::READABLE,
+            )
+            .and_then(|()| match agent.raw_fd() {
+                Some(fd) => reg.register(&mut SourceFd(&fd), AGENT, Interest::READABLE),
+                None => Err(io::Error::from(io::ErrorKind::BrokenPipe)),
+            });
+        if let Err(e) = registered {
+            warn!(
+                "fast path for published TCP ports unavailable (cannot watch the agent: {e}); they use the stack path"
+            );
+            return;
+        }
+        info!(
+            pid = agent.pid(),
+            launcher = launcher.pid(),
+            "namespace agent ready"
+        );
+        self.fast.launcher = Some(launcher);
+        self.fast.state = AgentState::Ready(agent);
+        self.fast.refill_reserve(crate::stack::now());
+        let ids: Vec<u64> = self.rules.keys().copied().collect();
+        for id in ids {
+            let Some(rule) = self.rules.get(&id) else {
+                continue;
+            };
+            if rule.info.spec.proto != Proto::Tcp || !rule.info.guest_ip.is_ipv4() {
+                continue;
+            }
+            let slots = rule.slots.clone();
+            if self.route_rule(&slots)
+                && let Some(rule) = self.rules.get_mut(&id)
+            {
+                rule.info.path = "fast";
+                info!(id, rule = %rule.info.spec, path = "fast", "published port moved to the fast path");
+            }
+        }
+    }
+
+    /// Marks the listeners of a TCP rule as carried by the fast path
+    /// (while the agent is healthy); false if there is no fast path or the
+    /// guest address is IPv6.
+    fn route_rule(&mut self, slots: &[(usize, u64)]) -> bool {
+        if !self.fast.enabled() {
+            return false;
+        }
+        let guest = self.cfg.guest();
+        let all_v4 = slots
+            .iter()
+            .all(|(idx, _)| match self.flows.get(*idx).map(|s| &s.flow) {
+                Some(Flow::TcpListen(l)) => l.guest_v4(guest).is_some(),
+                _ => true,
+            });
+        if !all_v4 {
+            return false;
+        }
+        for (idx, _) in slots {
+            if let Some(Slot {
+                flow: Flow::TcpListen(l),
+                ..
+            }) = self.flows.get_mut(*idx)
+            {
+                l.fast = true;
+            }
+        }
+        true
+    }
+
+    /// Hands an accepted connection to the agent (the answer comes later,
+    /// in [`Engine::agent_event`]); the stack path if it cannot take it.
+    fn accept_fast(
+        &mut self,
+        stream: mio::net::TcpStream,
+        peer: SocketAddr,
+        client: SocketAddrV4,
+        guest: SocketAddrV4,
+        rule: u64,
+    ) {
+        let submitted = match &mut self.fast.state {
+            AgentState::Ready(agent) if self.fast.pending.len() < MAX_OUTSTANDING => agent
+                .submit(crate::ns::Submit::Transparent { client, guest })
+                .is_ok(),
+            _ => false,
+        };
+        if !submitted {
+            self.accept_stack(stream, peer, guest.into(), client.into(), rule);
+            return;
+        }
+        self.fast.pending.push_back(Pending {
+            what: PendingWhat::Connect {
+                stream,
+                peer,
+                client,
+                guest,
+                rule,
+                transparent: true,
+            },
+            deadline: crate::stack::now() + AGENT_DEADLINE,
+        });
+    }
+
+    /// The agent's or the launcher's socket is readable.
+    pub(super) fn agent_event(&mut self, token: Token, now: Instant) {
+        if token == LAUNCHER {
+            self.launcher_event(now);
+            return;
+        }
+        match &mut self.fast.state {
+            AgentState::Joining(agent, _) => match agent.poll_joined() {
+                Ok(false) => return,
+                Ok(true) => {
+                    let AgentState::Joining(agent, _) =
+                        std::mem::replace(&mut self.fast.state, AgentState::Off)
+                    else {
+                        return;
+                    };
+                    info!(
+                        pid = agent.pid(),
+                        "namespace agent restarted; published TCP ports use the fast path again"
+                    );
+                    self.fast.restarts += 1;
+                    self.fast.warned = false;
+                    self.fast.state = AgentState::Ready(agent);
+                }
+                Err(e) => {
+                    self.agent_unhealthy(&format!("a new agent failed: {e}"), now);
+                    return;
+                }
+            },
+            AgentState::Ready(_) => {}
+            _ => return,
+        }
+        // Answers, in the order of the requests.
+        loop {
+            let AgentState::Ready(agent) = &mut self.fast.state else {
+                return;
+            };
+            let reply = match agent.try_reply() {
+                Ok(Some(r)) => r,
+                Ok(None) => return,
+                Err(e) => {
+                    self.agent_unhealthy(&e.to_string(), now);
+                    return;
+                }
+            };
+            let Some(p) = self.fast.pending.pop_front() else {
+                self.agent_unhealthy("answered a request that was never sent", now);
+                return;
+            };
+            self.agent_answered(p.what, reply, now);
+        }
+    }
+
+    /// One answer of the agent to the request `what`.
+    fn agent_answered(&mut self, what: PendingWhat, reply: crate::ns::Reply, now: Instant) {
+        let PendingWhat::Connect {
+            stream,
+            peer,
+            client,
+            guest,
+            rule,
+            transparent,
+        } = what
+        else {
+            return;
+        };
+        let fd = match reply {
+            crate::ns::Reply::Ok { fd: Some(fd), .. } => fd,
+            crate::ns::Reply::Ok {
+                fd: None,
+                fd_lost: true,
+            } => {
+                // No free descriptor number in rnet: free the reserve so
+                // this connection (on the stack path) and the next ones
+                // have room; the agent did nothing wrong.
+                self.fast.reserve.clear();
+                self.fast.next_refill = now + Duration::from_secs(1);
+                self.stats.count_drop(DropReason::AgentFdLost);
+                warn!(
+                    "a descriptor from the namespace agent was lost (rnet is out of descriptors; raise its open-file limit); the connection takes the stack path"
+                );
+                if transparent {
+                    self.fast.release(client);
+                }
+                self.accept_stack(stream, peer, guest.into(), client.into(), rule);
+                return;
+            }
+            crate::ns::Reply::Ok { fd: None, .. } => {
+                self.accept_stack(stream, peer, guest.into(), client.into(), rule);
+                self.agent_unhealthy("reported success but sent no descriptor", now);
+                return;
+            }
+            crate::ns::Reply::Refused(e) => {
+                if transparent {
+                    // The client's address cannot be reused right now
+                    // (e.g. the same loopback port still in TIME-WAIT):
+                    // connect without it.
+                    debug!(%client, error = %e, "transparent connect failed; connecting plainly");
+                    let again = match &mut self.fast.state {
+                        AgentState::Ready(agent) => {
+                            agent.submit(crate::ns::Submit::Plain(guest)).is_ok()
+                        }
+                        _ => false,
+                    };
+                    if again {
+                        self.fast.pending.push_back(Pending {
+                            what: PendingWhat::Connect {
+                                stream,
+                                peer,
+                                client,
+                                guest,
+                                rule,
+                                transparent: false,
+                            },
+                            deadline: now + AGENT_DEADLINE,
+                        });
+                    } else {
+                        self.accept_stack(stream, peer, guest.into(), client.into(), rule);
+                    }
+                } else {
+                    debug!(error = %e, "plain connect failed");
+                    self.stats.count_drop(DropReason::HostSocket);
+                }
+                return;
+            }
+        };
+        let expect_local = transparent.then_some(client);
+        if let Err(why) = crate::nat::splice::check_guest_socket(&fd, expect_local, guest) {
+            drop(fd);
+            self.stats.count_drop(DropReason::AgentBadFd);
+            self.accept_stack(stream, peer, guest.into(), client.into(), rule);
+            self.agent_unhealthy(
+                &format!("sent a descriptor that is not the socket asked for ({why:?})"),
+                now,
+            );
+            return;
+        }
+        self.fast.failures = 0;
+        self.start_splice(stream, peer, fd, transparent.then_some(client), guest, rule);
+    }
+
+    /// The launcher answered (a new agent), or went away.
+    fn launcher_event(&mut self, now: Instant) {
+        let Some(launcher) = self.fast.launcher.clone() else {
+            return;
+        };
+        loop {
+            match launcher.receive_agent() {
+                Ok(None) => return,
+                Ok(Some(agent)) => {
+                    if !matches!(self.fast.state, AgentState::Requested(_)) {
+                        // Not asked for (any more): let it go.
+                        drop(agent);
+                        continue;
+                    }
+                    let watched = agent.raw_fd().is_some_and(|fd| {
+                        self.poll
+                            .registry()
+                            .register(&mut SourceFd(&fd), AGENT, Interest::READABLE)
+                            .is_ok()
+                    });
+                    if !watched {
+                        self.agent_unhealthy("cannot watch the new agent", now);
+                        continue;
+                    }
+                    self.fast.state = AgentState::Joining(agent, now + AGENT_START_DEADLINE);
+                }
+                Err(e) => {
+                    warn!(
+                        "the namespace agent's launcher is gone ({e}); published TCP ports use the stack path from now on"
+                    );
+                    let _ = self
+                        .poll
+                        .registry()
+                        .deregister(&mut SourceFd(&launcher.raw_fd()));
+                    self.fast.launcher = None;
+                    if !matches!(self.fast.state, AgentState::Ready(_)) {
+                        self.fast.state = AgentState::Off;
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Deadlines of the agent's requests and restarts; run every loop turn.
+    pub(super) fn agent_tick(&mut self, now: Instant) {
+        if !self.fast.enabled() {
+            if let AgentState::Ready(_) = self.fast.state {
+                // The launcher went; the agent may keep serving.
+            } else {
+                return;
+            }
+        }
+        self.fast.refill_reserve(now);
+        if !self.fast.deferred.is_empty() {
+            self.fast.flush_deferred();
+        }
+        if self.fast.pending.front().is_some_and(|p| p.deadline <= now) {
+            self.agent_unhealthy(
+                &format!("did not answer within {} ms", AGENT_DEADLINE.total_millis()),
+                now,
+            );
+        }
+        match self.fast.state {
+            AgentState::Joining(_, at) if at <= now => {
+                self.agent_unhealthy("a new agent did not join the namespaces in time", now);
+            }
+            AgentState::Requested(at) if at <= now => {
+                self.agent_unhealthy("the launcher did not start a new agent in time", now);
+            }
+            AgentState::Backoff(at) if at <= now => {
+                let asked = self
+                    .fast
+                    .launcher
+                    .as_ref()
+                    .is_some_and(|l| l.request_agent().is_ok());
+                self.fast.state = if asked {
+                    AgentState::Requested(now + AGENT_START_DEADLINE)
+                } else {
+                    AgentState::Off
+                };
+            }
+            _ => {}
+        }
+    }
+
+    /// The agent died, stalled or misbehaved: it is killed, its waiting
+    /// connections take the stack path, and a new one is asked for after a
+    /// backoff. Logged once per incident.
+    fn agent_unhealthy(&mut self, why: &str, now: Instant) {
+        let old = std::mem::replace(&mut self.fast.state, AgentState::Off);
+        let pid = match old {
+            AgentState::Ready(mut a) | AgentState::Joining(mut a, _) => {
+                if let Some(fd) = a.raw_fd() {
+                    let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+                }
+                a.kill();
+                Some(a.pid())
+            }
+            _ => None,
+        };
+        let backoff = BACKOFF_MIN
+            .total_millis()
+            .saturating_mul(1u64 << self.fast.failures.min(10))
+            .min(BACKOFF_MAX.total_millis());
+        self.fast.failures = self.fast.failures.saturating_add(1);
+        if !self.fast.warned {
+            self.fast.warned = true;
+            warn!(
+                ?pid,
+                "namespace agent unhealthy: {why}; published TCP ports use the stack path until a new agent is ready"
+            );
+        } else {
+            debug!(?pid, "namespace agent unhealthy again: {why}");
+        }
+        if self.fast.launcher.is_some() {
+            self.fast.state = AgentState::Backoff(now + Duration::from_millis(backoff));
+        }
+        let pending: Vec<Pending> = self.fast.pending.drain(..).collect();
+        for p in pending {
+            match p.what {
+                PendingWhat::Connect {
+                    stream,
+                    peer,
+                    client,
+                    guest,
+                    rule,
+                    transparent,
+                } => {
+                    // The agent may have added the client's rule before it
+                    // stopped answering.
+                    if transparent {
+                        self.fast.defer_release(client);
+                    }
+                    self.accept_stack(stream, peer, guest.into(), client.into(), rule);
+                }
+                PendingWhat::Release(client) => self.fast.defer_release(client),
+            }
+        }
+    }
+
+    /// Starts the spliced flow of a connection whose guest side the agent
+    /// opened (and rnet checked).
+    fn start_splice(
+        &mut self,
+        stream: mio::net::TcpStream,
+        peer: SocketAddr,
+        fd: OwnedFd,
+        transparent: Option<SocketAddrV4>,
+        guest: SocketAddrV4,
+        rule: u64,
+    ) {
+        let flow = match crate::nat::splice::SpliceFlow::new(stream, fd) {
+            Ok(mut f) => {
+                f.transparent_client = transparent;
+                f.expected_peer = Some(guest.into());
+                Box::new(f)
+            }
+            Err(e) => {
+                debug!(error = %e, "cannot set up splice pipes");
+                self.stats.count_drop(DropReason::HostSocket);
+                if let Some(c) = transparent {
+                    self.fast.release(c);
+                }
+                return;
+            }
+        };
+        let Some((midx, mid)) = self.add_flow(Flow::Splice(flow), rule) else {
+            if let Some(c) = transparent {
+                self.fast.release(c);
+            }
+            return;
+        };
+        // The guest-side socket reports under an alias slot of its own.
+        let alias = self.flows.insert(Slot {
+            flow: Flow::Alias(midx, mid),
+            id: self.next_id,
+            sched: None,
+            dirty: false,
+            rule: 0,
+        });
+        self.next_id += 1;
+        let ok = match &mut self.flows[midx].flow {
+            Flow::Splice(f) => self
+                .poll
+                .registry()
+                .register(
+                    &mut f.guest,
+                    Token(alias + FIRST_FLOW),
+                    Interest::READABLE | Interest::WRITABLE,
+                )
+                .is_ok(),
+            _ => false,
+        };
+        self.splice_alias.insert(midx, alias);
+        if !ok {
+            self.remove(midx);
+            return;
+        }
+        debug!(%peer, %guest, path = "fast", "published connection");
+        self.stats.tcp_opened.fetch_add(1, Ordering::Relaxed);
+        self.stats.tcp_flows.fetch_add(1, Ordering::Relaxed);
+        self.mark_dirty(midx, mid);
+    }
+
+    /// Starts a stack-path flow for an accepted connection.
+    fn accept_stack(
+        &mut self,
+        stream: mio::net::TcpStream,
+        peer: SocketAddr,
+        guest: SocketAddr,
+        client: SocketAddr,
+        rule: u64,
+    ) {
+        let key = (guest, client);
+        if self.tcp_index.len() >= self.limits.tcp_flows {
+            self.limit_reached("TCP flows");
+            return;
+        }
+        if self.tcp_index.contains_key(&key) {
+            self.stats.count_drop(DropReason::HostSocket);
+            return;
+        }
+        let flow = match TcpFlow::inbound(key, stream, peer, &mut self.stack.iface) {
+            Ok(f) => f,
+            Err(e) => {
+                debug!(error = %e, "cannot start inbound flow");
+                return;
+            }
+        };
+        debug!(%peer, %guest, "published connection");
+        let Some((fidx, fid)) = self.add_flow(Flow::Tcp(Box::new(flow)), rule) else {
+            return;
+        };
+        self.tcp_index.insert(key, fidx);
+        self.stats.tcp_opened.fetch_add(1, Ordering::Relaxed);
+        self.stats.tcp_flows.fetch_add(1, Ordering::Relaxed);
+        self.mark_dirty(fidx, fid);
     }
 }

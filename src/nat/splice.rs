@@ -13,16 +13,125 @@
 //! slows the writer through the kernel's own TCP windows. EOF on `src`,
 //! once the pipe is empty, becomes `shutdown(SHUT_WR)` on `dst`; a reset or
 //! error on either socket resets the other (SO_LINGER 0) and ends the flow.
+//!
+//! # Descriptors from the agent
+//!
+//! The agent lives in the guest's namespaces and is not trusted: before a
+//! descriptor it sent becomes a flow, [`check_guest_socket`] makes sure it
+//! is an IPv4 TCP socket (not listening) whose connect to the expected
+//! guest endpoint has been started, bound to the expected client address
+//! when the connection is transparent, and switches it to non-blocking.
+//! Once connected, the peer is checked again.
 
 use std::io;
 use std::net::Shutdown;
-use std::os::fd::{AsFd, OwnedFd};
+use std::net::SocketAddrV4;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::Duration;
 
 use mio::net::TcpStream;
 use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice};
 use socket2::SockRef;
+
+/// Why a descriptor from the agent was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadSocket {
+    /// Not a socket at all (fstat).
+    NotASocket,
+    /// Not AF_INET, SOCK_STREAM, IPPROTO_TCP.
+    NotTcp4,
+    /// A listening socket.
+    Listening,
+    /// Not connecting or connected to the expected guest endpoint.
+    WrongPeer,
+    /// Not bound to the expected client address.
+    WrongLocal,
+    /// The checks themselves failed.
+    Unreadable,
+}
+
+fn int_opt(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int) -> Option<libc::c_int> {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `v`, a live c_int.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    (r == 0).then_some(v)
+}
+
+/// An IPv4 address read by `getsockname` or `SO_PEERNAME` (which, unlike
+/// `getpeername`, also answers while the connect is in progress).
+fn v4_addr(fd: BorrowedFd<'_>, peer: bool) -> Option<SocketAddrV4> {
+    // SAFETY: sockaddr_in is plain data; all zeroes is a valid value.
+    let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    let p = (&mut sa as *mut libc::sockaddr_in).cast();
+    // SAFETY: both calls write at most `len` bytes into `sa`, which lives
+    // across the call.
+    let r = unsafe {
+        if peer {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERNAME,
+                p,
+                &mut len,
+            )
+        } else {
+            libc::getsockname(fd.as_raw_fd(), p.cast(), &mut len)
+        }
+    };
+    if r != 0 || sa.sin_family != libc::AF_INET as libc::sa_family_t {
+        return None;
+    }
+    Some(SocketAddrV4::new(
+        std::net::Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)),
+        u16::from_be(sa.sin_port),
+    ))
+}
+
+/// Checks a descriptor the agent sent for the connection from `client`
+/// (None: a plain connect from the namespace's own address) to `guest`,
+/// and makes it non-blocking.
+pub fn check_guest_socket(
+    fd: &OwnedFd,
+    client: Option<SocketAddrV4>,
+    guest: SocketAddrV4,
+) -> Result<(), BadSocket> {
+    let st = nix::sys::stat::fstat(fd).map_err(|_| BadSocket::Unreadable)?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(BadSocket::NotASocket);
+    }
+    let b = fd.as_fd();
+    let opt = |name| int_opt(b, libc::SOL_SOCKET, name).ok_or(BadSocket::Unreadable);
+    if opt(libc::SO_DOMAIN)? != libc::AF_INET
+        || opt(libc::SO_TYPE)? != libc::SOCK_STREAM
+        || opt(libc::SO_PROTOCOL)? != libc::IPPROTO_TCP
+    {
+        return Err(BadSocket::NotTcp4);
+    }
+    if opt(libc::SO_ACCEPTCONN)? != 0 {
+        return Err(BadSocket::Listening);
+    }
+    if v4_addr(b, true) != Some(guest) {
+        return Err(BadSocket::WrongPeer);
+    }
+    if let Some(c) = client
+        && v4_addr(b, false) != Some(c)
+    {
+        return Err(BadSocket::WrongLocal);
+    }
+    fcntl(fd, FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).map_err(|_| BadSocket::Unreadable)?;
+    Ok(())
+}
 
 /// Bytes moved per splice call at most.
 const CHUNK: usize = 1 << 20;
@@ -84,6 +193,9 @@ pub struct SpliceFlow {
     /// The client address the guest side was opened from, when the agent
     /// opened it transparently (its reply rule is released at the end).
     pub transparent_client: Option<std::net::SocketAddrV4>,
+    /// The guest endpoint the connection must reach (checked once
+    /// connected).
+    pub expected_peer: Option<std::net::SocketAddr>,
     connected: bool,
     host_ready: Ready,
     guest_ready: Ready,
@@ -102,6 +214,7 @@ impl SpliceFlow {
             host,
             guest,
             transparent_client: None,
+            expected_peer: None,
             connected: false,
             host_ready: Ready { r: true, w: true },
             guest_ready: Ready::default(),
@@ -135,6 +248,7 @@ impl SpliceFlow {
             }
             match self.guest.take_error() {
                 Ok(None) => match self.guest.peer_addr() {
+                    Ok(p) if self.expected_peer.is_some_and(|e| e != p) => return self.reset(),
                     Ok(_) => self.connected = true,
                     Err(e) if e.kind() == io::ErrorKind::NotConnected => {
                         self.guest_ready = Ready::default();
@@ -230,5 +344,99 @@ fn pump(
         if !progress {
             return Ok(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
+    use std::os::fd::OwnedFd;
+
+    fn connecting_to(server: SocketAddrV4) -> OwnedFd {
+        let s = socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )
+        .expect("socket");
+        s.set_nonblocking(true).expect("nonblocking");
+        match s.connect(&SocketAddr::V4(server).into()) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+            Err(e) => panic!("connect: {e}"),
+        }
+        s.into()
+    }
+
+    fn v4(a: SocketAddr) -> SocketAddrV4 {
+        match a {
+            SocketAddr::V4(a) => a,
+            SocketAddr::V6(_) => panic!("IPv4 expected"),
+        }
+    }
+
+    #[test]
+    fn only_the_socket_asked_for_passes() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
+        let server = v4(listener.local_addr().expect("addr"));
+        let other = TcpListener::bind("127.0.0.1:0").expect("listen");
+        let elsewhere = v4(other.local_addr().expect("addr"));
+
+        let good = connecting_to(server);
+        let local = v4(socket2::SockRef::from(&good)
+            .local_addr()
+            .expect("local")
+            .as_socket()
+            .expect("inet"));
+        assert_eq!(check_guest_socket(&good, None, server), Ok(()));
+        assert_eq!(check_guest_socket(&good, Some(local), server), Ok(()));
+        let fl = fcntl(&good, FcntlArg::F_GETFL).expect("F_GETFL");
+        assert_ne!(fl & libc::O_NONBLOCK, 0);
+
+        assert_eq!(
+            check_guest_socket(&good, None, elsewhere),
+            Err(BadSocket::WrongPeer)
+        );
+        let wrong_local = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 1), local.port());
+        assert_eq!(
+            check_guest_socket(&good, Some(wrong_local), server),
+            Err(BadSocket::WrongLocal)
+        );
+
+        let (r, _w) = nix::unistd::pipe().expect("pipe");
+        assert_eq!(
+            check_guest_socket(&r, None, server),
+            Err(BadSocket::NotASocket)
+        );
+        let udp: OwnedFd = UdpSocket::bind("127.0.0.1:0").expect("udp").into();
+        assert_eq!(
+            check_guest_socket(&udp, None, server),
+            Err(BadSocket::NotTcp4)
+        );
+        let listening: OwnedFd = TcpListener::bind("127.0.0.1:0").expect("listen").into();
+        assert_eq!(
+            check_guest_socket(&listening, None, server),
+            Err(BadSocket::Listening)
+        );
+        let v6 = std::net::TcpListener::bind("[::1]:0");
+        if let Ok(v6) = v6 {
+            let v6: OwnedFd = v6.into();
+            assert_eq!(
+                check_guest_socket(&v6, None, server),
+                Err(BadSocket::NotTcp4)
+            );
+        }
+        let unconnected: OwnedFd = socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )
+        .expect("socket")
+        .into();
+        assert_eq!(
+            check_guest_socket(&unconnected, None, server),
+            Err(BadSocket::WrongPeer)
+        );
     }
 }

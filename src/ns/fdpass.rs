@@ -16,6 +16,11 @@ pub struct Received {
     pub fd: Option<OwnedFd>,
     /// The message or its control data did not fit and was cut.
     pub truncated: bool,
+    /// The data was cut (`MSG_TRUNC`).
+    pub data_truncated: bool,
+    /// Descriptors were discarded (`MSG_CTRUNC`: no room, or no free
+    /// descriptor number in the receiver).
+    pub fd_truncated: bool,
 }
 
 /// Sends `data` and, if given, a copy of `fd` in one message on the
@@ -70,8 +75,18 @@ pub fn recv_with_fd(sock: BorrowedFd<'_>, buf: &mut [u8]) -> nix::Result<Receive
             .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
         let len = msg.bytes;
         let mut first = None;
+        let fd_truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
+        // Descriptors were discarded (no free descriptor number, or more
+        // than the buffer holds): the message itself still counts, without
+        // them. (nix refuses to walk a truncated control buffer; with one
+        // descriptor per message, as here, none was installed.)
+        let cmsgs = if fd_truncated {
+            None
+        } else {
+            Some(msg.cmsgs()?)
+        };
         // Take ownership of every descriptor that arrived so none leaks.
-        for cmsg in msg.cmsgs()? {
+        for cmsg in cmsgs.into_iter().flatten() {
             if let ControlMessageOwned::ScmRights(raw) = cmsg {
                 for r in raw {
                     // SAFETY: the kernel just installed `r` in our descriptor
@@ -88,6 +103,8 @@ pub fn recv_with_fd(sock: BorrowedFd<'_>, buf: &mut [u8]) -> nix::Result<Receive
             len,
             fd: first,
             truncated,
+            data_truncated: msg.flags.contains(MsgFlags::MSG_TRUNC),
+            fd_truncated,
         });
     }
 }

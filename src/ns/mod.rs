@@ -10,7 +10,7 @@
 //! Files: `tap.rs` opens the TAP, `netlink.rs` configures it, `nsfile.rs`
 //! handles namespace files, `spawn.rs` starts commands, `fdpass.rs` holds
 //! the SCM_RIGHTS code, `report.rs` the helper-to-parent wire format,
-//! `process.rs` the fork/reap plumbing and `agent.rs` the long-lived helper
+//! `process.rs` the fork/reap plumbing and `agent/` the long-lived helper
 //! that opens guest-side sockets for the published-port fast path.
 
 use std::fmt;
@@ -31,7 +31,7 @@ mod tap;
 #[cfg(test)]
 mod e2e_tests;
 
-pub use agent::{Agent, AgentError};
+pub use agent::{Agent, AgentError, Launcher, Reply, Submit};
 pub use error::{NsError, NsKind};
 pub use nsfile::same_userns;
 pub use spawn::{

@@ -15,10 +15,11 @@ use nix::sys::stat::Mode;
 use nix::sys::time::TimeVal;
 use nix::unistd::{ForkResult, Pid, fork};
 
+use super::agent::confine;
 use super::fdpass::{recv_with_fd, send_with_fd};
 use super::netlink::RtNetlink;
 use super::nsfile::{JoinPlan, clone_flag, open_target};
-use super::process::{close_private_fds, describe, exit_child, kill_and_reap, reap};
+use super::process::{describe, exit_child, kill_and_reap, reap};
 use super::report::{self, ChildError, MAX_REPORT, Report, Step};
 use super::{IfaceConfig, NsError, NsKind, OpenedTap, TapSetup, Target};
 
@@ -186,9 +187,11 @@ pub fn open_tap(target: &Target, setup: &TapSetup) -> Result<OpenedTap, NsError>
         Ok(ForkResult::Child) => {
             drop(parent_sock);
             exit_child(|| {
+                // Undumpable before anything of the guest's is joined.
+                let _ = confine::undumpable();
                 let mut keep = vec![child_sock.as_raw_fd()];
                 keep.extend(plan.user.iter().chain(&plan.net).map(|f| f.as_raw_fd()));
-                close_private_fds(&keep);
+                confine::close_all_but(&keep);
                 let report = match helper_main(&plan, setup) {
                     Ok((fd, mac, name)) => {
                         let mut payload = Vec::with_capacity(6 + name.len());
@@ -363,6 +366,10 @@ fn helper_main(
         Mode::empty(),
     )
     .map_err(|e| ChildError::new(Step::OpenTun, e, "open /dev/net/tun"))?;
+    // Best effort: the TAP must open wherever it did before (with
+    // --no-sandbox too), so a kernel refusing a stage leaves the helper
+    // less confined rather than failing the start.
+    let _ = confine_helper(plan);
 
     let mut flags = libc::IFF_TAP | libc::IFF_NO_PI;
     if setup.vnet_hdr {
@@ -405,6 +412,68 @@ fn helper_main(
     unsafe { get_hwaddr(tun.as_raw_fd(), &mut req) }
         .map_err(|e| ChildError::new(Step::ReadMac, e, "SIOCGIFHWADDR"))?;
     Ok((tun, req.hwaddr(), kernel_name))
+}
+
+/// Confines the helper once it has joined the namespaces and opened
+/// `/dev/net/tun` (see `agent/confine.rs`), stopping at the first stage
+/// that fails: undumpable again (joining a
+/// user namespace changed its credentials), the namespace descriptors
+/// closed, an empty environment and an empty read-only root, only
+/// CAP_NET_ADMIN (TUNSETIFF, netlink), no_new_privs and a seccomp
+/// allow-list of what is left to do.
+fn confine_helper(plan: &JoinPlan) -> Result<(), ChildError> {
+    let internal = |e: Errno, what: &str| ChildError::new(Step::Internal, e, what);
+    let os = |e: &crate::sandbox::SandboxError| {
+        Errno::from_raw(e.source.raw_os_error().unwrap_or(libc::EPERM))
+    };
+    confine::undumpable().map_err(|e| internal(e, "PR_SET_DUMPABLE"))?;
+    for fd in plan.user.iter().chain(&plan.net) {
+        // SAFETY: the helper's own copies of the namespace descriptors,
+        // used only by the setns calls above; `plan` is never used again
+        // (the parent's copies are separate after fork).
+        unsafe {
+            libc::close(fd.as_raw_fd());
+        }
+    }
+    confine::clear_environment().map_err(|e| internal(e, "empty the environment"))?;
+    crate::sandbox::empty_root()
+        .map_err(|e| internal(os(&e), &format!("give the helper an empty root: {e}")))?;
+    crate::sandbox::drop_capabilities(1 << confine::CAP_NET_ADMIN)
+        .map_err(|e| internal(os(&e), &format!("drop capabilities: {e}")))?;
+    confine::undumpable().map_err(|e| internal(e, "PR_SET_DUMPABLE"))?;
+    let calls = helper_calls();
+    let filter = confine::build_seccomp(&calls).map_err(|w| internal(Errno::EINVAL, w))?;
+    confine::install_seccomp(&filter).map_err(|e| internal(e, "install the seccomp filter"))
+}
+
+/// The system calls the TAP helper makes once confined.
+fn helper_calls() -> Vec<(libc::c_long, confine::Arg)> {
+    use confine::Arg::{Any, OneOf};
+    const FAMILIES: &[u64] = &[
+        libc::AF_UNIX as u64,
+        libc::AF_INET as u64,
+        libc::AF_INET6 as u64,
+        libc::AF_NETLINK as u64,
+    ];
+    let mut v = confine::base_calls();
+    v.extend([
+        // TUNSETIFF, TUNSETVNETHDRSZ, TUNSETOFFLOAD, SIOCGIFHWADDR, and
+        // SIOCGIFINDEX of if_nametoindex.
+        (libc::SYS_ioctl, Any),
+        (libc::SYS_socket, OneOf(0, FAMILIES)),
+        (libc::SYS_setsockopt, Any),
+        (libc::SYS_getsockopt, Any),
+        (libc::SYS_getsockname, Any),
+        (libc::SYS_bind, Any),
+        (libc::SYS_connect, Any),
+        (libc::SYS_sendto, Any),
+        (libc::SYS_recvfrom, Any),
+        (libc::SYS_fcntl, Any),
+        // Waits between retries.
+        (libc::SYS_clock_nanosleep, Any),
+        (libc::SYS_nanosleep, Any),
+    ]);
+    v
 }
 
 /// Configures `lo` and the TAP over netlink in the current namespace.

@@ -4,53 +4,83 @@
 //! move bytes between an accepted host connection and the guest server with
 //! splice(2) instead of carrying them through its userspace TCP stack.
 //!
+//! Files: this one holds the agent's protocol, rnet's client side
+//! ([`Agent`]) and the agent's own code; `launcher.rs` the process that
+//! forks agents on request ([`Launcher`]); `confine.rs` the confinement
+//! every helper in a guest's namespaces applies to itself.
+//!
+//! # Trust
+//!
+//! The agent lives where the guest is root. It is confined as
+//! [`confine`] describes: undumpable before it joins anything, no
+//! descriptors but its socket and the namespace's socket tables, an empty
+//! environment, an empty read-only root of its own, only `CAP_NET_ADMIN`
+//! (rules, `IP_TRANSPARENT`) and `CAP_NET_BIND_SERVICE` (client ports below
+//! 1024), no_new_privs and a seccomp allow-list. rnet still treats it as
+//! hostile: every descriptor it hands back is checked (a connected or
+//! connecting IPv4 TCP socket to the expected guest endpoint, see
+//! `engine/ports.rs`), and it is never waited for by rnet's event loop.
+//!
+//! # Restarts
+//!
+//! rnet's sandbox forbids `fork` and `setns` after start-up, so agents are
+//! not forked by rnet but by the [`Launcher`], forked before the sandbox
+//! with the target's namespace descriptors. rnet asks it for a new agent
+//! whenever the current one dies, stalls or misbehaves.
+//!
 //! # Keeping the client's address
 //!
-//! The guest-side socket is created with `IP_TRANSPARENT` (the agent is root
-//! in the namespace's user namespace, so it has CAP_NET_ADMIN there), bound
-//! to the client's address and port and connected to the guest server. The
-//! server thus sees the real client. Its replies are addressed to that
-//! client, which is not local; [`Agent::route_replies`] installs, per
-//! published guest endpoint, the policy rule
+//! The guest-side socket is created with `IP_TRANSPARENT` (the agent has
+//! CAP_NET_ADMIN in the namespace's user namespace), bound to the client's
+//! address and port and connected to the guest server. The server thus sees
+//! the real client. Its replies are addressed to that client, which is not
+//! local; before opening the socket the agent installs the per-connection
+//! rule
 //!
 //! ```text
-//! priority 100  from GUEST_IP ipproto tcp sport GUEST_PORT  lookup 0x524e
+//! priority 99  to CLIENT_IP ipproto tcp dport CLIENT_PORT  lookup 0x524e
 //! ```
 //!
 //! and once, in that table, `local 0.0.0.0/0 dev lo`, so those replies are
 //! delivered locally to the transparent socket instead of leaving through
-//! the TAP. Rules are consulted before the main table, so this also wins for
-//! clients shown as the gateway (10.0.2.2), which is on-link via the TAP.
-//!
-//! While the rule is installed, *every* TCP segment the guest sends from that
-//! endpoint is delivered locally: connections to it must all come through
-//! the agent (transparent or plain), not through the TAP.
+//! the TAP (rules are consulted before the main table, so this also wins for
+//! clients shown as the gateway, 10.0.2.2, which is on-link via the TAP).
+//! [`Agent::release`] removes it when the connection ends. Nothing else of
+//! the guest's traffic is diverted, so connections carried by rnet's stack
+//! (through the TAP) keep working beside the fast path, which is what lets
+//! rnet fall back to the stack whenever the agent is unhealthy.
+//! [`Agent::route_replies`] (a per-port rule) still exists for callers that
+//! want every reply of a guest endpoint delivered locally.
 //!
 //! # Protocol
 //!
 //! One SEQPACKET datagram per request and per reply; the agent serves them
-//! one at a time and never blocks for long (connects are non-blocking).
-//! Requests are a tag byte and big-endian IPv4 endpoints; replies use the
-//! helper report format of `report.rs` (ok + payload, or errno + context).
+//! one at a time, in order, and never blocks for long (connects are
+//! non-blocking). Requests are a tag byte and big-endian IPv4 endpoints;
+//! replies use the helper report format of `report.rs` (ok + payload, or
+//! errno + context).
+
+pub(crate) mod confine;
+pub mod launcher;
+
+pub use launcher::Launcher;
 
 use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::sync::Arc;
 use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::sched::setns;
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, sigprocmask};
-use nix::sys::socket::{AddressFamily, SockFlag, SockType, setsockopt, socketpair, sockopt};
-use nix::sys::time::TimeVal;
-use nix::unistd::{ForkResult, Pid, fork, getpid, getppid};
+use nix::unistd::{Pid, getppid};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use super::fdpass::{recv_with_fd, send_with_fd};
 use super::netlink::RtNetlink;
-use super::nsfile::{JoinPlan, clone_flag, open_target};
-use super::process::{close_private_fds, describe, exit_child, kill_and_reap, reap};
+use super::nsfile::{JoinPlan, clone_flag};
 use super::report::{self, ChildError, MAX_REPORT, Report, Step};
 use super::tap::tap_error;
 use super::{NsError, NsKind, Target};
@@ -198,91 +228,139 @@ impl Request {
     }
 }
 
+/// Options of the agents a launcher starts.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct AgentOptions {
+    /// Test hook ([`launcher::TEST_BAD_FD_ENV`]): answer connection
+    /// requests with a pipe instead of the socket, so rnet's check of the
+    /// descriptors it is handed can be seen refusing one.
+    pub bad_fd: bool,
+}
+
+/// One answer of the agent to a request sent with [`Agent::submit`].
+#[derive(Debug)]
+pub enum Reply {
+    /// Success; connection requests carry the guest-side socket. `fd_lost`:
+    /// the agent sent a descriptor but rnet could not take it (no free
+    /// descriptor numbers: `MSG_CTRUNC`).
+    Ok {
+        /// The descriptor sent along, if any.
+        fd: Option<OwnedFd>,
+        /// A descriptor was sent and discarded by the kernel.
+        fd_lost: bool,
+    },
+    /// The agent tried and the namespace's kernel refused
+    /// ([`AgentError::Request`]).
+    Refused(AgentError),
+}
+
+/// A connection request for [`Agent::submit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Submit {
+    /// [`Agent::connect_transparent`].
+    Transparent {
+        /// The client address the socket is bound to.
+        client: SocketAddrV4,
+        /// The guest server.
+        guest: SocketAddrV4,
+    },
+    /// [`Agent::connect_plain`].
+    Plain(SocketAddrV4),
+    /// [`Agent::release`].
+    Release(SocketAddrV4),
+}
+
 /// A helper process living in a target's user and network namespaces that
-/// opens sockets there on request. Requests are served one at a time; each
-/// method blocks only for the agent's immediate answer (a few system calls
-/// in the agent, no network waits).
+/// opens sockets there on request, started by a [`Launcher`]. Requests are
+/// served one at a time, in order. The blocking methods wait at most
+/// [`REPLY_TIMEOUT`] for the answer; an event loop uses [`Agent::submit`]
+/// and [`Agent::try_reply`] on the non-blocking socket instead.
 ///
 /// Dropping it removes the reply rules it still has installed (best
-/// effort), closes the control socket and kills and reaps the process. Rules
-/// of an agent that died stay in the namespace until removed; a new agent's
-/// `route_replies` for the same endpoint does not duplicate them.
+/// effort), closes the control socket and kills the process (its launcher
+/// reaps it). Rules of an agent that died stay in the namespace until
+/// removed; a new agent's `route_replies` for the same endpoint does not
+/// duplicate them.
 #[derive(Debug)]
 pub struct Agent {
     pid: Pid,
-    /// The control socket; `None` once the agent is gone.
+    /// The control socket (non-blocking); `None` once the agent is gone.
     sock: Option<OwnedFd>,
     /// Why the agent is gone, once it is.
     gone: Option<String>,
     /// How many `route_replies` each guest endpoint has outstanding.
     routes: HashMap<SocketAddrV4, usize>,
+    /// Whether its "joined" report has arrived.
+    joined: bool,
+    launcher: Arc<Launcher>,
 }
 
 impl Agent {
-    /// Forks the agent, which joins `target`'s user namespace (if it differs
-    /// from ours) and network namespace, reports back, and then serves
-    /// requests until the control socket closes. It also gets SIGKILL when
-    /// the *thread* that called `spawn` exits (PR_SET_PDEATHSIG follows the
-    /// creating thread), so call this from a thread that lives as long as
-    /// the agent should. It ignores SIGINT and SIGHUP (a terminal's Ctrl-C
-    /// reaches rnet, whose exit then ends the agent) and has every other
-    /// signal at its default.
+    /// Starts a launcher for `target` and one agent from it, which joins
+    /// `target`'s user namespace (if it differs from ours) and network
+    /// namespace, confines itself (see [`confine`]), reports back, and then
+    /// serves requests until the control socket closes. Both get SIGKILL
+    /// when their parent ends: the launcher when the *thread* that called
+    /// `spawn` exits (PR_SET_PDEATHSIG follows the creating thread), so
+    /// call this from a thread that lives as long as the agent should. The
+    /// agent ignores SIGINT and SIGHUP (a terminal's Ctrl-C reaches rnet,
+    /// whose exit then ends the agent) and has every other signal at its
+    /// default.
     ///
-    /// Safe to call from a multi-threaded program: the forked child makes
+    /// Safe to call from a multi-threaded program: the forked children make
     /// only system calls and small allocations.
     pub fn spawn(target: &Target) -> Result<Agent, NsError> {
-        let plan = open_target(target)?;
-        let (parent_sock, child_sock) = socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )
-        .map_err(|errno| NsError::Os {
-            what: "cannot create a socket pair for the namespace agent",
-            errno,
-        })?;
-        setsockopt(
-            &parent_sock,
-            sockopt::ReceiveTimeout,
-            &TimeVal::new(REPLY_TIMEOUT.as_secs() as _, 0),
-        )
-        .map_err(|errno| NsError::Os {
-            what: "cannot set a timeout on the namespace agent socket",
-            errno,
-        })?;
-        let parent = getpid();
+        Launcher::spawn(target)?.spawn_agent()
+    }
 
-        // SAFETY: the child branch runs only `agent_main` (system calls and
-        // small allocations, which glibc's fork-safe allocator allows; no
-        // lock of ours is taken) and leaves through `exit_child`'s `_exit`;
-        // it never returns into the caller's code.
-        match unsafe { fork() } {
-            Err(errno) => Err(NsError::Os {
-                what: "cannot fork the namespace agent",
-                errno,
-            }),
-            Ok(ForkResult::Child) => {
-                drop(parent_sock);
-                exit_child(|| agent_main(parent, &plan, child_sock))
+    pub(super) fn from_launcher(
+        pid: Pid,
+        sock: OwnedFd,
+        launcher: Arc<Launcher>,
+    ) -> io::Result<Agent> {
+        nix::fcntl::fcntl(
+            &sock,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )?;
+        Ok(Agent {
+            pid,
+            sock: Some(sock),
+            gone: None,
+            routes: HashMap::new(),
+            joined: false,
+            launcher,
+        })
+    }
+
+    /// Waits (blocking, up to `timeout`) for the agent's "joined" report.
+    pub(super) fn wait_joined(&mut self, timeout: Duration) -> Result<(), NsError> {
+        let end = std::time::Instant::now() + timeout;
+        loop {
+            if self.poll_joined()? {
+                return Ok(());
             }
-            Ok(ForkResult::Parent { child }) => {
-                drop(child_sock);
-                drop(plan);
-                let mut agent = Agent {
-                    pid: child,
-                    sock: Some(parent_sock),
-                    gone: None,
-                    routes: HashMap::new(),
-                };
-                agent.handshake(target)?;
-                Ok(agent)
+            let left = end.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                self.kill();
+                return Err(NsError::Helper {
+                    detail: format!(
+                        "the agent did not answer within {} seconds and was killed",
+                        timeout.as_secs()
+                    ),
+                });
+            }
+            if let Some(s) = &self.sock {
+                launcher::wait_readable(s.as_fd(), left);
             }
         }
     }
 
-    /// Waits for the agent's "joined" report.
-    fn handshake(&mut self, target: &Target) -> Result<(), NsError> {
+    /// Checks, without blocking, for the agent's "joined" report: true once
+    /// it has arrived; an error if the agent failed or ended.
+    pub fn poll_joined(&mut self) -> Result<bool, NsError> {
+        if self.joined {
+            return Ok(true);
+        }
         let Some(sock) = self.sock.as_ref() else {
             return Err(NsError::Helper {
                 detail: "the agent is gone".to_owned(),
@@ -290,18 +368,8 @@ impl Agent {
         };
         let mut buf = [0u8; MAX_REPORT];
         let received = recv_with_fd(sock.as_fd(), &mut buf);
-        let fail = |agent: &mut Agent, detail: String| {
-            agent.kill();
-            Err(NsError::Helper { detail })
-        };
         match received {
-            Err(Errno::EAGAIN) => fail(
-                self,
-                format!(
-                    "the agent did not answer within {} seconds and was killed",
-                    REPLY_TIMEOUT.as_secs()
-                ),
-            ),
+            Err(Errno::EAGAIN) => Ok(false),
             Err(errno) => {
                 self.kill();
                 Err(NsError::Os {
@@ -310,20 +378,25 @@ impl Agent {
                 })
             }
             Ok(r) if r.len == 0 => {
-                self.sock = None;
-                let status = reap(self.pid).ok().flatten();
+                self.kill();
                 self.gone = Some("ended".to_owned());
                 Err(NsError::Helper {
-                    detail: format!("the agent {} without reporting", describe(status)),
+                    detail: "the agent ended without reporting".to_owned(),
                 })
             }
             Ok(r) => match report::decode(&buf[..r.len]) {
-                Ok(Report::Ok(_)) => Ok(()),
+                Ok(Report::Ok(_)) => {
+                    self.joined = true;
+                    Ok(true)
+                }
                 Ok(Report::Err(e)) => {
                     self.kill();
-                    Err(tap_error(e, target, ""))
+                    Err(tap_error(e, self.launcher.target(), ""))
                 }
-                Err(detail) => fail(self, detail),
+                Err(detail) => {
+                    self.kill();
+                    Err(NsError::Helper { detail })
+                }
             },
         }
     }
@@ -333,9 +406,19 @@ impl Agent {
         self.pid.as_raw()
     }
 
+    /// The control socket, for an event loop to watch (None once gone).
+    pub fn raw_fd(&self) -> Option<RawFd> {
+        self.sock.as_ref().map(|s| s.as_raw_fd())
+    }
+
     /// Whether the agent is still usable (it has not died or timed out).
     pub fn is_alive(&self) -> bool {
         self.sock.is_some()
+    }
+
+    /// Why the agent is gone (empty while it is not).
+    pub fn gone_reason(&self) -> &str {
+        self.gone.as_deref().unwrap_or("")
     }
 
     /// Makes the guest's replies from `guest` (its TCP server endpoint) go
@@ -345,6 +428,12 @@ impl Agent {
     /// many [`unroute_replies`](Self::unroute_replies). Fails with
     /// `Unsupported` on kernels older than 4.17, which would drop the
     /// protocol and port match silently.
+    ///
+    /// rnet's event loop does not use it: while such a rule is in place the
+    /// guest's replies to connections arriving through the TAP would be
+    /// lost, and those must keep working whenever the agent is unhealthy.
+    /// The per-connection rules of
+    /// [`connect_transparent`](Self::connect_transparent) are enough.
     pub fn route_replies(&mut self, guest: SocketAddrV4) -> io::Result<()> {
         let count = self.routes.get(&guest).copied().unwrap_or(0);
         if count == 0 {
@@ -373,12 +462,13 @@ impl Agent {
 
     /// A TCP socket inside the namespace with `IP_TRANSPARENT` and
     /// SO_REUSEADDR, bound to `client`, whose non-blocking `connect()` to
-    /// `guest` has been started. The descriptor is non-blocking and
-    /// close-on-exec; wait for it to become writable and read `SO_ERROR`
-    /// (0: connected; ECONNREFUSED: no server). Replies only reach it while
-    /// [`route_replies`](Self::route_replies) is in effect for `guest`.
-    /// A busy client address shows as EADDRINUSE (bind) or EADDRNOTAVAIL
-    /// (connect: the same four-tuple is still in use or in TIME_WAIT).
+    /// `guest` has been started, after the per-connection rule `to CLIENT
+    /// ipproto tcp dport PORT lookup 0x524e` was added so the guest's
+    /// replies reach it. The descriptor is non-blocking and close-on-exec;
+    /// wait for it to become writable and read `SO_ERROR` (0: connected;
+    /// ECONNREFUSED: no server). A busy client address shows as EADDRINUSE
+    /// (bind) or EADDRNOTAVAIL (connect: the same four-tuple is still in
+    /// use or in TIME_WAIT).
     pub fn connect_transparent(
         &mut self,
         client: SocketAddrV4,
@@ -402,8 +492,8 @@ impl Agent {
 
     /// The listening sockets in the namespace: TCP in state LISTEN and
     /// unconnected bound UDP, IPv4 and IPv6 (IPv6 without scope id), each
-    /// (protocol, local address) once, from `/proc/self/net/{tcp,tcp6,udp,
-    /// udp6}` as the agent sees them.
+    /// (protocol, local address) once, from the namespace's
+    /// `/proc/net/{tcp,tcp6,udp,udp6}` tables as the agent sees them.
     pub fn listening(&mut self) -> io::Result<Vec<(Proto, SocketAddr)>> {
         self.send(Request::Listening)?;
         let mut out = Vec::new();
@@ -421,6 +511,59 @@ impl Agent {
             out.extend(list);
             if *more == 0 {
                 return Ok(out);
+            }
+        }
+    }
+
+    /// Sends a request without waiting: its answer comes, in order, from
+    /// [`Agent::try_reply`]. An error means the agent cannot take it now
+    /// (gone, or its socket is full: it is not reading).
+    pub fn submit(&mut self, req: Submit) -> io::Result<()> {
+        self.send(match req {
+            Submit::Transparent { client, guest } => Request::Transparent { client, guest },
+            Submit::Plain(g) => Request::Plain(g),
+            Submit::Release(c) => Request::Release(c),
+        })
+    }
+
+    /// The next answer to a [`submit`](Self::submit)ted request, without
+    /// blocking (`Ok(None)`: none yet). An error means the agent is gone
+    /// (it ended or broke the protocol; it has been killed).
+    pub fn try_reply(&mut self) -> Result<Option<Reply>, AgentError> {
+        let sock = self.sock().map_err(|e| {
+            AgentError::of(&e)
+                .cloned()
+                .unwrap_or(AgentError::Gone(String::new()))
+        })?;
+        let mut buf = vec![0u8; MAX_REPORT + 16];
+        let got = match recv_with_fd(sock, &mut buf) {
+            Ok(r) => r,
+            Err(Errno::EAGAIN) => return Ok(None),
+            Err(errno) => {
+                let Gone(d) = self.fail(format!("cannot be read from: {}", errno.desc()));
+                return Err(AgentError::Gone(d));
+            }
+        };
+        if got.len == 0 {
+            let Gone(d) = self.fail("closed its socket (it ended or was killed)".to_owned());
+            return Err(AgentError::Gone(d));
+        }
+        if got.data_truncated {
+            let Gone(d) = self.fail("sent an oversized reply".to_owned());
+            return Err(AgentError::Gone(d));
+        }
+        match report::decode(&buf[..got.len]) {
+            Ok(Report::Ok(_)) => Ok(Some(Reply::Ok {
+                fd: got.fd,
+                fd_lost: got.fd_truncated,
+            })),
+            Ok(Report::Err(e)) => Ok(Some(Reply::Refused(AgentError::Request {
+                errno: e.errno,
+                context: e.context,
+            }))),
+            Err(detail) => {
+                let Gone(d) = self.fail(format!("sent a bad reply: {detail}"));
+                Err(AgentError::Gone(d))
             }
         }
     }
@@ -453,36 +596,45 @@ impl Agent {
         let sock = self.sock()?;
         match send_with_fd(sock, &req.encode(), None) {
             Ok(()) => Ok(()),
+            // Not reading: the caller decides whether that is fatal.
+            Err(Errno::EAGAIN) => Err(io::Error::from(io::ErrorKind::WouldBlock)),
             Err(errno) => Err(self
                 .fail(format!("cannot be reached: {}", errno.desc()))
                 .into_io_error()),
         }
     }
 
-    /// Receives one reply: the ok payload and descriptor, or the error.
+    /// Receives one reply (blocking up to [`REPLY_TIMEOUT`]): the ok
+    /// payload and descriptor, or the error.
     fn recv_reply(&mut self) -> io::Result<(Vec<u8>, Option<OwnedFd>)> {
-        let sock = self.sock()?;
+        let end = std::time::Instant::now() + REPLY_TIMEOUT;
         let mut buf = vec![0u8; MAX_REPLY];
-        let got = match recv_with_fd(sock, &mut buf) {
-            Ok(r) => r,
-            Err(Errno::EAGAIN) => {
-                return Err(self
-                    .fail(format!(
-                        "did not answer within {} seconds and was killed",
-                        REPLY_TIMEOUT.as_secs()
-                    ))
-                    .into_io_error());
-            }
-            Err(errno) => {
-                return Err(self
-                    .fail(format!("cannot be read from: {}", errno.desc()))
-                    .into_io_error());
+        let got = loop {
+            let sock = self.sock()?;
+            match recv_with_fd(sock, &mut buf) {
+                Ok(r) => break r,
+                Err(Errno::EAGAIN) => {
+                    let left = end.saturating_duration_since(std::time::Instant::now());
+                    if left.is_zero() {
+                        return Err(self
+                            .fail(format!(
+                                "did not answer within {} seconds and was killed",
+                                REPLY_TIMEOUT.as_secs()
+                            ))
+                            .into_io_error());
+                    }
+                    launcher::wait_readable(sock, left);
+                }
+                Err(errno) => {
+                    return Err(self
+                        .fail(format!("cannot be read from: {}", errno.desc()))
+                        .into_io_error());
+                }
             }
         };
         if got.len == 0 {
-            self.sock = None;
-            let status = reap(self.pid).ok().flatten();
-            let detail = describe(status);
+            let detail = "closed its socket (it ended or was killed)".to_owned();
+            self.kill();
             self.gone = Some(detail.clone());
             return Err(AgentError::Gone(detail).into_io());
         }
@@ -504,16 +656,21 @@ impl Agent {
         }
     }
 
-    /// Marks the agent gone for `detail`, kills and reaps it.
+    /// Marks the agent gone for `detail` and kills it.
     fn fail(&mut self, detail: String) -> Gone {
         self.kill();
         self.gone = Some(detail.clone());
         Gone(detail)
     }
 
-    fn kill(&mut self) {
+    /// Closes the socket and kills the agent (its launcher reaps it).
+    pub fn kill(&mut self) {
         if self.sock.take().is_some() {
-            kill_and_reap(self.pid);
+            let _ = nix::sys::signal::kill(self.pid, Signal::SIGKILL);
+            self.launcher.kill_agent(self.pid);
+            if self.gone.is_none() {
+                self.gone = Some("was stopped by rnet".to_owned());
+            }
         }
     }
 }
@@ -542,7 +699,6 @@ impl Drop for Agent {
         self.kill();
     }
 }
-
 /// Restores an empty signal mask and default dispositions (the handlers
 /// inherited from the parent would run its code on descriptors that are
 /// closed or reused here), then ignores SIGINT and SIGHUP.
@@ -565,16 +721,36 @@ fn reset_signals() {
     }
 }
 
-/// The agent after fork: joins the namespaces, reports, serves requests.
-/// Returns its exit code.
-fn agent_main(parent: Pid, plan: &JoinPlan, sock: OwnedFd) -> i32 {
+/// The agent after fork from its launcher: confines itself, joins the
+/// namespaces, reports, serves requests. Returns its exit code.
+///
+/// Order matters: undumpable first (before anything of the guest's is
+/// joined); descriptors closed; the user namespace joined (capabilities
+/// there), then the network namespace; what the requests need later is
+/// opened while the host's files are still visible (the socket tables, the
+/// kernel release, `lo`'s index); then the empty root, the capability
+/// drop, no_new_privs and the seccomp filter.
+pub(super) fn agent_main(
+    parent: Pid,
+    plan: &JoinPlan,
+    sock: OwnedFd,
+    null: RawFd,
+    opts: AgentOptions,
+) -> i32 {
+    let undumpable = confine::undumpable();
+    confine::std_to_null(null);
     let mut keep = vec![sock.as_raw_fd()];
     keep.extend(plan.user.iter().chain(&plan.net).map(|f| f.as_raw_fd()));
-    close_private_fds(&keep);
+    confine::close_all_but(&keep);
     reset_signals();
     let report = |r: &[u8]| i32::from(send_with_fd(sock.as_fd(), r, None).is_err());
+    let internal =
+        |e: Errno, what: &str| report(&ChildError::new(Step::Internal, e, what).encode());
+    if let Err(e) = undumpable {
+        return internal(e, "make the agent undumpable (PR_SET_DUMPABLE)");
+    }
     if let Err(e) = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL) {
-        return report(&ChildError::new(Step::Internal, e, "set the parent-death signal").encode());
+        return internal(e, "set the parent-death signal");
     }
     if getppid() != parent {
         return report(&ChildError::new(Step::ParentGone, Errno::ESRCH, "rnet exited").encode());
@@ -589,10 +765,84 @@ fn agent_main(parent: Pid, plan: &JoinPlan, sock: OwnedFd) -> i32 {
     {
         return report(&ChildError::new(Step::JoinNetns, e, "setns net").encode());
     }
+    // Joining a user namespace is a credential change: make sure.
+    if let Err(e) = confine::undumpable() {
+        return internal(e, "make the agent undumpable (PR_SET_DUMPABLE)");
+    }
+    let mut state = AgentState {
+        bad_fd: opts.bad_fd,
+        ..AgentState::default()
+    };
+    for (name, proto) in [
+        ("tcp", Proto::Tcp),
+        ("tcp6", Proto::Tcp),
+        ("udp", Proto::Udp),
+        ("udp6", Proto::Udp),
+    ] {
+        // No IPv6 in this kernel or namespace: nothing listens there.
+        if let Ok(f) = std::fs::File::open(format!("/proc/self/net/{name}")) {
+            state.tables.push((proto, f));
+        }
+    }
+    state.rules_ok = rules_supported().is_ok();
+    state.lo = nix::net::if_::if_nametoindex("lo").unwrap_or(1);
+    // The strings are zeroed first; a kernel without PR_SET_MM_MAP
+    // (CONFIG_CHECKPOINT_RESTORE) still shows their (zeroed) bytes to
+    // those who may read the file, which the guest may not.
+    let _ = confine::clear_environment();
+    let mut keep = vec![sock.as_raw_fd()];
+    keep.extend(state.tables.iter().map(|(_, f)| f.as_raw_fd()));
+    confine::close_all_but(&keep);
+    if let Err(e) = crate::sandbox::empty_root() {
+        let errno = Errno::from_raw(e.source.raw_os_error().unwrap_or(libc::EIO));
+        return internal(errno, &format!("give the agent an empty root: {e}"));
+    }
+    let caps = (1u64 << confine::CAP_NET_ADMIN) | (1u64 << confine::CAP_NET_BIND_SERVICE);
+    if let Err(e) = crate::sandbox::drop_capabilities(caps) {
+        let errno = Errno::from_raw(e.source.raw_os_error().unwrap_or(libc::EPERM));
+        return internal(errno, &format!("drop the agent's capabilities: {e}"));
+    }
+    if let Err(e) = confine::undumpable() {
+        return internal(e, "make the agent undumpable (PR_SET_DUMPABLE)");
+    }
+    let filter = match confine::build_seccomp(&agent_calls()) {
+        Ok(f) => f,
+        Err(what) => return internal(Errno::EINVAL, what),
+    };
+    if let Err(e) = confine::install_seccomp(&filter) {
+        return internal(e, "install the agent's seccomp filter");
+    }
+    drop(filter);
     if send_with_fd(sock.as_fd(), &report::encode_ok(&[]), None).is_err() {
         return 1;
     }
-    serve(sock.as_fd())
+    serve(sock.as_fd(), state)
+}
+
+/// The system calls the agent makes once confined (see [`confine`]).
+fn agent_calls() -> Vec<(libc::c_long, confine::Arg)> {
+    use confine::Arg::{Any, OneOf};
+    const FAMILIES: &[u64] = &[libc::AF_INET as u64, libc::AF_NETLINK as u64];
+    let mut v = confine::base_calls();
+    v.extend([
+        (libc::SYS_socket, OneOf(0, FAMILIES)),
+        (libc::SYS_setsockopt, Any),
+        (libc::SYS_getsockopt, Any),
+        (libc::SYS_getsockname, Any),
+        (libc::SYS_bind, Any),
+        (libc::SYS_connect, Any),
+        (libc::SYS_sendto, Any),
+        (libc::SYS_recvfrom, Any),
+        (libc::SYS_fcntl, Any),
+        (libc::SYS_lseek, Any),
+        (libc::SYS_pread64, Any),
+        // std's read_to_string asks for the file's size.
+        (libc::SYS_statx, Any),
+        (libc::SYS_fstat, Any),
+        (libc::SYS_newfstatat, Any),
+        (libc::SYS_pipe2, Any),
+    ]);
+    v
 }
 
 /// What the agent keeps between requests.
@@ -604,11 +854,18 @@ struct AgentState {
     table_ready: bool,
     /// Clients with a per-connection reply rule installed.
     conn_rules: std::collections::HashSet<SocketAddrV4>,
+    /// The namespace's socket tables, opened before the root was emptied.
+    tables: Vec<(Proto, std::fs::File)>,
+    /// Whether the kernel matches rules on protocol and port (4.17).
+    rules_ok: bool,
+    /// `lo`'s interface index.
+    lo: u32,
+    /// The test hook of [`AgentOptions::bad_fd`].
+    bad_fd: bool,
 }
 
 /// The agent's request loop; returns the exit code (0 on EOF).
-fn serve(sock: BorrowedFd<'_>) -> i32 {
-    let mut state = AgentState::default();
+fn serve(sock: BorrowedFd<'_>, mut state: AgentState) -> i32 {
     let mut buf = [0u8; MAX_REQUEST];
     loop {
         let got = match recv_with_fd(sock, &mut buf) {
@@ -657,6 +914,9 @@ impl AgentState {
                 // them: the guest server itself, or (after a DNAT inside
                 // the namespace, e.g. a CNI portmap rule) a pod, whose
                 // replies the per-port rule cannot recognise.
+                if self.bad_fd {
+                    return self.send_pipe(sock);
+                }
                 if let Err(e) = self.conn_rule(client, true) {
                     return send_err(sock, e);
                 }
@@ -672,11 +932,12 @@ impl AgentState {
                 Ok(()) => send_ok(sock, &[], None),
                 Err(e) => send_err(sock, e),
             },
+            Request::Plain(_) if self.bad_fd => self.send_pipe(sock),
             Request::Plain(guest) => match open_guest_socket(None, guest) {
                 Ok(fd) => send_ok(sock, &[], Some(fd.as_fd())),
                 Err(e) => send_err(sock, e),
             },
-            Request::Listening => match listening_sockets() {
+            Request::Listening => match self.listening_sockets() {
                 Ok(list) => {
                     let chunks: Vec<_> = list.chunks(LIST_CHUNK).collect();
                     if chunks.is_empty() {
@@ -695,11 +956,38 @@ impl AgentState {
         }
     }
 
+    /// The test hook: a pipe where a socket belongs.
+    fn send_pipe(&mut self, sock: BorrowedFd<'_>) -> nix::Result<()> {
+        match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
+            Ok((r, _w)) => send_ok(sock, &[], Some(r.as_fd())),
+            Err(e) => send_err(sock, ChildError::new(Step::Internal, e, "pipe")),
+        }
+    }
+
     /// Adds or removes the per-connection rule `to CLIENT ipproto tcp
     /// dport PORT lookup REPLY_TABLE`.
     fn conn_rule(&mut self, client: SocketAddrV4, add: bool) -> Result<(), ChildError> {
         if !add && !self.conn_rules.contains(&client) {
+            // Perhaps added by an agent before this one: remove it if it is
+            // there (a rule that is not is fine).
+            if self.rules_ok {
+                let nl = match &mut self.nl {
+                    Some(nl) => nl,
+                    None => match RtNetlink::open() {
+                        Ok(nl) => self.nl.insert(nl),
+                        Err(_) => return Ok(()),
+                    },
+                };
+                let _ = nl.del_tcp_dest_rule(client, REPLY_TABLE, CONN_RULE_PRIORITY);
+            }
             return Ok(());
+        }
+        if add && !self.rules_ok {
+            return Err(ChildError::new(
+                Step::Netlink,
+                Errno::ENOTSUP,
+                "rules matching on protocol and port need Linux 4.17",
+            ));
         }
         let step = format!(
             "{} rule to {} ipproto tcp dport {} lookup {REPLY_TABLE:#x}",
@@ -715,8 +1003,7 @@ impl AgentState {
             ),
         };
         if add && !self.table_ready {
-            nix::net::if_::if_nametoindex("lo")
-                .and_then(|lo| nl.add_local_default_route_v4(REPLY_TABLE, lo))
+            nl.add_local_default_route_v4(REPLY_TABLE, self.lo)
                 .map_err(|e| {
                     ChildError::new(
                         Step::Netlink,
@@ -751,8 +1038,8 @@ impl AgentState {
             guest.ip(),
             guest.port()
         );
-        if add {
-            rules_supported().map_err(|e| ChildError::new(Step::Netlink, e, &step))?;
+        if add && !self.rules_ok {
+            return Err(ChildError::new(Step::Netlink, Errno::ENOTSUP, &step));
         }
         let nl = match &mut self.nl {
             Some(nl) => nl,
@@ -765,8 +1052,7 @@ impl AgentState {
             let table = if self.table_ready {
                 Ok(())
             } else {
-                nix::net::if_::if_nametoindex("lo")
-                    .and_then(|lo| nl.add_local_default_route_v4(REPLY_TABLE, lo))
+                nl.add_local_default_route_v4(REPLY_TABLE, self.lo)
                     .map_err(|e| {
                         ChildError::new(
                             Step::Netlink,
@@ -848,37 +1134,31 @@ fn open_guest_socket(
     Ok(sock.into())
 }
 
-/// The listening sockets of the current network namespace.
-fn listening_sockets() -> Result<Vec<(Proto, SocketAddr)>, ChildError> {
-    let mut out = Vec::new();
-    let mut seen = HashSet::new();
-    for (file, proto) in [
-        ("tcp", Proto::Tcp),
-        ("tcp6", Proto::Tcp),
-        ("udp", Proto::Udp),
-        ("udp6", Proto::Udp),
-    ] {
-        let path = format!("/proc/self/net/{file}");
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            // No IPv6 in this kernel or namespace: nothing listens there.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => {
+impl AgentState {
+    /// The listening sockets of the namespace, from the tables opened at
+    /// start (each read again from its beginning).
+    fn listening_sockets(&mut self) -> Result<Vec<(Proto, SocketAddr)>, ChildError> {
+        use std::io::{Read, Seek};
+        let mut out = Vec::new();
+        let mut seen = HashSet::new();
+        for (proto, file) in &mut self.tables {
+            let mut text = String::new();
+            if let Err(e) = file.rewind().and_then(|()| file.read_to_string(&mut text)) {
                 let errno = Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO));
                 return Err(ChildError::new(
                     Step::Internal,
                     errno,
-                    &format!("read {path}"),
+                    "read the namespace's socket tables",
                 ));
             }
-        };
-        for addr in parse_proc_net(&text, proto) {
-            if seen.insert((proto, addr)) {
-                out.push((proto, addr));
+            for addr in parse_proc_net(&text, *proto) {
+                if seen.insert((*proto, addr)) {
+                    out.push((*proto, addr));
+                }
             }
         }
+        Ok(out)
     }
-    Ok(out)
 }
 
 /// The local addresses of the sockets in a `/proc/net/{tcp,udp}[6]` table
@@ -984,6 +1264,10 @@ mod tests {
     use std::time::Instant;
 
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use nix::sys::socket::sockopt;
+    use nix::unistd::{ForkResult, fork};
+
+    use crate::ns::process::{exit_child, kill_and_reap};
     use nix::sys::socket::{SockaddrIn, getpeername, getsockname};
     use nix::sys::wait::waitpid;
 
@@ -1363,6 +1647,91 @@ while True:
                     assert!(Instant::now() < deadline, "agent {agent_pid} outlived rnet");
                     std::thread::sleep(Duration::from_millis(20));
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn lost_descriptor_keeps_the_agent() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+        let Ok(SocketAddr::V4(addr)) = listener.local_addr() else {
+            panic!("IPv4 listener expected");
+        };
+        // SAFETY: the child spawns an agent (system calls and small
+        // allocations) and leaves only through `exit_child`.
+        match unsafe { fork() }.expect("fork") {
+            ForkResult::Child => exit_child(|| {
+                let Ok(mut agent) = Agent::spawn(&Target::Pid(std::process::id() as i32)) else {
+                    return 2;
+                };
+                // Leave no free descriptor number: a limit just above the
+                // highest one open, and every hole below filled.
+                let max = std::fs::read_dir("/proc/self/fd")
+                    .map(|d| {
+                        d.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok())
+                            .max()
+                            .unwrap_or(3)
+                    })
+                    .unwrap_or(1024);
+                let (_, hard) =
+                    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+                        .unwrap_or((0, 4096));
+                if nix::sys::resource::setrlimit(
+                    nix::sys::resource::Resource::RLIMIT_NOFILE,
+                    max + 1,
+                    hard,
+                )
+                .is_err()
+                {
+                    return 3;
+                }
+                let mut fill = Vec::new();
+                while let Ok(fd) = nix::fcntl::open(
+                    "/dev/null",
+                    nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
+                    nix::sys::stat::Mode::empty(),
+                ) {
+                    fill.push(fd);
+                }
+                if agent.submit(Submit::Plain(addr)).is_err() {
+                    return 4;
+                }
+                let end = Instant::now() + Duration::from_secs(5);
+                loop {
+                    match agent.try_reply() {
+                        Ok(Some(Reply::Ok {
+                            fd: None,
+                            fd_lost: true,
+                        })) => break,
+                        Ok(None) if Instant::now() < end => {
+                            let Some(raw) = agent.raw_fd() else { return 5 };
+                            // SAFETY: the agent's socket, open while
+                            // `agent` lives, borrowed for the poll only.
+                            let fd = unsafe { BorrowedFd::borrow_raw(raw) };
+                            launcher::wait_readable(fd, Duration::from_millis(100));
+                        }
+                        other => {
+                            let msg = format!("unexpected answer: {other:?}\n");
+                            // SAFETY: writing a buffer to stderr.
+                            unsafe {
+                                libc::write(2, msg.as_ptr().cast(), msg.len());
+                            }
+                            return 6;
+                        }
+                    }
+                }
+                drop(fill);
+                // The agent was not blamed and still serves.
+                match agent.connect_plain(addr) {
+                    Ok(_) if agent.is_alive() => 0,
+                    _ => 7,
+                }
+            }),
+            ForkResult::Parent { child } => {
+                assert_eq!(
+                    super::super::process::reap(child),
+                    Ok(Some(nix::sys::wait::WaitStatus::Exited(child, 0)))
+                );
             }
         }
     }
