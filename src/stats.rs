@@ -31,11 +31,13 @@ pub enum DropReason {
     Dhcp,
     /// A state bound was reached (see `Limits`).
     Limit,
+    /// A host-side datagram the inbound UDP filter refused.
+    Filtered,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 11] = [
+    pub const ALL: [DropReason; 12] = [
         DropReason::Malformed,
         DropReason::BadChecksum,
         DropReason::Fragment,
@@ -47,6 +49,7 @@ impl DropReason {
         DropReason::HostSocket,
         DropReason::Dhcp,
         DropReason::Limit,
+        DropReason::Filtered,
     ];
 
     /// A short, stable name for logs and metrics.
@@ -63,6 +66,7 @@ impl DropReason {
             DropReason::HostSocket => "host_socket",
             DropReason::Dhcp => "dhcp",
             DropReason::Limit => "limit",
+            DropReason::Filtered => "filtered",
         }
     }
 }
