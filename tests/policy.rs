@@ -14,7 +14,8 @@
 //!
 //! Shown:
 //! - a TCP connect to hostns's veth address (v4 and v6) at a port with a
-//!   host listener that rnet does not publish is refused;
+//!   host listener that rnet does not publish is refused, and so is an
+//!   address added to hostns while rnet runs;
 //! - the same at a port rnet publishes reaches the guest's own server,
 //!   which sees the connection from the gateway (hairpin), TCP and UDP,
 //!   IPv4 and IPv6, also through the gateway address itself;
@@ -88,6 +89,8 @@ fn sh(args: &[&str]) {
 struct Contained {
     host: String,
     peer: String,
+    /// hostns's end of the veth.
+    host_if: String,
 }
 
 impl Contained {
@@ -95,11 +98,12 @@ impl Contained {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
         let pid = std::process::id();
+        let (hif, pif) = (format!("rpl{pid}{n}h"), format!("rpl{pid}{n}p"));
         let c = Contained {
             host: format!("rnet-pol-{pid}-{n}-h"),
             peer: format!("rnet-pol-{pid}-{n}-p"),
+            host_if: hif.clone(),
         };
-        let (hif, pif) = (format!("rpl{pid}{n}h"), format!("rpl{pid}{n}p"));
         for ns in [&c.host, &c.peer] {
             sh(&["ip", "netns", "add", ns]);
             sh(&[
@@ -357,6 +361,31 @@ fn host_addresses_hairpin_and_link_local() {
         let got = node.py(&["tcp", host, &unpub]);
         assert_refused(&got, &format!("TCP to hostns's own {host}:{UNPUBLISHED}"));
     }
+    // An address added while rnet runs is the host's too: rnet follows
+    // the kernel's address notifications (inside its sandbox). The check
+    // repeats until rnet has caught up, within a deadline.
+    let hif = c.host_if.clone();
+    sh(&[
+        "ip",
+        "-n",
+        &c.host,
+        "addr",
+        "add",
+        "198.19.0.9/16",
+        "dev",
+        &hif,
+    ]);
+    let refused = poll_until(secs(10), || {
+        let got = node.py(&["tcp", "198.19.0.9", &unpub]);
+        (got.starts_with("err ") && got != "err timeout").then_some(got)
+    });
+    let (got, after) = refused.unwrap_or_else(|| {
+        panic!(
+            "an address added at run time stayed reachable: {}",
+            node.status()
+        )
+    });
+    eprintln!("added address 198.19.0.9 refused after {after:?}: {got}");
     let policy_before = node.drops("policy");
 
     for (host, seen) in [
