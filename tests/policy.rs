@@ -586,3 +586,59 @@ fn inbound_udp_filtering() {
     assert!(!lines.iter().any(|l| l.contains("local")), "{lines:?}");
     assert_eq!(filtered, 1, "the loopback datagram dropped and counted");
 }
+
+/// With rnet's open-file limit low, 400 guest UDP endpoints (one datagram
+/// each, to a loopback echo server behind the gateway) run it out of
+/// sockets: the failure is logged once, not per datagram. No contained
+/// set-up needed: only host loopback is reached.
+#[test]
+fn failing_udp_socket_opens_log_rarely() {
+    require!(require_userns);
+    let echo = UdpEcho::start();
+    let code = r#"
+import socket, sys
+port = int(sys.argv[1])
+for i in range(400):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.sendto(b"x", ("10.0.2.2", port))
+    s.close()
+print("sent 400")
+"#;
+    let port = echo.addr.port().to_string();
+    let mut cmd = Rnet::new()
+        .allow_host_loopback()
+        .run_cmd(&[PYTHON, "-c", code, &port]);
+    // SAFETY: setrlimit is async-signal-safe and only changes the child.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: 64,
+                rlim_max: 64,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = run(&mut cmd, secs(60));
+    out.assert_success("guest sending from 400 UDP endpoints with rnet at 64 files");
+    let warnings = out
+        .stderr
+        .lines()
+        .filter(|l| l.contains("cannot open a UDP socket"))
+        .count();
+    eprintln!(
+        "400 endpoints, rnet limited to 64 files: host saw {} datagrams, {warnings} warning line(s)",
+        echo.datagrams.load(Ordering::SeqCst)
+    );
+    assert!(
+        echo.datagrams.load(Ordering::SeqCst) < 400,
+        "rnet never ran out of sockets: {out}"
+    );
+    assert_eq!(
+        warnings, 1,
+        "the failure must be logged exactly once: {out}"
+    );
+}
