@@ -1,7 +1,10 @@
 //! The event loop's side of port publishing (see [`crate::ports`] for the
 //! rules and the theory): host listeners living in the flow slab, accepted
-//! connections turned into inbound flows, UDP datagrams carried both ways,
-//! and the requests other threads send to change the rules.
+//! connections turned into inbound flows, UDP datagrams carried both ways
+//! (with the table of published-UDP clients, bounded by
+//! `Limits::udp_clients` with least-recently-used eviction), the hairpin
+//! lookup for guest traffic to rnet's own published ports, and the
+//! requests other threads send to change the rules.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
