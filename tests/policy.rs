@@ -210,6 +210,8 @@ elif mode in ("tcp", "udp"):
     fam = socket.AF_INET6 if ":" in host else socket.AF_INET
     s = socket.socket(fam, socket.SOCK_STREAM if mode == "tcp" else socket.SOCK_DGRAM)
     s.settimeout(5)
+    if len(sys.argv) > 4:
+        s.bind((sys.argv[4], 0))
     try:
         if "%" in host:
             addr, dev = host.split("%")
@@ -428,7 +430,10 @@ fn host_addresses_hairpin_and_link_local() {
     )
     .assert_success("guest route to fe80:1::/32 via the gateway");
     let ll_before = node.drops("policy");
-    let got = node.py(&["tcp", "fe80:1::1%tap0", "80"]);
+    // From the guest's global address: rnet takes nothing from the
+    // guest's own link-local address, which the guest would pick for a
+    // link-local destination.
+    let got = node.py(&["tcp", "fe80:1::1%tap0", "80", "fd00::100"]);
     eprintln!("TCP to [fe80:1::1]:80: {got}");
     // The guest's TCP may take rnet's ICMPv6 answer as a soft error while
     // its connect() holds the socket and then time out; rnet's own count

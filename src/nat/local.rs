@@ -16,8 +16,11 @@
 //! IPv6 address groups, registered in the event loop, and one that dumps
 //! the routing tables. Any address notification (or a lost one, ENOBUFS)
 //! triggers a new dump, so the set follows `ip addr add/del`, DHCP renewals
-//! and interfaces going away. Both sockets need only `sendto`/`recvfrom`,
-//! which the sandbox allows.
+//! and interfaces going away. (A `local` route added by hand without an
+//! address is picked up at the next address change: route notifications
+//! are not followed, since on a busy node they would mean a dump per
+//! route change.) Both sockets need only `sendto`/`recvfrom` and the dump
+//! socket a receive timeout, which the sandbox allows.
 
 use std::collections::HashSet;
 use std::io;
@@ -33,8 +36,9 @@ use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
 /// Multicast groups of address changes (RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR).
 const ADDR_GROUPS: u32 = 0x10 | 0x100;
-/// Receive buffer for dumps and notifications.
-const BUF: usize = 64 * 1024;
+/// Receive buffer for dumps and notifications (a dump part is at most
+/// 32 KiB; a larger one would show as a malformed message).
+const BUF: usize = 128 * 1024;
 /// The kernel's `local` routing table.
 const RT_TABLE_LOCAL: u8 = 255;
 
@@ -62,6 +66,25 @@ impl LocalAddrs {
         let mut dump = Socket::new(NETLINK_ROUTE)?;
         dump.bind_auto()?;
         dump.connect(&SocketAddr::new(0, 0))?;
+        // The event loop waits for dumps: never for long.
+        let timeout = libc::timeval {
+            tv_sec: 1,
+            tv_usec: 0,
+        };
+        // SAFETY: SO_RCVTIMEO on a socket we own, with a timeval of the
+        // length passed.
+        let rc = unsafe {
+            libc::setsockopt(
+                dump.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&raw const timeout).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
         let mut me = Self {
             sockets: Some(Sockets {
                 events,
