@@ -1065,7 +1065,15 @@ impl Engine {
         now: Instant,
     ) -> bool {
         match self.hairpin(crate::ports::Proto::Udp, dst) {
-            Some(target) => {
+            Some(mut target) => {
+                // IPv4 flow sockets bound to --outbound-addr cannot send to
+                // loopback; that address is the host's too, so the
+                // published socket takes the datagram there.
+                if let (Some(out), SocketAddr::V4(t)) = (self.cfg.outbound_addr(), target)
+                    && t.ip().is_loopback()
+                {
+                    target = SocketAddr::from((out, t.port()));
+                }
                 self.udp_out(src, target, Some(dst), payload, now);
                 true
             }
