@@ -267,6 +267,10 @@ pub struct Limits {
     /// Bytes held in TCP buffers across all flows before rnet stops taking
     /// more host data (the host side then waits on its TCP window).
     pub buffer_ceiling: usize,
+    /// Clients remembered per published UDP port set (the table that sends
+    /// the guest's answers back to them); at the cap the least recently
+    /// used conversation is forgotten.
+    pub udp_clients: usize,
 }
 
 impl Default for Limits {
@@ -279,26 +283,98 @@ impl Default for Limits {
             udp_flows_per_guest: 4_096,
             icmp_flows: 256,
             buffer_ceiling: 256 << 20,
+            udp_clients: 4_096,
         }
     }
 }
 
 /// Where NATed guest traffic may go, besides the gateway and the DNS forwarder.
+///
+/// Link-local destinations (IPv4 169.254.0.0/16, where cloud metadata
+/// services live, and IPv6 fe80::/10) are refused unless an entry *names*
+/// them: an entry counts for a link-local address only when the entry's
+/// whole network lies inside that link-local range (`169.254.169.254/32`,
+/// `169.254.0.0/16`, `fe80::/10`, `fe80::1/128`). A broader entry that
+/// merely contains them (`0.0.0.0/0`, `::/0`, `128.0.0.0/1`) does not, and
+/// [`OutboundPolicy::Any`] never does. The same rule applies to sources of
+/// datagrams arriving for the guest's UDP flows.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum OutboundPolicy {
-    /// Any destination outside the loopback, link-local-to-us and special ranges.
+    /// Any destination outside the loopback, link-local, host-local and
+    /// special ranges.
     Any,
     /// Only destinations inside one of these networks (empty: none at all).
     Only(Vec<IpCidr>),
 }
 
+/// IPv4 link-local, 169.254.0.0/16.
+const LINK_LOCAL4: Ipv4Cidr = Ipv4Cidr {
+    addr: Ipv4Addr::new(169, 254, 0, 0),
+    prefix: 16,
+};
+/// IPv6 link-local, fe80::/10.
+const LINK_LOCAL6: Ipv6Cidr = Ipv6Cidr {
+    addr: Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0),
+    prefix: 10,
+};
+
+/// Whether `ip` is link-local (169.254.0.0/16 or fe80::/10).
+pub fn is_link_local(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => LINK_LOCAL4.contains(a),
+        IpAddr::V6(a) => LINK_LOCAL6.contains(a),
+    }
+}
+
+impl IpCidr {
+    /// Whether this entry names link-local addresses explicitly: its whole
+    /// network lies inside 169.254.0.0/16 or fe80::/10.
+    fn names_link_local(&self) -> bool {
+        match self {
+            IpCidr::V4(c) => c.prefix >= LINK_LOCAL4.prefix && LINK_LOCAL4.contains(c.addr),
+            IpCidr::V6(c) => c.prefix >= LINK_LOCAL6.prefix && LINK_LOCAL6.contains(c.addr),
+        }
+    }
+}
+
 impl OutboundPolicy {
-    /// Whether a NATed flow to `ip` is allowed by this policy.
+    /// Whether a NATed flow to `ip` is allowed by this policy (link-local
+    /// addresses only by an entry that names them; see the type's docs).
     pub fn allows(&self, ip: impl Into<IpAddr>) -> bool {
         let ip = ip.into();
+        let link_local = is_link_local(ip);
         match self {
-            OutboundPolicy::Any => true,
-            OutboundPolicy::Only(nets) => nets.iter().any(|n| n.contains(ip)),
+            OutboundPolicy::Any => !link_local,
+            OutboundPolicy::Only(nets) => nets
+                .iter()
+                .any(|n| n.contains(ip) && (!link_local || n.names_link_local())),
+        }
+    }
+}
+
+/// Which datagrams from the host side may enter a guest UDP flow.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum UdpFilter {
+    /// Only datagrams from addresses (any port) the flow has sent to, as
+    /// Linux conntrack and most home routers do (the default).
+    #[default]
+    AddressDependent,
+    /// Datagrams from any source the address policy admits (the outbound
+    /// allow-list, and host loopback only with `--allow-host-loopback`):
+    /// full-cone behaviour for peer-to-peer protocols that need it.
+    EndpointIndependent,
+}
+
+impl FromStr for UdpFilter {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "address-dependent" => Ok(UdpFilter::AddressDependent),
+            "endpoint-independent" => Ok(UdpFilter::EndpointIndependent),
+            _ => Err(ConfigError::Conflict(format!(
+                "UDP filter {s:?}: expected address-dependent or endpoint-independent"
+            ))),
         }
     }
 }
@@ -367,6 +443,7 @@ pub struct Config {
     pub(crate) allow_host_loopback: bool,
     pub(crate) outbound: OutboundPolicy,
     pub(crate) outbound_addr: Option<Ipv4Addr>,
+    pub(crate) udp_filter: UdpFilter,
     pub(crate) dns_upstreams: Vec<SocketAddr>,
     pub(crate) disable_dns: bool,
     pub(crate) ready_fd: Option<RawFd>,
@@ -465,6 +542,10 @@ impl Config {
     pub fn outbound_addr(&self) -> Option<Ipv4Addr> {
         self.outbound_addr
     }
+    /// Which host-side datagrams may enter a guest UDP flow.
+    pub fn udp_filter(&self) -> UdpFilter {
+        self.udp_filter
+    }
     /// DNS upstreams in the order they are tried (empty: read /etc/resolv.conf).
     pub fn dns_upstreams(&self) -> &[SocketAddr] {
         &self.dns_upstreams
@@ -506,6 +587,7 @@ pub struct ConfigBuilder {
     allow_host_loopback: bool,
     outbound: OutboundPolicy,
     outbound_addr: Option<Ipv4Addr>,
+    udp_filter: UdpFilter,
     dns_upstreams: Vec<SocketAddr>,
     disable_dns: bool,
     ready_fd: Option<RawFd>,
@@ -546,6 +628,7 @@ impl Default for ConfigBuilder {
             allow_host_loopback: false,
             outbound: OutboundPolicy::Any,
             outbound_addr: None,
+            udp_filter: UdpFilter::default(),
             dns_upstreams: Vec::new(),
             disable_dns: false,
             ready_fd: None,
@@ -645,6 +728,12 @@ impl ConfigBuilder {
     /// Bind outgoing host sockets to this address.
     pub fn outbound_addr(mut self, addr: Option<Ipv4Addr>) -> Self {
         self.outbound_addr = addr;
+        self
+    }
+    /// Which host-side datagrams may enter a guest UDP flow (default
+    /// [`UdpFilter::AddressDependent`]).
+    pub fn udp_filter(mut self, filter: UdpFilter) -> Self {
+        self.udp_filter = filter;
         self
     }
     /// DNS upstreams, tried in order (default: the nameservers of /etc/resolv.conf).
@@ -836,6 +925,7 @@ impl ConfigBuilder {
             allow_host_loopback: self.allow_host_loopback,
             outbound: self.outbound,
             outbound_addr: self.outbound_addr,
+            udp_filter: self.udp_filter,
             dns_upstreams: self.dns_upstreams,
             disable_dns: self.disable_dns,
             ready_fd: self.ready_fd,
@@ -1059,6 +1149,31 @@ mod tests {
         assert!(p.allows(Ipv4Addr::new(198, 18, 0, 2)));
         assert!(!p.allows(Ipv4Addr::new(198, 18, 0, 4)));
         assert!(!OutboundPolicy::Only(vec![]).allows(Ipv4Addr::new(1, 1, 1, 1)));
+    }
+
+    #[test]
+    fn link_local_only_when_named() {
+        let metadata = Ipv4Addr::new(169, 254, 169, 254);
+        let ll6: Ipv6Addr = "fe80::1".parse().unwrap();
+        assert!(!OutboundPolicy::Any.allows(metadata));
+        assert!(!OutboundPolicy::Any.allows(ll6));
+        assert!(OutboundPolicy::Any.allows(Ipv4Addr::new(198, 18, 0, 1)));
+        let only =
+            |v: &[&str]| OutboundPolicy::Only(v.iter().map(|c| c.parse().unwrap()).collect());
+        let broad = only(&["0.0.0.0/0", "::/0", "169.0.0.0/8", "fe80::/9"]);
+        assert!(!broad.allows(metadata));
+        assert!(!broad.allows(ll6));
+        assert!(broad.allows(Ipv4Addr::new(198, 18, 0, 1)));
+        assert!(only(&["169.254.169.254/32"]).allows(metadata));
+        assert!(!only(&["169.254.169.254/32"]).allows(Ipv4Addr::new(169, 254, 0, 1)));
+        assert!(only(&["169.254.0.0/16"]).allows(metadata));
+        assert!(only(&["fe80::/10"]).allows(ll6));
+        assert!(only(&["fe80::1/128"]).allows(ll6));
+        assert_eq!(
+            "endpoint-independent".parse(),
+            Ok(UdpFilter::EndpointIndependent)
+        );
+        assert!("full-cone".parse::<UdpFilter>().is_err());
     }
 
     #[test]

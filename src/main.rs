@@ -230,6 +230,14 @@ struct NetArgs {
     /// Source address for outgoing host sockets.
     #[arg(long, value_name = "IP", help_heading = "Policy")]
     outbound_addr: Option<Ipv4Addr>,
+    /// Which datagrams from the host side may enter a guest's UDP flow:
+    /// `address-dependent` only from addresses the flow has sent to (as
+    /// Linux conntrack does); `endpoint-independent` from any source the
+    /// outbound policy admits (full cone). Refused datagrams are counted
+    /// as `filtered`.
+    #[arg(long, value_name = "MODE", default_value = "address-dependent", help_heading = "Policy",
+          value_parser = ["address-dependent", "endpoint-independent"])]
+    udp_filter: String,
     /// DNS server to forward 10.0.2.3 to, tried in order (repeatable).
     /// Default: the nameservers in /etc/resolv.conf.
     #[arg(long, value_name = "ADDR[:PORT]", help_heading = "DNS")]
@@ -370,6 +378,11 @@ impl NetArgs {
             .allow_host_loopback(self.allow_host_loopback)
             .outbound(outbound)
             .outbound_addr(self.outbound_addr)
+            .udp_filter(
+                self.udp_filter
+                    .parse()
+                    .map_err(|e| format!("--udp-filter: {e}"))?,
+            )
             .dns_upstreams(upstreams)
             .disable_dns(self.disable_dns)
             .ready_fd(self.ready_fd)

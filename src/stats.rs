@@ -38,11 +38,13 @@ pub enum DropReason {
     /// descriptor number (`MSG_CTRUNC`; the connection took the stack
     /// path).
     AgentFdLost,
+    /// A host-side datagram the inbound UDP filter refused.
+    Filtered,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 13] = [
+    pub const ALL: [DropReason; 14] = [
         DropReason::Malformed,
         DropReason::BadChecksum,
         DropReason::Fragment,
@@ -56,6 +58,7 @@ impl DropReason {
         DropReason::Limit,
         DropReason::AgentBadFd,
         DropReason::AgentFdLost,
+        DropReason::Filtered,
     ];
 
     /// A short, stable name for logs and metrics.
@@ -74,6 +77,7 @@ impl DropReason {
             DropReason::Limit => "limit",
             DropReason::AgentBadFd => "agent_bad_fd",
             DropReason::AgentFdLost => "agent_fd_lost",
+            DropReason::Filtered => "filtered",
         }
     }
 }

@@ -16,7 +16,9 @@
 //!
 //! Shown: overlay ping both ways (also with full-MTU packets that must not
 //! be fragmented inside the overlay), the published kubelet port from the
-//! other machine, the allow-list keeping the node off everything else,
+//! other machine, the allow-list keeping the node off everything else
+//! (its own machine's address included, except the ports rnet publishes,
+//! which come back to the node: hairpin),
 //! and 100 MiB across the overlay each way with matching SHA-256; with the
 //! default TAP MTU (65520: VXLAN 65470, the underlay veth fragments the
 //! datagrams) and with `--mtu 1500` (VXLAN 1450: nothing fragments, what a
@@ -270,18 +272,45 @@ fn kubelet_port_from_other_machine(m: &Machines, a: &Node) {
     assert_eq!(seen.client, local, "node A sees machine B's own address");
 }
 
-/// The node may reach the other machine only: its own machine's address
-/// (here the published kubelet port) is refused by the allow-list at once
-/// (ICMP administratively prohibited: "No route to host"), and `rnet
-/// status` counts a policy drop.
+/// The node may reach the other machine only: another address on the
+/// machines' link is refused by the allow-list at once (ICMP
+/// administratively prohibited: "No route to host"), its own machine's
+/// address at a port rnet does not publish is refused as the host's own
+/// (as host loopback: "Network is unreachable"), and `rnet status` counts
+/// both as policy drops. Its own machine's address at the published
+/// kubelet port comes back to the node's own server (hairpin), seen from
+/// the gateway: what a single-node cluster's API server dialing the
+/// node's advertised address needs.
 fn allow_list_holds(a: &Node) {
     let policy = |s: Value| s["drops"]["policy"].as_u64().unwrap();
     let before = policy(a.status_json());
+    let url = format!("http://198.18.50.3:{KUBELET_PORT}/");
+    let out = run(&mut a.exec(&strs(&curl(&url))), secs(30));
+    out.assert_failure("node A reaching an address outside its allow-list");
+    assert_stderr_has(&out, "No route to host");
+    let url = format!("http://{}:{}/", MACHINE[0], KUBELET_PORT + 1);
+    let out = run(&mut a.exec(&strs(&curl(&url))), secs(30));
+    out.assert_failure("node A reaching its own machine's address at an unpublished port");
+    assert_stderr_has(&out, "Network is unreachable");
+    assert!(
+        policy(a.status_json()) >= before + 2,
+        "no policy drops counted"
+    );
+
+    let server = guest_script("port_server.py");
+    let mut http =
+        LineProc::spawn(&mut a.exec(&[PYTHON, &server, &format!("http:{KUBELET_PORT}")]));
+    http.wait_line("listening", secs(30), |l| l == "listening");
     let url = format!("http://{}:{KUBELET_PORT}/", MACHINE[0]);
     let out = run(&mut a.exec(&strs(&curl(&url))), secs(30));
-    out.assert_failure("node A reaching its own machine's address");
-    assert_stderr_has(&out, "No route to host");
-    assert!(policy(a.status_json()) > before, "no policy drop counted");
+    out.assert_success("node A reaching its own published kubelet port (hairpin)");
+    let seen = parse_seen(&out.stdout);
+    assert_eq!(seen.guest_port, KUBELET_PORT, "{out}");
+    assert_eq!(
+        seen.client.ip().to_string(),
+        GATEWAY,
+        "hairpin client: {out}"
+    );
 }
 
 /// While `transfer` runs: `rnet status --json` of node A shows UDP flows

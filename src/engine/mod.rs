@@ -21,7 +21,7 @@
 //! Timers live in a binary heap with lazy invalidation.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::ops::Range;
@@ -40,6 +40,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::nat::icmp::{self, IcmpFlow};
+use crate::nat::local::LocalAddrs;
 use crate::nat::tcp::{self, Step, TcpFlow, TcpKey};
 use crate::nat::udp::UdpFlow;
 use crate::nat::{Deny, Route, route, route_any};
@@ -58,6 +59,7 @@ const TAP: Token = Token(0);
 const WAKER: Token = Token(1);
 const PIDFD: Token = Token(2);
 const EXIT_FD: Token = Token(3);
+const LOCAL_ADDRS: Token = Token(6);
 const FIRST_FLOW: usize = 16;
 
 /// Frames read from the TAP per loop iteration before other work runs.
@@ -267,6 +269,9 @@ pub struct Engine {
     /// Published-UDP conversations: (guest endpoint, client as the guest
     /// sees it) → the listener and the real client.
     udp_return: HashMap<(SocketAddr, SocketAddr), ports::UdpReturn>,
+    /// The same by recency, for eviction at `Limits::udp_clients` and the
+    /// idle sweep.
+    udp_return_lru: BTreeSet<(Instant, SocketAddr, SocketAddr)>,
     commands: mpsc::Receiver<Command>,
     next_sweep: Instant,
     dhcp: DhcpServer,
@@ -289,6 +294,14 @@ pub struct Engine {
     next_ra: Option<Instant>,
     /// Guest IPv6 addresses recently taught to smoltcp's neighbour cache.
     v6_learned: HashMap<Ipv6Addr, Instant>,
+    /// The host's own addresses (refused like host loopback).
+    local: LocalAddrs,
+    /// UDP flows by recency (re-indexed at most once a second each), so
+    /// that eviction at a bound takes the oldest without a scan.
+    udp_lru: BTreeSet<(Instant, usize)>,
+    /// The same per guest address.
+    udp_lru_guest: BTreeSet<(IpAddr, Instant, usize)>,
+    last_udp_open_warn: Option<std::time::Instant>,
 }
 
 impl Engine {
@@ -330,6 +343,24 @@ impl Engine {
                 .register(&mut SourceFd(&fd), EXIT_FD, Interest::READABLE)?;
         }
         let stats = Arc::new(Stats::default());
+        // Opened now: the sandbox entered later allows no new netlink socket.
+        let local = match LocalAddrs::open() {
+            Ok(l) => {
+                if let Some(fd) = l.event_fd() {
+                    poll.registry().register(
+                        &mut SourceFd(&fd),
+                        LOCAL_ADDRS,
+                        Interest::READABLE,
+                    )?;
+                }
+                debug!(entries = l.len(), "host-local addresses read");
+                l
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot read the host's own addresses over netlink; only the gateway is treated as the host");
+                LocalAddrs::default()
+            }
+        };
         let (cfg_net, cfg_mtu, cfg_limits) = (cfg.cidr(), cfg.mtu(), cfg.limits());
         let dhcp = DhcpServer::new(dhcp_config(&cfg, cfg_net, cfg_mtu));
         let engine = Self {
@@ -357,6 +388,7 @@ impl Engine {
             rules: BTreeMap::new(),
             next_rule: 1,
             udp_return: HashMap::new(),
+            udp_return_lru: BTreeSet::new(),
             commands,
             next_sweep: stack::now(),
             dhcp,
@@ -371,6 +403,10 @@ impl Engine {
             last_limit_warn: None,
             next_ra: None,
             v6_learned: HashMap::new(),
+            local,
+            udp_lru: BTreeSet::new(),
+            udp_lru_guest: BTreeSet::new(),
+            last_udp_open_warn: None,
         };
         Ok((engine, control, stats))
     }
@@ -398,6 +434,13 @@ impl Engine {
                     WAKER => self.handle_commands(),
                     t @ (ports::AGENT | ports::LAUNCHER) => self.agent_event(t, now),
                     PIDFD => return Ok(ExitReason::TargetExited),
+                    LOCAL_ADDRS => match self.local.on_event() {
+                        Ok(true) => {
+                            debug!(entries = self.local.len(), "host-local addresses changed")
+                        }
+                        Ok(false) => {}
+                        Err(e) => warn!(error = %e, "cannot re-read the host's own addresses"),
+                    },
                     EXIT_FD => {
                         if self.exit_fd_hung_up() {
                             return Ok(ExitReason::ExitFd);
@@ -557,7 +600,7 @@ impl Engine {
                     }
                     return;
                 }
-                match route(&self.cfg, SocketAddrV4::new(dst, 0)) {
+                match route(&self.cfg, &self.local, SocketAddrV4::new(dst, 0)) {
                     Route::Host(_) => self.relay_echo(src.into(), dst.into(), ident, icmp, now),
                     Route::Dns | Route::Deny(_) => {
                         self.deny(Deny::NotAllowed, src, dst, ip_off, len)
@@ -569,9 +612,10 @@ impl Engine {
                 dst: SocketAddr::V4(dst),
                 payload,
                 ip_off,
-            } => match route(&self.cfg, dst) {
+            } => match route(&self.cfg, &self.local, dst) {
                 _ if self.udp_return_to_client(src.into(), dst.into(), payload.clone(), now) => {}
-                Route::Host(target) => self.udp_out(src.into(), target, payload, now),
+                _ if self.udp_hairpin(src.into(), dst.into(), payload.clone(), now) => {}
+                Route::Host(target) => self.udp_out(src.into(), target, None, payload, now),
                 Route::Dns => self.dns_query(src.into(), payload, now),
                 Route::Deny(d) => self.deny(d, *src.ip(), *dst.ip(), ip_off, len),
             },
@@ -580,9 +624,10 @@ impl Engine {
                 dst: SocketAddr::V6(dst),
                 payload,
                 ip_off,
-            } => match crate::nat::route6(&self.cfg, dst) {
+            } => match crate::nat::route6(&self.cfg, &self.local, dst) {
                 _ if self.udp_return_to_client(src.into(), dst.into(), payload.clone(), now) => {}
-                Route::Host(target) => self.udp_out(src.into(), target, payload, now),
+                _ if self.udp_hairpin(src.into(), dst.into(), payload.clone(), now) => {}
+                Route::Host(target) => self.udp_out(src.into(), target, None, payload, now),
                 Route::Dns => self.dns_query(src.into(), payload, now),
                 Route::Deny(d) => self.deny6(d, *src.ip(), ip_off, len),
             },
@@ -600,7 +645,7 @@ impl Engine {
                     self.echo6_reply(src, dst, ident, seq, icmp);
                     return;
                 }
-                match crate::nat::route6(&self.cfg, SocketAddrV6::new(dst, 0, 0, 0)) {
+                match crate::nat::route6(&self.cfg, &self.local, SocketAddrV6::new(dst, 0, 0, 0)) {
                     Route::Host(_) => {
                         self.relay_echo(src.into(), dst.into(), ident, icmp, now);
                     }
@@ -701,7 +746,15 @@ impl Engine {
         guest_mss: Option<u16>,
         now: Instant,
     ) {
-        let (target, bind) = match route_any(&self.cfg, dst) {
+        let hairpin = self.hairpin(crate::ports::Proto::Tcp, dst);
+        let route = match hairpin {
+            Some(t) => Route::Host(t),
+            None => route_any(&self.cfg, &self.local, dst),
+        };
+        let (target, bind) = match route {
+            // A hairpin goes to rnet's own listener on the host's loopback,
+            // which no outbound source address can reach.
+            Route::Host(t) if hairpin.is_some() => (t, None),
             Route::Host(t) => (t, self.cfg.outbound_addr()),
             Route::Dns => match self.upstreams.first() {
                 Some(t) => (*t, None),
@@ -944,10 +997,14 @@ impl Engine {
         }
     }
 
+    /// Sends a guest datagram from `src` to `target` through the flow of
+    /// `src`; `shown` is the destination the guest used when the answers
+    /// come from elsewhere (a hairpin).
     fn udp_out(
         &mut self,
         src: SocketAddr,
         target: SocketAddr,
+        shown: Option<SocketAddr>,
         payload: Range<usize>,
         now: Instant,
     ) {
@@ -962,6 +1019,8 @@ impl Engine {
                         return;
                     };
                     self.udp_index.insert(src, idx);
+                    self.udp_lru.insert((now, idx));
+                    self.udp_lru_guest.insert((src.ip(), now, idx));
                     self.per_guest.entry(src.ip()).or_default().1 += 1;
                     self.stats.udp_flows.fetch_add(1, Ordering::Relaxed);
                     let at =
@@ -970,19 +1029,73 @@ impl Engine {
                     idx
                 }
                 Err(e) => {
-                    warn!(guest = %src, error = %e, "cannot open a UDP socket");
                     self.stats.count_drop(DropReason::HostSocket);
+                    let wall = std::time::Instant::now();
+                    if self
+                        .last_udp_open_warn
+                        .is_none_or(|t| wall.duration_since(t) >= StdDuration::from_secs(10))
+                    {
+                        self.last_udp_open_warn = Some(wall);
+                        warn!(guest = %src, error = %e, "cannot open a UDP socket; the datagram is dropped (counted as `host_socket`; this message repeats at most every 10 s)");
+                    }
                     return;
                 }
             },
         };
         let payload = &self.tap.split().0[payload];
         if let Flow::Udp(f) = &mut self.flows[idx].flow
-            && let Err(e) = f.send(target, payload, now)
+            && let Err(e) = f.send(target, shown, payload, now)
         {
             debug!(guest = %src, %target, error = %e, "udp send failed");
             self.stats.count_drop(DropReason::HostSocket);
         }
+        self.udp_touch(idx);
+    }
+
+    /// Sends a guest datagram to a port rnet publishes back through that
+    /// port (hairpin); false if `dst` is not one.
+    fn udp_hairpin(
+        &mut self,
+        src: SocketAddr,
+        dst: SocketAddr,
+        payload: Range<usize>,
+        now: Instant,
+    ) -> bool {
+        match self.hairpin(crate::ports::Proto::Udp, dst) {
+            Some(mut target) => {
+                // IPv4 flow sockets bound to --outbound-addr cannot send to
+                // loopback; that address is the host's too, so the
+                // published socket takes the datagram there.
+                if let (Some(out), SocketAddr::V4(t)) = (self.cfg.outbound_addr(), target)
+                    && t.ip().is_loopback()
+                {
+                    target = SocketAddr::from((out, t.port()));
+                }
+                self.udp_out(src, target, Some(dst), payload, now);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Moves a UDP flow to its place in the recency index after activity,
+    /// at most once a second per flow (eviction order is by the second).
+    fn udp_touch(&mut self, idx: usize) {
+        let Some(Slot {
+            flow: Flow::Udp(f), ..
+        }) = self.flows.get_mut(idx)
+        else {
+            return;
+        };
+        if f.last_active < f.indexed_at + Duration::from_secs(1) {
+            return;
+        }
+        let (old, new, ip) = (f.indexed_at, f.last_active, f.guest.ip());
+        f.indexed_at = new;
+        self.udp_lru.remove(&(old, idx));
+        self.udp_lru.insert((new, idx));
+        self.udp_lru_guest.remove(&(ip, old, idx));
+        self.udp_lru_guest.insert((ip, new, idx));
     }
 
     fn dns_query(&mut self, src: SocketAddr, payload: Range<usize>, now: Instant) {
@@ -1214,7 +1327,12 @@ impl Engine {
             match &mut slot.flow {
                 Flow::Tcp(_) => self.service_tcp(idx, now),
                 Flow::Udp(f) => {
-                    if f.to_guest(&self.cfg, &mut self.stack, self.tap.tx(), now) {
+                    let r = f.to_guest(&self.cfg, &self.local, &mut self.stack, self.tap.tx(), now);
+                    for _ in 0..r.filtered {
+                        self.stats.count_drop(DropReason::Filtered);
+                    }
+                    self.udp_touch(idx);
+                    if r.more {
                         self.mark_dirty(idx, id);
                     }
                 }
@@ -1369,6 +1487,9 @@ impl Engine {
             Flow::Udp(mut f) => {
                 let _ = reg.deregister(&mut f.socket);
                 self.udp_index.remove(&f.guest);
+                self.udp_lru.remove(&(f.indexed_at, idx));
+                self.udp_lru_guest
+                    .remove(&(f.guest.ip(), f.indexed_at, idx));
                 self.stats.udp_flows.fetch_sub(1, Ordering::Relaxed);
                 self.guest_count(f.guest.ip(), |c| c.1 -= 1);
             }
@@ -1404,7 +1525,7 @@ impl Engine {
             Flow::Alias(..) => {}
             Flow::UdpListen(mut l) => {
                 let _ = reg.deregister(&mut l.socket);
-                self.udp_return.retain(|_, r| r.slot != idx);
+                self.forget_udp_clients_of(idx);
             }
         }
     }
@@ -1443,22 +1564,22 @@ impl Engine {
 
     /// Before a new UDP flow for `guest`: if a bound is reached, evicts the
     /// least recently active flow (of that guest when its own bound is the
-    /// one reached). Runs only at the bound, so its scan is bounded too.
+    /// one reached), the first entry of the recency index: no scan.
     fn make_room_for_udp(&mut self, guest: IpAddr) {
         let own = self.per_guest.get(&guest).map_or(0, |c| c.1);
         let per_guest = own >= self.limits.udp_flows_per_guest;
         if !per_guest && self.udp_index.len() < self.limits.udp_flows {
             return;
         }
-        let victim = self
-            .udp_index
-            .iter()
-            .filter(|(k, _)| !per_guest || k.ip() == guest)
-            .filter_map(|(_, &idx)| match &self.flows.get(idx)?.flow {
-                Flow::Udp(f) => Some((f.last_active, idx)),
-                _ => None,
-            })
-            .min();
+        let victim = if per_guest {
+            self.udp_lru_guest
+                .range((guest, Instant::from_micros(i64::MIN), 0)..)
+                .next()
+                .filter(|(ip, _, _)| *ip == guest)
+                .map(|&(_, at, idx)| (at, idx))
+        } else {
+            self.udp_lru.first().copied()
+        };
         if let Some((_, idx)) = victim {
             self.limit_reached(if per_guest {
                 "UDP flows of one guest address"
@@ -1534,6 +1655,7 @@ impl Engine {
                 "udp": udp,
                 "icmp": icmp,
                 "dns": dns,
+                "udp_clients": self.udp_return.len(),
             },
             "tcp_opened": s.tcp_opened,
             "spliced_bytes": { "to_guest": up, "from_guest": down },

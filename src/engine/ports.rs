@@ -1,7 +1,10 @@
 //! The event loop's side of port publishing (see [`crate::ports`] for the
 //! rules and the theory): host listeners living in the flow slab, accepted
-//! connections turned into inbound flows, UDP datagrams carried both ways,
-//! and the requests other threads send to change the rules.
+//! connections turned into inbound flows, UDP datagrams carried both ways
+//! (with the table of published-UDP clients, bounded by
+//! `Limits::udp_clients` with least-recently-used eviction), the hairpin
+//! lookup for guest traffic to rnet's own published ports, and the
+//! requests other threads send to change the rules.
 //!
 //! # The fast path's agent ([`FastPath`])
 //!
@@ -104,6 +107,8 @@ pub struct UdpReturn {
     id: u64,
     client: SocketAddr,
     last: Instant,
+    /// Its key in the recency index (updated at most once a second).
+    indexed: Instant,
 }
 
 impl Engine {
@@ -385,15 +390,7 @@ impl Engine {
                 self.stats.count_drop(DropReason::Unsupported);
             }
             if let Some((peer, guest, client)) = got {
-                self.udp_return.insert(
-                    (guest, client),
-                    UdpReturn {
-                        slot: idx,
-                        id: lid,
-                        client: peer,
-                        last: now,
-                    },
-                );
+                self.udp_client_seen((guest, client), idx, lid, peer, now);
             }
             if !more {
                 return;
@@ -419,17 +416,18 @@ impl Engine {
         };
         ret.last = now;
         let (slot, id, client) = (ret.slot, ret.id, ret.client);
+        self.udp_client_touch((src, dst));
         let Some(Slot {
             flow: Flow::UdpListen(l),
             id: sid,
             ..
         }) = self.flows.get(slot)
         else {
-            self.udp_return.remove(&(src, dst));
+            self.forget_udp_client((src, dst));
             return false;
         };
         if *sid != id {
-            self.udp_return.remove(&(src, dst));
+            self.forget_udp_client((src, dst));
             return false;
         }
         let data = &self.tap.split().0[payload];
@@ -441,10 +439,134 @@ impl Engine {
         true
     }
 
-    /// Forgets published-UDP conversations idle for the UDP timeout.
+    /// Forgets published-UDP conversations idle for the UDP timeout,
+    /// oldest first from the recency index.
     pub(super) fn sweep_udp_returns(&mut self, now: Instant) {
         let idle = Duration::from_micros(self.cfg.udp_idle_timeout.as_micros() as u64);
-        self.udp_return.retain(|_, r| r.last + idle > now);
+        while let Some(&(at, g, c)) = self.udp_return_lru.first() {
+            if at + idle > now {
+                break;
+            }
+            self.udp_return_lru.pop_first();
+            match self.udp_return.get_mut(&(g, c)) {
+                // Active since it was indexed: file it under its last use.
+                Some(r) if r.last + idle > now => {
+                    r.indexed = r.last;
+                    self.udp_return_lru.insert((r.last, g, c));
+                }
+                _ => {
+                    self.udp_return.remove(&(g, c));
+                }
+            }
+        }
+    }
+
+    /// Records a datagram from a published-UDP client (`key`: guest
+    /// endpoint, client as the guest sees it); a new client at the
+    /// `udp_clients` bound evicts the least recently used one (counted as
+    /// `limit`).
+    fn udp_client_seen(
+        &mut self,
+        key: (SocketAddr, SocketAddr),
+        slot: usize,
+        id: u64,
+        client: SocketAddr,
+        now: Instant,
+    ) {
+        if let Some(r) = self.udp_return.get_mut(&key) {
+            (r.slot, r.id, r.client, r.last) = (slot, id, client, now);
+            self.udp_client_touch(key);
+            return;
+        }
+        if self.udp_return.len() >= self.limits.udp_clients.max(1) {
+            if let Some((_, g, c)) = self.udp_return_lru.pop_first() {
+                self.udp_return.remove(&(g, c));
+            }
+            self.limit_reached("published-UDP clients");
+        }
+        self.udp_return.insert(
+            key,
+            UdpReturn {
+                slot,
+                id,
+                client,
+                last: now,
+                indexed: now,
+            },
+        );
+        self.udp_return_lru.insert((now, key.0, key.1));
+    }
+
+    /// Re-files a conversation in the recency index after use, at most once
+    /// a second.
+    fn udp_client_touch(&mut self, key: (SocketAddr, SocketAddr)) {
+        let Some(r) = self.udp_return.get_mut(&key) else {
+            return;
+        };
+        if r.last < r.indexed + Duration::from_secs(1) {
+            return;
+        }
+        self.udp_return_lru.remove(&(r.indexed, key.0, key.1));
+        r.indexed = r.last;
+        self.udp_return_lru.insert((r.last, key.0, key.1));
+    }
+
+    fn forget_udp_client(&mut self, key: (SocketAddr, SocketAddr)) {
+        if let Some(r) = self.udp_return.remove(&key) {
+            self.udp_return_lru.remove(&(r.indexed, key.0, key.1));
+        }
+    }
+
+    /// Forgets the conversations of published-UDP socket `slot`.
+    pub(super) fn forget_udp_clients_of(&mut self, slot: usize) {
+        self.udp_return.retain(|_, r| r.slot != slot);
+        let map = &self.udp_return;
+        self.udp_return_lru
+            .retain(|(_, g, c)| map.contains_key(&(*g, *c)));
+    }
+
+    /// Where a guest connection or datagram to `dst` goes when `dst` is the
+    /// host (the gateway or one of the host's own addresses) at a port rnet
+    /// publishes for `proto`: that port's socket, reached over the host's
+    /// loopback, whatever the loopback switch (hairpin, as a home router's
+    /// NAT loopback). The published port then delivers it to the guest from
+    /// the gateway address. A rule bound to one host address is reached at
+    /// that address (its clients then appear as that address). None when
+    /// `dst` is no such port.
+    pub(super) fn hairpin(&self, proto: Proto, dst: SocketAddr) -> Option<SocketAddr> {
+        let ip = match dst.ip() {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+            v4 => v4,
+        };
+        let gateway = ip == IpAddr::V4(self.cfg.gateway())
+            || self.cfg.ipv6_gateway().is_some_and(|g| ip == IpAddr::V6(g));
+        if !gateway && (ip.is_loopback() || !self.local.contains(ip)) {
+            return None;
+        }
+        let port = dst.port();
+        let loopback = match ip {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+        };
+        self.rules.values().find_map(|r| {
+            let spec = &r.info.spec;
+            let first = u32::from(spec.host_port);
+            if spec.proto != proto
+                || u32::from(port) < first
+                || u32::from(port) >= first + u32::from(spec.count)
+            {
+                return None;
+            }
+            let target = match spec.host_ip {
+                // [::] takes IPv4 clients too; 0.0.0.0 only IPv4.
+                IpAddr::V6(h) if h.is_unspecified() => loopback,
+                IpAddr::V4(h) if h.is_unspecified() && ip.is_ipv4() => loopback,
+                h if h == ip => h,
+                h if gateway && h.is_loopback() && h.is_ipv4() == ip.is_ipv4() => h,
+                _ => return None,
+            };
+            Some(SocketAddr::new(target, port))
+        })
     }
 
     /// Publishes the rules given at start-up; the first failure is returned.

@@ -3,9 +3,21 @@
 //!
 //! [`route`] is the single place that decides where a guest destination
 //! goes on the host, so that TCP, UDP and ICMP cannot disagree about what
-//! the gateway means or which networks the allow-list admits.
+//! the gateway means or which networks the allow-list admits, and
+//! [`inbound_allowed`] the one that decides which host-side sources may
+//! answer into a guest UDP flow.
+//!
+//! The order of the checks: the gateway (host loopback, by the loopback
+//! switch), the DNS forwarder, addresses never forwarded (loopback,
+//! multicast, the virtual network itself...), the host's own addresses
+//! ([`local::LocalAddrs`], by the loopback switch as well), then the
+//! outbound allow-list, which admits link-local addresses only when an
+//! entry names them (see [`crate::config::OutboundPolicy`]). Connections
+//! to ports rnet itself publishes are decided before this, by the engine
+//! (hairpin: they go back to the guest whatever the loopback switch).
 
 pub mod icmp;
+pub mod local;
 pub mod splice;
 pub mod tcp;
 pub mod udp;
@@ -15,6 +27,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV
 use smoltcp::wire::Icmpv4DstUnreachable;
 
 use crate::config::Config;
+use local::LocalAddrs;
 
 /// Where a guest destination leads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,16 +81,35 @@ impl Deny {
 }
 
 /// Decides where a guest packet to `dst` goes, for either family.
-pub fn route_any(cfg: &Config, dst: SocketAddr) -> Route {
+pub fn route_any(cfg: &Config, local: &LocalAddrs, dst: SocketAddr) -> Route {
     match dst {
-        SocketAddr::V4(d) => route(cfg, d),
-        SocketAddr::V6(d) => route6(cfg, d),
+        SocketAddr::V4(d) => route(cfg, local, d),
+        SocketAddr::V6(d) => route6(cfg, local, d),
     }
+}
+
+/// Whether a datagram from `from` may enter a guest UDP flow that has not
+/// sent to it (endpoint-independent filtering): the same rule as a guest
+/// destination, with the host's loopback and its own addresses admitted
+/// only when host loopback is allowed.
+pub fn inbound_allowed(cfg: &Config, local: &LocalAddrs, from: IpAddr) -> bool {
+    let ip = match from {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    };
+    if ip.is_loopback() || local.contains(ip) {
+        return cfg.allow_host_loopback();
+    }
+    let special = match ip {
+        IpAddr::V4(a) => is_special(a),
+        IpAddr::V6(a) => a.is_unspecified() || a.is_multicast(),
+    };
+    !special && cfg.outbound().allows(ip)
 }
 
 /// Decides where a guest IPv6 packet to `dst` goes: the gateway ::2 is the
 /// host's ::1 (with host loopback allowed), ::3 port 53 the DNS forwarder.
-pub fn route6(cfg: &Config, dst: SocketAddrV6) -> Route {
+pub fn route6(cfg: &Config, local: &LocalAddrs, dst: SocketAddrV6) -> Route {
     let ip = *dst.ip();
     let (Some(prefix), Some(gw), Some(dns)) =
         (cfg.ipv6_prefix(), cfg.ipv6_gateway(), cfg.ipv6_dns())
@@ -102,6 +134,9 @@ pub fn route6(cfg: &Config, dst: SocketAddrV6) -> Route {
     if is_special6(ip) || in_prefix {
         return Route::Deny(Deny::Special);
     }
+    if local.contains(ip.into()) && !cfg.allow_host_loopback() {
+        return Route::Deny(Deny::HostLoopbackOff);
+    }
     if !cfg.outbound().allows(ip) {
         return Route::Deny(Deny::NotAllowed);
     }
@@ -109,13 +144,14 @@ pub fn route6(cfg: &Config, dst: SocketAddrV6) -> Route {
 }
 
 /// IPv6 addresses never forwarded: loopback, unspecified, multicast,
-/// link-local, v4-mapped and v4-compatible, and the discard-only prefix.
+/// site-local, v4-mapped and v4-compatible, and the discard-only prefix.
+/// (Link-local fe80::/10 is left to the allow-list, which admits it only
+/// when an entry names it.)
 fn is_special6(ip: Ipv6Addr) -> bool {
     let s = ip.segments();
     ip.is_loopback()
         || ip.is_unspecified()
         || ip.is_multicast()
-        || s[0] & 0xffc0 == 0xfe80
         || s[0] & 0xffc0 == 0xfec0
         || ip.to_ipv4_mapped().is_some()
         || u128::from(ip) >> 32 == 0
@@ -137,7 +173,7 @@ pub fn guest_view6(cfg: &Config, from: SocketAddr) -> Option<SocketAddrV6> {
 }
 
 /// Decides where a guest packet to `dst` goes.
-pub fn route(cfg: &Config, dst: SocketAddrV4) -> Route {
+pub fn route(cfg: &Config, local: &LocalAddrs, dst: SocketAddrV4) -> Route {
     let ip = *dst.ip();
     if ip == cfg.gateway() {
         return if cfg.allow_host_loopback() {
@@ -158,6 +194,9 @@ pub fn route(cfg: &Config, dst: SocketAddrV4) -> Route {
     }
     if is_special(ip) || cfg.cidr().contains(ip) {
         return Route::Deny(Deny::Special);
+    }
+    if local.contains(ip.into()) && !cfg.allow_host_loopback() {
+        return Route::Deny(Deny::HostLoopbackOff);
     }
     if !cfg.outbound().allows(ip) {
         return Route::Deny(Deny::NotAllowed);
@@ -243,16 +282,100 @@ mod tests {
         s.parse().unwrap()
     }
 
+    fn none() -> LocalAddrs {
+        LocalAddrs::default()
+    }
+
+    #[test]
+    fn host_addresses_follow_loopback_switch() {
+        let local = LocalAddrs::fixed([
+            ("198.18.0.1".parse().unwrap(), 32),
+            ("fd43::1".parse().unwrap(), 128),
+        ]);
+        let p = Some("fd00::".parse().unwrap());
+        let any =
+            || OutboundPolicy::Only(vec!["0.0.0.0/0".parse().unwrap(), "::/0".parse().unwrap()]);
+        let off = Config::builder().ipv6(p).outbound(any()).build().unwrap();
+        assert_eq!(
+            route(&off, &local, sa("198.18.0.1:80")),
+            Route::Deny(Deny::HostLoopbackOff)
+        );
+        assert_eq!(
+            route6(&off, &local, "[fd43::1]:80".parse().unwrap()),
+            Route::Deny(Deny::HostLoopbackOff)
+        );
+        assert_eq!(
+            route(&off, &local, sa("198.18.0.2:80")),
+            Route::Host("198.18.0.2:80".parse().unwrap())
+        );
+        let on = Config::builder()
+            .ipv6(p)
+            .outbound(any())
+            .allow_host_loopback(true)
+            .build()
+            .unwrap();
+        assert_eq!(
+            route(&on, &local, sa("198.18.0.1:80")),
+            Route::Host("198.18.0.1:80".parse().unwrap())
+        );
+        // Link-local: refused unless an entry names it.
+        assert_eq!(
+            route(&on, &local, sa("169.254.169.254:80")),
+            Route::Deny(Deny::NotAllowed)
+        );
+        assert_eq!(
+            route6(&on, &local, "[fe80::1]:80".parse().unwrap()),
+            Route::Deny(Deny::NotAllowed)
+        );
+        let named = Config::builder()
+            .outbound(OutboundPolicy::Only(vec![
+                "169.254.169.254/32".parse().unwrap(),
+            ]))
+            .build()
+            .unwrap();
+        assert_eq!(
+            route(&named, &local, sa("169.254.169.254:80")),
+            Route::Host("169.254.169.254:80".parse().unwrap())
+        );
+        // Inbound sources of UDP flows.
+        assert!(!inbound_allowed(&off, &local, "127.0.0.1".parse().unwrap()));
+        assert!(!inbound_allowed(
+            &off,
+            &local,
+            "198.18.0.1".parse().unwrap()
+        ));
+        assert!(!inbound_allowed(
+            &off,
+            &local,
+            "169.254.1.1".parse().unwrap()
+        ));
+        assert!(inbound_allowed(&off, &local, "198.18.0.2".parse().unwrap()));
+        assert!(inbound_allowed(
+            &on,
+            &local,
+            "::ffff:127.0.0.1".parse().unwrap()
+        ));
+        let none_allowed = Config::builder()
+            .outbound(OutboundPolicy::Only(vec![]))
+            .build()
+            .unwrap();
+        assert!(!inbound_allowed(
+            &none_allowed,
+            &local,
+            "198.18.0.2".parse().unwrap()
+        ));
+    }
+
     #[test]
     fn gateway_follows_loopback_switch() {
         let off = Config::builder().build().unwrap();
         assert_eq!(
-            route(&off, sa("10.0.2.2:80")),
+            route(&off, &none(), sa("10.0.2.2:80")),
             Route::Deny(Deny::HostLoopbackOff)
         );
         let on = Config::builder().allow_host_loopback(true).build().unwrap();
         assert_eq!(
-            route(&on, sa("10.0.2.2:80")),
+            route(&on, &none(), sa("10.0.2.2:80")),
             Route::Host("127.0.0.1:80".parse().unwrap())
         );
     }
@@ -297,7 +420,11 @@ mod tests {
             "255.255.255.255:80",
             "10.0.2.7:80",
         ] {
-            assert_eq!(route(&cfg, sa(d)), Route::Deny(Deny::Special), "{d}");
+            assert_eq!(
+                route(&cfg, &none(), sa(d)),
+                Route::Deny(Deny::Special),
+                "{d}"
+            );
         }
     }
 
@@ -308,18 +435,21 @@ mod tests {
             .build()
             .unwrap();
         assert_eq!(
-            route(&cfg, sa("198.18.0.2:1")),
+            route(&cfg, &none(), sa("198.18.0.2:1")),
             Route::Host("198.18.0.2:1".parse().unwrap())
         );
         assert_eq!(
-            route(&cfg, sa("198.18.0.3:1")),
+            route(&cfg, &none(), sa("198.18.0.3:1")),
             Route::Deny(Deny::NotAllowed)
         );
-        assert_eq!(route(&cfg, sa("10.0.2.3:53")), Route::Dns);
-        assert_eq!(route(&cfg, sa("10.0.2.3:54")), Route::Deny(Deny::Special));
+        assert_eq!(route(&cfg, &none(), sa("10.0.2.3:53")), Route::Dns);
+        assert_eq!(
+            route(&cfg, &none(), sa("10.0.2.3:54")),
+            Route::Deny(Deny::Special)
+        );
         let nodns = Config::builder().disable_dns(true).build().unwrap();
         assert_eq!(
-            route(&nodns, sa("10.0.2.3:53")),
+            route(&nodns, &none(), sa("10.0.2.3:53")),
             Route::Deny(Deny::DnsDisabled)
         );
     }
@@ -330,7 +460,7 @@ mod tests {
         let s6 = |s: &str| -> SocketAddrV6 { s.parse().unwrap() };
         let off = Config::builder().ipv6(p).build().unwrap();
         assert_eq!(
-            route6(&off, s6("[fd00::2]:80")),
+            route6(&off, &none(), s6("[fd00::2]:80")),
             Route::Deny(Deny::HostLoopbackOff)
         );
         let on = Config::builder()
@@ -340,28 +470,31 @@ mod tests {
             .build()
             .unwrap();
         assert_eq!(
-            route6(&on, s6("[fd00::2]:80")),
+            route6(&on, &none(), s6("[fd00::2]:80")),
             Route::Host("[::1]:80".parse().unwrap())
         );
-        assert_eq!(route6(&on, s6("[fd00::3]:53")), Route::Dns);
+        assert_eq!(route6(&on, &none(), s6("[fd00::3]:53")), Route::Dns);
         assert_eq!(
-            route6(&on, s6("[2001:db8::1]:80")),
+            route6(&on, &none(), s6("[2001:db8::1]:80")),
             Route::Host("[2001:db8::1]:80".parse().unwrap())
         );
         assert_eq!(
-            route6(&on, s6("[2001:db9::1]:80")),
+            route6(&on, &none(), s6("[2001:db9::1]:80")),
             Route::Deny(Deny::NotAllowed)
         );
         for d in [
             "[::1]:80",
             "[::]:80",
             "[ff02::1]:80",
-            "[fe80::1]:80",
             "[::ffff:127.0.0.1]:80",
             "[fd00::7]:80",
             "[fd00::3]:80",
         ] {
-            assert_eq!(route6(&on, s6(d)), Route::Deny(Deny::Special), "{d}");
+            assert_eq!(
+                route6(&on, &none(), s6(d)),
+                Route::Deny(Deny::Special),
+                "{d}"
+            );
         }
         assert_eq!(
             guest_view6(&on, "[::1]:9".parse().unwrap()),
