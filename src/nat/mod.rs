@@ -388,23 +388,23 @@ mod tests {
             .outbound(OutboundPolicy::Only(vec![]))
             .build()
             .unwrap();
-        assert_eq!(route(&cfg, sa("169.254.1.1:53")), Route::Dns);
+        assert_eq!(route(&cfg, &none(), sa("169.254.1.1:53")), Route::Dns);
         assert_eq!(
-            route(&cfg, sa("10.0.2.3:53")),
+            route(&cfg, &none(), sa("10.0.2.3:53")),
             Route::Deny(Deny::Special),
             "net + 3 is no longer the forwarder"
         );
         // An alias reaches the host's loopback whatever the gateway's switch.
         assert_eq!(
-            route(&cfg, sa("169.254.1.2:8080")),
+            route(&cfg, &none(), sa("169.254.1.2:8080")),
             Route::Host("127.0.0.1:8080".parse().unwrap())
         );
         assert_eq!(
-            route(&cfg, sa("10.0.2.2:80")),
+            route(&cfg, &none(), sa("10.0.2.2:80")),
             Route::Deny(Deny::HostLoopbackOff)
         );
         assert_eq!(
-            route(&cfg, sa("169.254.1.3:80")),
+            route(&cfg, &none(), sa("169.254.1.3:80")),
             Route::Deny(Deny::NotAllowed)
         );
     }
