@@ -27,7 +27,8 @@
 //!    [`SandboxOptions::keep_writable`] is bind-mounted into it at the same
 //!    place, symbolic links on the way recreated so the original name still
 //!    resolves (`/etc/resolv.conf` → `../run/systemd/resolve/...` keeps
-//!    working). Then `pivot_root`, the old root is detached
+//!    working); `/etc` and `/run` exist in it even when nothing kept lies
+//!    below them. Then `pivot_root`, the old root is detached
 //!    (`umount2(MNT_DETACH)`) and the new root remounted read-only, nosuid,
 //!    nodev, noexec.
 //!    *Removed:* every file and directory not kept, `/proc` and `/dev`
@@ -387,6 +388,17 @@ fn isolate_mounts(opts: &SandboxOptions, sys_admin: bool) -> Result<bool, Sandbo
         Some("mode=0755,size=1m,nr_inodes=4096"),
     )
     .map_err(at(s, format!("mounting a tmpfs on {}", base.display())))?;
+    // `/etc` and `/run` always exist in the new root (read-only, like all
+    // of it), as in slirp4netns's sandbox: scripts look for them, and the
+    // kept paths below fill in what rnet reads (`/etc/resolv.conf`, and the
+    // file under `/run` it may link to).
+    for d in ["etc", "run"] {
+        if let Err(err) = std::fs::create_dir(base.join(d))
+            && err.kind() != io::ErrorKind::AlreadyExists
+        {
+            return Err(SandboxError::new(s, format!("creating /{d}"), err));
+        }
+    }
 
     let mut bound_dirs: Vec<PathBuf> = Vec::new();
     for e in &entries {
@@ -1195,6 +1207,29 @@ fn install_filters(progs: &[BpfProgram; 2]) -> Result<(), SandboxError> {
 // ---------------------------------------------------------------------------
 // Directories kept by descriptor.
 
+/// Largest file [`KeptDir::read_to_string`] reads: a socket table of some
+/// 50,000 sockets.
+pub const READ_CAP: usize = 8 << 20;
+
+/// Reads at most `cap` bytes of `fd`, which must be a regular file (procfs
+/// files are); lossy UTF-8.
+pub(crate) fn read_regular(fd: OwnedFd, cap: usize) -> io::Result<String> {
+    use std::io::Read;
+    let f = std::fs::File::from(fd);
+    if !f.metadata()?.file_type().is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file (a FIFO, device or socket is never read)",
+        ));
+    }
+    let mut buf = Vec::new();
+    f.take(cap as u64).read_to_end(&mut buf)?;
+    Ok(match String::from_utf8(buf) {
+        Ok(s) => s,
+        Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+    })
+}
+
 /// A directory held open across [`enter`], usable by name afterwards
 /// without being visible in the sandbox's filesystem: the control socket's
 /// directory (to remove the socket at exit), `/proc/PID/net` (to read the
@@ -1235,18 +1270,28 @@ impl KeptDir {
         &self.path
     }
 
-    /// Reads the file `name` of this directory.
+    /// Reads the file `name` of this directory, at most [`READ_CAP`] bytes
+    /// (see [`KeptDir::read_capped`]).
     pub fn read_to_string(&self, name: &str) -> io::Result<String> {
-        use std::io::Read;
+        self.read_capped(name, READ_CAP)
+    }
+
+    /// Reads at most `cap` bytes of the file `name` of this directory. The
+    /// name is opened without following a link and without blocking
+    /// (`O_NOFOLLOW | O_NONBLOCK | O_NOCTTY`), and anything but a regular
+    /// file (a FIFO, a device, a socket) is refused before it is read.
+    pub fn read_capped(&self, name: &str, cap: usize) -> io::Result<String> {
         let fd = openat(
             self.fd.as_fd(),
             name,
-            OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW,
+            OFlag::O_RDONLY
+                | OFlag::O_CLOEXEC
+                | OFlag::O_NOFOLLOW
+                | OFlag::O_NONBLOCK
+                | OFlag::O_NOCTTY,
             Mode::empty(),
         )?;
-        let mut s = String::new();
-        std::fs::File::from(fd).read_to_string(&mut s)?;
-        Ok(s)
+        read_regular(fd, cap)
     }
 
     /// Removes the entry `name` (not a directory) of this directory.
@@ -1440,13 +1485,26 @@ mod tests {
             })?;
 
             // The filesystem: only what was kept, read-only.
-            let top: Vec<String> = std::fs::read_dir("/")
+            let mut top: Vec<String> = std::fs::read_dir("/")
                 .map_err(|e| format!("listing /: {e}"))?
                 .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
                 .collect::<Result<_, _>>()
                 .map_err(|e| e.to_string())?;
+            top.sort();
             let first = d.components().nth(1).unwrap().as_os_str().to_string_lossy();
-            ensure(top == [first.to_string()], || format!("/ holds {top:?}"))?;
+            let mut want = vec![first.to_string(), "etc".into(), "run".into()];
+            want.sort();
+            want.dedup();
+            ensure(top == want, || format!("/ holds {top:?}"))?;
+            // /etc and /run are there, empty (nothing kept below them).
+            for d in ["/etc", "/run"] {
+                let n = std::fs::read_dir(d)
+                    .map_err(|e| format!("{d}: {e}"))?
+                    .count();
+                ensure(n == 0 || first == d[1..], || {
+                    format!("{d} holds {n} entries")
+                })?;
+            }
             for gone in ["/etc/passwd", "/proc/self/status", "/dev/null", "/usr"] {
                 ensure(std::fs::symlink_metadata(gone).is_err(), || {
                     format!("{gone} is visible")
@@ -1632,8 +1690,12 @@ mod tests {
                 ..full()
             })
             .map_err(|e| e.to_string())?;
-            let top = std::fs::read_dir("/").map_err(|e| e.to_string())?.count();
-            ensure(top == 0, || format!("{top} entries in /"))?;
+            let mut top: Vec<String> = std::fs::read_dir("/")
+                .map_err(|e| e.to_string())?
+                .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+                .collect();
+            top.sort();
+            ensure(top == ["etc", "run"], || format!("/ holds {top:?}"))?;
             // No filter: a fork works (and the child sees the same root).
             std::process::Command::new("/bin/true")
                 .status()
