@@ -210,12 +210,15 @@ def main():
     # Offload framing as the guest kernel sends it: partial checksums
     # (NEEDS_CSUM; flag 8 points the header at the frame's TCP/UDP header)
     # and one TSO segment larger than the MTU for the forwarder's TCP.
-    partial = lambda f: vnet_hdr(1)
+    def is_ip(f):
+        return f[12:14] in (b"\x08\x00", b"\x86\xdd")
+
+    partial = lambda f: vnet_hdr(1) if is_ip(f) else vnet_hdr(0)
     big = struct.pack("!H", 3000) + b"z" * 3000
     tbig = eth(GW_MAC, 0x0800, tcp(GUEST, DNS, 40101, 53, 7001, 0, 0x18, big))
     tsyn_b = eth(GW_MAC, 0x0800, tcp(GUEST, DNS, 40101, 53, 7000, 0, 0x02, opts=b"\x02\x04\x05\xb4"))
     tack_b = eth(GW_MAC, 0x0800, tcp(GUEST, DNS, 40101, 53, 7001, 0, 0x10))
-    tso = lambda f: vnet_hdr(1, 1, 0, 1448) if len(f) > 1514 else vnet_hdr(1)
+    tso = lambda f: vnet_hdr(1, 1, 0, 1448) if len(f) > 1514 else partial(f)
     write("ingress", "offload_partial_csum",
           ingress(1, [(arp, 0), (query, 8), (tsyn, 8), (tack, 4 | 8), (tdata, 4 | 8)], partial))
     write("ingress", "offload_tso",
@@ -223,7 +226,7 @@ def main():
     tbig6 = eth(GW_MAC, 0x86DD, tcp6(GUEST6, DNS6, 40101, 53, 7001, 0, 0x18, big))
     tsyn6_b = eth(GW_MAC, 0x86DD, tcp6(GUEST6, DNS6, 40101, 53, 7000, 0, 0x02, opts=b"\x02\x04\x05\xa0"))
     tack6_b = eth(GW_MAC, 0x86DD, tcp6(GUEST6, DNS6, 40101, 53, 7001, 0, 0x10))
-    tso6 = lambda f: vnet_hdr(1, 4, 0, 1428) if len(f) > 1514 else vnet_hdr(1)
+    tso6 = lambda f: vnet_hdr(1, 4, 0, 1428) if len(f) > 1514 else partial(f)
     write("ingress", "offload_v6_tso",
           ingress(3, [(ns, 0), (tsyn6_b, 8), (tack6_b, 4 | 8), (tbig6, 4 | 8)], tso6))
 
