@@ -1,7 +1,8 @@
 //! Who may use the control socket, and for how long: a client of another
 //! uid is refused (even when the socket file's mode would let it in), and a
 //! request that trickles in byte by byte is cut at the whole-request
-//! deadline while other clients are served meanwhile.
+//! deadline while other clients are served meanwhile; out of descriptors,
+//! `accept` backs off instead of spinning.
 //!
 //! Every rnet runs with `--outbound-allow none` and a loopback DNS upstream
 //! (the builder's defaults); the guest only sleeps.
@@ -11,6 +12,7 @@ mod common;
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -182,4 +184,75 @@ fn trickled_request_is_cut_at_the_deadline() {
         "the slow client was cut after {took:?}, not at the 5 s deadline"
     );
     trickle.join().unwrap();
+}
+
+/// CPU time (user + system, in clock ticks) of process `pid`.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces): utime is the
+    // 14th field overall, stime the 15th.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// With rnet out of descriptors (its limit lowered to what it has open plus
+/// a few, then silent clients holding those), `accept` fails with EMFILE:
+/// rnet backs off instead of spinning (its CPU time stays low while a
+/// client waits in the backlog), says so, and serves the waiting client
+/// once the silent ones are cut at the deadline.
+#[test]
+fn accept_out_of_descriptors_backs_off() {
+    let test = module_path_test!();
+    if !(require_root(test) && require_userns(test) && require_program(test, "prlimit")) {
+        return;
+    }
+    let api = TempPath::new("control-emfile");
+    let mut rnet = start(&api.0);
+    let pid = rnet.pid();
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    let limit = open + 4;
+    let mut c = Command::new("prlimit");
+    c.arg(format!("--pid={pid}"))
+        .arg(format!("--nofile={limit}:{limit}"));
+    run(&mut c, secs(10)).assert_success("prlimit on rnet");
+    // Silent clients take the last descriptors (one each in rnet).
+    let mut silent = Vec::new();
+    for _ in 0..6 {
+        silent.push(UnixStream::connect(&api.0).unwrap());
+    }
+    // Wait until rnet holds its limit of descriptors.
+    let deadline = Instant::now() + secs(5);
+    while std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+        < limit
+    {
+        assert!(
+            Instant::now() < deadline,
+            "rnet never reached {limit} descriptors"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let t0 = Instant::now();
+    let waiting = std::thread::spawn({
+        let p = api.0.clone();
+        move || call(&p, LIST)
+    });
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_ticks(pid) - before;
+    eprintln!("rnet used {used} clock ticks in 2 s while out of descriptors");
+    // A spinning accept loop burns ~200 ticks in 2 s; backing off, a few.
+    assert!(used < 40, "rnet used {used} ticks in 2 s: accept spins");
+    let r = waiting.join().unwrap().expect("the waiting client");
+    let took = t0.elapsed();
+    let v: Value = serde_json::from_str(&r).unwrap_or_else(|e| panic!("{r:?}: {e}"));
+    assert!(v.get("error").is_none(), "waiting client: {v}");
+    assert!(took < secs(10), "the waiting client took {took:?}");
+    drop(silent);
+    let out = rnet.stop(secs(10));
+    assert_stderr_has(&out, "out of descriptors");
 }
