@@ -25,7 +25,10 @@
 //! `chmod` by path is made that could follow a link). Each connection's
 //! `SO_PEERCRED` is checked as well: only rnet's own uid and root are
 //! served; anyone else gets an error reply and the connection is closed,
-//! counted ([`ApiServer::refused`]) and logged at most every 10 s. When
+//! counted ([`ApiServer::refused`]) and logged at most every 10 s. (In
+//! the user namespace an unprivileged rnet's sandbox makes, a client whose
+//! uid is not mapped there, root included, shows as the overflow uid 65534
+//! and is served only if that is rnet's own uid.) When
 //! `accept` fails for lack of descriptors (`EMFILE`, `ENFILE`), the server
 //! waits [`ACCEPT_BACKOFF`] before trying again instead of spinning, and
 //! says so at most every 10 s.

@@ -72,7 +72,7 @@
 //!    filter cannot read, fails with `ENOSYS`, so the C library falls back
 //!    to `clone`. The filter is installed with `SECCOMP_FILTER_FLAG_TSYNC`.
 //!    A third program makes some allowed calls fail with `EPERM` by their
-//!    arguments ([`deny_program`]), where a mistake should cost an error,
+//!    arguments (`deny_program`), where a mistake should cost an error,
 //!    not the process: `kill` only to rnet itself and the children it has
 //!    when entering (the agent, `rnet run`'s command; never a process group
 //!    or `-1`), `tgkill` only within rnet, and no `socket(AF_UNIX)`.
