@@ -76,6 +76,47 @@ def dhcp(msgtype, xid=0x01020304, ciaddr=ZERO, opts=b"", flags=0):
     return bootp + struct.pack("!I", 0x63825363) + options
 
 
+def vnet_hdr(flags, gso_type=0, hdr_len=0, gso_size=0, csum_start=0, csum_offset=0):
+    """A virtio-net header in host byte order (little-endian here)."""
+    return struct.pack("<BBHHHHH", flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, 0)
+
+
+GUEST6 = bytes.fromhex("fd000000000000000000000000000100")
+GW6 = bytes.fromhex("fd000000000000000000000000000002")
+DNS6 = bytes.fromhex("fd000000000000000000000000000003")
+DOC6 = bytes.fromhex("20010db8000000000000000000000001")
+SNM_GW6 = bytes.fromhex("ff0200000000000000000001ff000002")
+ALL_ROUTERS6 = bytes.fromhex("ff020000000000000000000000000002")
+
+
+def ipv6(src, dst, nh, payload, hlim=64):
+    return struct.pack("!IHBB", 0x60000000, len(payload), nh, hlim) + src + dst + payload
+
+
+def pseudo6(src, dst, nh, length):
+    return src + dst + struct.pack("!IxxxB", length, nh)
+
+
+def udp6(src, dst, sport, dport, data):
+    seg = struct.pack("!HHHH", sport, dport, 8 + len(data), 0) + data
+    c = csum(pseudo6(src, dst, 17, len(seg)) + seg) or 0xFFFF
+    return ipv6(src, dst, 17, seg[:6] + struct.pack("!H", c) + seg[8:])
+
+
+def tcp6(src, dst, sport, dport, seq, ack, flags, data=b"", opts=b""):
+    off = (20 + len(opts)) // 4
+    seg = struct.pack("!HHIIBBHHH", sport, dport, seq, ack, off << 4, flags, 65535, 0, 0) + opts + data
+    c = csum(pseudo6(src, dst, 6, len(seg)) + seg)
+    return ipv6(src, dst, 6, seg[:16] + struct.pack("!H", c) + seg[18:])
+
+
+def icmp6(src, dst, typ, code, body):
+    """ICMPv6 (NDP messages go out with hop limit 255)."""
+    msg = struct.pack("!BBH", typ, code, 0) + body
+    c = csum(pseudo6(src, dst, 58, len(msg)) + msg)
+    return ipv6(src, dst, 58, msg[:2] + struct.pack("!H", c) + msg[4:], hlim=255)
+
+
 def opt(code, value):
     return bytes([code, len(value)]) + value
 
@@ -116,21 +157,78 @@ def main():
                     ("syn", syn_gw), ("udp_denied", udp_out)]:
         write("frame", name, f)
 
-    # ingress: records of FLAGS LEN FRAME.
-    write("ingress", "arp_ping", record(arp) + record(ping))
-    write("ingress", "dns_udp", record(arp) + record(query))
-    write("ingress", "dhcp", record(discover) + record(request))
-    write("ingress", "denied", record(syn_gw) + record(udp_out) + record(ping_out))
-    # DNS over TCP to the forwarder: the handshake's ACK and the data take
-    # rnet's sequence number from its SYN-ACK (flag 4).
+    # ingress: MODE, then records of FLAGS LEN MESSAGE. MODE bit 0: the
+    # offload network (each message a virtio-net header, then the frame);
+    # bit 1: the closing barrier is an ICMPv6 echo.
     q = dns_query("example.org", qid=0x4242)
     dq = struct.pack("!H", len(q)) + q
     tsyn = eth(GW_MAC, 0x0800, tcp(GUEST, DNS, 40100, 53, 5000, 0, 0x02, opts=b"\x02\x04\x05\xb4"))
     tack = eth(GW_MAC, 0x0800, tcp(GUEST, DNS, 40100, 53, 5001, 0, 0x10))
     tdata = eth(GW_MAC, 0x0800, tcp(GUEST, DNS, 40100, 53, 5001, 0, 0x18, dq))
     tfin = eth(GW_MAC, 0x0800, tcp(GUEST, DNS, 40100, 53, 5001 + len(dq), 0, 0x11))
-    write("ingress", "dns_tcp", record(arp) + record(tsyn) + record(tack, 4) + record(tdata, 4)
-          + record(tfin, 4))
+    v4 = {
+        "arp_ping": [(arp, 0), (ping, 0)],
+        "dns_udp": [(arp, 0), (query, 0)],
+        "dhcp": [(discover, 0), (request, 0)],
+        "denied": [(syn_gw, 0), (udp_out, 0), (ping_out, 0)],
+        # DNS over TCP to the forwarder: the handshake's ACK and the data
+        # take rnet's sequence number from its SYN-ACK (flag 4).
+        "dns_tcp": [(arp, 0), (tsyn, 0), (tack, 4), (tdata, 4), (tfin, 4)],
+    }
+
+    ns = eth(b"\x33\x33\xff\x00\x00\x02", 0x86DD,
+             icmp6(GUEST6, SNM_GW6, 135, 0, bytes(4) + GW6 + b"\x01\x01" + GUEST_MAC))
+    rs = eth(b"\x33\x33\x00\x00\x00\x02", 0x86DD,
+             icmp6(GUEST6, ALL_ROUTERS6, 133, 0, bytes(4) + b"\x01\x01" + GUEST_MAC))
+    ping6 = eth(GW_MAC, 0x86DD, icmp6(GUEST6, GW6, 128, 0, struct.pack("!HH", 7, 1) + b"rnet-fuzz"))
+    query6 = eth(GW_MAC, 0x86DD, udp6(GUEST6, DNS6, 40000, 53, dns_query("example.com")))
+    udp_out6 = eth(GW_MAC, 0x86DD, udp6(GUEST6, DOC6, 40002, 9, b"hello"))
+    tsyn6 = eth(GW_MAC, 0x86DD, tcp6(GUEST6, DNS6, 40100, 53, 5000, 0, 0x02, opts=b"\x02\x04\x05\xa0"))
+    tack6 = eth(GW_MAC, 0x86DD, tcp6(GUEST6, DNS6, 40100, 53, 5001, 0, 0x10))
+    tdata6 = eth(GW_MAC, 0x86DD, tcp6(GUEST6, DNS6, 40100, 53, 5001, 0, 0x18, dq))
+    tfin6 = eth(GW_MAC, 0x86DD, tcp6(GUEST6, DNS6, 40100, 53, 5001 + len(dq), 0, 0x11))
+    v6 = {
+        "v6_ndp_ping": [(ns, 0), (rs, 0), (ping6, 0)],
+        "v6_dns_udp": [(ns, 0), (query6, 0)],
+        "v6_denied": [(ns, 0), (udp_out6, 0)],
+        "v6_dns_tcp": [(ns, 0), (tsyn6, 0), (tack6, 4), (tdata6, 4), (tfin6, 4)],
+    }
+
+    def ingress(mode, recs, hdr=lambda f: vnet_hdr(0)):
+        out = bytes([mode])
+        for f, flags in recs:
+            out += record((hdr(f) if mode & 1 else b"") + f, flags)
+        return out
+
+    for name, recs in v4.items():
+        write("ingress", name, ingress(0, recs))
+        write("ingress", "offload_" + name, ingress(1, recs))
+    for name, recs in v6.items():
+        write("ingress", name, ingress(2, recs))
+        write("ingress", "offload_" + name, ingress(3, recs))
+
+    # Offload framing as the guest kernel sends it: partial checksums
+    # (NEEDS_CSUM; flag 8 points the header at the frame's TCP/UDP header)
+    # and one TSO segment larger than the MTU for the forwarder's TCP.
+    def is_ip(f):
+        return f[12:14] in (b"\x08\x00", b"\x86\xdd")
+
+    partial = lambda f: vnet_hdr(1) if is_ip(f) else vnet_hdr(0)
+    big = struct.pack("!H", 3000) + b"z" * 3000
+    tbig = eth(GW_MAC, 0x0800, tcp(GUEST, DNS, 40101, 53, 7001, 0, 0x18, big))
+    tsyn_b = eth(GW_MAC, 0x0800, tcp(GUEST, DNS, 40101, 53, 7000, 0, 0x02, opts=b"\x02\x04\x05\xb4"))
+    tack_b = eth(GW_MAC, 0x0800, tcp(GUEST, DNS, 40101, 53, 7001, 0, 0x10))
+    tso = lambda f: vnet_hdr(1, 1, 0, 1448) if len(f) > 1514 else partial(f)
+    write("ingress", "offload_partial_csum",
+          ingress(1, [(arp, 0), (query, 8), (tsyn, 8), (tack, 4 | 8), (tdata, 4 | 8)], partial))
+    write("ingress", "offload_tso",
+          ingress(1, [(arp, 0), (tsyn_b, 8), (tack_b, 4 | 8), (tbig, 4 | 8)], tso))
+    tbig6 = eth(GW_MAC, 0x86DD, tcp6(GUEST6, DNS6, 40101, 53, 7001, 0, 0x18, big))
+    tsyn6_b = eth(GW_MAC, 0x86DD, tcp6(GUEST6, DNS6, 40101, 53, 7000, 0, 0x02, opts=b"\x02\x04\x05\xa0"))
+    tack6_b = eth(GW_MAC, 0x86DD, tcp6(GUEST6, DNS6, 40101, 53, 7001, 0, 0x10))
+    tso6 = lambda f: vnet_hdr(1, 4, 0, 1428) if len(f) > 1514 else partial(f)
+    write("ingress", "offload_v6_tso",
+          ingress(3, [(ns, 0), (tsyn6_b, 8), (tack6_b, 4 | 8), (tbig6, 4 | 8)], tso6))
 
     # dhcp: MODE 0 = one datagram; odd MODE = conversation (prefix = MODE >> 1).
     def conv(prefix, *msgs):
@@ -161,8 +259,6 @@ def main():
 
     # vnet: GSO size asked for on transmit, a virtio-net header (host byte
     # order: little-endian here), then the frame as the TAP delivers it.
-    def vnet_hdr(flags, gso_type=0, hdr_len=0, gso_size=0, csum_start=0, csum_offset=0):
-        return struct.pack("<BBHHHHH", flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, 0)
 
     inner = eth(GW_MAC, 0x0800, tcp(GUEST, GW, 40000, 80, 1, 1, 0x18, b"x" * 100))
     vxlan = struct.pack("!II", 0x08000000, 0x100) + inner

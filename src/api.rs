@@ -12,20 +12,37 @@
 //! # Theory of operation
 //!
 //! The server runs on its own thread and gives each connection a thread of
-//! its own (at most [`MAX_CLIENTS`] at once), with a read timeout, so a slow
-//! or silent client delays nobody. Requests reach the event loop through
-//! [`crate::Handle`], which queues them and wakes the loop; the data plane
-//! never waits for a client.
+//! its own (at most [`MAX_CLIENTS`] at once), with one deadline for the
+//! whole exchange ([`REQUEST_DEADLINE`], however the bytes trickle in), so a
+//! slow or silent client delays nobody and holds a slot for a bounded time.
+//! Requests reach the event loop through [`crate::Handle`], which queues
+//! them and wakes the loop; the data plane never waits for a client.
+//!
+//! # Who may connect
+//!
+//! The socket is created `0600` from the start (the descriptor's mode is set
+//! before `bind`, so the file never exists with looser permissions, and no
+//! `chmod` by path is made that could follow a link). Each connection's
+//! `SO_PEERCRED` is checked as well: only rnet's own uid and root are
+//! served; anyone else gets an error reply and the connection is closed,
+//! counted ([`ApiServer::refused`]) and logged at most every 10 s. (In
+//! the user namespace an unprivileged rnet's sandbox makes, a client whose
+//! uid is not mapped there, root included, shows as the overflow uid 65534
+//! and is served only if that is rnet's own uid.) When
+//! `accept` fails for lack of descriptors (`EMFILE`, `ENFILE`), the server
+//! waits [`ACCEPT_BACKOFF`] before trying again instead of spinning, and
+//! says so at most every 10 s.
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tracing::{debug, warn};
@@ -38,8 +55,16 @@ use crate::sandbox::KeptDir;
 pub const MAX_REQUEST: usize = 4096;
 /// Connections served at once; more get an error reply straight away.
 pub const MAX_CLIENTS: usize = 32;
-/// How long a client may take to send its request.
+/// How long a client may take over its whole exchange: sending the
+/// request, however it trickles in, and reading the reply.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+/// How long a client waits for a reply ([`call`]).
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// The pause after `accept` fails for lack of descriptors.
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// The shortest interval between two log lines about refused clients or
+/// accept failures.
+const LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Longest path a Unix socket address takes (sun_path, NUL included).
 pub const MAX_PATH: usize = 108;
@@ -53,6 +78,7 @@ pub struct ApiServer {
     /// The listening socket, shut down to wake the server's `accept`.
     wake: UnixListener,
     stop: Arc<AtomicBool>,
+    refused: Arc<AtomicU64>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -68,16 +94,24 @@ impl ApiListener {
     pub fn serve(self, handle: Handle, default_guest: Ipv4Addr) -> io::Result<ApiServer> {
         let wake = self.listener.try_clone()?;
         let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
+        let refused = Arc::new(AtomicU64::new(0));
+        let server = Server {
+            handle,
+            guest: default_guest,
+            stop: stop.clone(),
+            refused: refused.clone(),
+            uids: allowed_uids(),
+        };
         let listener = self.listener;
         let thread = std::thread::Builder::new()
             .name("rnet-api".into())
-            .spawn(move || serve(listener, handle, default_guest, stop2))?;
+            .spawn(move || server.run(listener))?;
         Ok(ApiServer {
             path: self.path,
             dir: self.dir,
             wake,
             stop,
+            refused,
             thread: Some(thread),
         })
     }
@@ -111,13 +145,18 @@ impl ApiServer {
                 std::fs::remove_file(path)?;
             }
         }
-        let listener = UnixListener::bind(path)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        let listener = bind_private(path)?;
         Ok(ApiListener {
             listener,
             path: path.to_path_buf(),
             dir: KeptDir::of_parent(path).ok(),
         })
+    }
+
+    /// Connections refused so far because their peer's uid is neither
+    /// rnet's nor root's.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
     }
 
     /// Stops accepting and removes the socket file.
@@ -151,44 +190,195 @@ impl Drop for ApiServer {
     }
 }
 
-fn serve(listener: UnixListener, handle: Handle, guest: Ipv4Addr, stop: Arc<AtomicBool>) {
-    let active = Arc::new(AtomicUsize::new(0));
-    for conn in listener.incoming() {
-        if stop.load(Ordering::SeqCst) {
-            return;
+/// Binds a Unix stream socket at `path` whose file is `0600` from the
+/// moment it exists: the socket's own inode gets the mode before `bind`
+/// (Linux creates the file with it, less the umask), so there is neither a
+/// window with the umask's mode nor a `chmod` by path that could follow a
+/// link planted meanwhile.
+fn bind_private(path: &Path) -> io::Result<UnixListener> {
+    let sock = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)?;
+    // SAFETY: fchmod on a descriptor owned by `sock`, live for the call.
+    if unsafe { libc::fchmod(sock.as_raw_fd(), 0o600) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    sock.bind(&socket2::SockAddr::unix(path)?)?;
+    let meta = std::fs::symlink_metadata(path)?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Err(io::Error::other(format!(
+            "the API socket {} was created with mode {:o}, not 0600",
+            path.display(),
+            meta.permissions().mode() & 0o7777
+        )));
+    }
+    sock.listen(128)?;
+    Ok(sock.into())
+}
+
+/// The uids served: rnet's own (real and effective) and root.
+fn allowed_uids() -> [u32; 3] {
+    [
+        nix::unistd::getuid().as_raw(),
+        nix::unistd::geteuid().as_raw(),
+        0,
+    ]
+}
+
+/// A log line at most every [`LOG_EVERY`]; the number of events since the
+/// last one is returned when one is due.
+#[derive(Default)]
+struct Every {
+    last: Option<Instant>,
+    since: u64,
+}
+
+impl Every {
+    fn due(&mut self) -> Option<u64> {
+        self.since += 1;
+        let now = Instant::now();
+        if self.last.is_some_and(|t| now.duration_since(t) < LOG_EVERY) {
+            return None;
         }
-        let Ok(mut conn) = conn else { continue };
-        if active.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
-            active.fetch_sub(1, Ordering::SeqCst);
-            let _ = conn.write_all(error_reply("bad request: too many clients", None).as_bytes());
-            continue;
-        }
-        let (handle, active) = (handle.clone(), active.clone());
-        let spawned = std::thread::Builder::new()
-            .name("rnet-api-client".into())
-            .spawn(move || {
-                let _ = conn.set_read_timeout(Some(READ_TIMEOUT));
-                let _ = conn.set_write_timeout(Some(READ_TIMEOUT));
-                let reply = match read_request(&mut conn) {
-                    Ok(req) => respond(&req, &handle, guest),
-                    Err(e) => e,
-                };
-                let _ = conn.write_all(reply.as_bytes());
-                let _ = conn.shutdown(std::net::Shutdown::Both);
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.since))
+    }
+}
+
+struct Server {
+    handle: Handle,
+    guest: Ipv4Addr,
+    stop: Arc<AtomicBool>,
+    refused: Arc<AtomicU64>,
+    uids: [u32; 3],
+}
+
+impl Server {
+    fn run(self, listener: UnixListener) {
+        let active = Arc::new(AtomicUsize::new(0));
+        let mut refused_log = Every::default();
+        let mut accept_log = Every::default();
+        loop {
+            let conn = listener.accept();
+            if self.stop.load(Ordering::SeqCst) {
+                return;
+            }
+            let mut conn = match conn {
+                Ok((c, _)) => c,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    // Out of descriptors: the connection stays queued until
+                    // one is free; retrying at once would only spin.
+                    if let Some(n) = accept_log.due() {
+                        warn!(error = %e, failures = n, "API socket: cannot accept a client (out of descriptors); retrying every {} ms (logged at most every 10 s)", ACCEPT_BACKOFF.as_millis());
+                    }
+                    std::thread::sleep(ACCEPT_BACKOFF);
+                    continue;
+                }
+                Err(_) => continue,
+            };
+            let peer =
+                nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::PeerCredentials);
+            let uid = match &peer {
+                Ok(c) => Some(c.uid()),
+                Err(_) => None,
+            };
+            if !uid.is_some_and(|u| self.uids.contains(&u)) {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                if let Some(n) = refused_log.due() {
+                    warn!(
+                        peer_uid = ?uid,
+                        peer_pid = peer.as_ref().ok().map(|c| c.pid()),
+                        refused = n,
+                        "API socket: refused a client whose uid is neither rnet's nor root's (logged at most every 10 s)"
+                    );
+                }
+                let reply = error_reply(
+                    "bad request: permission denied",
+                    Some(format!(
+                        "uid {} may not use this socket; only uid {} and root may",
+                        uid.map_or_else(|| "unknown".to_string(), |u| u.to_string()),
+                        self.uids[1]
+                    )),
+                );
+                // One short datagram-sized reply; never wait for this client.
+                let _ = socket2::SockRef::from(&conn)
+                    .send_with_flags(reply.as_bytes(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL);
+                continue;
+            }
+            if active.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
                 active.fetch_sub(1, Ordering::SeqCst);
-            });
-        if let Err(e) = spawned {
-            warn!(error = %e, "cannot start an API client thread");
+                let _ = socket2::SockRef::from(&conn).send_with_flags(
+                    error_reply("bad request: too many clients", None).as_bytes(),
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                );
+                continue;
+            }
+            let (handle, slots, guest) = (self.handle.clone(), active.clone(), self.guest);
+            let spawned = std::thread::Builder::new()
+                .name("rnet-api-client".into())
+                .spawn(move || {
+                    let deadline = Instant::now() + REQUEST_DEADLINE;
+                    let reply = match read_request(&mut conn, deadline) {
+                        Ok(req) => respond(&req, &handle, guest),
+                        Err(e) => e,
+                    };
+                    // The reply may take the rest of the deadline, and at
+                    // least a second after a slow request was refused.
+                    let _ = write_by(
+                        &mut conn,
+                        reply.as_bytes(),
+                        deadline.max(Instant::now() + Duration::from_secs(1)),
+                    );
+                    let _ = conn.shutdown(std::net::Shutdown::Both);
+                    slots.fetch_sub(1, Ordering::SeqCst);
+                });
+            if let Err(e) = spawned {
+                active.fetch_sub(1, Ordering::SeqCst);
+                warn!(error = %e, "cannot start an API client thread");
+            }
         }
     }
 }
 
+/// Time left until `deadline`, or `None` once it has passed.
+fn left(deadline: Instant) -> Option<Duration> {
+    deadline
+        .checked_duration_since(Instant::now())
+        .filter(|d| !d.is_zero())
+}
+
+/// Writes all of `bytes` unless `deadline` passes first.
+fn write_by(conn: &mut UnixStream, mut bytes: &[u8], deadline: Instant) -> io::Result<()> {
+    while !bytes.is_empty() {
+        let t = left(deadline).ok_or(io::ErrorKind::TimedOut)?;
+        conn.set_write_timeout(Some(t))?;
+        match conn.write(bytes) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Reads one request: until EOF, or until the bytes so far form a complete
 /// JSON value (for clients that do not half-close). Errors are replies.
-fn read_request(conn: &mut UnixStream) -> Result<Value, String> {
+/// The whole request must have arrived by `deadline`.
+fn read_request(conn: &mut UnixStream, deadline: Instant) -> Result<Value, String> {
     let mut buf = vec![0u8; MAX_REQUEST];
     let mut len = 0;
     loop {
+        let Some(t) = left(deadline) else {
+            return Err(error_reply(
+                "bad request: timed out",
+                Some(format!(
+                    "the request did not arrive within {} s",
+                    REQUEST_DEADLINE.as_secs()
+                )),
+            ));
+        };
+        if conn.set_read_timeout(Some(t)).is_err() {
+            break;
+        }
         match conn.read(&mut buf[len..]) {
             Ok(0) => break,
             Ok(n) => {
@@ -205,6 +395,15 @@ fn read_request(conn: &mut UnixStream) -> Result<Value, String> {
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            // The timeout is the deadline: the next turn says so.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue;
+            }
             Err(_) => break,
         }
     }

@@ -8,6 +8,13 @@
 //! as `rnet port add`; when it disappears, the rule is withdrawn. A host
 //! port already in use is logged once and retried on later scans, never
 //! fatal.
+//!
+//! Nothing the guest controls is followed into a device or FIFO: the tables
+//! are read through a descriptor of rnet's own `/proc/PID/net` (opened
+//! before the sandbox), each file opened `O_NOFOLLOW | O_NONBLOCK`, refused
+//! unless a regular file and read up to [`TABLE_CAP`]; the ephemeral port
+//! range, under the guest's root, is resolved inside that root only and
+//! read only if it is a regular procfs file ([`read_in_root`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -109,9 +116,17 @@ fn scan(tables: &Tables) -> BTreeSet<(Proto, u16)> {
         ("udp", Proto::Udp, UDP_UNCONNECTED),
         ("udp6", Proto::Udp, UDP_UNCONNECTED),
     ] {
-        let Ok(text) = tables.net.read_to_string(file) else {
+        let Ok(text) = tables.net.read_capped(file, TABLE_CAP) else {
             continue;
         };
+        let (text, cut) = whole_lines(text, TABLE_CAP);
+        if cut {
+            debug!(
+                file,
+                cap = TABLE_CAP,
+                "socket table longer than the cap; the rest is not scanned"
+            );
+        }
         for (addr, st) in parse_table(&text) {
             let reachable = match addr.ip() {
                 IpAddr::V4(ip) => !ip.is_loopback(),
@@ -128,14 +143,98 @@ fn scan(tables: &Tables) -> BTreeSet<(Proto, u16)> {
     out
 }
 
+/// Largest socket table read per scan (some 50,000 sockets); a longer one
+/// is cut at its last whole line.
+pub const TABLE_CAP: usize = crate::sandbox::READ_CAP;
+/// Largest sysctl file read.
+const SYSCTL_CAP: usize = 4096;
+const PROC_SUPER_MAGIC: i64 = 0x9fa0;
+
+/// The first port of the namespace's ephemeral range, from the target's
+/// own `/proc/sys` (the host's if that cannot be read safely), else 32768.
 fn ephemeral_start(pid: i32) -> u16 {
-    std::fs::read_to_string(format!(
-        "/proc/{pid}/root/proc/sys/net/ipv4/ip_local_port_range"
-    ))
-    .or_else(|_| std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range"))
-    .ok()
-    .and_then(|s| s.split_whitespace().next()?.parse().ok())
-    .unwrap_or(32768)
+    const RANGE: &str = "proc/sys/net/ipv4/ip_local_port_range";
+    read_in_root(&format!("/proc/{pid}/root"), RANGE)
+        .or_else(|e| {
+            debug!(pid, error = %e, "cannot read the target's ip_local_port_range; using the host's");
+            read_in_root("/", RANGE)
+        })
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768)
+}
+
+/// Reads `rel` below the directory `root` (the target's root, which the
+/// guest controls) without letting it lead anywhere else: resolved as if
+/// `root` were `/` (`openat2` with `RESOLVE_IN_ROOT`, no magic links, no
+/// final symbolic link) and opened `O_PATH` first, so nothing the guest put
+/// there (a FIFO, a device) is ever opened for reading; only a regular file
+/// on a procfs is then reopened, without blocking, and read up to
+/// [`SYSCTL_CAP`] bytes.
+pub fn read_in_root(root: &str, rel: &str) -> std::io::Result<String> {
+    use std::io::{Error, ErrorKind};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+    use nix::fcntl::OFlag;
+    let root = nix::fcntl::open(
+        root,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    let rel = std::ffi::CString::new(rel).map_err(|_| Error::from(ErrorKind::InvalidInput))?;
+    /// `struct open_how` (linux/openat2.h).
+    #[repr(C)]
+    struct OpenHow {
+        flags: u64,
+        mode: u64,
+        resolve: u64,
+    }
+    let how = OpenHow {
+        flags: (libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC) as u64,
+        mode: 0,
+        resolve: libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS,
+    };
+    // SAFETY: openat2 reads the NUL-terminated path and `how` (of the size
+    // given), both live for the call; a new descriptor is returned.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            root.as_raw_fd(),
+            rel.as_ptr(),
+            &how as *const OpenHow,
+            std::mem::size_of::<OpenHow>(),
+        )
+    };
+    if fd < 0 {
+        return Err(Error::last_os_error());
+    }
+    // SAFETY: openat2 returned a new descriptor that nothing else owns.
+    let path_fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let st = nix::sys::stat::fstat(&path_fd)?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Err(Error::new(ErrorKind::InvalidInput, "not a regular file"));
+    }
+    let fs = nix::sys::statfs::fstatfs(&path_fd)?;
+    if fs.filesystem_type().0 as i64 != PROC_SUPER_MAGIC {
+        return Err(Error::new(ErrorKind::InvalidInput, "not a procfs file"));
+    }
+    // The very inode checked above, now opened for reading.
+    let fd = nix::fcntl::open(
+        format!("/proc/self/fd/{}", path_fd.as_raw_fd()).as_str(),
+        OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    crate::sandbox::read_regular(fd, SYSCTL_CAP)
+}
+
+/// Cuts a table read up to `cap` bytes back to its last whole line.
+fn whole_lines(mut text: String, cap: usize) -> (String, bool) {
+    if text.len() < cap {
+        return (text, false);
+    }
+    let end = text.rfind('\n').map_or(0, |i| i + 1);
+    text.truncate(end);
+    (text, true)
 }
 
 /// The target's socket tables, opened before the sandbox hides /proc: a
@@ -230,6 +329,50 @@ mod tests {
         assert_eq!(t[0], ("[::]:8081".parse().unwrap(), 0x0a));
         assert_eq!(t[1], ("[::1]:22".parse().unwrap(), 0x0a));
         assert!(parse_table("h\ngarbage line\n  0: zz:1 0 0A\n").is_empty());
+    }
+
+    #[test]
+    fn guest_paths_never_lead_to_fifos_devices_or_the_host() {
+        let dir = std::env::temp_dir().join(format!("rnet-autopub-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let sys = dir.join("proc/sys/net/ipv4");
+        std::fs::create_dir_all(&sys).unwrap();
+        let range = sys.join("ip_local_port_range");
+        let root = dir.to_str().unwrap();
+        let rel = "proc/sys/net/ipv4/ip_local_port_range";
+        // A FIFO: refused at once, not a read that waits for a writer.
+        nix::unistd::mkfifo(&range, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let t = std::time::Instant::now();
+        assert!(read_in_root(root, rel).is_err());
+        assert!(t.elapsed() < Duration::from_secs(1));
+        // A device.
+        std::fs::remove_file(&range).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", &range).unwrap();
+        assert!(read_in_root(root, rel).is_err());
+        // A link to the host's own file resolves inside the root: absent.
+        std::fs::remove_file(&range).unwrap();
+        std::os::unix::fs::symlink("/proc/sys/net/ipv4/ip_local_port_range", &range).unwrap();
+        assert!(read_in_root(root, rel).is_err());
+        // A regular file that is not procfs.
+        std::fs::remove_file(&range).unwrap();
+        std::fs::write(&range, "1\t2\n").unwrap();
+        assert!(read_in_root(root, rel).is_err());
+        // The real thing.
+        let host = read_in_root("/", rel).expect("the host's own range");
+        assert!(
+            host.split_whitespace()
+                .next()
+                .unwrap()
+                .parse::<u16>()
+                .is_ok(),
+            "{host:?}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        let (t, cut) = whole_lines("a\nb\nc".to_string(), 5);
+        assert_eq!((t.as_str(), cut), ("a\nb\n", true));
+        let (t, cut) = whole_lines("a\nb".to_string(), 5);
+        assert_eq!((t.as_str(), cut), ("a\nb", false));
     }
 
     #[test]

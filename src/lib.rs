@@ -263,6 +263,19 @@ impl Network {
         Network::serve(tap, false, name, None, watch_pid.map(Target::Pid), config)
     }
 
+    /// As [`Network::attach_tap`], for a descriptor whose frames each carry
+    /// the 12-byte virtio-net header both ways: a TAP the caller opened with
+    /// IFF_VNET_HDR, TUNSETVNETHDRSZ 12 and its offloads set, or a socket
+    /// pair standing in for one (as the fuzzers drive the offload path).
+    pub fn attach_tap_offload(
+        tap: OwnedFd,
+        watch_pid: Option<i32>,
+        config: Config,
+    ) -> Result<Network, Error> {
+        let name = config.tap_name().to_string();
+        Network::serve(tap, true, name, None, watch_pid.map(Target::Pid), config)
+    }
+
     fn serve(
         fd: OwnedFd,
         vnet: bool,

@@ -27,7 +27,8 @@
 //!    [`SandboxOptions::keep_writable`] is bind-mounted into it at the same
 //!    place, symbolic links on the way recreated so the original name still
 //!    resolves (`/etc/resolv.conf` → `../run/systemd/resolve/...` keeps
-//!    working). Then `pivot_root`, the old root is detached
+//!    working); `/etc` and `/run` exist in it even when nothing kept lies
+//!    below them. Then `pivot_root`, the old root is detached
 //!    (`umount2(MNT_DETACH)`) and the new root remounted read-only, nosuid,
 //!    nodev, noexec.
 //!    *Removed:* every file and directory not kept, `/proc` and `/dev`
@@ -39,6 +40,15 @@
 //!    namespace: host ports below 1024 stay refused, as they were for an
 //!    unprivileged user. Signals and `wait` still reach rnet's children,
 //!    which keep their own namespaces.
+//!    **Landlock** (with mount isolation, where the kernel has it; without
+//!    it rnet logs so and goes on): once no_new_privs is set (stage 3),
+//!    every later open, from whatever descriptor, is confined to the new
+//!    root (read only), the writable kept paths, and each [`KeptDir`] with
+//!    only what it is kept for (reading for `/proc/PID/net`, removing the
+//!    control socket for its directory), so a directory descriptor from
+//!    before `pivot_root` no longer leads back to the host tree through
+//!    `..`; connecting to abstract Unix sockets outside is refused too (ABI
+//!    6).
 //! 2. **Capabilities.** The ambient set is cleared, the bounding set dropped
 //!    (when rnet holds `CAP_SETPCAP`, i.e. as root or in its new user
 //!    namespace; an unprivileged process without it cannot, and gains
@@ -61,6 +71,11 @@
 //!    descriptor requests; `prctl` to thread names. `clone3`, whose flags a
 //!    filter cannot read, fails with `ENOSYS`, so the C library falls back
 //!    to `clone`. The filter is installed with `SECCOMP_FILTER_FLAG_TSYNC`.
+//!    A third program makes some allowed calls fail with `EPERM` by their
+//!    arguments (`deny_program`), where a mistake should cost an error,
+//!    not the process: `kill` only to rnet itself and the children it has
+//!    when entering (the agent, `rnet run`'s command; never a process group
+//!    or `-1`), `tgkill` only within rnet, and no `socket(AF_UNIX)`.
 //!    *Removed, among others:* `execve`/`execveat`, `ptrace`, `mount`,
 //!    `umount2`, `pivot_root`, `setns`, `unshare`, `fork`, module loading,
 //!    `kexec_load`, `bpf`, `keyctl`, `perf_event_open`, `process_vm_*`,
@@ -205,8 +220,11 @@ pub fn enter(opts: &SandboxOptions) -> Result<(), SandboxError> {
     }
     let initial = capget().map_err(at_io(Stage::Precondition, "capget"))?;
     // Built first, so that an architecture without a filter changes nothing.
+    // Signals stay pinned to rnet itself and the children it has now (the
+    // agent, `rnet run`'s command): the filter forbids any later fork.
     let filters = if opts.seccomp {
-        Some(programs()?)
+        let me = std::process::id() as i32;
+        Some((programs()?, deny_program(me, &children(me))?))
     } else {
         None
     };
@@ -221,11 +239,25 @@ pub fn enter(opts: &SandboxOptions) -> Result<(), SandboxError> {
     };
     drop_capabilities(keep)?;
     nix::sys::prctl::set_no_new_privs().map_err(at(Stage::NoNewPrivs, "prctl"))?;
-    if let Some(progs) = filters {
+    let landlock = if opts.mount {
+        restrict_paths(opts)?
+    } else {
+        None
+    };
+    if let Some((progs, deny)) = filters {
+        // First: installing needs calls the allow-list forbids.
+        seccompiler::apply_filter_all_threads(&deny).map_err(|e| {
+            SandboxError::new(
+                Stage::Seccomp,
+                "installing",
+                io::Error::other(e.to_string()),
+            )
+        })?;
         install_filters(&progs)?;
     }
     info!(
         mount = opts.mount,
+        landlock = ?landlock,
         own_userns,
         capabilities = if keep == 0 {
             "none"
@@ -387,6 +419,17 @@ fn isolate_mounts(opts: &SandboxOptions, sys_admin: bool) -> Result<bool, Sandbo
         Some("mode=0755,size=1m,nr_inodes=4096"),
     )
     .map_err(at(s, format!("mounting a tmpfs on {}", base.display())))?;
+    // `/etc` and `/run` always exist in the new root (read-only, like all
+    // of it), as in slirp4netns's sandbox: scripts look for them, and the
+    // kept paths below fill in what rnet reads (`/etc/resolv.conf`, and the
+    // file under `/run` it may link to).
+    for d in ["etc", "run"] {
+        if let Err(err) = std::fs::create_dir(base.join(d))
+            && err.kind() != io::ErrorKind::AlreadyExists
+        {
+            return Err(SandboxError::new(s, format!("creating /{d}"), err));
+        }
+    }
 
     let mut bound_dirs: Vec<PathBuf> = Vec::new();
     for e in &entries {
@@ -533,6 +576,246 @@ fn remount_restricted(p: &Path, read_only: bool) -> nix::Result<()> {
         flags |= MsFlags::MS_NODIRATIME;
     }
     mount(None::<&str>, p, None::<&str>, flags, None::<&str>)
+}
+
+// ---------------------------------------------------------------------------
+// Stage 1b: Landlock.
+
+/// Landlock file-system rights (linux/landlock.h).
+mod ll {
+    pub const EXECUTE: u64 = 1 << 0;
+    pub const WRITE_FILE: u64 = 1 << 1;
+    pub const READ_FILE: u64 = 1 << 2;
+    pub const READ_DIR: u64 = 1 << 3;
+    pub const REMOVE_FILE: u64 = 1 << 5;
+    pub const MAKE_REG: u64 = 1 << 8;
+    /// ABI 2.
+    pub const REFER: u64 = 1 << 13;
+    /// ABI 3.
+    pub const TRUNCATE: u64 = 1 << 14;
+    /// ABI 5.
+    pub const IOCTL_DEV: u64 = 1 << 15;
+    /// Every right of ABI 1.
+    pub const ABI1: u64 = (1 << 13) - 1;
+    /// `scoped`, ABI 6: no connecting to abstract Unix sockets outside.
+    pub const SCOPE_ABSTRACT_UNIX_SOCKET: u64 = 1 << 0;
+    pub const CREATE_RULESET_VERSION: u32 = 1 << 0;
+    pub const RULE_PATH_BENEATH: i32 = 1;
+}
+
+/// What a [`KeptDir`] may still be used for once Landlock is in force.
+const KEPT_READ: u64 = ll::READ_FILE | ll::READ_DIR;
+const KEPT_UNLINK: u64 = ll::REMOVE_FILE;
+
+/// The [`KeptDir`]s alive (the descriptor of each, and the rights it
+/// keeps), for the Landlock rules of [`enter`]; each removes itself when
+/// dropped.
+static KEPT: std::sync::Mutex<Vec<(std::os::fd::RawFd, u64)>> = std::sync::Mutex::new(Vec::new());
+
+/// The Landlock ABI the kernel offers (0: none).
+fn landlock_abi() -> i64 {
+    // SAFETY: landlock_create_ruleset(NULL, 0, VERSION) only returns a
+    // number.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<u8>(),
+            0usize,
+            ll::CREATE_RULESET_VERSION,
+        )
+    };
+    r.max(0)
+}
+
+#[repr(C)]
+struct RulesetAttr {
+    handled_access_fs: u64,
+    handled_access_net: u64,
+    scoped: u64,
+}
+
+#[repr(C, packed)]
+struct PathBeneath {
+    allowed_access: u64,
+    parent_fd: i32,
+}
+
+/// Stage 1b, after the new root is in place: Landlock confines every later
+/// open, whatever descriptor it starts from, to the new root (read-only
+/// rights), the writable kept paths, and the [`KeptDir`]s (each with only
+/// the rights it is kept for). A directory descriptor from before
+/// `pivot_root` then no longer leads back to the host tree through `..`.
+/// Returns the ABI used, or `None` when the kernel has no Landlock (logged;
+/// the mount isolation still holds, but kept descriptors could walk up).
+fn restrict_paths(opts: &SandboxOptions) -> Result<Option<i64>, SandboxError> {
+    let s = Stage::Mount;
+    let abi = landlock_abi();
+    let kept = KEPT.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    if abi < 1 {
+        info!(
+            "Landlock is not available in this kernel: directory descriptors kept across the sandbox (control socket, /proc/PID/net) are not confined"
+        );
+        return Ok(None);
+    }
+    let mut handled = ll::ABI1;
+    if abi >= 2 {
+        handled |= ll::REFER;
+    }
+    if abi >= 3 {
+        handled |= ll::TRUNCATE;
+    }
+    if abi >= 5 {
+        handled |= ll::IOCTL_DEV;
+    }
+    let attr = RulesetAttr {
+        handled_access_fs: handled,
+        handled_access_net: 0,
+        scoped: if abi >= 6 {
+            ll::SCOPE_ABSTRACT_UNIX_SOCKET
+        } else {
+            0
+        },
+    };
+    let size = match abi {
+        1..=3 => 8,
+        4 | 5 => 16,
+        _ => std::mem::size_of::<RulesetAttr>(),
+    };
+    // SAFETY: the kernel reads `size` bytes of `attr`, all initialised.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            &attr as *const RulesetAttr,
+            size,
+            0u32,
+        )
+    };
+    if fd < 0 {
+        return Err(SandboxError::new(
+            s,
+            "creating a Landlock ruleset",
+            io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: a new descriptor nothing else owns.
+    let ruleset = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+    let add =
+        |dir: std::os::fd::BorrowedFd<'_>, rights: u64, what: &str| -> Result<(), SandboxError> {
+            let rule = PathBeneath {
+                allowed_access: rights & handled,
+                parent_fd: dir.as_raw_fd(),
+            };
+            // SAFETY: the kernel reads the packed rule, live for the call.
+            let r = unsafe {
+                libc::syscall(
+                    libc::SYS_landlock_add_rule,
+                    ruleset.as_raw_fd(),
+                    ll::RULE_PATH_BENEATH,
+                    &rule as *const PathBeneath,
+                    0u32,
+                )
+            };
+            if r != 0 {
+                return Err(SandboxError::new(
+                    s,
+                    format!("adding the Landlock rule for {what}"),
+                    io::Error::last_os_error(),
+                ));
+            }
+            Ok(())
+        };
+    let open_path = |p: &Path| {
+        nix::fcntl::open(p, OFlag::O_PATH | OFlag::O_CLOEXEC, Mode::empty())
+            .map_err(at(s, format!("opening {} for Landlock", p.display())))
+    };
+    add(
+        open_path(Path::new("/"))?.as_fd(),
+        ll::READ_FILE | ll::READ_DIR,
+        "/",
+    )?;
+    for p in &opts.keep_writable {
+        let Ok(fd) = nix::fcntl::open(p.as_path(), OFlag::O_PATH | OFlag::O_CLOEXEC, Mode::empty())
+        else {
+            continue;
+        };
+        let rights = ll::READ_FILE
+            | ll::READ_DIR
+            | ll::WRITE_FILE
+            | ll::MAKE_REG
+            | ll::REMOVE_FILE
+            | ll::TRUNCATE;
+        add(fd.as_fd(), rights, &p.display().to_string())?;
+    }
+    for (fd, rights) in &kept {
+        // SAFETY: each registered descriptor belongs to a live KeptDir,
+        // which deregisters it before closing it.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(*fd) };
+        add(fd, *rights, "a kept directory")?;
+    }
+    debug_assert_eq!(ll::EXECUTE & (ll::READ_FILE | ll::READ_DIR), 0);
+    // SAFETY: landlock_restrict_self with a ruleset descriptor and no flags.
+    let r = unsafe { libc::syscall(libc::SYS_landlock_restrict_self, ruleset.as_raw_fd(), 0u32) };
+    if r != 0 {
+        return Err(SandboxError::new(
+            s,
+            "entering the Landlock domain",
+            io::Error::last_os_error(),
+        ));
+    }
+    Ok(Some(abi))
+}
+
+/// The pids of the calling process's children (one thread: its tid is its
+/// pid), from `/proc/self/task/PID/children`; empty if unreadable.
+fn children(me: i32) -> Vec<i32> {
+    std::fs::read_to_string(format!("/proc/self/task/{me}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// The third program: calls allowed by the allow-list that fail with
+/// `EPERM` for some arguments, so that a mistake costs an error, not the
+/// process. `kill` only to `me` and `children` (never to a process group,
+/// `-1`, or anyone else), `tgkill` only within `me`, and no
+/// `socket(AF_UNIX)` (nothing rnet does after set-up needs one: its Unix
+/// sockets are bound, paired or accepted before or without `socket`).
+pub(crate) fn deny_program(me: i32, children: &[i32]) -> Result<BpfProgram, SandboxError> {
+    use SeccompCmpArgLen::Dword;
+    fn bad(e: impl std::fmt::Display) -> SandboxError {
+        SandboxError::new(
+            Stage::Seccomp,
+            "building the filter",
+            io::Error::other(e.to_string()),
+        )
+    }
+    let ne = |v: i32| cond(0, Dword, SeccompCmpOp::Ne, v as u32 as u64);
+    let kill: Vec<SeccompCondition> = std::iter::once(me)
+        .chain(children.iter().copied())
+        .map(ne)
+        .collect();
+    let mut map: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    map.insert(libc::SYS_kill, vec![SeccompRule::new(kill).map_err(bad)?]);
+    map.insert(
+        libc::SYS_tgkill,
+        vec![SeccompRule::new(vec![ne(me)]).map_err(bad)?],
+    );
+    map.insert(
+        libc::SYS_socket,
+        vec![
+            SeccompRule::new(vec![cond(0, Dword, SeccompCmpOp::Eq, libc::AF_UNIX as u64)])
+                .map_err(bad)?,
+        ],
+    );
+    let f = SeccompFilter::new(
+        map,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+        arch()?,
+    )
+    .map_err(bad)?;
+    f.try_into().map_err(bad)
 }
 
 // ---------------------------------------------------------------------------
@@ -1203,6 +1486,29 @@ fn install_filters(progs: &[BpfProgram; 2]) -> Result<(), SandboxError> {
 // ---------------------------------------------------------------------------
 // Directories kept by descriptor.
 
+/// Largest file [`KeptDir::read_to_string`] reads: a socket table of some
+/// 50,000 sockets.
+pub const READ_CAP: usize = 8 << 20;
+
+/// Reads at most `cap` bytes of `fd`, which must be a regular file (procfs
+/// files are); lossy UTF-8.
+pub(crate) fn read_regular(fd: OwnedFd, cap: usize) -> io::Result<String> {
+    use std::io::Read;
+    let f = std::fs::File::from(fd);
+    if !f.metadata()?.file_type().is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file (a FIFO, device or socket is never read)",
+        ));
+    }
+    let mut buf = Vec::new();
+    f.take(cap as u64).read_to_end(&mut buf)?;
+    Ok(match String::from_utf8(buf) {
+        Ok(s) => s,
+        Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+    })
+}
+
 /// A directory held open across [`enter`], usable by name afterwards
 /// without being visible in the sandbox's filesystem: the control socket's
 /// directory (to remove the socket at exit), `/proc/PID/net` (to read the
@@ -1213,14 +1519,33 @@ pub struct KeptDir {
     path: PathBuf,
 }
 
+impl Drop for KeptDir {
+    fn drop(&mut self) {
+        let raw = self.fd.as_raw_fd();
+        KEPT.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(fd, _)| *fd != raw);
+    }
+}
+
 impl KeptDir {
-    /// Opens `path` (a directory) before the sandbox is entered.
+    /// Opens `path` (a directory) before the sandbox is entered, to read
+    /// files in it.
     pub fn open(path: &Path) -> io::Result<KeptDir> {
+        KeptDir::open_for(path, KEPT_READ)
+    }
+
+    /// Opens `path` for use with `rights` once Landlock is in force (the
+    /// sandbox grants those rights beneath it, nothing more).
+    fn open_for(path: &Path, rights: u64) -> io::Result<KeptDir> {
         let fd = nix::fcntl::open(
             path,
             OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
             Mode::empty(),
         )?;
+        KEPT.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((fd.as_raw_fd(), rights));
         Ok(KeptDir {
             fd,
             path: path.to_path_buf(),
@@ -1234,7 +1559,7 @@ impl KeptDir {
             Some(p) if !p.as_os_str().is_empty() => p,
             _ => Path::new("."),
         };
-        KeptDir::open(parent)
+        KeptDir::open_for(parent, KEPT_UNLINK)
     }
 
     /// The path it was opened at (for messages; it may not resolve inside
@@ -1243,21 +1568,35 @@ impl KeptDir {
         &self.path
     }
 
-    /// Reads the file `name` of this directory.
+    /// Reads the file `name` of this directory, at most [`READ_CAP`] bytes
+    /// (see [`KeptDir::read_capped`]).
     pub fn read_to_string(&self, name: &str) -> io::Result<String> {
-        use std::io::Read;
+        self.read_capped(name, READ_CAP)
+    }
+
+    /// Reads at most `cap` bytes of the file `name` of this directory. The
+    /// name is opened without following a link and without blocking
+    /// (`O_NOFOLLOW | O_NONBLOCK | O_NOCTTY`), and anything but a regular
+    /// file (a FIFO, a device, a socket) is refused before it is read.
+    pub fn read_capped(&self, name: &str, cap: usize) -> io::Result<String> {
         let fd = openat(
             self.fd.as_fd(),
             name,
-            OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW,
+            OFlag::O_RDONLY
+                | OFlag::O_CLOEXEC
+                | OFlag::O_NOFOLLOW
+                | OFlag::O_NONBLOCK
+                | OFlag::O_NOCTTY,
             Mode::empty(),
         )?;
-        let mut s = String::new();
-        std::fs::File::from(fd).read_to_string(&mut s)?;
-        Ok(s)
+        read_regular(fd, cap)
     }
 
     /// Removes the entry `name` (not a directory) of this directory.
+    ///
+    /// (With Landlock in force, only removals are allowed beneath a
+    /// directory kept by [`KeptDir::of_parent`], only reads beneath one kept
+    /// by [`KeptDir::open`].)
     pub fn unlink(&self, name: &std::ffi::OsStr) -> io::Result<()> {
         if name.as_bytes().contains(&b'/') {
             return Err(io::Error::new(
@@ -1448,13 +1787,26 @@ mod tests {
             })?;
 
             // The filesystem: only what was kept, read-only.
-            let top: Vec<String> = std::fs::read_dir("/")
+            let mut top: Vec<String> = std::fs::read_dir("/")
                 .map_err(|e| format!("listing /: {e}"))?
                 .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
                 .collect::<Result<_, _>>()
                 .map_err(|e| e.to_string())?;
+            top.sort();
             let first = d.components().nth(1).unwrap().as_os_str().to_string_lossy();
-            ensure(top == [first.to_string()], || format!("/ holds {top:?}"))?;
+            let mut want = vec![first.to_string(), "etc".into(), "run".into()];
+            want.sort();
+            want.dedup();
+            ensure(top == want, || format!("/ holds {top:?}"))?;
+            // /etc and /run are there, empty (nothing kept below them).
+            for d in ["/etc", "/run"] {
+                let n = std::fs::read_dir(d)
+                    .map_err(|e| format!("{d}: {e}"))?
+                    .count();
+                ensure(n == 0 || first == d[1..], || {
+                    format!("{d} holds {n} entries")
+                })?;
+            }
             for gone in ["/etc/passwd", "/proc/self/status", "/dev/null", "/usr"] {
                 ensure(std::fs::symlink_metadata(gone).is_err(), || {
                     format!("{gone} is visible")
@@ -1544,6 +1896,72 @@ mod tests {
     }
 
     /// Calls the filter must stop: each kills the process with SIGSYS.
+    /// After `enter`, a directory kept from before can still be read, but
+    /// `..` from it leads nowhere (Landlock, where the kernel has it);
+    /// signals reach only rnet itself and `socket(AF_UNIX)` fails, without
+    /// killing the process.
+    #[test]
+    fn kept_descriptors_and_signals_stay_confined() {
+        let dir = scratch("confined");
+        std::fs::create_dir_all(dir.join("kept")).unwrap();
+        std::fs::write(dir.join("kept/file"), "kept").unwrap();
+        std::fs::write(dir.join("secret"), "secret").unwrap();
+        let landlock = landlock_abi() >= 1;
+        let outcome = in_child(|_| {
+            let kept = KeptDir::open(&dir.join("kept")).map_err(|e| e.to_string())?;
+            enter(&full()).map_err(|e| e.to_string())?;
+            let got = kept
+                .read_to_string("file")
+                .map_err(|e| format!("kept file: {e}"))?;
+            ensure(got == "kept", || format!("kept file holds {got:?}"))?;
+            let up = openat(
+                kept.fd.as_fd(),
+                "../secret",
+                OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            );
+            if landlock {
+                ensure(
+                    up.as_ref().err() == Some(&nix::errno::Errno::EACCES),
+                    || format!("../secret from a kept directory: {up:?}"),
+                )?;
+                let listing = openat(
+                    kept.fd.as_fd(),
+                    "..",
+                    OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+                    Mode::empty(),
+                );
+                ensure(listing.is_err(), || "listing .. of a kept directory".into())?;
+            }
+            let me = nix::unistd::getpid();
+            nix::sys::signal::kill(me, None).map_err(|e| format!("kill(self, 0): {e}"))?;
+            for (what, pid) in [("pid 1", 1), ("every process", -1), ("the group", 0)] {
+                let r = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None);
+                ensure(r == Err(nix::errno::Errno::EPERM), || {
+                    format!("kill({what}, 0): {r:?}")
+                })?;
+            }
+            // SAFETY: tgkill with integer arguments and signal 0 (a check).
+            let r = unsafe { libc::syscall(libc::SYS_tgkill, 1, 1, 0) };
+            ensure(
+                r == -1 && nix::errno::Errno::last() == nix::errno::Errno::EPERM,
+                || format!("tgkill(1, 1, 0) = {r}"),
+            )?;
+            let unix = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None);
+            ensure(
+                unix.as_ref().err().and_then(|e| e.raw_os_error()) == Some(libc::EPERM),
+                || format!("socket(AF_UNIX): {unix:?}"),
+            )?;
+            Ok(())
+        });
+        assert_eq!(
+            outcome,
+            Outcome::Exited(0, String::new()),
+            "Landlock: {landlock}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn forbidden_calls_kill_the_process() {
         type Attempt = fn();
@@ -1640,8 +2058,12 @@ mod tests {
                 ..full()
             })
             .map_err(|e| e.to_string())?;
-            let top = std::fs::read_dir("/").map_err(|e| e.to_string())?.count();
-            ensure(top == 0, || format!("{top} entries in /"))?;
+            let mut top: Vec<String> = std::fs::read_dir("/")
+                .map_err(|e| e.to_string())?
+                .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+                .collect();
+            top.sort();
+            ensure(top == ["etc", "run"], || format!("/ holds {top:?}"))?;
             // No filter: a fork works (and the child sees the same root).
             std::process::Command::new("/bin/true")
                 .status()

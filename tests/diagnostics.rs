@@ -103,6 +103,36 @@ fn pcap_shows_curl_handshake() {
     }
 }
 
+/// A capture file is created `0600`; a symbolic link at the `--pcap` path
+/// makes start-up fail with a message naming the link, and nothing is
+/// written through it.
+#[test]
+fn pcap_is_private_and_never_follows_links() {
+    let test = module_path_test!();
+    require!(require_userns(test));
+    let pcap = TempPath::new("capture-mode.pcap");
+    Rnet::new()
+        .arg("--pcap")
+        .arg(&pcap.0)
+        .run(&["true"], secs(30))
+        .assert_success("guest with --pcap");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&pcap.0).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o600, "capture file mode {mode:o}");
+
+    let target = TempPath::new("capture-target");
+    let link = TempPath::new("capture-link.pcap");
+    std::os::unix::fs::symlink(&target.0, &link.0).unwrap();
+    let out = Rnet::new()
+        .arg("--pcap")
+        .arg(&link.0)
+        .run(&["true"], secs(30));
+    out.assert_failure("--pcap at a symbolic link");
+    assert_stderr_has(&out, "is a symbolic link");
+    assert_stderr_has(&out, &link.0.display().to_string());
+    assert!(!target.0.exists(), "a file was created through the link");
+}
+
 /// With `--pcap-max-mib 1`, a 4 MiB download leaves FILE and FILE.1, each
 /// about 1 MiB (at most one frame over), both readable by tcpdump.
 #[test]

@@ -131,3 +131,42 @@ fn sandboxed_root_holds_nothing_of_the_host() {
         "{entries:?}"
     );
 }
+
+/// The sandbox's empty root still has `/etc` and `/run`, read-only, as
+/// slirp4netns's does, with the host's resolv.conf readable at its usual
+/// name (through a link into /run if the host has one).
+#[test]
+fn sandboxed_root_shows_etc_and_run_read_only() {
+    if !require_userns("sandboxed_root_shows_etc_and_run_read_only") {
+        return;
+    }
+    let target = Target::userns();
+    let mut proc = Rnet::new().attach(target.pid());
+    let root = std::path::PathBuf::from(format!("/proc/{}/root", proc.pid()));
+    // Reading /proc/PID/root of a process of the same user works; rnet
+    // enters its sandbox once set up, so wait for the empty root.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while root.join("usr").exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let etc = std::fs::metadata(root.join("etc"));
+    let run = std::fs::metadata(root.join("run"));
+    let host_resolv = std::fs::read_to_string("/etc/resolv.conf").ok();
+    let resolv = std::fs::read_to_string(root.join("etc/resolv.conf"));
+    let write = std::fs::write(root.join("etc/rnet-test"), b"x");
+    let usr = root.join("usr").exists();
+    proc.signal(libc::SIGTERM);
+    let _ = proc.stop(Duration::from_secs(5));
+    assert!(!usr, "the sandbox root still shows /usr");
+    assert!(etc.as_ref().is_ok_and(|m| m.is_dir()), "/etc: {etc:?}");
+    assert!(run.as_ref().is_ok_and(|m| m.is_dir()), "/run: {run:?}");
+    if let Some(host) = host_resolv {
+        assert_eq!(
+            resolv.ok().as_deref(),
+            Some(host.as_str()),
+            "/etc/resolv.conf"
+        );
+    }
+    let e = write.expect_err("/etc in the sandbox is writable");
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+}
