@@ -422,8 +422,9 @@ fn isolate_mounts(opts: &SandboxOptions, sys_admin: bool) -> Result<bool, Sandbo
     // `/etc` and `/run` always exist in the new root (read-only, like all
     // of it), as in slirp4netns's sandbox: scripts look for them, and the
     // kept paths below fill in what rnet reads (`/etc/resolv.conf`, and the
-    // file under `/run` it may link to).
-    for d in ["etc", "run"] {
+    // file under `/run` it may link to). The helpers that live in the
+    // guest's namespaces ([`empty_root`], `opts.mount` false) get nothing.
+    for d in ["etc", "run"].into_iter().filter(|_| opts.mount) {
         if let Err(err) = std::fs::create_dir(base.join(d))
             && err.kind() != io::ErrorKind::AlreadyExists
         {
@@ -520,6 +521,9 @@ fn isolate_mounts(opts: &SandboxOptions, sys_admin: bool) -> Result<bool, Sandbo
 /// namespace (the namespace agent, in the guest's): a mount namespace of
 /// its own whose root is an empty read-only tmpfs, as stage 1 with nothing
 /// kept.
+///
+/// Unlike rnet's own root, this one has no `/etc` or `/run`: nothing that
+/// runs in the guest's namespaces needs them.
 pub(crate) fn empty_root() -> Result<(), SandboxError> {
     isolate_mounts(&SandboxOptions::default(), true).map(drop)
 }
