@@ -262,8 +262,10 @@ pub fn respond(req: &Value, handle: &Handle, guest: Ipv4Addr) -> String {
         },
         Ok(Request::List) => match handle.ports() {
             Ok(list) => {
+                // At the top level, not under "return": slirp4netns's
+                // api.c answers list_hostfwd this way, and clients read it.
                 let entries: Vec<Value> = list.iter().flat_map(entries_of).collect();
-                json!({ "return": { "entries": entries } }).to_string()
+                json!({ "entries": entries }).to_string()
             }
             Err(e) => error_reply("bad request: list_hostfwd failed", Some(e.to_string())),
         },

@@ -466,6 +466,11 @@ fn api_add_hostfwd_publishes_a_guest_port() {
     );
     let list = api(&sock.0, r#"{"execute":"list_hostfwd"}"#);
     assert!(list.contains(r#""guest_addr":"10.0.2.100""#), "{list}");
+    // slirp4netns's shape: `entries` at the top level, not under `return`.
+    let v: serde_json::Value =
+        serde_json::from_str(list.trim()).unwrap_or_else(|e| panic!("{e}: {list}"));
+    assert!(v.get("return").is_none(), "{list}");
+    assert_eq!(v["entries"][0]["id"], 1, "{list}");
     let got = eventually(secs(10), || {
         host_get(host_port).is_ok_and(|b| b == "from the guest")
     });
