@@ -490,3 +490,67 @@ fn api_add_hostfwd_publishes_a_guest_port() {
     assert_eq!(out.code(), Some(0), "{out}");
     assert!(!sock.0.exists(), "API socket file left behind");
 }
+
+/// Podman's restart: the new instance starts on the same `--api-socket`
+/// path while the old one is still running or exiting. The old one must
+/// not remove the new one's socket at exit; 50 hand-overs, alternating
+/// "new instance ready before the old one is told to stop" (the old one
+/// removing the path by name would always delete the new socket) and
+/// "new instance started right after SIGTERM to the old one".
+#[test]
+fn api_socket_survives_a_restart_on_the_same_path() {
+    if !require_userns("api_socket_survives_a_restart_on_the_same_path") {
+        return;
+    }
+    let dns = DnsServer::start();
+    // Two namespaces, used in turn: each instance has its own TAP.
+    let targets = [Target::userns(), Target::userns()];
+    let dir = TempDir::new("api-restart");
+    let sock = dir.join("s4nn.sock");
+    let sock_s = sock.to_string_lossy().into_owned();
+    // Every other pair of rounds in the sandbox, where the old instance
+    // checks and removes the file through a directory descriptor.
+    let start = |i: usize| {
+        let pid = targets[i % 2].pid().to_string();
+        let mut args = vec!["-c", "--api-socket", &sock_s, &pid, "tap0"];
+        if i % 4 >= 2 {
+            args.extend(["--enable-sandbox", "--enable-seccomp"]);
+        }
+        spawn_ready(slirp(&args, &dns), "slirp4netns --api-socket")
+    };
+    let mut cur = start(0);
+    // Whether `cur` took the path over from a live instance.
+    let mut cur_replaced = false;
+    for i in 1..=50 {
+        let replaced_first = i % 2 == 1;
+        let mut old = cur;
+        let next = if replaced_first {
+            let next = start(i);
+            old.signal(libc::SIGTERM);
+            next
+        } else {
+            old.signal(libc::SIGTERM);
+            start(i)
+        };
+        let old = old.finish(secs(10));
+        assert_eq!(old.code(), Some(0), "round {i}: old instance: {old}");
+        assert!(
+            sock.exists(),
+            "round {i}: the new instance's socket is gone"
+        );
+        let reply = api(&sock, r#"{"execute":"list_hostfwd"}"#);
+        assert_eq!(reply.trim(), r#"{"entries":[]}"#, "round {i}");
+        if replaced_first {
+            assert_stderr_has(&old, "now names another socket");
+        }
+        if cur_replaced {
+            assert_stderr_has(&old, "replacing the socket file");
+        }
+        cur = next;
+        cur_replaced = replaced_first;
+    }
+    cur.signal(libc::SIGTERM);
+    let out = cur.finish(secs(10));
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert!(!sock.exists(), "API socket file left behind");
+}
