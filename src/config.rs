@@ -301,6 +301,34 @@ impl OutboundPolicy {
     }
 }
 
+impl OutboundPolicy {
+    /// Parses an outbound allow-list as the user gives it, on rnet's
+    /// command line (`--outbound-allow`, repeatable) or in compatibility
+    /// mode's `RNET_OUTBOUND_ALLOW`: each value is `none` or IPv4 and IPv6
+    /// CIDRs (a bare address is one host) separated by commas, with spaces
+    /// around them ignored. No value at all means [`OutboundPolicy::Any`];
+    /// `none` contributes nothing, so `none` alone allows nothing.
+    pub fn parse<'a>(
+        values: impl IntoIterator<Item = &'a str>,
+    ) -> Result<OutboundPolicy, ConfigError> {
+        let mut given = false;
+        let mut nets = Vec::new();
+        for v in values {
+            given = true;
+            for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                if part != "none" {
+                    nets.push(part.parse::<IpCidr>()?);
+                }
+            }
+        }
+        Ok(if given {
+            OutboundPolicy::Only(nets)
+        } else {
+            OutboundPolicy::Any
+        })
+    }
+}
+
 impl fmt::Display for OutboundPolicy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -818,6 +846,46 @@ pub fn parse_ipv6_prefix(s: &str) -> Result<Ipv6Addr, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn outbound_allow_lists() {
+        let c = |s: &str| s.parse::<IpCidr>().unwrap();
+        assert_eq!(OutboundPolicy::parse([]), Ok(OutboundPolicy::Any));
+        assert_eq!(
+            OutboundPolicy::parse(["none"]),
+            Ok(OutboundPolicy::Only(vec![]))
+        );
+        assert_eq!(
+            OutboundPolicy::parse([""]),
+            Ok(OutboundPolicy::Only(vec![]))
+        );
+        // Both families, comma lists with spaces, repeated values, bare
+        // addresses.
+        let p =
+            OutboundPolicy::parse(["198.18.0.0/15, fd42::/64", "none,192.0.2.1", "::1"]).unwrap();
+        assert_eq!(
+            p,
+            OutboundPolicy::Only(vec![
+                c("198.18.0.0/15"),
+                c("fd42::/64"),
+                c("192.0.2.1/32"),
+                c("::1/128")
+            ])
+        );
+        assert!(p.allows("fd42::7".parse::<IpAddr>().unwrap()));
+        assert!(p.allows(Ipv4Addr::new(198, 19, 1, 1)));
+        assert!(!p.allows("fd43::7".parse::<IpAddr>().unwrap()));
+        for bad in [
+            "x",
+            "10.0.0.0/33",
+            "fd00::/129",
+            "fd00::/x",
+            "10.0.0.0/8,nope",
+        ] {
+            let e = OutboundPolicy::parse([bad]).unwrap_err().to_string();
+            assert!(e.contains("invalid CIDR"), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn ipv6_prefixes() {

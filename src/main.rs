@@ -265,23 +265,8 @@ struct NetArgs {
 
 impl NetArgs {
     fn to_config(&self) -> Result<Config, String> {
-        let outbound = if self.outbound_allow.is_empty() {
-            OutboundPolicy::Any
-        } else {
-            let mut nets = Vec::new();
-            for v in &self.outbound_allow {
-                for part in v.split(',').filter(|p| !p.is_empty()) {
-                    if part == "none" {
-                        continue;
-                    }
-                    nets.push(
-                        part.parse()
-                            .map_err(|e| format!("--outbound-allow {part}: {e}"))?,
-                    );
-                }
-            }
-            OutboundPolicy::Only(nets)
-        };
+        let outbound = OutboundPolicy::parse(self.outbound_allow.iter().map(String::as_str))
+            .map_err(|e| format!("--outbound-allow: {e}"))?;
         let upstreams = self
             .dns_upstream
             .iter()

@@ -138,20 +138,10 @@ pub fn version() -> String {
     )
 }
 
-/// Parses `RNET_OUTBOUND_ALLOW`'s value: `none`, or CIDRs separated by commas.
+/// Parses `RNET_OUTBOUND_ALLOW`'s value: `none`, or IPv4 and IPv6 CIDRs
+/// separated by commas (the parser of rnet's `--outbound-allow`).
 pub fn parse_outbound_allow(v: &str) -> Result<OutboundPolicy, String> {
-    let mut nets = Vec::new();
-    for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        if part == "none" {
-            continue;
-        }
-        nets.push(
-            part.parse::<Ipv4Cidr>()
-                .map(rnet::IpCidr::from)
-                .map_err(|e| format!("{ENV_OUTBOUND_ALLOW}: {e}"))?,
-        );
-    }
-    Ok(OutboundPolicy::Only(nets))
+    OutboundPolicy::parse([v]).map_err(|e| format!("{ENV_OUTBOUND_ALLOW}: {e}"))
 }
 
 /// Parses `RNET_DNS_UPSTREAM`'s value: `ADDR[:PORT]` separated by commas.
@@ -365,7 +355,16 @@ mod tests {
                 "192.0.2.1/32".parse().unwrap()
             ])
         );
+        // IPv6 too, with the parser of --outbound-allow.
+        assert_eq!(
+            parse_outbound_allow("fd42::/64,::1").unwrap(),
+            OutboundPolicy::Only(vec![
+                "fd42::/64".parse().unwrap(),
+                "::1/128".parse().unwrap()
+            ])
+        );
         assert!(parse_outbound_allow("x").is_err());
+        assert!(parse_outbound_allow("fd42::/200").is_err());
         assert_eq!(
             parse_dns_upstreams("127.0.0.1:5353,127.0.0.2").unwrap(),
             vec![
