@@ -25,7 +25,7 @@ use tracing::{error, info};
 /// 10.0.2.0/24: its own address 10.0.2.100, a gateway at 10.0.2.2 and a DNS
 /// forwarder at 10.0.2.3.
 #[derive(Parser, Debug)]
-#[command(name = "rnet", version, propagate_version = true, max_term_width = 100)]
+#[command(name = "rnet", version = env!("RNET_VERSION"), propagate_version = true, max_term_width = 100)]
 #[command(after_long_help = "\
 EXAMPLES:
     Give a fresh namespace a network and run a shell in it:

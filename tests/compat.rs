@@ -51,6 +51,24 @@ fn help_contains_every_probed_option() {
         slirp_bin().display()
     );
     run(Command::new("sh").args(["-c", &sh]), secs(10)).assert_success("docker's probe");
+    // The text is true: the sandbox, the filter and IPv6 work.
+    let out = run(&mut slirp(&["--help"], &dns), secs(10));
+    for stale in ["later release", "accepted;"] {
+        assert!(!out.stdout.contains(stale), "--help says {stale:?}: {out}");
+    }
+    let line = |opt: &str| {
+        out.stdout
+            .lines()
+            .find(|l| l.starts_with(opt))
+            .unwrap_or_else(|| panic!("no {opt} line: {out}"))
+            .to_string()
+    };
+    assert!(
+        line("--enable-sandbox").contains("empty read-only root"),
+        "{out}"
+    );
+    assert!(line("--enable-seccomp").contains("syscall"), "{out}");
+    assert!(line("-6, --enable-ipv6").contains("fd00::/64"), "{out}");
     // rnet's own help lists the subcommand.
     let out = run(Command::new(RNET).arg("--help"), secs(10));
     assert!(out.stdout.contains("slirp4netns"), "{out}");
@@ -85,7 +103,44 @@ fn version_is_machine_readable() {
         );
         assert!(lines.contains(&"SLIRP_CONFIG_VERSION_MAX: 4"), "{out}");
         assert!(lines[2].contains("smoltcp"), "{out}");
+        assert_eq!(lines[1], format!("commit: {}", built_commit()), "{out}");
     }
+    // rnet's own --version names the commit too.
+    let out = run(Command::new(RNET).arg("--version"), secs(10));
+    out.assert_success("rnet --version");
+    let (v, c) = (env!("CARGO_PKG_VERSION"), built_commit());
+    let want = if c == v {
+        format!("rnet {v}")
+    } else {
+        format!("rnet {v} (commit {c})")
+    };
+    assert_eq!(out.stdout.trim(), want, "{out}");
+}
+
+/// `git rev-parse --short HEAD` of this checkout, if it is one.
+fn git_head() -> Option<String> {
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let top = Command::new("git")
+        .args(["-C", dir, "rev-parse", "--show-toplevel"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())?;
+    let top = std::path::PathBuf::from(String::from_utf8_lossy(&top.stdout).trim());
+    if top.canonicalize().ok()? != std::path::Path::new(dir).canonicalize().ok()? {
+        return None;
+    }
+    let out = Command::new("git")
+        .args(["-C", dir, "rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())?;
+    Some(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// What `commit:` must say: the checkout's commit, or without one the
+/// crate version (a build from a release tarball).
+fn built_commit() -> String {
+    git_head().unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_string())
 }
 
 #[test]

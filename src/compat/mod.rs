@@ -112,8 +112,8 @@ User-mode networking for unprivileged network namespaces (rnet's slirp4netns mod
 --disable-host-loopback  prohibit connecting to 127.0.0.1:* on the host namespace
 --netns-type=TYPE        specify network namespace type ([pid|path|tapfd], default=pid)
 --userns-path=PATH       specify user namespace path (with --netns-type=path)
---enable-sandbox         accepted; sandboxing comes in a later rnet release
---enable-seccomp         accepted; the syscall filter comes in a later rnet release
+--enable-sandbox         move into an empty read-only root in a new mount namespace and drop capabilities
+--enable-seccomp         install a syscall allow-list (exec, ptrace, mount, setns, unshare, ... are fatal)
 --outbound-addr=IPv4|IFNAME  bind outgoing host sockets to this address (or interface's address)
 --outbound-addr6=IPv6|IFNAME accepted (rnet has no IPv6 yet)
 --disable-dns            drop traffic to network+3 (the DNS forwarder)
@@ -133,7 +133,7 @@ pub fn version() -> String {
          SLIRP_CONFIG_VERSION_MAX: {SLIRP_CONFIG_VERSION_MAX}\n\
          libseccomp: none\n\
          rnet: {}\n",
-        option_env!("RNET_GIT_COMMIT").unwrap_or("unknown"),
+        env!("RNET_GIT_COMMIT"),
         env!("CARGO_PKG_VERSION"),
     )
 }
