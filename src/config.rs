@@ -389,6 +389,7 @@ pub struct Config {
     pub(crate) allow_host_loopback: bool,
     pub(crate) outbound: OutboundPolicy,
     pub(crate) outbound_addr: Option<Ipv4Addr>,
+    pub(crate) outbound_addr6: Option<Ipv6Addr>,
     pub(crate) dns_upstreams: Vec<SocketAddr>,
     pub(crate) disable_dns: bool,
     pub(crate) ready_fd: Option<RawFd>,
@@ -472,9 +473,22 @@ impl Config {
     pub fn outbound(&self) -> &OutboundPolicy {
         &self.outbound
     }
-    /// Source address for outgoing host sockets.
+    /// Source address for outgoing IPv4 host sockets.
     pub fn outbound_addr(&self) -> Option<Ipv4Addr> {
         self.outbound_addr
+    }
+    /// Source address for outgoing IPv6 host sockets.
+    pub fn outbound_addr6(&self) -> Option<Ipv6Addr> {
+        self.outbound_addr6
+    }
+    /// The address an outgoing host socket towards `dst` is bound to: the
+    /// outbound address of `dst`'s family, for every destination (the host's
+    /// loopback through the gateway included, as slirp4netns does).
+    pub fn outbound_bind(&self, dst: IpAddr) -> Option<IpAddr> {
+        match dst {
+            IpAddr::V4(_) => self.outbound_addr.map(IpAddr::V4),
+            IpAddr::V6(_) => self.outbound_addr6.map(IpAddr::V6),
+        }
     }
     /// DNS upstreams in the order they are tried (empty: read /etc/resolv.conf).
     pub fn dns_upstreams(&self) -> &[SocketAddr] {
@@ -513,6 +527,7 @@ pub struct ConfigBuilder {
     allow_host_loopback: bool,
     outbound: OutboundPolicy,
     outbound_addr: Option<Ipv4Addr>,
+    outbound_addr6: Option<Ipv6Addr>,
     dns_upstreams: Vec<SocketAddr>,
     disable_dns: bool,
     ready_fd: Option<RawFd>,
@@ -547,6 +562,7 @@ impl Default for ConfigBuilder {
             allow_host_loopback: false,
             outbound: OutboundPolicy::Any,
             outbound_addr: None,
+            outbound_addr6: None,
             dns_upstreams: Vec::new(),
             disable_dns: false,
             ready_fd: None,
@@ -609,9 +625,14 @@ impl ConfigBuilder {
         self.outbound = policy;
         self
     }
-    /// Bind outgoing host sockets to this address.
+    /// Bind outgoing IPv4 host sockets to this address.
     pub fn outbound_addr(mut self, addr: Option<Ipv4Addr>) -> Self {
         self.outbound_addr = addr;
+        self
+    }
+    /// Bind outgoing IPv6 host sockets to this address.
+    pub fn outbound_addr6(mut self, addr: Option<Ipv6Addr>) -> Self {
+        self.outbound_addr6 = addr;
         self
     }
     /// DNS upstreams, tried in order (default: the nameservers of /etc/resolv.conf).
@@ -778,6 +799,7 @@ impl ConfigBuilder {
             allow_host_loopback: self.allow_host_loopback,
             outbound: self.outbound,
             outbound_addr: self.outbound_addr,
+            outbound_addr6: self.outbound_addr6,
             dns_upstreams: self.dns_upstreams,
             disable_dns: self.disable_dns,
             ready_fd: self.ready_fd,

@@ -8,7 +8,7 @@ mod portcmd;
 mod statuscmd;
 
 use std::ffi::OsString;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -184,9 +184,14 @@ struct NetArgs {
     /// except loopback and special addresses.
     #[arg(long, value_name = "CIDR|none", help_heading = "Policy")]
     outbound_allow: Vec<String>,
-    /// Source address for outgoing host sockets.
-    #[arg(long, value_name = "IP", help_heading = "Policy")]
+    /// Source address for outgoing IPv4 host sockets (every destination,
+    /// the host's loopback through 10.0.2.2 included).
+    #[arg(long, value_name = "IPv4", help_heading = "Policy")]
     outbound_addr: Option<Ipv4Addr>,
+    /// Source address for outgoing IPv6 host sockets (every destination,
+    /// the host's loopback through the IPv6 gateway included).
+    #[arg(long, value_name = "IPv6", help_heading = "Policy")]
+    outbound_addr6: Option<Ipv6Addr>,
     /// DNS server to forward 10.0.2.3 to, tried in order (repeatable).
     /// Default: the nameservers in /etc/resolv.conf.
     #[arg(long, value_name = "ADDR[:PORT]", help_heading = "DNS")]
@@ -304,6 +309,7 @@ impl NetArgs {
             .allow_host_loopback(self.allow_host_loopback)
             .outbound(outbound)
             .outbound_addr(self.outbound_addr)
+            .outbound_addr6(self.outbound_addr6)
             .dns_upstreams(upstreams)
             .disable_dns(self.disable_dns)
             .ready_fd(self.ready_fd)

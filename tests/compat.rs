@@ -53,7 +53,7 @@ fn help_contains_every_probed_option() {
     run(Command::new("sh").args(["-c", &sh]), secs(10)).assert_success("docker's probe");
     // The text is true: the sandbox, the filter and IPv6 work.
     let out = run(&mut slirp(&["--help"], &dns), secs(10));
-    for stale in ["later release", "accepted;"] {
+    for stale in ["later release", "no IPv6", "accepted;", "not supported"] {
         assert!(!out.stdout.contains(stale), "--help says {stale:?}: {out}");
     }
     let line = |opt: &str| {
@@ -69,6 +69,10 @@ fn help_contains_every_probed_option() {
     );
     assert!(line("--enable-seccomp").contains("syscall"), "{out}");
     assert!(line("-6, --enable-ipv6").contains("fd00::/64"), "{out}");
+    assert!(
+        line("--outbound-addr6").contains("IPv6 host sockets"),
+        "{out}"
+    );
     // rnet's own help lists the subcommand.
     let out = run(Command::new(RNET).arg("--help"), secs(10));
     assert!(out.stdout.contains("slirp4netns"), "{out}");
@@ -188,6 +192,10 @@ fn errors_have_slirp4netns_texts_and_exit_1() {
         (
             vec!["--outbound-addr=no-such-if0"],
             "outbound-addr has to be valid ipv4 address or interface name",
+        ),
+        (
+            vec!["--outbound-addr6=no-such-if0"],
+            "outbound-addr6 has to be valid ipv6 address or interface name",
         ),
     ];
     for (extra, text) in cases {

@@ -372,6 +372,87 @@ fn outbound_allow_list_enforced() {
     );
 }
 
+/// Host servers on `ip` (TCP and UDP, the same port number not needed)
+/// that answer each client with the address it came from.
+fn peer_reporters(ip: std::net::IpAddr) -> (u16, u16) {
+    let tcp = std::net::TcpListener::bind((ip, 0)).unwrap();
+    let udp = std::net::UdpSocket::bind((ip, 0)).unwrap();
+    let ports = (
+        tcp.local_addr().unwrap().port(),
+        udp.local_addr().unwrap().port(),
+    );
+    thread::spawn(move || {
+        for mut c in tcp.incoming().flatten() {
+            let peer = c.peer_addr().unwrap().ip().to_string();
+            let _ = std::io::Write::write_all(&mut c, peer.as_bytes());
+        }
+    });
+    thread::spawn(move || {
+        let mut b = [0u8; 512];
+        while let Ok((_, peer)) = udp.recv_from(&mut b) {
+            let _ = udp.send_to(peer.ip().to_string().as_bytes(), peer);
+        }
+    });
+    ports
+}
+
+/// A guest that asks both reporters at `gw` who it is; prints
+/// `tcp ADDR` and `udp ADDR`.
+fn ask_peer(gw: &str, (tcp, udp): (u16, u16)) -> [String; 3] {
+    let fam = if gw.contains(':') {
+        "AF_INET6"
+    } else {
+        "AF_INET"
+    };
+    let script = format!(
+        "import socket\n\
+         t=socket.create_connection(('{gw}', {tcp}), timeout=5)\n\
+         print('tcp', t.recv(100).decode(), flush=True)\n\
+         u=socket.socket(socket.{fam}, socket.SOCK_DGRAM); u.settimeout(2)\n\
+         for _ in range(5):\n\
+         \x20   u.sendto(b'who', ('{gw}', {udp}))\n\
+         \x20   try:\n\
+         \x20       print('udp', u.recv(100).decode()); break\n\
+         \x20   except socket.timeout:\n\
+         \x20       pass\n"
+    );
+    [PYTHON.into(), "-c".into(), script]
+}
+
+/// `--outbound-addr` binds every outgoing host socket, also those to the
+/// host's loopback through 10.0.2.2 (as slirp4netns): with the secondary
+/// loopback address 127.0.0.2 as the outbound address, a server on
+/// 127.0.0.1 sees its TCP and UDP clients come from 127.0.0.2. The same
+/// for `--outbound-addr6` with the root-namespace end of an IPv6 test host
+/// (an address of this machine that the test made) and a server on ::1.
+#[test]
+fn outbound_addr_binds_loopback_destinations() {
+    require!(require_userns);
+    let ports = peer_reporters(Ipv4Addr::LOCALHOST.into());
+    let rnet = Rnet::new().allow_host_loopback();
+    let out = rnet.run(&strs(&ask_peer(GATEWAY, ports)), secs(30));
+    out.assert_success("guest asking the reporters without --outbound-addr");
+    assert_eq!(out.stdout, "tcp 127.0.0.1\nudp 127.0.0.1\n", "{out}");
+    let out = rnet
+        .clone()
+        .arg("--outbound-addr")
+        .arg("127.0.0.2")
+        .run(&strs(&ask_peer(GATEWAY, ports)), secs(30));
+    out.assert_success("guest asking the reporters with --outbound-addr 127.0.0.2");
+    assert_eq!(out.stdout, "tcp 127.0.0.2\nudp 127.0.0.2\n", "{out}");
+
+    require!(require_root);
+    let th = TestHost::create_v6();
+    let (near, _) = th.v6.unwrap();
+    let ports = peer_reporters(std::net::Ipv6Addr::LOCALHOST.into());
+    let out = rnet
+        .arg("--outbound-addr6")
+        .arg(near.to_string())
+        .run(&strs(&ask_peer(GATEWAY6, ports)), secs(30));
+    out.assert_success("guest asking the ::1 reporters with --outbound-addr6");
+    assert_eq!(out.stdout, format!("tcp {near}\nudp {near}\n"), "{out}");
+}
+
 /// Harness self-check: a test host answers from the root namespace, and is gone after drop.
 #[test]
 fn harness_test_host() {

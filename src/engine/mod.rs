@@ -705,7 +705,7 @@ impl Engine {
         now: Instant,
     ) {
         let (target, bind) = match route_any(&self.cfg, dst) {
-            Route::Host(t) => (t, self.cfg.outbound_addr()),
+            Route::Host(t) => (t, self.cfg.outbound_bind(t.ip())),
             Route::Dns => match self.upstreams.first() {
                 Some(t) => (*t, None),
                 None => {
@@ -959,7 +959,7 @@ impl Engine {
         }
         let idx = match self.udp_index.get(&src) {
             Some(&i) => i,
-            None => match UdpFlow::open(src, self.cfg.outbound_addr(), now) {
+            None => match UdpFlow::open(src, self.cfg.outbound_bind(src.ip()), now) {
                 Ok(f) => {
                     let Some((idx, _)) = self.add_flow(Flow::Udp(f), 0) else {
                         return;
@@ -1028,7 +1028,7 @@ impl Engine {
         }
         let idx = match self.icmp_index.get(&(src, ident)) {
             Some(&i) => i,
-            None => match IcmpFlow::open(src, ident, self.cfg.outbound_addr(), now) {
+            None => match IcmpFlow::open(src, ident, self.cfg.outbound_bind(src), now) {
                 Ok(f) => {
                     let Some((idx, _)) = self.add_flow(Flow::Icmp(f), 0) else {
                         return;
