@@ -31,11 +31,14 @@ pub enum DropReason {
     Dhcp,
     /// A state bound was reached (see `Limits`).
     Limit,
+    /// A DNS reply that does not answer its query (ID, QR bit or question
+    /// differ): not relayed to the guest.
+    DnsMismatch,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 11] = [
+    pub const ALL: [DropReason; 12] = [
         DropReason::Malformed,
         DropReason::BadChecksum,
         DropReason::Fragment,
@@ -47,6 +50,7 @@ impl DropReason {
         DropReason::HostSocket,
         DropReason::Dhcp,
         DropReason::Limit,
+        DropReason::DnsMismatch,
     ];
 
     /// A short, stable name for logs and metrics.
@@ -63,6 +67,7 @@ impl DropReason {
             DropReason::HostSocket => "host_socket",
             DropReason::Dhcp => "dhcp",
             DropReason::Limit => "limit",
+            DropReason::DnsMismatch => "dns_mismatch",
         }
     }
 }

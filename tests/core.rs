@@ -161,6 +161,103 @@ fn dns_disabled() {
     assert_eq!(dns.queries(), (0, 0), "nothing may reach the upstream");
 }
 
+/// A slow upstream (its answer comes after 300 ms) and, before it, a
+/// forged answer from another loopback port (right ID and question, wrong
+/// address) plus three datagrams from the upstream's own address that do
+/// not answer the query (another ID, another question, QR bit clear). The
+/// guest gets the real answer; the three are counted as `dns_mismatch`.
+#[test]
+fn dns_spoofed_and_mismatched_replies_never_reach_the_guest() {
+    require!(require_userns);
+    const FORGED: [u8; 4] = [192, 0, 2, 66];
+    let up = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let spoofer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let up_addr = up.local_addr().unwrap();
+    let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let asked2 = asked.clone();
+    thread::spawn(move || {
+        let mut b = [0u8; 4096];
+        while let Ok((n, peer)) = up.recv_from(&mut b) {
+            let Some(real) = dns_answer(&b[..n]) else {
+                continue;
+            };
+            asked2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut forged = real.clone();
+            let len = forged.len();
+            forged[len - 4..].copy_from_slice(&FORGED);
+            let _ = spoofer.send_to(&forged, peer);
+            let mut other_id = forged.clone();
+            other_id[0] ^= 0xff;
+            let mut other_q = forged.clone();
+            other_q[13] ^= 0x01; // a letter of the first label
+            let mut not_reply = forged.clone();
+            not_reply[2] &= 0x7f;
+            for bad in [other_id, other_q, not_reply] {
+                let _ = up.send_to(&bad, peer);
+            }
+            thread::sleep(Duration::from_millis(300));
+            let _ = up.send_to(&real, peer);
+        }
+    });
+    let t = Target::userns();
+    let api = TempPath::new("api");
+    let _rnet = Rnet::new()
+        .arg("--dns-upstream")
+        .arg(up_addr.to_string())
+        .arg("--api-socket")
+        .arg(&api.0)
+        .attach(t.pid());
+    let before = drop_counts(&status_json(&api.0));
+    let mut dig_cmd = t.exec(&[
+        "dig",
+        "+short",
+        "+time=3",
+        "+tries=1",
+        "@10.0.2.3",
+        "example.test",
+        "A",
+    ]);
+    let out = run(&mut dig_cmd, secs(30));
+    out.assert_success("guest dig @10.0.2.3");
+    assert_eq!(out.stdout.trim(), DNS_ANSWER.to_string(), "{out}");
+    assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let diff = drops_diff(&before, &drop_counts(&status_json(&api.0)));
+    assert_eq!(diff.get("dns_mismatch"), Some(&3), "drops: {diff:?}");
+}
+
+/// A silent first upstream: the query moves on to the next one (on a new
+/// socket connected to it) after the timeout.
+#[test]
+fn dns_udp_fails_over_to_the_next_upstream() {
+    require!(require_userns);
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let dns = Arc::new(DnsServer::start());
+    let out = Rnet::with_dns(&dns)
+        .arg("--dns-upstream")
+        .arg(silent.local_addr().unwrap().to_string())
+        .run(
+            &[
+                "dig",
+                "+short",
+                "+time=10",
+                "+tries=1",
+                "@10.0.2.3",
+                "example.test",
+                "A",
+            ],
+            secs(30),
+        );
+    out.assert_success("guest dig @10.0.2.3");
+    assert_eq!(out.stdout.trim(), DNS_ANSWER.to_string(), "{out}");
+    let mut b = [0u8; 512];
+    silent.set_nonblocking(true).unwrap();
+    assert!(
+        silent.recv(&mut b).is_ok(),
+        "the first upstream was asked first"
+    );
+    assert_eq!(dns.queries(), (1, 0));
+}
+
 /// Harness self-check: the responder answers dig on loopback directly, and
 /// counts exactly the queries it got.
 #[test]

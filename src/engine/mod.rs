@@ -44,7 +44,7 @@ use crate::nat::tcp::{self, Step, TcpFlow, TcpKey};
 use crate::nat::udp::UdpFlow;
 use crate::nat::{Deny, Route, route, route_any};
 use crate::services::dhcp::{DhcpConfig, DhcpServer};
-use crate::services::dns::DnsQuery;
+use crate::services::dns::{DnsQuery, Reply};
 use crate::stack::classify::{Verdict, classify};
 use crate::stack::emit::{self, Header};
 use crate::stack::{self, Stack};
@@ -1191,8 +1191,17 @@ impl Engine {
                 }
                 Flow::TcpListen(_) | Flow::UdpListen(_) | Flow::Splice(_) | Flow::Alias(..) => {}
                 Flow::Dns(q) => {
-                    if q.retry(&self.upstreams) {
+                    if let Some(mut old) = q.retry(&self.upstreams) {
                         debug!(upstream = %self.upstreams[q.upstream], "dns upstream timed out; trying the next");
+                        let reg = self.poll.registry();
+                        let _ = reg.deregister(&mut old);
+                        let token = Token(idx + FIRST_FLOW);
+                        if let Err(e) = reg.register(&mut q.socket, token, Interest::READABLE) {
+                            warn!(error = %e, "cannot watch a host socket");
+                            self.stats.count_drop(DropReason::HostSocket);
+                            self.remove(idx);
+                            continue;
+                        }
                         let at =
                             now + Duration::from_micros(self.cfg.dns_timeout.as_micros() as u64);
                         self.schedule(idx, at);
@@ -1235,8 +1244,17 @@ impl Engine {
                         (SocketAddr::V6(_), Some(v6)) => SocketAddr::from((v6.dns, 53)),
                         _ => SocketAddr::from((self.stack.addrs.dns, 53)),
                     };
-                    if q.to_guest(dns, &mut self.stack, self.tap.tx()) {
-                        self.remove(idx);
+                    // Read until the answer or nothing is left (edge-
+                    // triggered); other datagrams are counted.
+                    loop {
+                        match q.to_guest(dns, &mut self.stack, self.tap.tx()) {
+                            Reply::Answer => {
+                                self.remove(idx);
+                                break;
+                            }
+                            Reply::Mismatch => self.stats.count_drop(DropReason::DnsMismatch),
+                            Reply::Empty => break,
+                        }
                     }
                 }
             }

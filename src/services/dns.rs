@@ -2,18 +2,22 @@
 //!
 //! UDP queries are relayed one host socket per query, to the first upstream,
 //! then to the next one each time an upstream stays silent for the timeout
-//! (slirp4netns only ever asks the first). TCP queries are ordinary TCP
+//! (slirp4netns only ever asks the first). Each socket is connected to the
+//! upstream it asks (and bound to loopback for a loopback upstream), so the
+//! kernel drops datagrams from anyone else; a datagram that does not answer
+//! the query (ID, QR bit or question differ) is dropped and counted
+//! (`dns_mismatch`), and the query keeps waiting for the real answer. TCP queries are ordinary TCP
 //! flows whose host side connects to an upstream (see the engine), moving
 //! on to the next upstream when a connect fails.
 //!
 //! Upstreams come from `--dns-upstream` or from the `nameserver` lines of
 //! /etc/resolv.conf; loopback resolvers (such as systemd-resolved's
 //! 127.0.0.53) are reached even when the gateway may not reach host loopback,
-//! since the guest never picks the address. Queries are relayed byte for
-//! byte, so no DNS parsing happens here.
+//! since the guest never picks the address. Queries and answers are relayed
+//! byte for byte; only the header and question are read, to match them.
 
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use mio::net::UdpSocket;
 
@@ -45,11 +49,87 @@ pub fn system_upstreams() -> Vec<SocketAddr> {
 pub struct DnsQuery {
     /// Guest endpoint that asked.
     pub guest: SocketAddr,
-    /// The host socket the query went out on.
+    /// The host socket the query went out on, connected to the upstream
+    /// asked last (so the kernel takes datagrams from it alone).
     pub socket: UdpSocket,
     query: Box<[u8]>,
+    /// Length of the query's question section (from byte 12), if the
+    /// query could be read that far.
+    question: Option<usize>,
     /// Index of the upstream asked last.
     pub upstream: usize,
+}
+
+/// What one datagram from the upstream was.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// It answers the query: relayed to the guest.
+    Answer,
+    /// It does not (ID, QR bit or question differ): dropped, and the query
+    /// keeps waiting.
+    Mismatch,
+    /// Nothing more to read now.
+    Empty,
+}
+
+/// A socket connected to `upstream`: bound to loopback when the upstream
+/// is on loopback (so nothing but the host's own stack can answer it).
+fn socket_to(upstream: SocketAddr) -> io::Result<UdpSocket> {
+    let local = match (upstream.ip(), upstream.ip().is_loopback()) {
+        (IpAddr::V4(_), true) => SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+        (IpAddr::V4(_), false) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+        (IpAddr::V6(_), true) => SocketAddr::from((Ipv6Addr::LOCALHOST, 0)),
+        (IpAddr::V6(_), false) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
+    };
+    let socket = UdpSocket::bind(local)?;
+    socket.connect(upstream)?;
+    Ok(socket)
+}
+
+/// The length of the question section of `msg` (QDCOUNT questions from
+/// byte 12), or None if it does not fit. A compression pointer ends a
+/// name (its two bytes are compared as they are).
+fn question_len(msg: &[u8]) -> Option<usize> {
+    let count = u16::from_be_bytes([*msg.get(4)?, *msg.get(5)?]);
+    let mut i = 12;
+    for _ in 0..count {
+        loop {
+            let len = *msg.get(i)? as usize;
+            if len == 0 {
+                i += 1;
+                break;
+            }
+            if len & 0xc0 == 0xc0 {
+                msg.get(i + 1)?;
+                i += 2;
+                break;
+            }
+            i += 1 + len;
+        }
+        // QTYPE and QCLASS.
+        i += 4;
+        msg.get(..i)?;
+    }
+    Some(i - 12)
+}
+
+/// Whether `reply` answers `query`: a response (QR set) with the same ID,
+/// question count and question (names compared without regard to ASCII
+/// case, as resolvers that randomise it expect).
+pub fn answers(query: &[u8], question: Option<usize>, reply: &[u8]) -> bool {
+    if reply.len() < 12 || query.len() < 12 || reply[..2] != query[..2] || reply[2] & 0x80 == 0 {
+        return false;
+    }
+    match question {
+        // A query rnet could not read: ID and QR bit are all to check.
+        None => true,
+        Some(len) => {
+            reply[4..6] == query[4..6]
+                && reply
+                    .get(12..12 + len)
+                    .is_some_and(|q| q.eq_ignore_ascii_case(&query[12..12 + len]))
+        }
+    }
 }
 
 impl DnsQuery {
@@ -58,40 +138,39 @@ impl DnsQuery {
         let first = *upstreams
             .first()
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no DNS upstream"))?;
-        let any: SocketAddr = match first {
-            SocketAddr::V4(_) => "0.0.0.0:0".parse().expect("literal"),
-            SocketAddr::V6(_) => "[::]:0".parse().expect("literal"),
-        };
-        let socket = UdpSocket::bind(any)?;
-        let q = Self {
+        let socket = socket_to(first)?;
+        socket.send(query)?;
+        Ok(Self {
             guest,
             socket,
+            question: question_len(query),
             query: query.into(),
             upstream: 0,
-        };
-        q.socket.send_to(&q.query, first)?;
-        Ok(q)
+        })
     }
 
-    /// Asks the next upstream after a timeout; false when none is left.
-    pub fn retry(&mut self, upstreams: &[SocketAddr]) -> bool {
+    /// Asks the next upstream after a timeout, on a new socket connected to
+    /// it. Returns the previous socket (for the caller to stop watching),
+    /// or None when no upstream is left.
+    pub fn retry(&mut self, upstreams: &[SocketAddr]) -> Option<UdpSocket> {
         loop {
             self.upstream += 1;
-            let Some(next) = upstreams.get(self.upstream) else {
-                return false;
+            let next = *upstreams.get(self.upstream)?;
+            // An upstream that cannot be asked is skipped.
+            let Ok(socket) = socket_to(next) else {
+                continue;
             };
-            // A family mismatch with this socket skips that upstream.
-            if self.socket.send_to(&self.query, *next).is_ok() {
-                return true;
+            if socket.send(&self.query).is_ok() {
+                return Some(std::mem::replace(&mut self.socket, socket));
             }
         }
     }
 
-    /// Relays the answer to the guest from `dns:53` (of the guest's family).
-    /// Returns true once an answer went out (the query is then done).
-    pub fn to_guest(&mut self, dns: SocketAddr, stack: &mut Stack, mut tx: TapTx<'_>) -> bool {
+    /// Relays the next datagram from the upstream to the guest from
+    /// `dns:53` (of the guest's family) if it answers the query.
+    pub fn to_guest(&mut self, dns: SocketAddr, stack: &mut Stack, mut tx: TapTx<'_>) -> Reply {
         let Some(guest_mac) = stack.guest_mac() else {
-            return false;
+            return Reply::Empty;
         };
         let h = Header {
             eth_src: stack.mac,
@@ -104,36 +183,106 @@ impl DnsQuery {
             (stack.mtu.saturating_sub(28), UDP_PAYLOAD_OFFSET)
         };
         let (socket, guest) = (&self.socket, self.guest);
-        let mut answered = false;
+        let (query, question) = (&self.query, self.question);
+        let mut got = Reply::Empty;
         let sent = tx.build(|buf| {
             let end = (off + max).min(buf.len());
             let Some(room) = buf.get_mut(off..end) else {
                 return 0;
             };
-            match socket.recv_from(room) {
-                Ok((n, _)) => {
-                    answered = true;
-                    match (dns, guest) {
-                        (SocketAddr::V4(d), SocketAddr::V4(g)) => emit::udp_frame(buf, &h, d, g, n),
-                        (SocketAddr::V6(d), SocketAddr::V6(g)) => {
-                            emit::udp6_frame(buf, &h, d, g, n)
-                        }
-                        _ => 0,
+            loop {
+                match socket.recv(room) {
+                    Ok(n) if !answers(query, question, &room[..n]) => {
+                        got = Reply::Mismatch;
+                        return 0;
                     }
+                    Ok(n) => {
+                        got = Reply::Answer;
+                        return match (dns, guest) {
+                            (SocketAddr::V4(d), SocketAddr::V4(g)) => {
+                                emit::udp_frame(buf, &h, d, g, n)
+                            }
+                            (SocketAddr::V6(d), SocketAddr::V6(g)) => {
+                                emit::udp6_frame(buf, &h, d, g, n)
+                            }
+                            _ => 0,
+                        };
+                    }
+                    // An ICMP error from the upstream (a closed port)
+                    // surfaces once; read on.
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
+                    Err(_) => return 0,
                 }
-                Err(_) => 0,
             }
         });
         if sent {
             stack.frames_out += 1;
         }
-        answered
+        got
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A query for `name` A/IN with ID `id`.
+    fn query(id: u16, name: &str) -> Vec<u8> {
+        let mut q = id.to_be_bytes().to_vec();
+        q.extend_from_slice(&[0x01, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
+        for l in name.split('.') {
+            q.push(l.len() as u8);
+            q.extend_from_slice(l.as_bytes());
+        }
+        q.extend_from_slice(&[0, 0, 1, 0, 1]);
+        q
+    }
+
+    fn reply_to(q: &[u8]) -> Vec<u8> {
+        let mut r = q.to_vec();
+        r[2] |= 0x80;
+        r[7] = 1; // one answer
+        r.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 192, 0, 2, 1]);
+        r
+    }
+
+    #[test]
+    fn replies_must_answer_their_query() {
+        let q = query(0x1234, "example.test");
+        let qlen = question_len(&q);
+        assert_eq!(qlen, Some(q.len() - 12));
+        let good = reply_to(&q);
+        assert!(answers(&q, qlen, &good));
+        // Names differing only in case still match (0x20 randomisation).
+        assert!(answers(&q, qlen, &reply_to(&query(0x1234, "ExAmple.TEST"))));
+        assert!(!answers(
+            &q,
+            qlen,
+            &reply_to(&query(0x1235, "example.test"))
+        ));
+        assert!(!answers(
+            &q,
+            qlen,
+            &reply_to(&query(0x1234, "example.tesu"))
+        ));
+        assert!(!answers(&q, qlen, &q), "QR bit clear");
+        let mut qd0 = good.clone();
+        qd0[5] = 0;
+        assert!(!answers(&q, qlen, &qd0), "question count differs");
+        assert!(!answers(&q, qlen, &good[..11]));
+        assert!(!answers(&q, qlen, &good[..20]), "question cut short");
+        // Unreadable queries are matched on ID and QR alone; nothing panics
+        // on odd input.
+        let odd = [0x12, 0x34, 1, 0, 0, 9, 0, 0, 0, 0, 0, 0, 63];
+        assert_eq!(question_len(&odd), None);
+        let mut r = odd.to_vec();
+        r[2] |= 0x80;
+        assert!(answers(&odd, None, &r));
+        for n in 0..q.len() {
+            let _ = question_len(&q[..n]);
+            let _ = answers(&q, qlen, &good[..n]);
+        }
+    }
 
     #[test]
     fn resolv_conf() {
