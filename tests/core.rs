@@ -661,6 +661,34 @@ fn assert_exits_zero_within(rnet: &mut Proc, since: Instant, limit: Duration) {
 }
 
 /// Attaches to a fresh `unshare -Urn` target and checks curl through it.
+/// Configuration must not race the kernel: 200 sequential `rnet attach`
+/// starts, each on a fresh `unshare -Urn` namespace (IPv4 and IPv6
+/// addresses and default routes set by rnet), while two busy loops load
+/// the CPUs; every one reaches ready. Prints the run time.
+#[test]
+fn attach_starts_200_times_under_load() {
+    require!(require_userns);
+    let mut load: Vec<Proc> = (0..2)
+        .map(|_| Proc::spawn(Command::new("sh").args(["-c", "while :; do :; done"])))
+        .collect();
+    let rnet = Rnet::new();
+    let start = Instant::now();
+    for i in 0..200 {
+        let t = Target::userns();
+        // Panics with rnet's output unless it reaches ready.
+        let mut p = rnet.attach(t.pid());
+        p.signal(libc::SIGTERM);
+        let out = p.finish(secs(10));
+        assert_eq!(out.code(), Some(0), "start {i}: {out}");
+    }
+    let took = start.elapsed();
+    for l in &mut load {
+        l.signal(libc::SIGKILL);
+    }
+    eprintln!("200 attach starts under load: {took:?}");
+    assert!(took < secs(120), "200 starts took {took:?}");
+}
+
 fn attached() -> (Target, Proc, HttpServer) {
     let target = Target::userns();
     let srv = HttpServer::start();
