@@ -6,6 +6,7 @@
 mod common;
 
 use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
 use std::process::Command;
 use std::sync::Arc;
 use std::thread;
@@ -256,6 +257,97 @@ fn dns_udp_fails_over_to_the_next_upstream() {
         "the first upstream was asked first"
     );
     assert_eq!(dns.queries(), (1, 0));
+}
+
+/// A UDP DNS responder on `ip`:53 answering every A query with `answer`;
+/// None if the port is taken.
+fn dns_responder_on(ip: Ipv4Addr, answer: Ipv4Addr) -> Option<()> {
+    let s = std::net::UdpSocket::bind((ip, 53)).ok()?;
+    thread::spawn(move || {
+        let mut b = [0u8; 4096];
+        while let Ok((n, peer)) = s.recv_from(&mut b) {
+            if let Some(mut r) = dns_answer(&b[..n]) {
+                let len = r.len();
+                r[len - 4..].copy_from_slice(&answer.octets());
+                let _ = s.send_to(&r, peer);
+            }
+        }
+    });
+    Some(())
+}
+
+/// DNS follows the host: rnet (sandboxed, the default) is pointed at a
+/// resolv.conf of the test's (a symbolic link into another directory, as
+/// systemd-resolved's is) naming one loopback responder; the file is
+/// replaced (rename) to name a second one, then rewritten in place to name
+/// the first again, and each time guest queries reach the new upstream.
+#[test]
+fn dns_follows_resolv_conf_changes() {
+    require!(require_root);
+    // Two responders on port 53 (resolv.conf has no ports) of loopback
+    // addresses no other test uses.
+    let base = 100 + (std::process::id() % 50) as u8 * 2;
+    let (a, b) = (0..20u8)
+        .map(|k| {
+            (
+                Ipv4Addr::new(127, 0, 53, base.wrapping_add(k * 2)),
+                Ipv4Addr::new(127, 0, 53, base.wrapping_add(k * 2 + 1)),
+            )
+        })
+        .find(|&(a, b)| {
+            dns_responder_on(a, Ipv4Addr::new(192, 0, 2, 1)).is_some()
+                && dns_responder_on(b, Ipv4Addr::new(192, 0, 2, 2)).is_some()
+        })
+        .expect("no free loopback address pair for port 53");
+    let dir = TempDir::new("resolv");
+    std::fs::create_dir(dir.join("run")).unwrap();
+    let target = dir.join("run").join("resolv.conf");
+    std::fs::write(&target, format!("# test\nnameserver {a}\n")).unwrap();
+    let link = dir.join("resolv.conf");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+
+    let t = Target::userns();
+    let (r, w) = pipe();
+    let mut cmd = Command::new(RNET);
+    cmd.args(["attach", "--outbound-allow", "none", "--ready-fd"]);
+    cmd.arg(w.as_raw_fd().to_string()).arg(t.pid().to_string());
+    clean_env(&mut cmd);
+    cmd.env("RNET_RESOLV_CONF", &link);
+    inherit_fd(&mut cmd, &w);
+    let rnet = Proc::spawn(&mut cmd);
+    drop(w);
+    if let Err(e) = wait_ready(r, secs(20)) {
+        panic!("rnet not ready: {e}\n{}", rnet.stop(Duration::ZERO).1);
+    }
+    let ask = || {
+        let out = run(
+            &mut t.exec(&[
+                "dig",
+                "+short",
+                "+time=2",
+                "+tries=1",
+                "@10.0.2.3",
+                "example.test",
+                "A",
+            ]),
+            secs(30),
+        );
+        out.stdout.trim().to_string()
+    };
+    assert_eq!(ask(), "192.0.2.1", "the first upstream answers");
+    // Replaced by rename, as resolvers write it.
+    let tmp = dir.join("run").join(".resolv.conf.new");
+    std::fs::write(&tmp, format!("nameserver {b}\n")).unwrap();
+    std::fs::rename(&tmp, &target).unwrap();
+    let switched = poll_until(secs(10), || (ask() == "192.0.2.2").then_some(()));
+    let (_, after) = switched.expect("guest queries never reached the new upstream");
+    eprintln!("new upstream answering {after:?} after the rename");
+    // Rewritten in place.
+    std::fs::write(&target, format!("nameserver {a}\n")).unwrap();
+    let back = poll_until(secs(10), || (ask() == "192.0.2.1").then_some(()));
+    assert!(back.is_some(), "an in-place rewrite was not followed");
+    let (_, out) = rnet.stop(Duration::ZERO);
+    assert!(out.stderr.contains("resolv.conf changed"), "{out}");
 }
 
 /// Harness self-check: the responder answers dig on loopback directly, and

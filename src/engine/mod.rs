@@ -44,7 +44,7 @@ use crate::nat::tcp::{self, Step, TcpFlow, TcpKey};
 use crate::nat::udp::UdpFlow;
 use crate::nat::{Deny, Route, route, route_any};
 use crate::services::dhcp::{DhcpConfig, DhcpServer};
-use crate::services::dns::{DnsQuery, Reply};
+use crate::services::dns::{DnsQuery, Reply, ResolvWatch};
 use crate::stack::classify::{Verdict, classify};
 use crate::stack::emit::{self, Header};
 use crate::stack::{self, Stack};
@@ -240,6 +240,8 @@ struct Slot {
 pub struct Engine {
     cfg: Arc<Config>,
     upstreams: Vec<SocketAddr>,
+    /// The resolv.conf the upstreams came from, followed for changes.
+    resolv: Option<ResolvWatch>,
     poll: Poll,
     tap: Tap,
     /// When the last event arrived; the loop keeps polling without sleeping
@@ -336,6 +338,7 @@ impl Engine {
             exit_fd: cfg.exit_fd,
             cfg,
             upstreams,
+            resolv: None,
             poll,
             tap,
             last_active: Instant::ZERO,
@@ -704,7 +707,11 @@ impl Engine {
         guest_mss: Option<u16>,
         now: Instant,
     ) {
-        let (target, bind) = match route_any(&self.cfg, dst) {
+        let route = route_any(&self.cfg, dst);
+        if matches!(route, Route::Dns) {
+            self.refresh_upstreams();
+        }
+        let (target, bind) = match route {
             Route::Host(t) => (t, self.cfg.outbound_bind(t.ip())),
             Route::Dns => match self.upstreams.first() {
                 Some(t) => (*t, None),
@@ -988,7 +995,37 @@ impl Engine {
         }
     }
 
+    /// Follows `watch` (the resolv.conf the upstreams were read from):
+    /// DNS queries pick up its changes.
+    pub fn set_resolv_watch(&mut self, watch: ResolvWatch) {
+        self.resolv = Some(watch);
+    }
+
+    /// Re-reads the upstreams if their resolv.conf changed (looked at most
+    /// once a second). A file without nameservers keeps the old ones.
+    fn refresh_upstreams(&mut self) {
+        let Some(w) = self.resolv.as_mut() else {
+            return;
+        };
+        match w.poll(std::time::Instant::now()) {
+            None => {}
+            Some(Ok(ups)) if ups.is_empty() => {
+                warn!(path = %w.path().display(), "resolv.conf now lists no nameserver; keeping the previous DNS upstreams");
+            }
+            Some(Ok(ups)) if ups != self.upstreams => {
+                let list: Vec<String> = ups.iter().map(ToString::to_string).collect();
+                info!(path = %w.path().display(), upstreams = %list.join(","), "resolv.conf changed; new DNS upstreams");
+                self.upstreams = ups;
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
+                warn!(path = %w.path().display(), error = %e, "resolv.conf changed but cannot be read; keeping the previous DNS upstreams");
+            }
+        }
+    }
+
     fn dns_query(&mut self, src: SocketAddr, payload: Range<usize>, now: Instant) {
+        self.refresh_upstreams();
         if self.stats.dns_queries.load(Ordering::Relaxed) as usize >= MAX_DNS_QUERIES {
             self.stats.count_drop(DropReason::HostSocket);
             return;

@@ -11,15 +11,23 @@
 //! on to the next upstream when a connect fails.
 //!
 //! Upstreams come from `--dns-upstream` or from the `nameserver` lines of
-//! /etc/resolv.conf; loopback resolvers (such as systemd-resolved's
+//! /etc/resolv.conf, which is then followed ([`ResolvWatch`]: looked at on
+//! a guest query, at most once a second, also inside the sandbox) so the
+//! upstreams change when the host's do; loopback resolvers (such as systemd-resolved's
 //! 127.0.0.53) are reached even when the gateway may not reach host loopback,
 //! since the guest never picks the address. Queries and answers are relayed
 //! byte for byte; only the header and question are read, to match them.
 
-use std::io;
+use std::ffi::OsString;
+use std::io::{self, Read};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use mio::net::UdpSocket;
+use nix::fcntl::{AtFlags, OFlag};
+use nix::sys::stat::Mode;
 
 use crate::stack::Stack;
 use crate::stack::emit::{self, Header, UDP_PAYLOAD_OFFSET, UDP6_PAYLOAD_OFFSET};
@@ -38,11 +46,140 @@ pub fn parse_resolv_conf(text: &str) -> Vec<SocketAddr> {
         .collect()
 }
 
-/// The system's upstreams, from /etc/resolv.conf.
+/// Environment variable naming another resolv.conf to read instead of
+/// /etc/resolv.conf. For rnet's tests (which must not touch the host's
+/// file); not a user setting.
+pub const ENV_RESOLV_CONF: &str = "RNET_RESOLV_CONF";
+
+/// The resolv.conf rnet reads: /etc/resolv.conf (see [`ENV_RESOLV_CONF`]).
+pub fn resolv_conf_path() -> PathBuf {
+    std::env::var_os(ENV_RESOLV_CONF)
+        .filter(|p| !p.is_empty())
+        .map_or_else(|| PathBuf::from("/etc/resolv.conf"), PathBuf::from)
+}
+
+/// The system's upstreams, from resolv.conf.
 pub fn system_upstreams() -> Vec<SocketAddr> {
-    std::fs::read_to_string("/etc/resolv.conf")
+    std::fs::read_to_string(resolv_conf_path())
         .map(|t| parse_resolv_conf(&t))
         .unwrap_or_default()
+}
+
+/// How often at most [`ResolvWatch::poll`] looks at the file.
+pub const RESOLV_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Follows resolv.conf so the upstreams change with the host's (a laptop
+/// changing networks, systemd-resolved rewriting its file).
+///
+/// Opened before the sandbox: it keeps `O_PATH` descriptors of the
+/// directory of the path and of the directory of the file its symbolic
+/// links lead to, and names the file through them afterwards, when the
+/// path no longer resolves (the sandbox's root is empty). A change is a
+/// different device, inode, size, modification or change time of either
+/// the link or the file; the file is then read again, by path if it still
+/// resolves, else through the kept directory of its target.
+pub struct ResolvWatch {
+    path: PathBuf,
+    /// Directory of `path` and the last name of `path`.
+    link: (OwnedFd, OsString),
+    /// Directory of the file `path` leads to, and its name there.
+    target: (OwnedFd, OsString),
+    seen: Option<[i64; 8]>,
+    last_check: Option<Instant>,
+}
+
+/// Parent directory (`O_PATH`) and last name of `path`.
+fn dir_and_name(path: &Path) -> io::Result<(OwnedFd, OsString)> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not a file path"))?
+        .to_os_string();
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let fd = nix::fcntl::open(
+        dir,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    Ok((fd, name))
+}
+
+impl ResolvWatch {
+    /// Starts following `path` (call before the sandbox is entered).
+    pub fn open(path: &Path) -> io::Result<ResolvWatch> {
+        let link = dir_and_name(path)?;
+        let target = dir_and_name(&std::fs::canonicalize(path)?)?;
+        let mut w = ResolvWatch {
+            path: path.to_path_buf(),
+            link,
+            target,
+            seen: None,
+            last_check: None,
+        };
+        w.seen = Some(w.identity());
+        Ok(w)
+    }
+
+    /// The path followed.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn identity(&self) -> [i64; 8] {
+        let st = |(dir, name): &(OwnedFd, OsString), flags| {
+            nix::sys::stat::fstatat(dir, name.as_os_str(), flags)
+                .map(|s| {
+                    [
+                        s.st_ino as i64,
+                        s.st_size,
+                        s.st_mtime * 1_000_000_000 + s.st_mtime_nsec,
+                        s.st_ctime * 1_000_000_000 + s.st_ctime_nsec,
+                    ]
+                })
+                .unwrap_or([-1; 4])
+        };
+        let l = st(&self.link, AtFlags::AT_SYMLINK_NOFOLLOW);
+        let t = st(&self.target, AtFlags::AT_SYMLINK_NOFOLLOW);
+        [l[0], l[1], l[2], l[3], t[0], t[1], t[2], t[3]]
+    }
+
+    fn read(&self) -> io::Result<String> {
+        if let Ok(t) = std::fs::read_to_string(&self.path) {
+            return Ok(t);
+        }
+        let (dir, name) = &self.target;
+        let fd = nix::fcntl::openat(
+            dir,
+            name.as_os_str(),
+            OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK | OFlag::O_NOFOLLOW,
+            Mode::empty(),
+        )?;
+        let mut text = String::new();
+        std::fs::File::from(fd)
+            .take(64 << 10)
+            .read_to_string(&mut text)?;
+        Ok(text)
+    }
+
+    /// If at least [`RESOLV_CHECK_INTERVAL`] passed since the last look and
+    /// the file changed, its nameservers (which may be none); else None.
+    pub fn poll(&mut self, now: Instant) -> Option<io::Result<Vec<SocketAddr>>> {
+        if self
+            .last_check
+            .is_some_and(|t| now.saturating_duration_since(t) < RESOLV_CHECK_INTERVAL)
+        {
+            return None;
+        }
+        self.last_check = Some(now);
+        let id = self.identity();
+        if self.seen == Some(id) {
+            return None;
+        }
+        self.seen = Some(id);
+        Some(self.read().map(|t| parse_resolv_conf(&t)))
+    }
 }
 
 /// One guest query in flight.
@@ -282,6 +419,33 @@ mod tests {
             let _ = question_len(&q[..n]);
             let _ = answers(&q, qlen, &good[..n]);
         }
+    }
+
+    #[test]
+    fn resolv_watch_sees_changes_at_most_once_a_second() {
+        let dir = std::env::temp_dir().join(format!("rnet-resolv-unit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("resolv.conf");
+        std::fs::write(&file, "nameserver 127.0.0.1\n").unwrap();
+        let mut w = ResolvWatch::open(&file).unwrap();
+        let t0 = Instant::now();
+        assert!(w.poll(t0).is_none(), "unchanged");
+        std::fs::write(&file, "nameserver 127.0.0.2\nnameserver ::1\n").unwrap();
+        assert!(
+            w.poll(t0 + Duration::from_millis(500)).is_none(),
+            "too soon"
+        );
+        let ups = w.poll(t0 + RESOLV_CHECK_INTERVAL).unwrap().unwrap();
+        assert_eq!(
+            ups,
+            vec!["127.0.0.2:53".parse().unwrap(), "[::1]:53".parse().unwrap()]
+        );
+        assert!(w.poll(t0 + 2 * RESOLV_CHECK_INTERVAL).is_none(), "seen");
+        // Gone: an error to report, not a panic.
+        std::fs::remove_file(&file).unwrap();
+        assert!(w.poll(t0 + 3 * RESOLV_CHECK_INTERVAL).unwrap().is_err());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
