@@ -32,10 +32,14 @@
 //! `accept` fails for lack of descriptors (`EMFILE`, `ENFILE`), the server
 //! waits [`ACCEPT_BACKOFF`] before trying again instead of spinning, and
 //! says so at most every 10 s.
+//!
+//! The socket file is removed at exit only while its path still names the
+//! socket this process bound (device and inode, see `SocketFile`): a
+//! restarted instance may already have replaced it.
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -44,12 +48,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use nix::fcntl::{AtFlags, OFlag};
+use nix::sys::stat::Mode;
 use serde_json::{Value, json};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::Handle;
 use crate::ports::{PortError, PortInfo, PortSpec, Proto};
-use crate::sandbox::KeptDir;
 
 /// Largest request accepted; slirp4netns's limit.
 pub const MAX_REQUEST: usize = 4096;
@@ -69,12 +74,10 @@ const LOG_EVERY: Duration = Duration::from_secs(10);
 /// Longest path a Unix socket address takes (sun_path, NUL included).
 pub const MAX_PATH: usize = 108;
 
-/// A running control socket; [`ApiServer::shutdown`] removes the file.
+/// A running control socket; [`ApiServer::shutdown`] removes the file
+/// (if it is still this process's socket: see [`SocketFile`]).
 pub struct ApiServer {
-    path: PathBuf,
-    /// The socket's directory, held open so the file can be removed from
-    /// inside the sandbox, where the path no longer resolves.
-    dir: Option<KeptDir>,
+    file: SocketFile,
     /// The listening socket, shut down to wake the server's `accept`.
     wake: UnixListener,
     stop: Arc<AtomicBool>,
@@ -85,8 +88,89 @@ pub struct ApiServer {
 /// A bound control socket not served yet ([`ApiServer::bind`]).
 pub struct ApiListener {
     listener: UnixListener,
+    file: SocketFile,
+}
+
+/// The socket file this process bound, named so that only it is removed.
+///
+/// Podman starts a restarted instance on the same path while the old one
+/// is still exiting: the new one replaces the file, and an old instance
+/// that removed the path by name would delete the new one's socket. So
+/// the file's device and inode are taken right after `bind`, and at exit
+/// the name is unlinked only while it still has them.
+struct SocketFile {
     path: PathBuf,
-    dir: Option<KeptDir>,
+    /// The socket's directory (`O_PATH`), held open so the file can be
+    /// checked and removed from inside the sandbox, where the path no
+    /// longer resolves; `None` if it could not be opened (the path is then
+    /// used).
+    dir: Option<OwnedFd>,
+    /// `st_dev` and `st_ino` of the file as bound.
+    id: (u64, u64),
+}
+
+impl SocketFile {
+    fn new(path: &Path) -> io::Result<SocketFile> {
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let dir = nix::fcntl::open(
+            parent,
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .ok();
+        let mut file = SocketFile {
+            path: path.to_path_buf(),
+            dir,
+            id: (0, 0),
+        };
+        file.id = file.current().map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot stat the API socket {} just created: {e}",
+                    path.display()
+                ),
+            )
+        })?;
+        Ok(file)
+    }
+
+    /// Device and inode of what the path names now (not following a
+    /// symbolic link).
+    fn current(&self) -> io::Result<(u64, u64)> {
+        let st = match (&self.dir, self.path.file_name()) {
+            (Some(dir), Some(name)) => {
+                nix::sys::stat::fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW)?
+            }
+            _ => nix::sys::stat::lstat(&self.path)?,
+        };
+        Ok((st.st_dev as u64, st.st_ino as u64))
+    }
+
+    /// Removes the file if the path still names the socket this process
+    /// bound; `Ok(false)` if it names another file (or none).
+    ///
+    /// The check and the unlink are two adjacent system calls: a socket
+    /// that replaces ours between them is the only case not covered
+    /// (there is no "unlink if the inode is" call).
+    fn remove(&self) -> io::Result<bool> {
+        match self.current() {
+            Ok(id) if id == self.id => {}
+            Ok(_) => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e),
+        }
+        match (&self.dir, self.path.file_name()) {
+            (Some(dir), Some(name)) => {
+                nix::unistd::unlinkat(dir, name, nix::unistd::UnlinkatFlags::NoRemoveDir)?
+            }
+            _ => std::fs::remove_file(&self.path)?,
+        }
+        Ok(true)
+    }
 }
 
 impl ApiListener {
@@ -107,8 +191,7 @@ impl ApiListener {
             .name("rnet-api".into())
             .spawn(move || server.run(listener))?;
         Ok(ApiServer {
-            path: self.path,
-            dir: self.dir,
+            file: self.file,
             wake,
             stop,
             refused,
@@ -118,14 +201,14 @@ impl ApiListener {
 }
 
 impl ApiServer {
-    /// Creates the socket at `path` (mode 0600; a stale socket file is
+    /// Creates the socket at `path` (mode 0600; an existing socket file is
     /// replaced) and serves it on a new thread.
     pub fn start(path: &Path, handle: Handle, default_guest: Ipv4Addr) -> io::Result<ApiServer> {
         ApiServer::bind(path)?.serve(handle, default_guest)
     }
 
-    /// Creates the socket at `path` (mode 0600; a stale socket file is
-    /// replaced) without serving it yet: the sandbox is entered between
+    /// Creates the socket at `path` (mode 0600; an existing socket file,
+    /// stale or a previous instance's, is replaced) without serving it yet: the sandbox is entered between
     /// the two, while the process has one thread.
     pub fn bind(path: &Path) -> io::Result<ApiListener> {
         if path.as_os_str().len() >= MAX_PATH {
@@ -142,15 +225,16 @@ impl ApiServer {
         if let Ok(meta) = std::fs::symlink_metadata(path) {
             use std::os::unix::fs::FileTypeExt;
             if meta.file_type().is_socket() {
+                info!(
+                    path = %path.display(),
+                    "replacing the socket file already at the API socket path (a stale one, or a previous instance's that is still exiting)"
+                );
                 std::fs::remove_file(path)?;
             }
         }
         let listener = bind_private(path)?;
-        Ok(ApiListener {
-            listener,
-            path: path.to_path_buf(),
-            dir: KeptDir::of_parent(path).ok(),
-        })
+        let file = SocketFile::new(path)?;
+        Ok(ApiListener { listener, file })
     }
 
     /// Connections refused so far because their peer's uid is neither
@@ -172,12 +256,13 @@ impl ApiServer {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        let removed = match (&self.dir, self.path.file_name()) {
-            (Some(dir), Some(name)) => dir.unlink(name),
-            _ => std::fs::remove_file(&self.path),
-        };
-        if let Err(e) = removed {
-            debug!(path = %self.path.display(), error = %e, "cannot remove the API socket");
+        let path = self.file.path.display();
+        match self.file.remove() {
+            Ok(true) => {}
+            Ok(false) => {
+                info!(%path, "the API socket path now names another socket (a newer instance's); left in place")
+            }
+            Err(e) => debug!(%path, error = %e, "cannot remove the API socket"),
         }
     }
 }
@@ -461,8 +546,10 @@ pub fn respond(req: &Value, handle: &Handle, guest: Ipv4Addr) -> String {
         },
         Ok(Request::List) => match handle.ports() {
             Ok(list) => {
+                // At the top level, not under "return": slirp4netns's
+                // api.c answers list_hostfwd this way, and clients read it.
                 let entries: Vec<Value> = list.iter().flat_map(entries_of).collect();
-                json!({ "return": { "entries": entries } }).to_string()
+                json!({ "entries": entries }).to_string()
             }
             Err(e) => error_reply("bad request: list_hostfwd failed", Some(e.to_string())),
         },

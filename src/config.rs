@@ -379,6 +379,34 @@ impl FromStr for UdpFilter {
     }
 }
 
+impl OutboundPolicy {
+    /// Parses an outbound allow-list as the user gives it, on rnet's
+    /// command line (`--outbound-allow`, repeatable) or in compatibility
+    /// mode's `RNET_OUTBOUND_ALLOW`: each value is `none` or IPv4 and IPv6
+    /// CIDRs (a bare address is one host) separated by commas, with spaces
+    /// around them ignored. No value at all means [`OutboundPolicy::Any`];
+    /// `none` contributes nothing, so `none` alone allows nothing.
+    pub fn parse<'a>(
+        values: impl IntoIterator<Item = &'a str>,
+    ) -> Result<OutboundPolicy, ConfigError> {
+        let mut given = false;
+        let mut nets = Vec::new();
+        for v in values {
+            given = true;
+            for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                if part != "none" {
+                    nets.push(part.parse::<IpCidr>()?);
+                }
+            }
+        }
+        Ok(if given {
+            OutboundPolicy::Only(nets)
+        } else {
+            OutboundPolicy::Any
+        })
+    }
+}
+
 impl fmt::Display for OutboundPolicy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -444,6 +472,7 @@ pub struct Config {
     pub(crate) outbound: OutboundPolicy,
     pub(crate) outbound_addr: Option<Ipv4Addr>,
     pub(crate) udp_filter: UdpFilter,
+    pub(crate) outbound_addr6: Option<Ipv6Addr>,
     pub(crate) dns_upstreams: Vec<SocketAddr>,
     pub(crate) disable_dns: bool,
     pub(crate) ready_fd: Option<RawFd>,
@@ -538,13 +567,27 @@ impl Config {
     pub fn outbound(&self) -> &OutboundPolicy {
         &self.outbound
     }
-    /// Source address for outgoing host sockets.
+    /// Source address for outgoing IPv4 host sockets.
     pub fn outbound_addr(&self) -> Option<Ipv4Addr> {
         self.outbound_addr
     }
     /// Which host-side datagrams may enter a guest UDP flow.
     pub fn udp_filter(&self) -> UdpFilter {
         self.udp_filter
+    }
+
+    /// Source address for outgoing IPv6 host sockets.
+    pub fn outbound_addr6(&self) -> Option<Ipv6Addr> {
+        self.outbound_addr6
+    }
+    /// The address an outgoing host socket towards `dst` is bound to: the
+    /// outbound address of `dst`'s family, for every destination (the host's
+    /// loopback through the gateway included, as slirp4netns does).
+    pub fn outbound_bind(&self, dst: IpAddr) -> Option<IpAddr> {
+        match dst {
+            IpAddr::V4(_) => self.outbound_addr.map(IpAddr::V4),
+            IpAddr::V6(_) => self.outbound_addr6.map(IpAddr::V6),
+        }
     }
     /// DNS upstreams in the order they are tried (empty: read /etc/resolv.conf).
     pub fn dns_upstreams(&self) -> &[SocketAddr] {
@@ -588,6 +631,7 @@ pub struct ConfigBuilder {
     outbound: OutboundPolicy,
     outbound_addr: Option<Ipv4Addr>,
     udp_filter: UdpFilter,
+    outbound_addr6: Option<Ipv6Addr>,
     dns_upstreams: Vec<SocketAddr>,
     disable_dns: bool,
     ready_fd: Option<RawFd>,
@@ -629,6 +673,7 @@ impl Default for ConfigBuilder {
             outbound: OutboundPolicy::Any,
             outbound_addr: None,
             udp_filter: UdpFilter::default(),
+            outbound_addr6: None,
             dns_upstreams: Vec::new(),
             disable_dns: false,
             ready_fd: None,
@@ -725,7 +770,7 @@ impl ConfigBuilder {
         self.outbound = policy;
         self
     }
-    /// Bind outgoing host sockets to this address.
+    /// Bind outgoing IPv4 host sockets to this address.
     pub fn outbound_addr(mut self, addr: Option<Ipv4Addr>) -> Self {
         self.outbound_addr = addr;
         self
@@ -734,6 +779,11 @@ impl ConfigBuilder {
     /// [`UdpFilter::AddressDependent`]).
     pub fn udp_filter(mut self, filter: UdpFilter) -> Self {
         self.udp_filter = filter;
+        self
+    }
+    /// Bind outgoing IPv6 host sockets to this address.
+    pub fn outbound_addr6(mut self, addr: Option<Ipv6Addr>) -> Self {
+        self.outbound_addr6 = addr;
         self
     }
     /// DNS upstreams, tried in order (default: the nameservers of /etc/resolv.conf).
@@ -926,6 +976,7 @@ impl ConfigBuilder {
             outbound: self.outbound,
             outbound_addr: self.outbound_addr,
             udp_filter: self.udp_filter,
+            outbound_addr6: self.outbound_addr6,
             dns_upstreams: self.dns_upstreams,
             disable_dns: self.disable_dns,
             ready_fd: self.ready_fd,
@@ -1054,6 +1105,46 @@ pub fn parse_ipv6_prefix(s: &str) -> Result<Ipv6Addr, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn outbound_allow_lists() {
+        let c = |s: &str| s.parse::<IpCidr>().unwrap();
+        assert_eq!(OutboundPolicy::parse([]), Ok(OutboundPolicy::Any));
+        assert_eq!(
+            OutboundPolicy::parse(["none"]),
+            Ok(OutboundPolicy::Only(vec![]))
+        );
+        assert_eq!(
+            OutboundPolicy::parse([""]),
+            Ok(OutboundPolicy::Only(vec![]))
+        );
+        // Both families, comma lists with spaces, repeated values, bare
+        // addresses.
+        let p =
+            OutboundPolicy::parse(["198.18.0.0/15, fd42::/64", "none,192.0.2.1", "::1"]).unwrap();
+        assert_eq!(
+            p,
+            OutboundPolicy::Only(vec![
+                c("198.18.0.0/15"),
+                c("fd42::/64"),
+                c("192.0.2.1/32"),
+                c("::1/128")
+            ])
+        );
+        assert!(p.allows("fd42::7".parse::<IpAddr>().unwrap()));
+        assert!(p.allows(Ipv4Addr::new(198, 19, 1, 1)));
+        assert!(!p.allows("fd43::7".parse::<IpAddr>().unwrap()));
+        for bad in [
+            "x",
+            "10.0.0.0/33",
+            "fd00::/129",
+            "fd00::/x",
+            "10.0.0.0/8,nope",
+        ] {
+            let e = OutboundPolicy::parse([bad]).unwrap_err().to_string();
+            assert!(e.contains("invalid CIDR"), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn ipv6_prefixes() {

@@ -305,10 +305,21 @@ impl Network {
             )))?;
             tap.set_pcap(w);
         }
-        let upstreams = if config.dns_upstreams().is_empty() {
-            services::dns::system_upstreams()
+        // Upstreams from resolv.conf are followed for changes (the watch
+        // holds what it needs to look at the file inside the sandbox).
+        let (upstreams, resolv) = if config.dns_upstreams().is_empty() {
+            let path = services::dns::resolv_conf_path();
+            let watch = match services::dns::ResolvWatch::open(&path) {
+                Ok(w) => Some(w),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot follow resolv.conf for changes; its DNS upstreams are read once");
+                    None
+                }
+            };
+            (services::dns::system_upstreams(), watch)
         } else {
-            config.dns_upstreams().to_vec()
+            (config.dns_upstreams().to_vec(), None)
         };
         if upstreams.is_empty() && !config.disable_dns() {
             tracing::warn!(
@@ -336,6 +347,9 @@ impl Network {
         let config = Arc::new(config);
         let (mut engine, control, stats) = Engine::new(config, tap, pid, upstreams)
             .map_err(Error::io("starting the event loop"))?;
+        if let Some(w) = resolv {
+            engine.set_resolv_watch(w);
+        }
         if let Some(mac) = guest_mac {
             // Known from the TAP itself, so published UDP can reach a
             // guest that has not sent anything yet.

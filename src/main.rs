@@ -9,7 +9,7 @@ mod portcmd;
 mod statuscmd;
 
 use std::ffi::OsString;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -26,7 +26,7 @@ use tracing::{error, info};
 /// 10.0.2.0/24: its own address 10.0.2.100, a gateway at 10.0.2.2 and a DNS
 /// forwarder at 10.0.2.3.
 #[derive(Parser, Debug)]
-#[command(name = "rnet", version, propagate_version = true, max_term_width = 100)]
+#[command(name = "rnet", version = env!("RNET_VERSION"), propagate_version = true, max_term_width = 100)]
 #[command(after_long_help = "\
 EXAMPLES:
     Give a fresh namespace a network and run a shell in it:
@@ -227,8 +227,9 @@ struct NetArgs {
     /// except loopback and special addresses.
     #[arg(long, value_name = "CIDR|none", help_heading = "Policy")]
     outbound_allow: Vec<String>,
-    /// Source address for outgoing host sockets.
-    #[arg(long, value_name = "IP", help_heading = "Policy")]
+    /// Source address for outgoing IPv4 host sockets (every destination,
+    /// the host's loopback through 10.0.2.2 included).
+    #[arg(long, value_name = "IPv4", help_heading = "Policy")]
     outbound_addr: Option<Ipv4Addr>,
     /// Which datagrams from the host side may enter a guest's UDP flow:
     /// `address-dependent` only from addresses the flow has sent to (as
@@ -238,6 +239,10 @@ struct NetArgs {
     #[arg(long, value_name = "MODE", default_value = "address-dependent", help_heading = "Policy",
           value_parser = ["address-dependent", "endpoint-independent"])]
     udp_filter: String,
+    /// Source address for outgoing IPv6 host sockets (every destination,
+    /// the host's loopback through the IPv6 gateway included).
+    #[arg(long, value_name = "IPv6", help_heading = "Policy")]
+    outbound_addr6: Option<Ipv6Addr>,
     /// DNS server to forward 10.0.2.3 to, tried in order (repeatable).
     /// Default: the nameservers in /etc/resolv.conf.
     #[arg(long, value_name = "ADDR[:PORT]", help_heading = "DNS")]
@@ -324,23 +329,8 @@ struct NetArgs {
 
 impl NetArgs {
     fn to_config(&self) -> Result<Config, String> {
-        let outbound = if self.outbound_allow.is_empty() {
-            OutboundPolicy::Any
-        } else {
-            let mut nets = Vec::new();
-            for v in &self.outbound_allow {
-                for part in v.split(',').filter(|p| !p.is_empty()) {
-                    if part == "none" {
-                        continue;
-                    }
-                    nets.push(
-                        part.parse()
-                            .map_err(|e| format!("--outbound-allow {part}: {e}"))?,
-                    );
-                }
-            }
-            OutboundPolicy::Only(nets)
-        };
+        let outbound = OutboundPolicy::parse(self.outbound_allow.iter().map(String::as_str))
+            .map_err(|e| format!("--outbound-allow: {e}"))?;
         let upstreams = self
             .dns_upstream
             .iter()
@@ -383,6 +373,7 @@ impl NetArgs {
                     .parse()
                     .map_err(|e| format!("--udp-filter: {e}"))?,
             )
+            .outbound_addr6(self.outbound_addr6)
             .dns_upstreams(upstreams)
             .disable_dns(self.disable_dns)
             .ready_fd(self.ready_fd)

@@ -102,7 +102,12 @@ pub fn run(args: PortArgs) -> Result<u8, String> {
                 "{:<5} {:<5} {:<22} {:<22} PATH",
                 "ID", "PROTO", "HOST", "GUEST"
             );
-            for e in reply["return"]["entries"].as_array().into_iter().flatten() {
+            // slirp4netns's shape, `entries` at the top level; an
+            // older rnet put it under `return`.
+            let entries = reply
+                .get("entries")
+                .or_else(|| reply.get("return").and_then(|r| r.get("entries")));
+            for e in entries.and_then(Value::as_array).into_iter().flatten() {
                 let host = endpoint(&e["host_addr"], &e["host_port"]);
                 let guest = endpoint(&e["guest_addr"], &e["guest_port"]);
                 println!(

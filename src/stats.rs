@@ -40,11 +40,14 @@ pub enum DropReason {
     AgentFdLost,
     /// A host-side datagram the inbound UDP filter refused.
     Filtered,
+    /// A DNS reply that does not answer its query (ID, QR bit or question
+    /// differ): not relayed to the guest.
+    DnsMismatch,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 14] = [
+    pub const ALL: [DropReason; 15] = [
         DropReason::Malformed,
         DropReason::BadChecksum,
         DropReason::Fragment,
@@ -59,6 +62,7 @@ impl DropReason {
         DropReason::AgentBadFd,
         DropReason::AgentFdLost,
         DropReason::Filtered,
+        DropReason::DnsMismatch,
     ];
 
     /// A short, stable name for logs and metrics.
@@ -78,6 +82,7 @@ impl DropReason {
             DropReason::AgentBadFd => "agent_bad_fd",
             DropReason::AgentFdLost => "agent_fd_lost",
             DropReason::Filtered => "filtered",
+            DropReason::DnsMismatch => "dns_mismatch",
         }
     }
 }

@@ -51,6 +51,28 @@ fn help_contains_every_probed_option() {
         slirp_bin().display()
     );
     run(Command::new("sh").args(["-c", &sh]), secs(10)).assert_success("docker's probe");
+    // The text is true: the sandbox, the filter and IPv6 work.
+    let out = run(&mut slirp(&["--help"], &dns), secs(10));
+    for stale in ["later release", "no IPv6", "accepted;", "not supported"] {
+        assert!(!out.stdout.contains(stale), "--help says {stale:?}: {out}");
+    }
+    let line = |opt: &str| {
+        out.stdout
+            .lines()
+            .find(|l| l.starts_with(opt))
+            .unwrap_or_else(|| panic!("no {opt} line: {out}"))
+            .to_string()
+    };
+    assert!(
+        line("--enable-sandbox").contains("empty read-only root"),
+        "{out}"
+    );
+    assert!(line("--enable-seccomp").contains("syscall"), "{out}");
+    assert!(line("-6, --enable-ipv6").contains("fd00::/64"), "{out}");
+    assert!(
+        line("--outbound-addr6").contains("IPv6 host sockets"),
+        "{out}"
+    );
     // rnet's own help lists the subcommand.
     let out = run(Command::new(RNET).arg("--help"), secs(10));
     assert!(out.stdout.contains("slirp4netns"), "{out}");
@@ -85,7 +107,44 @@ fn version_is_machine_readable() {
         );
         assert!(lines.contains(&"SLIRP_CONFIG_VERSION_MAX: 4"), "{out}");
         assert!(lines[2].contains("smoltcp"), "{out}");
+        assert_eq!(lines[1], format!("commit: {}", built_commit()), "{out}");
     }
+    // rnet's own --version names the commit too.
+    let out = run(Command::new(RNET).arg("--version"), secs(10));
+    out.assert_success("rnet --version");
+    let (v, c) = (env!("CARGO_PKG_VERSION"), built_commit());
+    let want = if c == v {
+        format!("rnet {v}")
+    } else {
+        format!("rnet {v} (commit {c})")
+    };
+    assert_eq!(out.stdout.trim(), want, "{out}");
+}
+
+/// `git rev-parse --short HEAD` of this checkout, if it is one.
+fn git_head() -> Option<String> {
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let top = Command::new("git")
+        .args(["-C", dir, "rev-parse", "--show-toplevel"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())?;
+    let top = std::path::PathBuf::from(String::from_utf8_lossy(&top.stdout).trim());
+    if top.canonicalize().ok()? != std::path::Path::new(dir).canonicalize().ok()? {
+        return None;
+    }
+    let out = Command::new("git")
+        .args(["-C", dir, "rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())?;
+    Some(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// What `commit:` must say: the checkout's commit, or without one the
+/// crate version (a build from a release tarball).
+fn built_commit() -> String {
+    git_head().unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_string())
 }
 
 #[test]
@@ -133,6 +192,10 @@ fn errors_have_slirp4netns_texts_and_exit_1() {
         (
             vec!["--outbound-addr=no-such-if0"],
             "outbound-addr has to be valid ipv4 address or interface name",
+        ),
+        (
+            vec!["--outbound-addr6=no-such-if0"],
+            "outbound-addr6 has to be valid ipv6 address or interface name",
         ),
     ];
     for (extra, text) in cases {
@@ -466,6 +529,11 @@ fn api_add_hostfwd_publishes_a_guest_port() {
     );
     let list = api(&sock.0, r#"{"execute":"list_hostfwd"}"#);
     assert!(list.contains(r#""guest_addr":"10.0.2.100""#), "{list}");
+    // slirp4netns's shape: `entries` at the top level, not under `return`.
+    let v: serde_json::Value =
+        serde_json::from_str(list.trim()).unwrap_or_else(|e| panic!("{e}: {list}"));
+    assert!(v.get("return").is_none(), "{list}");
+    assert_eq!(v["entries"][0]["id"], 1, "{list}");
     let got = eventually(secs(10), || {
         host_get(host_port).is_ok_and(|b| b == "from the guest")
     });
@@ -484,4 +552,68 @@ fn api_add_hostfwd_publishes_a_guest_port() {
     let out = p.finish(secs(10));
     assert_eq!(out.code(), Some(0), "{out}");
     assert!(!sock.0.exists(), "API socket file left behind");
+}
+
+/// Podman's restart: the new instance starts on the same `--api-socket`
+/// path while the old one is still running or exiting. The old one must
+/// not remove the new one's socket at exit; 50 hand-overs, alternating
+/// "new instance ready before the old one is told to stop" (the old one
+/// removing the path by name would always delete the new socket) and
+/// "new instance started right after SIGTERM to the old one".
+#[test]
+fn api_socket_survives_a_restart_on_the_same_path() {
+    if !require_userns("api_socket_survives_a_restart_on_the_same_path") {
+        return;
+    }
+    let dns = DnsServer::start();
+    // Two namespaces, used in turn: each instance has its own TAP.
+    let targets = [Target::userns(), Target::userns()];
+    let dir = TempDir::new("api-restart");
+    let sock = dir.join("s4nn.sock");
+    let sock_s = sock.to_string_lossy().into_owned();
+    // Every other pair of rounds in the sandbox, where the old instance
+    // checks and removes the file through a directory descriptor.
+    let start = |i: usize| {
+        let pid = targets[i % 2].pid().to_string();
+        let mut args = vec!["-c", "--api-socket", &sock_s, &pid, "tap0"];
+        if i % 4 >= 2 {
+            args.extend(["--enable-sandbox", "--enable-seccomp"]);
+        }
+        spawn_ready(slirp(&args, &dns), "slirp4netns --api-socket")
+    };
+    let mut cur = start(0);
+    // Whether `cur` took the path over from a live instance.
+    let mut cur_replaced = false;
+    for i in 1..=50 {
+        let replaced_first = i % 2 == 1;
+        let mut old = cur;
+        let next = if replaced_first {
+            let next = start(i);
+            old.signal(libc::SIGTERM);
+            next
+        } else {
+            old.signal(libc::SIGTERM);
+            start(i)
+        };
+        let old = old.finish(secs(10));
+        assert_eq!(old.code(), Some(0), "round {i}: old instance: {old}");
+        assert!(
+            sock.exists(),
+            "round {i}: the new instance's socket is gone"
+        );
+        let reply = api(&sock, r#"{"execute":"list_hostfwd"}"#);
+        assert_eq!(reply.trim(), r#"{"entries":[]}"#, "round {i}");
+        if replaced_first {
+            assert_stderr_has(&old, "now names another socket");
+        }
+        if cur_replaced {
+            assert_stderr_has(&old, "replacing the socket file");
+        }
+        cur = next;
+        cur_replaced = replaced_first;
+    }
+    cur.signal(libc::SIGTERM);
+    let out = cur.finish(secs(10));
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert!(!sock.exists(), "API socket file left behind");
 }

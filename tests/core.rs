@@ -6,6 +6,7 @@
 mod common;
 
 use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
 use std::process::Command;
 use std::sync::Arc;
 use std::thread;
@@ -159,6 +160,194 @@ fn dns_disabled() {
         .run(&strs(&dig(false, DNS_ADDR, None)), secs(30));
     assert_eq!(out.code(), Some(9), "dig must get no answer: {out}");
     assert_eq!(dns.queries(), (0, 0), "nothing may reach the upstream");
+}
+
+/// A slow upstream (its answer comes after 300 ms) and, before it, a
+/// forged answer from another loopback port (right ID and question, wrong
+/// address) plus three datagrams from the upstream's own address that do
+/// not answer the query (another ID, another question, QR bit clear). The
+/// guest gets the real answer; the three are counted as `dns_mismatch`.
+#[test]
+fn dns_spoofed_and_mismatched_replies_never_reach_the_guest() {
+    require!(require_userns);
+    const FORGED: [u8; 4] = [192, 0, 2, 66];
+    let up = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let spoofer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let up_addr = up.local_addr().unwrap();
+    let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let asked2 = asked.clone();
+    thread::spawn(move || {
+        let mut b = [0u8; 4096];
+        while let Ok((n, peer)) = up.recv_from(&mut b) {
+            let Some(real) = dns_answer(&b[..n]) else {
+                continue;
+            };
+            asked2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut forged = real.clone();
+            let len = forged.len();
+            forged[len - 4..].copy_from_slice(&FORGED);
+            let _ = spoofer.send_to(&forged, peer);
+            let mut other_id = forged.clone();
+            other_id[0] ^= 0xff;
+            let mut other_q = forged.clone();
+            other_q[13] ^= 0x01; // a letter of the first label
+            let mut not_reply = forged.clone();
+            not_reply[2] &= 0x7f;
+            for bad in [other_id, other_q, not_reply] {
+                let _ = up.send_to(&bad, peer);
+            }
+            thread::sleep(Duration::from_millis(300));
+            let _ = up.send_to(&real, peer);
+        }
+    });
+    let t = Target::userns();
+    let api = TempPath::new("api");
+    let _rnet = Rnet::new()
+        .arg("--dns-upstream")
+        .arg(up_addr.to_string())
+        .arg("--api-socket")
+        .arg(&api.0)
+        .attach(t.pid());
+    let before = drop_counts(&status_json(&api.0));
+    let mut dig_cmd = t.exec(&[
+        "dig",
+        "+short",
+        "+time=3",
+        "+tries=1",
+        "@10.0.2.3",
+        "example.test",
+        "A",
+    ]);
+    let out = run(&mut dig_cmd, secs(30));
+    out.assert_success("guest dig @10.0.2.3");
+    assert_eq!(out.stdout.trim(), DNS_ANSWER.to_string(), "{out}");
+    assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let diff = drops_diff(&before, &drop_counts(&status_json(&api.0)));
+    assert_eq!(diff.get("dns_mismatch"), Some(&3), "drops: {diff:?}");
+}
+
+/// A silent first upstream: the query moves on to the next one (on a new
+/// socket connected to it) after the timeout.
+#[test]
+fn dns_udp_fails_over_to_the_next_upstream() {
+    require!(require_userns);
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let dns = Arc::new(DnsServer::start());
+    let out = Rnet::with_dns(&dns)
+        .arg("--dns-upstream")
+        .arg(silent.local_addr().unwrap().to_string())
+        .run(
+            &[
+                "dig",
+                "+short",
+                "+time=10",
+                "+tries=1",
+                "@10.0.2.3",
+                "example.test",
+                "A",
+            ],
+            secs(30),
+        );
+    out.assert_success("guest dig @10.0.2.3");
+    assert_eq!(out.stdout.trim(), DNS_ANSWER.to_string(), "{out}");
+    let mut b = [0u8; 512];
+    silent.set_nonblocking(true).unwrap();
+    assert!(
+        silent.recv(&mut b).is_ok(),
+        "the first upstream was asked first"
+    );
+    assert_eq!(dns.queries(), (1, 0));
+}
+
+/// A UDP DNS responder on `ip`:53 answering every A query with `answer`;
+/// None if the port is taken.
+fn dns_responder_on(ip: Ipv4Addr, answer: Ipv4Addr) -> Option<()> {
+    let s = std::net::UdpSocket::bind((ip, 53)).ok()?;
+    thread::spawn(move || {
+        let mut b = [0u8; 4096];
+        while let Ok((n, peer)) = s.recv_from(&mut b) {
+            if let Some(mut r) = dns_answer(&b[..n]) {
+                let len = r.len();
+                r[len - 4..].copy_from_slice(&answer.octets());
+                let _ = s.send_to(&r, peer);
+            }
+        }
+    });
+    Some(())
+}
+
+/// DNS follows the host: rnet (sandboxed, the default) is pointed at a
+/// resolv.conf of the test's (a symbolic link into another directory, as
+/// systemd-resolved's is) naming one loopback responder; the file is
+/// replaced (rename) to name a second one, then rewritten in place to name
+/// the first again, and each time guest queries reach the new upstream.
+#[test]
+fn dns_follows_resolv_conf_changes() {
+    require!(require_root);
+    // Two responders on port 53 (resolv.conf has no ports) of loopback
+    // addresses no other test uses.
+    let base = 100 + (std::process::id() % 50) as u8 * 2;
+    let (a, b) = (0..20u8)
+        .map(|k| {
+            (
+                Ipv4Addr::new(127, 0, 53, base.wrapping_add(k * 2)),
+                Ipv4Addr::new(127, 0, 53, base.wrapping_add(k * 2 + 1)),
+            )
+        })
+        .find(|&(a, b)| {
+            dns_responder_on(a, Ipv4Addr::new(192, 0, 2, 1)).is_some()
+                && dns_responder_on(b, Ipv4Addr::new(192, 0, 2, 2)).is_some()
+        })
+        .expect("no free loopback address pair for port 53");
+    let dir = TempDir::new("resolv");
+    std::fs::create_dir(dir.join("run")).unwrap();
+    let target = dir.join("run").join("resolv.conf");
+    std::fs::write(&target, format!("# test\nnameserver {a}\n")).unwrap();
+    let link = dir.join("resolv.conf");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+
+    let t = Target::userns();
+    let (r, w) = pipe();
+    let mut cmd = Command::new(RNET);
+    cmd.args(["attach", "--outbound-allow", "none", "--ready-fd"]);
+    cmd.arg(w.as_raw_fd().to_string()).arg(t.pid().to_string());
+    clean_env(&mut cmd);
+    cmd.env("RNET_RESOLV_CONF", &link);
+    inherit_fd(&mut cmd, &w);
+    let rnet = Proc::spawn(&mut cmd);
+    drop(w);
+    if let Err(e) = wait_ready(r, secs(20)) {
+        panic!("rnet not ready: {e}\n{}", rnet.stop(Duration::ZERO).1);
+    }
+    let ask = || {
+        let out = run(
+            &mut t.exec(&[
+                "dig",
+                "+short",
+                "+time=2",
+                "+tries=1",
+                "@10.0.2.3",
+                "example.test",
+                "A",
+            ]),
+            secs(30),
+        );
+        out.stdout.trim().to_string()
+    };
+    assert_eq!(ask(), "192.0.2.1", "the first upstream answers");
+    // Replaced by rename, as resolvers write it.
+    let tmp = dir.join("run").join(".resolv.conf.new");
+    std::fs::write(&tmp, format!("nameserver {b}\n")).unwrap();
+    std::fs::rename(&tmp, &target).unwrap();
+    let switched = poll_until(secs(10), || (ask() == "192.0.2.2").then_some(()));
+    let (_, after) = switched.expect("guest queries never reached the new upstream");
+    eprintln!("new upstream answering {after:?} after the rename");
+    // Rewritten in place.
+    std::fs::write(&target, format!("nameserver {a}\n")).unwrap();
+    let back = poll_until(secs(10), || (ask() == "192.0.2.1").then_some(()));
+    assert!(back.is_some(), "an in-place rewrite was not followed");
+    let (_, out) = rnet.stop(Duration::ZERO);
+    assert!(out.stderr.contains("resolv.conf changed"), "{out}");
 }
 
 /// Harness self-check: the responder answers dig on loopback directly, and
@@ -372,6 +561,87 @@ fn outbound_allow_list_enforced() {
     );
 }
 
+/// Host servers on `ip` (TCP and UDP, the same port number not needed)
+/// that answer each client with the address it came from.
+fn peer_reporters(ip: std::net::IpAddr) -> (u16, u16) {
+    let tcp = std::net::TcpListener::bind((ip, 0)).unwrap();
+    let udp = std::net::UdpSocket::bind((ip, 0)).unwrap();
+    let ports = (
+        tcp.local_addr().unwrap().port(),
+        udp.local_addr().unwrap().port(),
+    );
+    thread::spawn(move || {
+        for mut c in tcp.incoming().flatten() {
+            let peer = c.peer_addr().unwrap().ip().to_string();
+            let _ = std::io::Write::write_all(&mut c, peer.as_bytes());
+        }
+    });
+    thread::spawn(move || {
+        let mut b = [0u8; 512];
+        while let Ok((_, peer)) = udp.recv_from(&mut b) {
+            let _ = udp.send_to(peer.ip().to_string().as_bytes(), peer);
+        }
+    });
+    ports
+}
+
+/// A guest that asks both reporters at `gw` who it is; prints
+/// `tcp ADDR` and `udp ADDR`.
+fn ask_peer(gw: &str, (tcp, udp): (u16, u16)) -> [String; 3] {
+    let fam = if gw.contains(':') {
+        "AF_INET6"
+    } else {
+        "AF_INET"
+    };
+    let script = format!(
+        "import socket\n\
+         t=socket.create_connection(('{gw}', {tcp}), timeout=5)\n\
+         print('tcp', t.recv(100).decode(), flush=True)\n\
+         u=socket.socket(socket.{fam}, socket.SOCK_DGRAM); u.settimeout(2)\n\
+         for _ in range(5):\n\
+         \x20   u.sendto(b'who', ('{gw}', {udp}))\n\
+         \x20   try:\n\
+         \x20       print('udp', u.recv(100).decode()); break\n\
+         \x20   except socket.timeout:\n\
+         \x20       pass\n"
+    );
+    [PYTHON.into(), "-c".into(), script]
+}
+
+/// `--outbound-addr` binds every outgoing host socket, also those to the
+/// host's loopback through 10.0.2.2 (as slirp4netns): with the secondary
+/// loopback address 127.0.0.2 as the outbound address, a server on
+/// 127.0.0.1 sees its TCP and UDP clients come from 127.0.0.2. The same
+/// for `--outbound-addr6` with the root-namespace end of an IPv6 test host
+/// (an address of this machine that the test made) and a server on ::1.
+#[test]
+fn outbound_addr_binds_loopback_destinations() {
+    require!(require_userns);
+    let ports = peer_reporters(Ipv4Addr::LOCALHOST.into());
+    let rnet = Rnet::new().allow_host_loopback();
+    let out = rnet.run(&strs(&ask_peer(GATEWAY, ports)), secs(30));
+    out.assert_success("guest asking the reporters without --outbound-addr");
+    assert_eq!(out.stdout, "tcp 127.0.0.1\nudp 127.0.0.1\n", "{out}");
+    let out = rnet
+        .clone()
+        .arg("--outbound-addr")
+        .arg("127.0.0.2")
+        .run(&strs(&ask_peer(GATEWAY, ports)), secs(30));
+    out.assert_success("guest asking the reporters with --outbound-addr 127.0.0.2");
+    assert_eq!(out.stdout, "tcp 127.0.0.2\nudp 127.0.0.2\n", "{out}");
+
+    require!(require_root);
+    let th = TestHost::create_v6();
+    let (near, _) = th.v6.unwrap();
+    let ports = peer_reporters(std::net::Ipv6Addr::LOCALHOST.into());
+    let out = rnet
+        .arg("--outbound-addr6")
+        .arg(near.to_string())
+        .run(&strs(&ask_peer(GATEWAY6, ports)), secs(30));
+    out.assert_success("guest asking the ::1 reporters with --outbound-addr6");
+    assert_eq!(out.stdout, format!("tcp {near}\nudp {near}\n"), "{out}");
+}
+
 /// Harness self-check: a test host answers from the root namespace, and is gone after drop.
 #[test]
 fn harness_test_host() {
@@ -483,6 +753,34 @@ fn assert_exits_zero_within(rnet: &mut Proc, since: Instant, limit: Duration) {
 }
 
 /// Attaches to a fresh `unshare -Urn` target and checks curl through it.
+/// Configuration must not race the kernel: 200 sequential `rnet attach`
+/// starts, each on a fresh `unshare -Urn` namespace (IPv4 and IPv6
+/// addresses and default routes set by rnet), while two busy loops load
+/// the CPUs; every one reaches ready. Prints the run time.
+#[test]
+fn attach_starts_200_times_under_load() {
+    require!(require_userns);
+    let mut load: Vec<Proc> = (0..2)
+        .map(|_| Proc::spawn(Command::new("sh").args(["-c", "while :; do :; done"])))
+        .collect();
+    let rnet = Rnet::new();
+    let start = Instant::now();
+    for i in 0..200 {
+        let t = Target::userns();
+        // Panics with rnet's output unless it reaches ready.
+        let mut p = rnet.attach(t.pid());
+        p.signal(libc::SIGTERM);
+        let out = p.finish(secs(10));
+        assert_eq!(out.code(), Some(0), "start {i}: {out}");
+    }
+    let took = start.elapsed();
+    for l in &mut load {
+        l.signal(libc::SIGKILL);
+    }
+    eprintln!("200 attach starts under load: {took:?}");
+    assert!(took < secs(120), "200 starts took {took:?}");
+}
+
 fn attached() -> (Target, Proc, HttpServer) {
     let target = Target::userns();
     let srv = HttpServer::start();

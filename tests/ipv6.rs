@@ -312,7 +312,7 @@ fn api_hostfwd_with_v6_host_and_guest_addresses() {
 
     // list_hostfwd echoes the IPv6 addresses.
     let list = api_call(&api.0, json!({"execute": "list_hostfwd"}));
-    let entries = list["return"]["entries"].as_array().expect("entries");
+    let entries = list["entries"].as_array().expect("entries");
     let entry = |port: u16| {
         entries
             .iter()

@@ -239,7 +239,7 @@ fn port_cli(path: &Path, action: &str, args: &[&str]) -> Output {
 /// Entries of list_hostfwd without rnet's extra fields, sorted by id.
 fn listed(path: &Path) -> Vec<Value> {
     let v = api(path, &json!({"execute": "list_hostfwd"}));
-    let mut e: Vec<Value> = v["return"]["entries"]
+    let mut e: Vec<Value> = v["entries"]
         .as_array()
         .unwrap_or_else(|| panic!("list reply {v}"))
         .iter()
@@ -328,7 +328,7 @@ fn publish_by_flag_api_and_port_cli() {
     let out = port_cli(p, "ls", &["--json"]);
     out.assert_success("rnet port ls --json");
     let v: Value = serde_json::from_str(out.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
-    let ids: Vec<u64> = v["return"]["entries"]
+    let ids: Vec<u64> = v["entries"]
         .as_array()
         .unwrap_or_else(|| panic!("{out}"))
         .iter()
@@ -400,7 +400,7 @@ fn api_error_texts_and_ids() {
 
     assert_eq!(
         api(p, &json!({"execute": "list_hostfwd"})),
-        json!({"return": {"entries": []}})
+        json!({"entries": []})
     );
 
     const PARSE: &str = "bad request: cannot parse JSON";
@@ -535,7 +535,7 @@ fn api_request_shapes() {
     let api_path = TempPath::new("api");
     let p = api_path.0.as_path();
     let _guest = start_guest(&Rnet::new().arg("--api-socket").arg(p), &["http:8080"]);
-    let empty = json!({"return": {"entries": []}});
+    let empty = json!({"entries": []});
     for (req, half_close) in [
         (&br#"{"execute":"list_hostfwd"}"#[..], true),
         (br#"{"execute":"list_hostfwd"}"#, false),
@@ -581,11 +581,7 @@ fn api_too_large_message() {
 
     // 4095 bytes is still a request.
     let r = api_raw(p, &padded_request(4095), true);
-    assert_eq!(
-        r.parse::<Value>().ok(),
-        Some(json!({"return": {"entries": []}})),
-        "{r}"
-    );
+    assert_eq!(r.parse::<Value>().ok(), Some(json!({"entries": []})), "{r}");
     // An endless stream (slirp4netns's own test: `cat /dev/zero | ncat -U`).
     let r = api_exchange(p, &[0u8; 65536], false, true);
     assert_eq!(
@@ -707,11 +703,7 @@ fn api_silent_client_blocks_nobody() {
     let mut r = String::new();
     partial.read_to_string(&mut r).unwrap();
     let v: Value = serde_json::from_str(&r).unwrap_or_else(|e| panic!("{r:?}: {e}"));
-    assert_eq!(
-        v["return"]["entries"].as_array().map(Vec::len),
-        Some(2),
-        "{r}"
-    );
+    assert_eq!(v["entries"].as_array().map(Vec::len), Some(2), "{r}");
 }
 
 // ---------------------------------------------------------------- 3. source address

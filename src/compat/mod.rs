@@ -19,7 +19,7 @@ pub mod pasta_args;
 pub mod pasta_fwd;
 
 use std::ffi::{OsStr, OsString};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::Path;
 use std::process::ExitCode;
@@ -123,10 +123,10 @@ User-mode networking for unprivileged network namespaces (rnet's slirp4netns mod
 --disable-host-loopback  prohibit connecting to 127.0.0.1:* on the host namespace
 --netns-type=TYPE        specify network namespace type ([pid|path|tapfd], default=pid)
 --userns-path=PATH       specify user namespace path (with --netns-type=path)
---enable-sandbox         accepted; sandboxing comes in a later rnet release
---enable-seccomp         accepted; the syscall filter comes in a later rnet release
---outbound-addr=IPv4|IFNAME  bind outgoing host sockets to this address (or interface's address)
---outbound-addr6=IPv6|IFNAME accepted (rnet has no IPv6 yet)
+--enable-sandbox         move into an empty read-only root in a new mount namespace and drop capabilities
+--enable-seccomp         install a syscall allow-list (exec, ptrace, mount, setns, unshare, ... are fatal)
+--outbound-addr=IPv4|IFNAME  bind outgoing IPv4 host sockets to this address (or interface's address)
+--outbound-addr6=IPv6|IFNAME bind outgoing IPv6 host sockets to this address (or interface's address)
 --disable-dns            drop traffic to network+3 (the DNS forwarder)
 --macaddress=MAC         specify the MAC address of the TAP (only valid with -c)
 -h, --help               show this help and exit
@@ -144,25 +144,15 @@ pub fn version() -> String {
          SLIRP_CONFIG_VERSION_MAX: {SLIRP_CONFIG_VERSION_MAX}\n\
          libseccomp: none\n\
          rnet: {}\n",
-        option_env!("RNET_GIT_COMMIT").unwrap_or("unknown"),
+        env!("RNET_GIT_COMMIT"),
         env!("CARGO_PKG_VERSION"),
     )
 }
 
-/// Parses `RNET_OUTBOUND_ALLOW`'s value: `none`, or CIDRs separated by commas.
+/// Parses `RNET_OUTBOUND_ALLOW`'s value: `none`, or IPv4 and IPv6 CIDRs
+/// separated by commas (the parser of rnet's `--outbound-allow`).
 pub fn parse_outbound_allow(v: &str) -> Result<OutboundPolicy, String> {
-    let mut nets = Vec::new();
-    for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        if part == "none" {
-            continue;
-        }
-        nets.push(
-            part.parse::<Ipv4Cidr>()
-                .map(rnet::IpCidr::from)
-                .map_err(|e| format!("{ENV_OUTBOUND_ALLOW}: {e}"))?,
-        );
-    }
-    Ok(OutboundPolicy::Only(nets))
+    OutboundPolicy::parse([v]).map_err(|e| format!("{ENV_OUTBOUND_ALLOW}: {e}"))
 }
 
 /// Parses `RNET_DNS_UPSTREAM`'s value: `ADDR[:PORT]` separated by commas.
@@ -192,6 +182,23 @@ fn resolve_outbound_addr(v: &str) -> Result<Ipv4Addr, String> {
     Err(bad())
 }
 
+/// `--outbound-addr6`: an IPv6 literal, or an interface whose IPv6 address
+/// is used (a global one before a link-local one, which could not be bound
+/// without its interface).
+fn resolve_outbound_addr6(v: &str) -> Result<Ipv6Addr, String> {
+    if let Ok(ip) = v.parse::<Ipv6Addr>() {
+        return Ok(ip);
+    }
+    let bad = || "outbound-addr6 has to be valid ipv6 address or interface name.".to_string();
+    let addrs = nix::ifaddrs::getifaddrs().map_err(|_| bad())?;
+    let mut found: Vec<Ipv6Addr> = addrs
+        .filter(|ifa| ifa.interface_name == v)
+        .filter_map(|ifa| ifa.address.as_ref()?.as_sockaddr_in6().map(|s| s.ip()))
+        .collect();
+    found.sort_by_key(Ipv6Addr::is_unicast_link_local);
+    found.first().copied().ok_or_else(bad)
+}
+
 /// The library settings for these options (and the environment).
 fn build_config(o: &Options) -> Result<Config, String> {
     let (net, prefix) = args::parse_cidr(o.cidr.as_deref().unwrap_or("10.0.2.0/24"))?;
@@ -209,6 +216,11 @@ fn build_config(o: &Options) -> Result<Config, String> {
         .as_deref()
         .map(resolve_outbound_addr)
         .transpose()?;
+    let outbound_addr6 = o
+        .outbound_addr6
+        .as_deref()
+        .map(resolve_outbound_addr6)
+        .transpose()?;
     let tap = o.tapname.as_deref().unwrap_or(config::DEFAULT_TAP);
     Config::builder()
         .tap_name(tap)
@@ -218,6 +230,7 @@ fn build_config(o: &Options) -> Result<Config, String> {
         .allow_host_loopback(!o.disable_host_loopback)
         .outbound(outbound)
         .outbound_addr(outbound_addr)
+        .outbound_addr6(outbound_addr6)
         .dns_upstreams(upstreams)
         .disable_dns(o.disable_dns)
         .ready_fd(o.ready_fd)
@@ -238,11 +251,6 @@ fn build_config(o: &Options) -> Result<Config, String> {
 fn warn_partial(o: &Options) {
     for d in &o.deprecated {
         warn!("{d}");
-    }
-    if o.outbound_addr6.is_some() {
-        warn!(
-            "--outbound-addr6 is not supported yet: IPv6 host sockets use the host's default source"
-        );
     }
     if o.netns_type == NetnsType::TapFd && o.configure {
         warn!("-c has no effect with --netns-type=tapfd: the TAP's owner configures it");
@@ -376,7 +384,16 @@ mod tests {
                 "192.0.2.1/32".parse().unwrap()
             ])
         );
+        // IPv6 too, with the parser of --outbound-allow.
+        assert_eq!(
+            parse_outbound_allow("fd42::/64,::1").unwrap(),
+            OutboundPolicy::Only(vec![
+                "fd42::/64".parse().unwrap(),
+                "::1/128".parse().unwrap()
+            ])
+        );
         assert!(parse_outbound_allow("x").is_err());
+        assert!(parse_outbound_allow("fd42::/200").is_err());
         assert_eq!(
             parse_dns_upstreams("127.0.0.1:5353,127.0.0.2").unwrap(),
             vec![
@@ -395,6 +412,18 @@ mod tests {
         );
         assert_eq!(resolve_outbound_addr("lo").unwrap(), Ipv4Addr::LOCALHOST);
         assert!(resolve_outbound_addr("no-such-if0").is_err());
+        assert_eq!(
+            resolve_outbound_addr6("fd42::7").unwrap(),
+            "fd42::7".parse::<Ipv6Addr>().unwrap()
+        );
+        assert!(resolve_outbound_addr6("192.0.2.7").is_err());
+        assert!(resolve_outbound_addr6("no-such-if0").is_err());
+        // lo's IPv6 address, where the kernel gives it one.
+        let lo6 = std::fs::read_to_string("/proc/net/if_inet6")
+            .is_ok_and(|t| t.lines().any(|l| l.ends_with(" lo")));
+        if lo6 {
+            assert_eq!(resolve_outbound_addr6("lo").unwrap(), Ipv6Addr::LOCALHOST);
+        }
     }
 
     #[test]

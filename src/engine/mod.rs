@@ -45,7 +45,7 @@ use crate::nat::tcp::{self, Step, TcpFlow, TcpKey};
 use crate::nat::udp::UdpFlow;
 use crate::nat::{Deny, Route, route, route_any};
 use crate::services::dhcp::{DhcpConfig, DhcpServer};
-use crate::services::dns::DnsQuery;
+use crate::services::dns::{DnsQuery, Reply, ResolvWatch};
 use crate::stack::classify::{Verdict, classify};
 use crate::stack::emit::{self, Header};
 use crate::stack::{self, Stack};
@@ -242,6 +242,8 @@ struct Slot {
 pub struct Engine {
     cfg: Arc<Config>,
     upstreams: Vec<SocketAddr>,
+    /// The resolv.conf the upstreams came from, followed for changes.
+    resolv: Option<ResolvWatch>,
     poll: Poll,
     tap: Tap,
     /// When the last event arrived; the loop keeps polling without sleeping
@@ -367,6 +369,7 @@ impl Engine {
             exit_fd: cfg.exit_fd,
             cfg,
             upstreams,
+            resolv: None,
             poll,
             tap,
             last_active: Instant::ZERO,
@@ -751,11 +754,14 @@ impl Engine {
             Some(t) => Route::Host(t),
             None => route_any(&self.cfg, &self.local, dst),
         };
+        if matches!(route, Route::Dns) {
+            self.refresh_upstreams();
+        }
         let (target, bind) = match route {
-            // A hairpin goes to rnet's own listener on the host's loopback,
-            // which no outbound source address can reach.
+            // A hairpin goes to rnet's own listener on the host's loopback;
+            // it needs no outbound source address.
             Route::Host(t) if hairpin.is_some() => (t, None),
-            Route::Host(t) => (t, self.cfg.outbound_addr()),
+            Route::Host(t) => (t, self.cfg.outbound_bind(t.ip())),
             Route::Dns => match self.upstreams.first() {
                 Some(t) => (*t, None),
                 None => {
@@ -1013,7 +1019,7 @@ impl Engine {
         }
         let idx = match self.udp_index.get(&src) {
             Some(&i) => i,
-            None => match UdpFlow::open(src, self.cfg.outbound_addr(), now) {
+            None => match UdpFlow::open(src, self.cfg.outbound_bind(src.ip()), now) {
                 Ok(f) => {
                     let Some((idx, _)) = self.add_flow(Flow::Udp(f), 0) else {
                         return;
@@ -1098,7 +1104,37 @@ impl Engine {
         self.udp_lru_guest.insert((ip, new, idx));
     }
 
+    /// Follows `watch` (the resolv.conf the upstreams were read from):
+    /// DNS queries pick up its changes.
+    pub fn set_resolv_watch(&mut self, watch: ResolvWatch) {
+        self.resolv = Some(watch);
+    }
+
+    /// Re-reads the upstreams if their resolv.conf changed (looked at most
+    /// once a second). A file without nameservers keeps the old ones.
+    fn refresh_upstreams(&mut self) {
+        let Some(w) = self.resolv.as_mut() else {
+            return;
+        };
+        match w.poll(std::time::Instant::now()) {
+            None => {}
+            Some(Ok(ups)) if ups.is_empty() => {
+                warn!(path = %w.path().display(), "resolv.conf now lists no nameserver; keeping the previous DNS upstreams");
+            }
+            Some(Ok(ups)) if ups != self.upstreams => {
+                let list: Vec<String> = ups.iter().map(ToString::to_string).collect();
+                info!(path = %w.path().display(), upstreams = %list.join(","), "resolv.conf changed; new DNS upstreams");
+                self.upstreams = ups;
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
+                warn!(path = %w.path().display(), error = %e, "resolv.conf changed but cannot be read; keeping the previous DNS upstreams");
+            }
+        }
+    }
+
     fn dns_query(&mut self, src: SocketAddr, payload: Range<usize>, now: Instant) {
+        self.refresh_upstreams();
         if self.stats.dns_queries.load(Ordering::Relaxed) as usize >= MAX_DNS_QUERIES {
             self.stats.count_drop(DropReason::HostSocket);
             return;
@@ -1138,7 +1174,7 @@ impl Engine {
         }
         let idx = match self.icmp_index.get(&(src, ident)) {
             Some(&i) => i,
-            None => match IcmpFlow::open(src, ident, self.cfg.outbound_addr(), now) {
+            None => match IcmpFlow::open(src, ident, self.cfg.outbound_bind(src), now) {
                 Ok(f) => {
                     let Some((idx, _)) = self.add_flow(Flow::Icmp(f), 0) else {
                         return;
@@ -1301,8 +1337,17 @@ impl Engine {
                 }
                 Flow::TcpListen(_) | Flow::UdpListen(_) | Flow::Splice(_) | Flow::Alias(..) => {}
                 Flow::Dns(q) => {
-                    if q.retry(&self.upstreams) {
+                    if let Some(mut old) = q.retry(&self.upstreams) {
                         debug!(upstream = %self.upstreams[q.upstream], "dns upstream timed out; trying the next");
+                        let reg = self.poll.registry();
+                        let _ = reg.deregister(&mut old);
+                        let token = Token(idx + FIRST_FLOW);
+                        if let Err(e) = reg.register(&mut q.socket, token, Interest::READABLE) {
+                            warn!(error = %e, "cannot watch a host socket");
+                            self.stats.count_drop(DropReason::HostSocket);
+                            self.remove(idx);
+                            continue;
+                        }
                         let at =
                             now + Duration::from_micros(self.cfg.dns_timeout.as_micros() as u64);
                         self.schedule(idx, at);
@@ -1350,8 +1395,17 @@ impl Engine {
                         (SocketAddr::V6(_), Some(v6)) => SocketAddr::from((v6.dns, 53)),
                         _ => SocketAddr::from((self.stack.addrs.dns, 53)),
                     };
-                    if q.to_guest(dns, &mut self.stack, self.tap.tx()) {
-                        self.remove(idx);
+                    // Read until the answer or nothing is left (edge-
+                    // triggered); other datagrams are counted.
+                    loop {
+                        match q.to_guest(dns, &mut self.stack, self.tap.tx()) {
+                            Reply::Answer => {
+                                self.remove(idx);
+                                break;
+                            }
+                            Reply::Mismatch => self.stats.count_drop(DropReason::DnsMismatch),
+                            Reply::Empty => break,
+                        }
                     }
                 }
             }

@@ -10,7 +10,7 @@
 //! `net.ipv4.ping_group_range`; when it refuses, rnet says so once.
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 
 use mio::net::UdpSocket;
 use smoltcp::time::Instant;
@@ -39,21 +39,17 @@ pub struct IcmpFlow {
 }
 
 impl IcmpFlow {
-    /// Opens a ping socket of `guest`'s family; `bind` applies to IPv4.
+    /// Opens a ping socket of `guest`'s family, bound to `bind` if it is
+    /// an address of that family.
     /// `EACCES` means `ping_group_range` excludes us.
-    pub fn open(
-        guest: IpAddr,
-        ident: u16,
-        bind: Option<Ipv4Addr>,
-        now: Instant,
-    ) -> io::Result<Self> {
+    pub fn open(guest: IpAddr, ident: u16, bind: Option<IpAddr>, now: Instant) -> io::Result<Self> {
         let (domain, proto) = match guest {
             IpAddr::V4(_) => (Domain::IPV4, Protocol::ICMPV4),
             IpAddr::V6(_) => (Domain::IPV6, Protocol::ICMPV6),
         };
         let s = Socket::new(domain, Type::DGRAM.nonblocking().cloexec(), Some(proto))?;
-        if let (Some(ip), IpAddr::V4(_)) = (bind, guest) {
-            s.bind(&SocketAddr::from((ip, 0)).into())?;
+        if let Some(ip) = bind.filter(|ip| ip.is_ipv4() == guest.is_ipv4()) {
+            s.bind(&SocketAddr::new(ip, 0).into())?;
         }
         Ok(Self {
             guest,

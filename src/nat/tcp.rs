@@ -103,7 +103,7 @@ impl TcpFlow {
     pub fn open(
         key: TcpKey,
         target: SocketAddr,
-        bind: Option<std::net::Ipv4Addr>,
+        bind: Option<std::net::IpAddr>,
         syn_ip: &[u8],
     ) -> io::Result<Self> {
         let host = connect(target, bind)?;
@@ -386,8 +386,9 @@ pub fn connect_error_reply(e: &io::Error) -> Option<Icmpv4DstUnreachable> {
     }
 }
 
-/// A non-blocking connect to `target`, optionally from `bind`.
-fn connect(target: SocketAddr, bind: Option<std::net::Ipv4Addr>) -> io::Result<TcpStream> {
+/// A non-blocking connect to `target`, optionally from `bind` (an address
+/// of `target`'s family; loopback targets included).
+fn connect(target: SocketAddr, bind: Option<std::net::IpAddr>) -> io::Result<TcpStream> {
     let domain = Domain::for_address(target);
     let s = Socket::new(
         domain,
@@ -395,10 +396,8 @@ fn connect(target: SocketAddr, bind: Option<std::net::Ipv4Addr>) -> io::Result<T
         Some(Protocol::TCP),
     )?;
     s.set_tcp_nodelay(true)?;
-    if let (Some(ip), SocketAddr::V4(t)) = (bind, target)
-        && !t.ip().is_loopback()
-    {
-        s.bind(&SocketAddr::from((ip, 0)).into())?;
+    if let Some(ip) = bind.filter(|ip| ip.is_ipv4() == target.is_ipv4()) {
+        s.bind(&SocketAddr::new(ip, 0).into())?;
     }
     match s.connect(&target.into()) {
         Ok(()) => {}

@@ -74,11 +74,14 @@ pub struct ToGuest {
 }
 
 impl UdpFlow {
-    /// Opens the host socket for `guest`, bound to `bind` if given.
-    pub fn open(guest: SocketAddr, bind: Option<Ipv4Addr>, now: Instant) -> io::Result<Self> {
-        let local = match guest {
-            SocketAddr::V4(_) => SocketAddr::from((bind.unwrap_or(Ipv4Addr::UNSPECIFIED), 0)),
-            SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
+    /// Opens the host socket for `guest`, bound to `bind` if given (an
+    /// address of the guest's family).
+    pub fn open(guest: SocketAddr, bind: Option<IpAddr>, now: Instant) -> io::Result<Self> {
+        let local = match (guest, bind) {
+            (SocketAddr::V4(_), Some(ip @ IpAddr::V4(_))) => SocketAddr::new(ip, 0),
+            (SocketAddr::V6(_), Some(ip @ IpAddr::V6(_))) => SocketAddr::new(ip, 0),
+            (SocketAddr::V4(_), _) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+            (SocketAddr::V6(_), _) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
         };
         let socket = UdpSocket::bind(local)?;
         Ok(Self {

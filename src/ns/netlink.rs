@@ -3,6 +3,11 @@
 //! default route; and, for the port-publishing agent, policy-routing rules
 //! and a `local` route in a table of their own. Each request asks for an ACK
 //! and waits for it; a negative ACK comes back as the kernel's errno.
+//!
+//! A route through a gateway is refused (`EINVAL`, `ENETUNREACH`) while the
+//! kernel does not yet see the gateway as on-link: just after the link came
+//! up or its address was added, on a loaded machine. [`until_ready`] retries
+//! such requests with a short backoff until a deadline.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4};
 
@@ -24,6 +29,44 @@ use nix::errno::Errno;
 
 /// Size of the receive buffer; ACKs are tiny, this leaves room for echoes.
 const RECV_BUF: usize = 64 * 1024;
+
+/// How long [`until_ready`] keeps retrying.
+pub const READY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Errors with which the kernel refuses a route whose link or gateway is
+/// not ready yet (the link still coming up, the on-link prefix of a new
+/// address not in place).
+fn not_ready(e: Errno) -> bool {
+    matches!(
+        e,
+        Errno::EINVAL | Errno::ENETUNREACH | Errno::EHOSTUNREACH | Errno::ENETDOWN
+    )
+}
+
+/// Runs `op` until it succeeds, fails with an error that waiting cannot
+/// change, or `deadline` has passed (backing off from 1 ms to 50 ms between
+/// tries). The error comes with how many tries were refused as not ready
+/// (0: refused for another reason at once).
+pub fn until_ready<T>(
+    deadline: std::time::Duration,
+    mut op: impl FnMut() -> Result<T, Errno>,
+) -> Result<T, (Errno, u32)> {
+    let start = std::time::Instant::now();
+    let mut pause = std::time::Duration::from_millis(1);
+    let mut refused = 0;
+    loop {
+        match op() {
+            Ok(v) => return Ok(v),
+            Err(e) if not_ready(e) && start.elapsed() < deadline => {
+                refused += 1;
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_millis(50));
+            }
+            Err(e) if not_ready(e) => return Err((e, refused + 1)),
+            Err(e) => return Err((e, 0)),
+        }
+    }
+}
 
 /// A route netlink socket talking to the kernel of the current namespace.
 pub struct RtNetlink {
@@ -374,6 +417,28 @@ mod tests {
         let mut out = vec![0u8; msg.buffer_len()];
         msg.serialize(&mut out);
         out
+    }
+
+    #[test]
+    fn waits_only_for_readiness() {
+        let mut n = 0;
+        let r = until_ready(READY_DEADLINE, || {
+            n += 1;
+            if n < 4 { Err(Errno::EINVAL) } else { Ok(n) }
+        });
+        assert_eq!(r, Ok(4));
+        let mut n = 0;
+        let r: Result<(), _> = until_ready(READY_DEADLINE, || {
+            n += 1;
+            Err(Errno::EPERM)
+        });
+        assert_eq!((r, n), (Err((Errno::EPERM, 0)), 1), "not a readiness error");
+        let r: Result<(), _> = until_ready(std::time::Duration::from_millis(20), || {
+            Err(Errno::ENETUNREACH)
+        });
+        let (e, refused) = r.unwrap_err();
+        assert_eq!(e, Errno::ENETUNREACH);
+        assert!(refused >= 2, "{refused}");
     }
 
     #[test]

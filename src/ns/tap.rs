@@ -17,7 +17,7 @@ use nix::unistd::{ForkResult, Pid, fork};
 
 use super::agent::confine;
 use super::fdpass::{recv_with_fd, send_with_fd};
-use super::netlink::RtNetlink;
+use super::netlink::{self, RtNetlink};
 use super::nsfile::{JoinPlan, clone_flag, open_target};
 use super::process::{describe, exit_child, kill_and_reap, reap};
 use super::report::{self, ChildError, MAX_REPORT, Report, Step};
@@ -499,13 +499,40 @@ fn configure(name: &str, mtu: u32, cfg: &IfaceConfig) -> Result<(), ChildError> 
             "add address {}/{}",
             cfg.addr, cfg.prefix_len
         )))?;
-    nl.add_default_route_v4(index, cfg.gateway)
-        .map_err(nl_err(&format!("add default route via {}", cfg.gateway)))?;
+    // The gateway routes wait for the kernel to take the gateway as
+    // on-link (see `netlink::until_ready`); if it never does, the error
+    // says so.
+    let route_err = |what: String, addr: String| {
+        move |(e, refused): (Errno, u32)| {
+            let step = if refused == 0 {
+                what
+            } else {
+                format!(
+                    "{what} (refused {refused} times over {} s while waiting for {name} and its address {addr} to be ready: the kernel does not see the gateway as on-link; check that {name} is up and has {addr})",
+                    netlink::READY_DEADLINE.as_secs()
+                )
+            };
+            ChildError::new(Step::Netlink, e, &step)
+        }
+    };
+    let v4 = format!("{}/{}", cfg.addr, cfg.prefix_len);
+    netlink::until_ready(netlink::READY_DEADLINE, || {
+        nl.add_default_route_v4(index, cfg.gateway)
+    })
+    .map_err(route_err(
+        format!("add default route via {}", cfg.gateway),
+        v4,
+    ))?;
     if let Some((addr, gateway)) = cfg.ipv6 {
         nl.add_ipv6_address(index, addr, 64)
             .map_err(nl_err(&format!("add address {addr}/64")))?;
-        nl.add_default_route_v6(index, gateway)
-            .map_err(nl_err(&format!("add IPv6 default route via {gateway}")))?;
+        netlink::until_ready(netlink::READY_DEADLINE, || {
+            nl.add_default_route_v6(index, gateway)
+        })
+        .map_err(route_err(
+            format!("add IPv6 default route via {gateway}"),
+            format!("{addr}/64"),
+        ))?;
     }
     Ok(())
 }
