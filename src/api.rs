@@ -39,7 +39,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -48,13 +48,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use nix::fcntl::{AtFlags, OFlag};
-use nix::sys::stat::Mode;
+use nix::fcntl::AtFlags;
 use serde_json::{Value, json};
 use tracing::{debug, info, warn};
 
 use crate::Handle;
 use crate::ports::{PortError, PortInfo, PortSpec, Proto};
+use crate::sandbox::KeptDir;
 
 /// Largest request accepted; slirp4netns's limit.
 pub const MAX_REQUEST: usize = 4096;
@@ -100,27 +100,18 @@ pub struct ApiListener {
 /// the name is unlinked only while it still has them.
 struct SocketFile {
     path: PathBuf,
-    /// The socket's directory (`O_PATH`), held open so the file can be
-    /// checked and removed from inside the sandbox, where the path no
-    /// longer resolves; `None` if it could not be opened (the path is then
-    /// used).
-    dir: Option<OwnedFd>,
+    /// The socket's directory, held open so the file can be checked and
+    /// removed from inside the sandbox, where the path no longer resolves
+    /// (a [`KeptDir`], so Landlock grants the removal there); `None` if it
+    /// could not be opened (the path is then used).
+    dir: Option<KeptDir>,
     /// `st_dev` and `st_ino` of the file as bound.
     id: (u64, u64),
 }
 
 impl SocketFile {
     fn new(path: &Path) -> io::Result<SocketFile> {
-        let parent = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        let dir = nix::fcntl::open(
-            parent,
-            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )
-        .ok();
+        let dir = KeptDir::of_parent(path).ok();
         let mut file = SocketFile {
             path: path.to_path_buf(),
             dir,
@@ -143,7 +134,7 @@ impl SocketFile {
     fn current(&self) -> io::Result<(u64, u64)> {
         let st = match (&self.dir, self.path.file_name()) {
             (Some(dir), Some(name)) => {
-                nix::sys::stat::fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW)?
+                nix::sys::stat::fstatat(dir.as_fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW)?
             }
             _ => nix::sys::stat::lstat(&self.path)?,
         };
@@ -164,9 +155,7 @@ impl SocketFile {
             Err(e) => return Err(e),
         }
         match (&self.dir, self.path.file_name()) {
-            (Some(dir), Some(name)) => {
-                nix::unistd::unlinkat(dir, name, nix::unistd::UnlinkatFlags::NoRemoveDir)?
-            }
+            (Some(dir), Some(name)) => dir.unlink(name)?,
             _ => std::fs::remove_file(&self.path)?,
         }
         Ok(true)

@@ -1572,6 +1572,12 @@ impl KeptDir {
         &self.path
     }
 
+    /// The directory's descriptor, for `*at` calls relative to it (with
+    /// Landlock in force, within the rights it was kept for).
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
     /// Reads the file `name` of this directory, at most [`READ_CAP`] bytes
     /// (see [`KeptDir::read_capped`]).
     pub fn read_to_string(&self, name: &str) -> io::Result<String> {

@@ -21,7 +21,6 @@
 use std::ffi::OsString;
 use std::io::{self, Read};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -29,6 +28,7 @@ use mio::net::UdpSocket;
 use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::Mode;
 
+use crate::sandbox::KeptDir;
 use crate::stack::Stack;
 use crate::stack::emit::{self, Header, UDP_PAYLOAD_OFFSET, UDP6_PAYLOAD_OFFSET};
 use crate::tap::TapTx;
@@ -81,15 +81,16 @@ pub const RESOLV_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 pub struct ResolvWatch {
     path: PathBuf,
     /// Directory of `path` and the last name of `path`.
-    link: (OwnedFd, OsString),
+    link: (KeptDir, OsString),
     /// Directory of the file `path` leads to, and its name there.
-    target: (OwnedFd, OsString),
+    target: (KeptDir, OsString),
     seen: Option<[i64; 8]>,
     last_check: Option<Instant>,
 }
 
-/// Parent directory (`O_PATH`) and last name of `path`.
-fn dir_and_name(path: &Path) -> io::Result<(OwnedFd, OsString)> {
+/// Parent directory (kept for reading, so Landlock allows it inside the
+/// sandbox) and last name of `path`.
+fn dir_and_name(path: &Path) -> io::Result<(KeptDir, OsString)> {
     let name = path
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not a file path"))?
@@ -98,12 +99,7 @@ fn dir_and_name(path: &Path) -> io::Result<(OwnedFd, OsString)> {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    let fd = nix::fcntl::open(
-        dir,
-        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )?;
-    Ok((fd, name))
+    Ok((KeptDir::open(dir)?, name))
 }
 
 impl ResolvWatch {
@@ -128,8 +124,8 @@ impl ResolvWatch {
     }
 
     fn identity(&self) -> [i64; 8] {
-        let st = |(dir, name): &(OwnedFd, OsString), flags| {
-            nix::sys::stat::fstatat(dir, name.as_os_str(), flags)
+        let st = |(dir, name): &(KeptDir, OsString), flags| {
+            nix::sys::stat::fstatat(dir.as_fd(), name.as_os_str(), flags)
                 .map(|s| {
                     [
                         s.st_ino as i64,
@@ -151,7 +147,7 @@ impl ResolvWatch {
         }
         let (dir, name) = &self.target;
         let fd = nix::fcntl::openat(
-            dir,
+            dir.as_fd(),
             name.as_os_str(),
             OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK | OFlag::O_NOFOLLOW,
             Mode::empty(),
