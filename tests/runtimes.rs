@@ -3,7 +3,10 @@
 //! port handlers, DNS, 20 restarts, nothing left behind) and rootless Docker
 //! (`dockerd-rootless.sh` with RootlessKit's slirp4netns network, both port
 //! drivers; Debian's script always disables the host loopback, so the
-//! container's refusal at 10.0.2.2 and its DNS are what is checked there).
+//! container's refusal at 10.0.2.2 and its DNS are what is checked there)
+//! and rootless containerd as a node runtime (inside RootlessKit with rnet
+//! as its network, a container on a CNI bridge + portmap network in the
+//! node, reached through a port rnet publishes).
 //!
 //! Creating the user needs root, so these run where the tests run as root
 //! (CI does); elsewhere they skip with the reason. Images are imported
@@ -70,6 +73,14 @@ fn env() -> &'static Env {
                 }
                 t.push_str(&format!("{USER}:300000:65536\n"));
                 std::fs::write(f, t).unwrap();
+            }
+        }
+        // Directories of earlier test processes that are gone.
+        for d in std::fs::read_dir(std::env::temp_dir()).into_iter().flatten().flatten() {
+            let name = d.file_name().to_string_lossy().into_owned();
+            let pid = name.strip_prefix("rnet-rt-").and_then(|p| p.parse::<u32>().ok());
+            if pid.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists()) {
+                let _ = std::fs::remove_dir_all(d.path());
             }
         }
         let base = std::env::temp_dir().join(format!("rnet-rt-{}", std::process::id()));
@@ -565,4 +576,86 @@ fn rootless_docker_over_rnet() {
             t0.elapsed()
         );
     }
+}
+
+#[test]
+fn rootless_containerd_node_over_rnet() {
+    let test = "rootless_containerd_node_over_rnet";
+    if !require_runtime(test, "containerd")
+        || !require_program(test, "ctr")
+        || !require_program(test, "rootlesskit")
+        || !require_program(test, "rootlessctl")
+        || !require_path(test, "/usr/lib/cni/portmap", "containernetworking-plugins")
+    {
+        return;
+    }
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let t0 = Instant::now();
+    let e = env();
+    let srv = HttpServer::start();
+    let state = e.run.join("containerd-node");
+    std::fs::create_dir_all(&state).unwrap();
+    sh(
+        Command::new("chown").arg(format!("{USER}:")).arg(&state),
+        "chown the node state",
+    );
+    let script = e.bin.join("containerd_node.sh");
+    install_executable(Path::new(&guest_script("containerd_node.sh")), &script);
+    let rootfs = e.rootfs_tar.with_file_name("rootfs");
+    let node_port = "30080";
+    let rk_state = state.join("rootlesskit");
+    let slirp = e.bin.join("slirp4netns");
+    let args: Vec<String> = vec![
+        "--pidns".into(),
+        "--net=slirp4netns".into(),
+        format!("--slirp4netns-binary={}", slirp.display()),
+        "--port-driver=slirp4netns".into(),
+        "--copy-up=/etc".into(),
+        "--copy-up=/run".into(),
+        "--copy-up=/var/lib".into(),
+        format!("--state-dir={}", rk_state.display()),
+        script.to_string_lossy().into_owned(),
+        state.to_string_lossy().into_owned(),
+        rootfs.to_string_lossy().into_owned(),
+        node_port.into(),
+        srv.port().to_string(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut node = LineProc::spawn(&mut e.as_user("rootlesskit", &args));
+    let probe = node.wait_line("probe", Duration::from_secs(120), |l| {
+        l.starts_with("probe-")
+    });
+    assert_eq!(
+        probe, "probe-ok",
+        "the container could not reach the host at 10.0.2.2"
+    );
+    assert!(srv.hits() >= 1, "the host server saw no request");
+    node.wait_line("node-ready", Duration::from_secs(30), |l| l == "node-ready");
+
+    // A port published through rnet (RootlessKit's slirp4netns port
+    // driver, i.e. rnet's API) reaches the container by portmap's DNAT.
+    let port = free_port();
+    let api = rk_state.join("api.sock").to_string_lossy().into_owned();
+    let spec = format!("127.0.0.1:{port}:{node_port}/tcp");
+    let out = run(
+        &mut e.as_user("rootlessctl", &["--socket", &api, "add-ports", &spec]),
+        Duration::from_secs(30),
+    );
+    out.assert_success("rootlessctl add-ports");
+    assert_eq!(
+        page_at(port, Duration::from_secs(30)).as_deref(),
+        Some(PAGE),
+        "host -> rnet -> node:{node_port} -> portmap DNAT -> container:80"
+    );
+    let out = node.stop(Duration::from_secs(30));
+    assert!(out.status.success() || out.status.code().is_none(), "{out}");
+    let left = poll_until(Duration::from_secs(10), || {
+        e.live_rnets().is_empty().then_some(())
+    });
+    assert!(
+        left.is_some(),
+        "rnet still running after the node stopped: {:?}",
+        e.live_rnets()
+    );
+    println!("containerd node took {:?}", t0.elapsed());
 }
