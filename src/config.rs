@@ -262,9 +262,12 @@ pub struct Limits {
     pub udp_flows_per_guest: usize,
     /// ICMP echo identifiers relayed at once.
     pub icmp_flows: usize,
-    /// Bytes held in TCP buffers across all flows before rnet stops taking
-    /// more host data (the host side then waits on its TCP window).
-    pub buffer_ceiling: usize,
+    /// Resident memory of all TCP flows' rings, in bytes. At the budget a
+    /// flow takes no host data that needs more (the host side then waits on
+    /// its TCP window) and drained rings give their memory back at once;
+    /// paused flows resume when use falls below seven eighths of it. The
+    /// default keeps rnet under 512 MiB of RSS at the TCP flow cap.
+    pub memory_budget: usize,
 }
 
 impl Default for Limits {
@@ -276,7 +279,7 @@ impl Default for Limits {
             udp_flows: 8_192,
             udp_flows_per_guest: 4_096,
             icmp_flows: 256,
-            buffer_ceiling: 256 << 20,
+            memory_budget: 384 << 20,
         }
     }
 }
