@@ -637,6 +637,23 @@ impl Engine {
                             // The guest's SYN-ACK on a published port.
                             f.guest_mss = guest_mss;
                         }
+                        let mut len = len;
+                        let room = self.mem.guest_room();
+                        match f.take_rx_memory(&self.tap.rx_mut()[ip_off..len], room) {
+                            Some(taken) => {
+                                self.mem.used += taken;
+                                f.accounted += taken;
+                            }
+                            None => {
+                                // At the budget: take the ACK, not the data.
+                                if let Some(n) =
+                                    tcp::strip_payload(&mut self.tap.rx_mut()[ip_off..len])
+                                {
+                                    len = ip_off + n;
+                                    self.mem.stripped += 1;
+                                }
+                            }
+                        }
                         let (rx, tx) = self.tap.split();
                         f.note_guest_segment(&rx[ip_off..len]);
                         self.stack.ingress(now, &rx[..len], tx, &mut f.sockets);
@@ -1585,6 +1602,7 @@ impl Engine {
                 "paused_flows": self.mem.paused.len(),
                 "pauses": self.mem.pauses,
                 "resumes": self.mem.resumes,
+                "guest_data_deferred": self.mem.stripped,
             },
             "spliced_bytes": { "to_guest": up, "from_guest": down },
             "drops": drops,
@@ -1645,6 +1663,8 @@ struct RingBudget {
     paused: Vec<(usize, u64)>,
     pauses: u64,
     resumes: u64,
+    /// Guest segments whose payload was cut off at the budget.
+    stripped: u64,
 }
 
 impl RingBudget {
@@ -1656,6 +1676,7 @@ impl RingBudget {
             paused: Vec::new(),
             pauses: 0,
             resumes: 0,
+            stripped: 0,
         }
     }
 
@@ -1663,6 +1684,14 @@ impl RingBudget {
     fn room(&mut self) -> usize {
         self.peak = self.peak.max(self.used);
         self.budget.saturating_sub(self.used)
+    }
+
+    /// Memory guest data may still make resident: up to a hard ceiling a
+    /// quarter above the budget. Past the budget host reads pause, which
+    /// frees memory as the guest reads; cutting guest data off costs the
+    /// guest a retransmission timeout, so it is the last resort.
+    fn guest_room(&self) -> usize {
+        (self.budget + self.budget / 4).saturating_sub(self.used)
     }
 
     /// Below this, paused flows are resumed; at or above it, drained ring

@@ -333,6 +333,42 @@ impl TcpFlow {
         }
     }
 
+    /// Before smoltcp sees the guest segment `ip`: the receive ring chunks
+    /// its payload lands in that are not resident yet are taken from `room`
+    /// (and counted in [`Self::resident`] from now on). Returns the bytes
+    /// taken, or None when `room` is too small (the engine then cuts the
+    /// payload off, see [`strip_payload`]).
+    pub fn take_rx_memory(&mut self, ip: &[u8], room: usize) -> Option<usize> {
+        let new = self.rx_chunks_needed(ip);
+        let bytes = new.count_ones() as usize * CHUNK;
+        if bytes > room {
+            return None;
+        }
+        self.rx_mem.touched |= new;
+        Some(bytes)
+    }
+
+    /// The chunks not yet resident that the payload of `ip` would land in.
+    fn rx_chunks_needed(&self, ip: &[u8]) -> u64 {
+        let (Some((seq, flags, payload)), Some(_)) = (tcp_seq(ip), self.guest_isn) else {
+            return 0;
+        };
+        if payload == 0 || self.rx_mem.touched == u64::MAX >> (64 - CHUNKS) {
+            return 0;
+        }
+        let start = seq.wrapping_add(u32::from(flags & 0x02 != 0));
+        let from = start.wrapping_sub(self.rcv_nxt()) as i32;
+        let to = from.saturating_add(payload as i32);
+        if to <= 0 {
+            return 0; // old bytes again: smoltcp writes nothing
+        }
+        let q = self.sockets.get::<tcp::Socket>(self.handle).recv_queue();
+        let write_at = (self.rx_read + q) % RING_CAP;
+        let from = from.max(0) as usize;
+        let len = (to as usize - from).min(RING_CAP);
+        span((write_at + from.min(RING_CAP)) % RING_CAP, len) & !self.rx_mem.touched
+    }
+
     /// The next sequence number smoltcp expects from the guest.
     fn rcv_nxt(&self) -> u32 {
         let q = self.sockets.get::<tcp::Socket>(self.handle).recv_queue();
@@ -744,6 +780,41 @@ fn writable(touched: u64, off: usize, len: usize, room: usize) -> usize {
     n
 }
 
+/// Cuts the payload off the guest TCP segment in the IP packet `ip`, so
+/// that smoltcp takes its acknowledgement and window but no data (the
+/// guest sends the bytes again, as after a loss); a FIN goes with the
+/// payload it followed. Returns the new length of the IP packet, or None
+/// (unchanged) if `ip` is not such a segment.
+pub fn strip_payload(ip: &mut [u8]) -> Option<usize> {
+    use smoltcp::wire::{IpAddress, Ipv4Packet, Ipv6Packet, TcpPacket};
+    let (hlen, total) = match ip.first()? >> 4 {
+        4 => (
+            usize::from(ip[0] & 0x0f) * 4,
+            usize::from(u16::from_be_bytes([*ip.get(2)?, *ip.get(3)?])),
+        ),
+        6 if *ip.get(6)? == 6 => (40, 40 + usize::from(u16::from_be_bytes([ip[4], ip[5]]))),
+        _ => return None,
+    };
+    let doff = usize::from(ip.get(hlen + 12)? >> 4) * 4;
+    let new = hlen + doff;
+    if doff < 20 || new > total.min(ip.len()) {
+        return None;
+    }
+    ip[hlen + 13] &= !0x09; // FIN, PSH
+    let (src, dst): (IpAddress, IpAddress) = if hlen == 40 {
+        let mut p = Ipv6Packet::new_unchecked(&mut ip[..new]);
+        p.set_payload_len(doff as u16);
+        (p.src_addr().into(), p.dst_addr().into())
+    } else {
+        let mut p = Ipv4Packet::new_unchecked(&mut ip[..new]);
+        p.set_total_len(new as u16);
+        p.fill_checksum();
+        (p.src_addr().into(), p.dst_addr().into())
+    };
+    TcpPacket::new_unchecked(&mut ip[hlen..new]).fill_checksum(&src, &dst);
+    Some(new)
+}
+
 /// Sequence number, flags and payload length of the TCP segment in the IP
 /// packet `ip` (no IPv6 extension headers).
 fn tcp_seq(ip: &[u8]) -> Option<(u32, u8, usize)> {
@@ -803,6 +874,31 @@ mod tests {
         assert_eq!(span(RING_CAP - 1, 2), 1 | 1 << (CHUNKS - 1));
         assert_eq!(span(5, RING_CAP), (1u64 << CHUNKS) - 1);
         assert_eq!(span(3 * CHUNK, CHUNK), 1 << 3);
+    }
+
+    #[test]
+    fn strip_payload_keeps_a_valid_ack() {
+        use smoltcp::wire::{IpAddress, Ipv4Packet, TcpPacket};
+        let mut ip = vec![0u8; 20 + 20 + 100];
+        ip[0] = 0x45;
+        ip[2..4].copy_from_slice(&140u16.to_be_bytes());
+        ip[8] = 64;
+        ip[9] = 6;
+        ip[12..16].copy_from_slice(&[10, 0, 2, 100]);
+        ip[16..20].copy_from_slice(&[10, 0, 2, 2]);
+        ip[20 + 4..20 + 8].copy_from_slice(&1000u32.to_be_bytes());
+        ip[20 + 12] = 5 << 4;
+        ip[20 + 13] = 0x19; // ACK PSH FIN
+        assert_eq!(tcp_seq(&ip), Some((1000, 0x19, 100)));
+        let n = strip_payload(&mut ip).unwrap();
+        assert_eq!(n, 40);
+        let p = Ipv4Packet::new_checked(&ip[..n]).unwrap();
+        assert!(p.verify_checksum());
+        let (s, d): (IpAddress, IpAddress) = (p.src_addr().into(), p.dst_addr().into());
+        let t = TcpPacket::new_checked(&ip[20..n]).unwrap();
+        assert!(t.verify_checksum(&s, &d));
+        assert!(t.ack() && !t.fin() && !t.psh());
+        assert_eq!(tcp_seq(&ip[..n]), Some((1000, 0x10, 0)));
     }
 
     #[test]
