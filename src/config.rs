@@ -265,8 +265,11 @@ pub struct Limits {
     /// Resident memory of all TCP flows' rings, in bytes. At the budget a
     /// flow takes no host data that needs more (the host side then waits on
     /// its TCP window) and drained rings give their memory back at once;
-    /// paused flows resume when use falls below seven eighths of it. The
-    /// default keeps rnet under 512 MiB of RSS at the TCP flow cap.
+    /// paused flows resume when use falls below seven eighths of it. Guest
+    /// data is cut off (to be sent again) only at a hard ceiling a quarter
+    /// above it. The default (320 MiB, so at most 400 MiB of rings) keeps
+    /// rnet under 512 MiB of RSS at the TCP flow cap, with about 2 KiB of
+    /// bookkeeping per flow besides.
     pub memory_budget: usize,
 }
 
@@ -279,7 +282,7 @@ impl Default for Limits {
             udp_flows: 8_192,
             udp_flows_per_guest: 4_096,
             icmp_flows: 256,
-            memory_budget: 384 << 20,
+            memory_budget: 320 << 20,
         }
     }
 }

@@ -237,7 +237,7 @@ struct NetArgs {
     /// the budget rnet stops taking more data into them (senders wait on
     /// their TCP windows) until memory frees; the default keeps rnet under
     /// 512 MiB at the TCP flow cap.
-    #[arg(long, value_name = "MIB", default_value_t = 384, help_heading = "Interface",
+    #[arg(long, value_name = "MIB", default_value_t = 320, help_heading = "Interface",
           value_parser = clap::value_parser!(u32).range(1..=65_536))]
     memory_budget: u32,
     /// Serve the control socket at PATH (slirp4netns's JSON protocol; used

@@ -52,6 +52,19 @@
 //!   engine keeps such flows on a list and services them again when the
 //!   total falls below the low-water mark, since an edge-triggered host
 //!   socket that was left unread would never report readiness again.
+//! - Guest data is not asked: smoltcp has announced a window of the whole
+//!   ring. Before each guest segment reaches smoltcp the flow takes the
+//!   chunks its payload lands in from the budget
+//!   ([`TcpFlow::take_rx_memory`]); past a hard ceiling a quarter above the
+//!   budget the payload is cut off and only the segment's ACK and window
+//!   reach smoltcp ([`strip_payload`]), so the guest sends those bytes again
+//!   later. That costs the guest a retransmission timeout, which is why
+//!   pausing host reads at the budget comes first: it frees memory as the
+//!   guest reads.
+//!
+//! Design limits: the ring capacity (and so the window smoltcp announces)
+//! stays 1 MiB; accounting is per 64 KiB chunk, so a flow with a few bytes
+//! in flight counts one chunk per ring.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
