@@ -246,9 +246,9 @@ fn thousand_flows_complete_and_idle_rss_returns() {
         "after the flows closed: rnet RSS {:.1} MiB{}\n",
         mib(g.rss_kib()),
         if gone.is_some() {
-            ""
+            String::new()
         } else {
-            " (flows still listed)"
+            format!(" (flows still listed: {})", g.status()["flows"]["tcp"])
         }
     );
     eprintln!("{report}");
