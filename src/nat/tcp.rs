@@ -64,7 +64,12 @@
 //!
 //! Design limits: the ring capacity (and so the window smoltcp announces)
 //! stays 1 MiB; accounting is per 64 KiB chunk, so a flow with a few bytes
-//! in flight counts one chunk per ring.
+//! in flight counts one chunk per ring. Receive rings have no share of
+//! their own: were they alone to fill the budget with bytes whose host
+//! application will read only after it could send (an echo), host reads
+//! would stay paused until the guest's flows time out. Cutting guest data
+//! off earlier instead (tried: receive rings capped at half the budget)
+//! made the guest's retransmission timers back off until flows stalled.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
@@ -754,7 +759,7 @@ impl RingMem {
                     libc::MADV_DONTNEED,
                 );
             }
-            m &= !(((1u64 << run) - 1) << first);
+            m &= !(u64::MAX >> (64 - run) << first);
         }
         self.touched &= !mask;
         n
