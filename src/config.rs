@@ -264,13 +264,19 @@ pub struct Limits {
     pub udp_flows_per_guest: usize,
     /// ICMP echo identifiers relayed at once.
     pub icmp_flows: usize,
-    /// Bytes held in TCP buffers across all flows before rnet stops taking
-    /// more host data (the host side then waits on its TCP window).
-    pub buffer_ceiling: usize,
     /// Clients remembered per published UDP port set (the table that sends
     /// the guest's answers back to them); at the cap the least recently
     /// used conversation is forgotten.
     pub udp_clients: usize,
+    /// Resident memory of all TCP flows' rings, in bytes. At the budget a
+    /// flow takes no host data that needs more (the host side then waits on
+    /// its TCP window) and drained rings give their memory back at once;
+    /// paused flows resume when use falls below seven eighths of it. Guest
+    /// data is cut off (to be sent again) only at a hard ceiling a quarter
+    /// above it. The default (320 MiB, so at most 400 MiB of rings) keeps
+    /// rnet under 512 MiB of RSS at the TCP flow cap, with about 2 KiB of
+    /// bookkeeping per flow besides.
+    pub memory_budget: usize,
 }
 
 impl Default for Limits {
@@ -282,8 +288,8 @@ impl Default for Limits {
             udp_flows: 8_192,
             udp_flows_per_guest: 4_096,
             icmp_flows: 256,
-            buffer_ceiling: 256 << 20,
             udp_clients: 4_096,
+            memory_budget: 320 << 20,
         }
     }
 }

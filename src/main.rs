@@ -289,6 +289,13 @@ struct NetArgs {
     #[arg(long, value_name = "US", default_value_t = 50, help_heading = "Interface",
           value_parser = clap::value_parser!(u32).range(0..=10_000))]
     busy_poll_us: u32,
+    /// Resident memory all TCP flows' buffers may use together, in MiB. At
+    /// the budget rnet stops taking more data into them (senders wait on
+    /// their TCP windows) until memory frees; the default keeps rnet under
+    /// 512 MiB at the TCP flow cap.
+    #[arg(long, value_name = "MIB", default_value_t = 320, help_heading = "Interface",
+          value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    memory_budget: u32,
     /// Serve the control socket at PATH (slirp4netns's JSON protocol; used
     /// by `rnet port`). Created mode 0600, removed on exit.
     #[arg(long, value_name = "PATH", help_heading = "Ports")]
@@ -388,6 +395,10 @@ impl NetArgs {
             .metrics_addr(self.metrics_addr, self.metrics_addr_public)
             .sandbox(!self.no_sandbox)
             .seccomp(!self.no_sandbox)
+            .limits(config::Limits {
+                memory_budget: (self.memory_budget as usize) << 20,
+                ..config::Limits::default()
+            })
             .build()
             .map_err(|e| e.to_string())
     }

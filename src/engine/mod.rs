@@ -287,8 +287,8 @@ pub struct Engine {
     limits: crate::config::Limits,
     /// TCP flows whose host connect is in progress.
     half_open: usize,
-    /// Bytes queued in all TCP flows' smoltcp buffers.
-    queued_total: usize,
+    /// TCP ring memory and the flows its budget paused.
+    mem: RingBudget,
     /// Outbound TCP and UDP flows per guest address.
     per_guest: HashMap<IpAddr, (usize, usize)>,
     last_limit_warn: Option<std::time::Instant>,
@@ -401,7 +401,7 @@ impl Engine {
             spliced_closed: (0, 0),
             limits: cfg_limits,
             half_open: 0,
-            queued_total: 0,
+            mem: RingBudget::new(cfg_limits.memory_budget),
             per_guest: HashMap::new(),
             last_limit_warn: None,
             next_ra: None,
@@ -682,7 +682,25 @@ impl Engine {
                             // The guest's SYN-ACK on a published port.
                             f.guest_mss = guest_mss;
                         }
+                        let mut len = len;
+                        let room = self.mem.guest_room();
+                        match f.take_rx_memory(&self.tap.rx_mut()[ip_off..len], room) {
+                            Some(taken) => {
+                                self.mem.used += taken;
+                                f.accounted += taken;
+                            }
+                            None => {
+                                // At the budget: take the ACK, not the data.
+                                if let Some(n) =
+                                    tcp::strip_payload(&mut self.tap.rx_mut()[ip_off..len])
+                                {
+                                    len = ip_off + n;
+                                    self.mem.stripped += 1;
+                                }
+                            }
+                        }
                         let (rx, tx) = self.tap.split();
+                        f.note_guest_segment(&rx[ip_off..len]);
                         self.stack.ingress(now, &rx[..len], tx, &mut f.sockets);
                     }
                     let id = slot.id;
@@ -800,6 +818,7 @@ impl Engine {
                 f.guest_mss = guest_mss;
                 self.half_open += 1;
                 self.per_guest.entry(src.ip()).or_default().0 += 1;
+                f.note_guest_segment(ip);
                 self.stack.ingress(now, frame, tx, &mut f.sockets);
                 debug!(guest = %src, dst = %dst, %target, "tcp flow");
                 // A refused registration drops the flow, which undoes the
@@ -1410,6 +1429,7 @@ impl Engine {
                 }
             }
         }
+        self.resume_paused();
         self.stats
             .frames_out
             .store(self.stack.frames_out, Ordering::Relaxed);
@@ -1419,9 +1439,9 @@ impl Engine {
         let Flow::Tcp(f) = &mut self.flows[idx].flow else {
             return;
         };
-        let may_read = self.queued_total < self.limits.buffer_ceiling;
+        let mut room = self.mem.room();
         let mut remove = false;
-        let step = f.service(may_read);
+        let step = f.service(&mut room);
         if f.half_open && !f.connecting() {
             f.half_open = false;
             self.half_open -= 1;
@@ -1509,16 +1529,50 @@ impl Engine {
         }
         // Sending may have freed room for more host data, and a close may
         // have completed; one more pass settles both without waiting.
-        if matches!(f.service(may_read), Step::Remove) {
+        if matches!(f.service(&mut room), Step::Remove) {
             f.egress(&mut self.stack, now, self.tap.tx());
             self.remove(idx);
             return;
         }
-        let q = f.queue_len();
-        self.queued_total = self.queued_total + q - f.queued;
-        f.queued = q;
-        if let Some(at) = f.poll_at(&mut self.stack, now) {
+        let release_at = f.trim(now, self.mem.pressure());
+        let r = f.resident();
+        self.mem.used = self.mem.used + r - f.accounted;
+        f.accounted = r;
+        if f.wants_memory() && !f.paused {
+            f.paused = true;
+            self.mem.pause(idx, self.flows[idx].id);
+        }
+        let Flow::Tcp(f) = &mut self.flows[idx].flow else {
+            return;
+        };
+        let at = match (f.poll_at(&mut self.stack, now), release_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if let Some(at) = at {
             self.schedule(idx, at.max(now));
+        }
+    }
+
+    /// Services again every flow the memory budget paused once the ring
+    /// memory in use is below the low-water mark. Their host sockets still
+    /// hold unread data; with edge-triggered epoll no new event would come.
+    fn resume_paused(&mut self) {
+        if !self.mem.may_resume() {
+            return;
+        }
+        for (idx, id) in std::mem::take(&mut self.mem.paused) {
+            if let Some(Slot {
+                flow: Flow::Tcp(f),
+                id: live,
+                ..
+            }) = self.flows.get_mut(idx)
+                && *live == id
+            {
+                f.paused = false;
+                self.mem.resumes += 1;
+                self.mark_dirty(idx, id);
+            }
         }
     }
 
@@ -1533,7 +1587,7 @@ impl Engine {
                 if f.half_open {
                     self.half_open -= 1;
                 }
-                self.queued_total -= f.queued;
+                self.mem.used -= f.accounted;
                 if slot.rule == 0 {
                     self.guest_count(f.key.0.ip(), |c| c.0 -= 1);
                 }
@@ -1712,6 +1766,15 @@ impl Engine {
                 "udp_clients": self.udp_return.len(),
             },
             "tcp_opened": s.tcp_opened,
+            "tcp_memory": {
+                "budget": self.mem.budget,
+                "resident": self.mem.used,
+                "peak": self.mem.peak,
+                "paused_flows": self.mem.paused.len(),
+                "pauses": self.mem.pauses,
+                "resumes": self.mem.resumes,
+                "guest_data_deferred": self.mem.stripped,
+            },
             "spliced_bytes": { "to_guest": up, "from_guest": down },
             "drops": drops,
             "ports": ports,
@@ -1761,6 +1824,69 @@ impl Engine {
         ) {
             info!(prefix = %format!("{p}/64"), %guest, gateway = %g, dns = %d, "ipv6 ready");
         }
+    }
+}
+
+/// The global budget of TCP ring memory (see [`crate::nat::tcp`]'s
+/// "Ring memory").
+struct RingBudget {
+    budget: usize,
+    /// Resident ring memory of all flows, as last accounted.
+    used: usize,
+    /// Highest `used` seen.
+    peak: usize,
+    /// Flows (slab index, id) that left host data unread for want of memory.
+    paused: Vec<(usize, u64)>,
+    pauses: u64,
+    resumes: u64,
+    /// Guest segments whose payload was cut off at the budget.
+    stripped: u64,
+}
+
+impl RingBudget {
+    fn new(budget: usize) -> Self {
+        Self {
+            budget,
+            used: 0,
+            peak: 0,
+            paused: Vec::new(),
+            pauses: 0,
+            resumes: 0,
+            stripped: 0,
+        }
+    }
+
+    /// Memory a flow may still make resident.
+    fn room(&mut self) -> usize {
+        self.peak = self.peak.max(self.used);
+        self.budget.saturating_sub(self.used)
+    }
+
+    /// Memory guest data may still make resident: up to a hard ceiling a
+    /// quarter above the budget. Past the budget host reads pause, which
+    /// frees memory as the guest reads; cutting guest data off costs the
+    /// guest a retransmission timeout, so it is the last resort.
+    fn guest_room(&self) -> usize {
+        (self.budget + self.budget / 4).saturating_sub(self.used)
+    }
+
+    /// Below this, paused flows are resumed; at or above it, drained ring
+    /// chunks are given back at once instead of after the idle delay.
+    fn low_water(&self) -> usize {
+        self.budget - self.budget / 8
+    }
+
+    fn pressure(&self) -> bool {
+        self.used >= self.low_water()
+    }
+
+    fn may_resume(&self) -> bool {
+        !self.paused.is_empty() && self.used < self.low_water()
+    }
+
+    fn pause(&mut self, idx: usize, id: u64) {
+        self.pauses += 1;
+        self.paused.push((idx, id));
     }
 }
 
