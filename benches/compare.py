@@ -1386,7 +1386,11 @@ def table(results, ports, args, meta, notes, limits):
         f"{args.many_flows:,} open flows: idle connections held by the guest while one iperf3 stream runs, "
         "share of the same tool's 1-flow figure from this run; published ports: host client → 127.0.0.1:HP → guest port "
         f"{GUEST_PORT}. "
-        f"Load average at start {meta['loadavg_start'][0]:.2f}, at end {meta['loadavg_end'][0]:.2f}.",
+        f"Load average at start {meta['loadavg_start'][0]:.2f}, at end {meta['loadavg_end'][0]:.2f}"
+        + (f"; input-backlog drops during the run (softnet_stat, a loaded machine): "
+           f"{meta['softnet_drops_end'] - meta['softnet_drops_start']:,}"
+           if meta.get("softnet_drops_start") is not None and meta.get("softnet_drops_end") is not None else "")
+        + ".",
         "",
         "| figure | unit | " + " | ".join(tools) + " | kernel limit | rnet / slirp4netns | target |",
         "|---|---|" + "---|" * len(tools) + "---|---|---|",
@@ -1599,6 +1603,17 @@ def dpkg_version(pkg):
         return None
 
 
+def softnet_drops():
+    """Packets the kernel dropped for a full per-CPU input backlog
+    (/proc/net/softnet_stat, second column, summed over CPUs): veth, tun
+    and loopback all pass through it, and a loaded machine drops there."""
+    try:
+        with open("/proc/net/softnet_stat") as f:
+            return sum(int(line.split()[1], 16) for line in f if line.strip())
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def machine_meta(args):
     cpu = "?"
     try:
@@ -1639,6 +1654,7 @@ def machine_meta(args):
         "machine": f"{os.cpu_count()} × {cpu}, {mem}, Linux {platform.release()}, {distro}",
         "versions": ", ".join(versions),
         "loadavg_start": os.getloadavg(),
+        "softnet_drops_start": softnet_drops(),
     }
 
 
@@ -1699,6 +1715,7 @@ def cmd_run(args):
         for f in iperf_logs:
             f.close()
     meta["loadavg_end"] = os.getloadavg()
+    meta["softnet_drops_end"] = softnet_drops()
     md = table(results, ports, args, meta, notes, limits)
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(md)
