@@ -1364,6 +1364,37 @@ def tool_cell(r, key, digits, limits):
     return cell + (f" ({'; '.join(extra)})" if extra else "")
 
 
+def issue16_targets(results, ports, limits):
+    """The "kernel's limit" targets for rnet, each named met or missed."""
+    rn = results.get("rnet", {})
+    lv = lambda k: (limits.get(k) or {}).get("value")
+    parts = []
+
+    def check(what, a, b, want, higher=True, of=""):
+        a, b = num(a), num(b)
+        if a is None or not b:
+            parts.append(f"{what}: –")
+            return
+        r = a / b
+        ok = r >= want if higher else r <= want
+        parts.append(f"{what}: {r:.2f}× {of} ({'met' if ok else 'missed'}, want {'≥' if higher else '≤'} {want}×)")
+
+    for k, d in (("udp_out_1400", "UDP ns → host 1,400 B"), ("udp_in_1400", "UDP published → ns 1,400 B")):
+        check(f"{d} vs slirp4netns", rn.get(k), results.get("slirp4netns", {}).get(k), 3.0, of="slirp4netns")
+        # The issue sets both UDP directions against the veth guest -> host figure.
+        check(f"{d} vs veth", rn.get(k), lv("udp_out_1400"), 0.7, of="veth")
+    check("VXLAN overlay A → B vs bare veth", rn.get("vxlan_ab"), lv("vxlan_ab"), 0.5, of="veth")
+    check("VXLAN overlay B → A vs bare veth", rn.get("vxlan_ba"), lv("vxlan_ba"), 0.5, of="veth")
+    parts.append("VXLAN overlay vs the same overlay over slirp4netns: not measured")
+    for k, d in (("published_in", "published TCP host → ns"), ("published_out", "published TCP ns → host")):
+        check(f"{d} vs loopback", rn.get(k), lv(k), 0.9, of="loopback")
+        check(f"{d} vs RootlessKit builtin", rn.get(k), ports.get("rootlesskit", {}).get(k), 1.0, of="RootlessKit")
+    check("short connections vs pasta", rn.get("cps"), results.get("pasta", {}).get("cps"), 2.0, of="pasta")
+    check("short connections vs veth", rn.get("cps"), lv("cps"), 0.5, of="veth")
+    check("request/response median vs veth", rn.get("rtt_median_us"), lv("rtt_median_us"), 1.5, higher=False, of="veth")
+    return "Issue 16 targets (rnet, this run): " + "; ".join(parts) + "."
+
+
 def table(results, ports, args, meta, notes, limits):
     tools = [t for t in args.tools if t in TABLE_TOOLS]
     fwds = [f for f, tool, _ in FORWARDERS if tool in args.tools]
@@ -1429,6 +1460,7 @@ def table(results, ports, args, meta, notes, limits):
         "Published-port rows: rnet's fast path, slirp4netns's API-added port, pasta's -t; "
         "all forwarders, RootlessKit included, in the next table."
     )
+    lines += ["", issue16_targets(results, ports, limits)]
     share = results.get("rnet", {}).get("many_flows_share")
     if share is not None:
         lines.append("")
