@@ -562,6 +562,12 @@ def iperf_cmd(prefix, server, port, seconds, raw, name, extra=()):
         raw.write(name, p.stdout + (("\n# stderr\n" + p.stderr) if p.stderr else ""))
         try:
             j = json.loads(p.stdout)
+            got = j.get("end", {}).get("sum_received", {})
+            if "error" in j and got.get("bytes"):
+                # The measured interval completed (the receiver's sum is
+                # there); the error came at teardown, e.g. a forwarder still
+                # draining queued data when the control connection ends.
+                return got["bits_per_second"] / 1e9, f"iperf3 ended with an error after the measurement: {j['error']}"
             if "error" in j:
                 err = j["error"]
             else:
