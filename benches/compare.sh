@@ -16,6 +16,10 @@
 # Run as an unprivileged user; when started as root the whole run drops to
 # uid/gid 65534 (nobody) with setpriv (RootlessKit then gets a subuid/subgid
 # range through files bind-mounted in a private mount namespace).
+# As root it first makes the kernel-limit test hosts: two network
+# namespaces (each in a user namespace owned by uid 65534, so the dropped
+# run can enter them) joined by a veth pair that root creates; they are
+# removed on every exit path. Not root: no veth limit column.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -105,8 +109,51 @@ out=$(cd "$out" && pwd) # absolute: the root path below runs from /
 run=("$python" "$here/compare.py" run --out "$out" --rnet "$rnet" --rnet-rev "$rev"
     --netbench "$netbench" --tools "$tools" --python "$python" "${pass[@]}")
 
+# Everything this script starts in the background is ended by pid on exit,
+# also on failure or interruption.
+holders=()
+scratch=()
+cleanup() {
+    local p
+    for p in "${holders[@]}"; do kill "$p" 2>/dev/null || true; done
+    for p in "${holders[@]}"; do wait "$p" 2>/dev/null || true; done
+    ((${#scratch[@]})) && rm -rf "${scratch[@]}"
+    return 0
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# One test host for the kernel-limit column: a network namespace in a user
+# namespace owned by uid 65534 (so the dropped run may nsenter it), held by
+# a sleep whose pid is printed. Only lo until a veth end is moved in.
+limit_host() {
+    setpriv --reuid 65534 --regid 65534 --clear-groups --inh-caps=-all \
+        unshare --user --map-root-user --net sleep 86400 </dev/null >/dev/null 2>&1 &
+    local pid=$! deadline=$((SECONDS + 15))
+    holders+=("$pid")
+    # Ready once unshare has exec'd the sleep (namespaces made, maps written).
+    until [[ $(cat "/proc/$pid/comm" 2>/dev/null) == sleep ]]; do
+        ((SECONDS < deadline)) && kill -0 "$pid" 2>/dev/null || { echo "compare.sh: the limit test host did not start" >&2; return 1; }
+        sleep 0.02
+    done
+    limit_pid=$pid
+}
+
 if [[ $(id -u) == 0 ]]; then
     command -v setpriv >/dev/null 2>&1 || { echo "compare.sh: running as root needs setpriv (util-linux) to drop to uid 65534" >&2; exit 1; }
+    if command -v ip >/dev/null 2>&1; then
+        # The kernel doing the same work: "guest" G and "host" H, a veth
+        # pair between them (lim0 in each). compare.py gives them
+        # addresses and MTUs from inside (it owns their user namespaces).
+        limit_host; g=$limit_pid
+        limit_host; h=$limit_pid
+        ip link add lim0 netns "$g" type veth peer name lim0 netns "$h"
+        run+=(--veth "$g,$h")
+        echo "compare.sh: kernel limit: veth pair between test hosts (pids $g, $h), removed on exit" >&2
+    else
+        echo "compare.sh: no ip (iproute2): no veth test hosts, the kernel-limit column shows host loopback only" >&2
+    fi
     if [[ -e /dev/net/tun && ! -w /dev/net/tun ]] || [[ $(stat -c %a /dev/net/tun 2>/dev/null) != 666 ]]; then
         echo "compare.sh: /dev/net/tun should be mode 0666 for unprivileged users (chmod 0666 /dev/net/tun)" >&2
     fi
@@ -127,14 +174,17 @@ if [[ $(id -u) == 0 ]]; then
         # give it one in a private mount namespace; the files on disk stay
         # untouched.
         subid=$(mktemp -d)
-        trap 'rm -rf "$subid"' EXIT
+        scratch+=("$subid")
         echo "$(id -un 65534 2>/dev/null || echo 65534):100000:65536" >"$subid/subid"
         chmod 0755 "$subid"; chmod 0644 "$subid/subid"
         unshare -m --propagation private sh -c \
             'mount --bind "$0" /etc/subuid && mount --bind "$0" /etc/subgid && exec "$@"' \
-            "$subid/subid" "${drop[@]}"
-        exit $?
+            "$subid/subid" "${drop[@]}" && rc=0 || rc=$?
+        exit "$rc"
     fi
-    exec "${drop[@]}"
+    # Not exec: the EXIT trap must remove the test hosts afterwards.
+    "${drop[@]}" && rc=0 || rc=$?
+    exit "$rc"
 fi
+echo "compare.sh: not root: no veth test hosts; the kernel-limit column shows host loopback only (published-port rows)" >&2
 exec "${run[@]}"
