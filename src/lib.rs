@@ -528,12 +528,13 @@ impl Network {
     }
 }
 
-/// Makes glibc give every large allocation (the per-flow TCP rings) its own
-/// fresh mapping instead of recycled heap memory. Fresh pages stay
-/// unresident until data touches them, so an idle or half-open flow costs
-/// a few KiB of RSS instead of its full buffer size. glibc otherwise raises
-/// this threshold after the first large free, and from then on every ring
-/// is zeroed, hence resident, at allocation.
+/// Makes glibc give every large allocation (smoltcp's socket storage, the
+/// flow tables' arrays) its own fresh mapping instead of recycled heap
+/// memory, so such memory is returned when freed and untouched pages stay
+/// unresident. (The TCP rings are mappings of their own, see
+/// `nat::tcp`.) glibc otherwise raises this threshold after the first large
+/// free, and from then on large blocks come zeroed, hence resident, from
+/// the heap.
 fn lazy_large_allocations() {
     #[cfg(target_env = "gnu")]
     // SAFETY: mallopt only changes allocator tuning; any value is accepted
