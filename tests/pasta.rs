@@ -435,7 +435,7 @@ fn command_line_texts_and_failures() {
                 "-g",
                 "10.0.2.2",
                 "-U",
-                "80",
+                "auto",
                 "1",
             ],
             "-U none",
@@ -542,6 +542,8 @@ fn tcp_ns(test: &str, nobody: bool) {
     let t = Target::start_via(prefix, &["-Urn"]);
     let pid = t.pid().to_string();
     let spec = format!("5432,8080:{}", http.port());
+    let echo = UdpEcho::start();
+    let uspec = format!("5353:{}", echo.addr.port());
     let mut cmd = as_user(pasta_bin().to_str().unwrap(), nobody);
     policy_env(&mut cmd, ALLOW_NONE, &dns);
     cmd.args([
@@ -557,10 +559,21 @@ fn tcp_ns(test: &str, nobody: bool) {
         "--no-map-gw",
         "-T",
         &spec,
+        "-U",
+        &uspec,
         &pid,
     ]);
     let out = run(&mut cmd, secs(20));
     assert_eq!(out.code(), Some(0), "pasta did not start: {out}");
+    // -U: a datagram to the namespace's 127.0.0.1:5353 reaches the host's
+    // UDP echo, and the echo comes back to the sender.
+    let probe = "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); \
+                 s.settimeout(5); s.sendto(b'rnet-U', ('127.0.0.1', 5353)); \
+                 print(s.recvfrom(100)[0].decode())";
+    let u = run(&mut t.exec(&[PYTHON, "-c", probe]), secs(20));
+    u.assert_success("a datagram to the namespace's 127.0.0.1:5353 (-U)");
+    assert_eq!(u.stdout.trim(), "rnet-U", "{u}");
+    assert!(echo.datagrams.load(std::sync::atomic::Ordering::SeqCst) >= 1);
     let c = run(
         &mut t.exec(&strs(&curl("http://127.0.0.1:8080/"))),
         secs(20),

@@ -55,8 +55,8 @@
 //! # What differs from pasta
 //!
 //! Published ports keep the client's address (a client on the host's
-//! loopback appears as the gateway); `-T` takes explicit ports only
-//! ([`super::pasta_fwd`]) and `-U` only `none`; `-t all`
+//! loopback appears as the gateway); `-T` and `-U` take explicit ports
+//! only, not `auto` ([`super::pasta_fwd`]); `-t all`
 //! publishes every non-ephemeral port and fails if one is taken;
 //! `--outbound-if4` binds to that interface's address; `--no-tcp`,
 //! `--no-udp`, `--no-icmp`, the DHCP/NDP switches, `-D`, `-S` are accepted
@@ -171,7 +171,7 @@ User-mode networking for network namespaces (rnet's pasta mode).
   -t, --tcp-ports SPEC     publish host TCP ports into the namespace
   -u, --udp-ports SPEC     publish host UDP ports into the namespace
   -T, --tcp-ns SPEC        namespace's 127.0.0.1 TCP ports to the host's (no auto)
-  -U, --udp-ns SPEC        namespace loopback to host (only none)
+  -U, --udp-ns SPEC        namespace loopback UDP to host (ports or none)
       SPEC: none | auto | [ADDR[%IF]/]PORT[-END][:TARGET[-END]][,...] | all | ~PORT[-END]
       --netns PATH|NAME    serve this network namespace file (NAME: /run/netns/NAME)
       --userns PATH        join this user namespace first
@@ -387,37 +387,34 @@ pub fn build_config(o: &PastaOptions) -> Result<Config, String> {
     b.build().map_err(|e| e.to_string())
 }
 
-/// The `-T` ports (namespace loopback to host loopback); `-U` takes only
-/// `none`.
+/// The `-T` (TCP) and `-U` (UDP) ports: the namespace's loopback to the
+/// host's loopback.
 pub fn reverse_ports(o: &PastaOptions) -> Result<Vec<Reverse>, String> {
-    if o.udp_ns.iter().any(|f| *f != PortForward::None) {
-        return Err(
-            "-U: forwarding the namespace's loopback UDP ports to the host is not supported by rnet; use -U none".into(),
-        );
-    }
     let mut out = Vec::new();
-    for f in &o.tcp_ns {
-        match f {
-            PortForward::None => {}
-            PortForward::Auto => {
-                return Err(
-                    "-T auto is not supported by rnet; give the ports (-T 5432,8080:80) or -T none"
-                        .into(),
-                );
-            }
-            PortForward::Ports(set) => {
-                if set.addr.is_some_and(|a| !a.is_loopback()) || set.iface.is_some() {
+    for (proto, opt, forwards) in [(Proto::Tcp, "-T", &o.tcp_ns), (Proto::Udp, "-U", &o.udp_ns)] {
+        for f in forwards {
+            match f {
+                PortForward::None => {}
+                PortForward::Auto => {
                     return Err(format!(
-                        "-T: rnet listens on the namespace's 127.0.0.1 only, not {}",
-                        set.addr.map_or_else(String::new, |a| a.to_string())
+                        "{opt} auto is not supported by rnet; give the ports ({opt} 5432,8080:80) or {opt} none"
                     ));
                 }
-                for m in set.expand(ephemeral_range()) {
-                    for i in 0..m.count {
-                        out.push(Reverse {
-                            ns_port: m.host + i,
-                            host_port: m.guest + i,
-                        });
+                PortForward::Ports(set) => {
+                    if set.addr.is_some_and(|a| !a.is_loopback()) || set.iface.is_some() {
+                        return Err(format!(
+                            "{opt}: rnet listens on the namespace's 127.0.0.1 only, not {}",
+                            set.addr.map_or_else(String::new, |a| a.to_string())
+                        ));
+                    }
+                    for m in set.expand(ephemeral_range()) {
+                        for i in 0..m.count {
+                            out.push(Reverse {
+                                proto,
+                                ns_port: m.host + i,
+                                host_port: m.guest + i,
+                            });
+                        }
                     }
                 }
             }
@@ -816,22 +813,34 @@ mod tests {
             "80",
             "1",
         ]);
-        assert!(build_config(&rev).unwrap_err().contains("-U none"));
-        let rev = opts(&["-T", "5432,8080:80", "-T", "none", "1"]);
+        assert!(build_config(&rev).is_ok());
+        let rev = opts(&["-T", "5432,8080:80", "-T", "none", "-U", "53", "1"]);
         assert_eq!(
             reverse_ports(&rev).unwrap(),
             vec![
                 Reverse {
+                    proto: Proto::Tcp,
                     ns_port: 5432,
                     host_port: 5432
                 },
                 Reverse {
+                    proto: Proto::Tcp,
                     ns_port: 8080,
                     host_port: 80
+                },
+                Reverse {
+                    proto: Proto::Udp,
+                    ns_port: 53,
+                    host_port: 53
                 }
             ]
         );
         assert!(reverse_ports(&opts(&["-T", "auto", "1"])).is_err());
+        assert!(
+            reverse_ports(&opts(&["-U", "auto", "1"]))
+                .unwrap_err()
+                .contains("-U none")
+        );
         assert!(reverse_ports(&opts(&["-T", "192.0.2.1/80", "1"])).is_err());
     }
 }
