@@ -8,6 +8,11 @@
 //! as its network, a container on a CNI bridge + portmap network in the
 //! node, reached through a port rnet publishes).
 //!
+//! Podman's `--network pasta` is not run here: Debian's Podman 4.3 is
+//! built without pasta networking (it takes `--network pasta` for the name
+//! of a bridge network), so pasta mode is shown with the exact command
+//! lines Podman 5/6 send, in tests/pasta.rs.
+//!
 //! Creating the user needs root, so these run where the tests run as root
 //! (CI does); elsewhere they skip with the reason. Images are imported
 //! from a local rootfs (Debian's static busybox and a static UDP echo built
