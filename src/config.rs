@@ -358,6 +358,40 @@ impl OutboundPolicy {
     }
 }
 
+/// What rnet serves to the guest, each on by default. Turning one off
+/// drops what the guest sends for it (counted as `policy`). pasta's `--no-tcp`, `--no-udp`, `--no-icmp`,
+/// `--no-dhcp`, `--no-ndp` and `--no-ra` map onto these.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Services {
+    /// TCP connections the guest opens (NAT and the DNS forwarder over
+    /// TCP); connections to published ports still work.
+    pub tcp: bool,
+    /// Every UDP datagram the guest sends (NAT, the DNS forwarder, and its
+    /// answers on published UDP ports, as with pasta's `--no-udp`).
+    pub udp: bool,
+    /// ICMP and ICMPv6 echo, to the gateway and relayed.
+    pub icmp: bool,
+    /// The DHCPv4 server.
+    pub dhcp: bool,
+    /// Answers to neighbour solicitations (IPv6's ARP).
+    pub ndp: bool,
+    /// Router advertisements, solicited and periodic.
+    pub ra: bool,
+}
+
+impl Default for Services {
+    fn default() -> Self {
+        Services {
+            tcp: true,
+            udp: true,
+            icmp: true,
+            dhcp: true,
+            ndp: true,
+            ra: true,
+        }
+    }
+}
+
 /// Which datagrams from the host side may enter a guest UDP flow.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum UdpFilter {
@@ -478,6 +512,7 @@ pub struct Config {
     pub(crate) outbound: OutboundPolicy,
     pub(crate) outbound_addr: Option<Ipv4Addr>,
     pub(crate) udp_filter: UdpFilter,
+    pub(crate) services: Services,
     pub(crate) outbound_addr6: Option<Ipv6Addr>,
     pub(crate) dns_upstreams: Vec<SocketAddr>,
     pub(crate) disable_dns: bool,
@@ -637,6 +672,7 @@ pub struct ConfigBuilder {
     outbound: OutboundPolicy,
     outbound_addr: Option<Ipv4Addr>,
     udp_filter: UdpFilter,
+    services: Services,
     outbound_addr6: Option<Ipv6Addr>,
     dns_upstreams: Vec<SocketAddr>,
     disable_dns: bool,
@@ -679,6 +715,7 @@ impl Default for ConfigBuilder {
             outbound: OutboundPolicy::Any,
             outbound_addr: None,
             udp_filter: UdpFilter::default(),
+            services: Services::default(),
             outbound_addr6: None,
             dns_upstreams: Vec::new(),
             disable_dns: false,
@@ -779,6 +816,12 @@ impl ConfigBuilder {
     /// Bind outgoing IPv4 host sockets to this address.
     pub fn outbound_addr(mut self, addr: Option<Ipv4Addr>) -> Self {
         self.outbound_addr = addr;
+        self
+    }
+    /// What rnet serves to the guest (default: everything; see
+    /// [`Services`]).
+    pub fn services(mut self, services: Services) -> Self {
+        self.services = services;
         self
     }
     /// Which host-side datagrams may enter a guest UDP flow (default
@@ -982,6 +1025,7 @@ impl ConfigBuilder {
             outbound: self.outbound,
             outbound_addr: self.outbound_addr,
             udp_filter: self.udp_filter,
+            services: self.services,
             outbound_addr6: self.outbound_addr6,
             dns_upstreams: self.dns_upstreams,
             disable_dns: self.disable_dns,

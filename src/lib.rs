@@ -72,7 +72,7 @@ use std::thread::JoinHandle;
 
 pub use config::{
     Config, ConfigBuilder, ConfigError, IpCidr, Ipv4Cidr, Ipv6Cidr, Limits, OutboundPolicy,
-    UdpFilter,
+    Services, UdpFilter,
 };
 pub use engine::ExitReason;
 pub use ns::{NsError, Target};

@@ -650,3 +650,81 @@ fn foreground_and_pid_file() {
     let out = p.finish(secs(10));
     assert_eq!(out.code(), Some(0), "{out}");
 }
+
+/// Starts pasta on a fresh `unshare -Urn` target with `extra` options and
+/// the gateway mapped to the host's loopback; returns the target.
+fn pasta_with(dns: &DnsServer, extra: &[&str]) -> Target {
+    let t = Target::userns();
+    let pid = t.pid().to_string();
+    let mut cmd = Command::new(pasta_bin());
+    policy_env(&mut cmd, ALLOW_NONE, dns);
+    cmd.args([
+        "--config-net",
+        "-a",
+        "10.0.2.100",
+        "-n",
+        "24",
+        "-g",
+        "10.0.2.2",
+        "-I",
+        "tap0",
+    ])
+    .args(extra)
+    .arg(&pid);
+    let out = run(&mut cmd, secs(20));
+    assert_eq!(out.code(), Some(0), "pasta {extra:?} did not start: {out}");
+    t
+}
+
+/// What the guest gets of TCP (curl to the host's loopback through the
+/// gateway), UDP (a DNS answer through 10.0.2.3) and ICMP (ping of the
+/// gateway).
+fn services_seen(t: &Target, http: &HttpServer) -> (bool, bool, bool) {
+    let url = format!("http://{GATEWAY}:{}/", http.port());
+    let tcp = run(&mut t.exec(&strs(&curl(&url))), secs(20));
+    let dig = run(
+        &mut t.exec(&[
+            "dig",
+            "+short",
+            "+time=2",
+            "+tries=1",
+            "@10.0.2.3",
+            "svc.example.test",
+        ]),
+        secs(20),
+    );
+    let ping = run(
+        &mut t.exec(&["ping", "-c", "1", "-W", "2", GATEWAY]),
+        secs(20),
+    );
+    (
+        tcp.status.success() && tcp.stdout == HTTP_BODY,
+        dig.stdout.trim() == DNS_ANSWER.to_string(),
+        ping.status.success(),
+    )
+}
+
+#[test]
+fn no_tcp_udp_icmp_turn_services_off() {
+    if !require_userns("no_tcp_udp_icmp_turn_services_off") {
+        return;
+    }
+    let dns = DnsServer::start();
+    let http = HttpServer::start();
+    let t = pasta_with(&dns, &[]);
+    assert_eq!(services_seen(&t, &http), (true, true, true), "all on");
+    drop(t);
+    let t = pasta_with(&dns, &["--no-tcp", "--no-icmp"]);
+    assert_eq!(
+        services_seen(&t, &http),
+        (false, true, false),
+        "--no-tcp --no-icmp: only UDP is left"
+    );
+    drop(t);
+    let t = pasta_with(&dns, &["--no-udp"]);
+    assert_eq!(
+        services_seen(&t, &http),
+        (true, false, true),
+        "--no-udp: DNS over UDP is gone, TCP and ICMP stay"
+    );
+}

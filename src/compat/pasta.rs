@@ -59,8 +59,9 @@
 //! only, not `auto` ([`super::pasta_fwd`]); `-t all`
 //! publishes every non-ephemeral port and fails if one is taken;
 //! `--outbound-if4` binds to that interface's address; `--no-tcp`,
-//! `--no-udp`, `--no-icmp`, the DHCP/NDP switches, `-D`, `-S` are accepted
-//! and logged. As in slirp4netns mode, `RNET_OUTBOUND_ALLOW` and
+//! `--no-udp`, `--no-icmp`, `--no-dhcp`, `--no-ndp` and `--no-ra` turn off
+//! what rnet serves to the guest ([`rnet::Services`]); `-D`, `-S` are
+//! accepted and logged. As in slirp4netns mode, `RNET_OUTBOUND_ALLOW` and
 //! `RNET_DNS_UPSTREAM` set the outbound allow-list and the DNS upstreams
 //! (they win over `--dns-host`).
 
@@ -339,6 +340,14 @@ pub fn build_config(o: &PastaOptions) -> Result<Config, String> {
         .ipv6((!o.ipv4_only && mtu >= 1280).then_some(config::DEFAULT_IPV6_PREFIX))
         .pcap(o.pcap.clone(), rnet::pcap::DEFAULT_CAP)
         .fast_ports(true)
+        .services(rnet::Services {
+            tcp: !o.no_tcp,
+            udp: !o.no_udp,
+            icmp: !o.no_icmp,
+            dhcp: !o.no_dhcp,
+            ndp: !o.no_ndp,
+            ra: !o.no_ra,
+        })
         .sandbox(true)
         .seccomp(true);
     b = match o.host_loopback {
@@ -428,19 +437,8 @@ fn log_accepted(o: &PastaOptions) {
     for i in &o.ignored {
         info!("{i}: accepted, no effect in rnet");
     }
-    let flags = [
-        (o.no_tcp, "--no-tcp"),
-        (o.no_udp, "--no-udp"),
-        (o.no_icmp, "--no-icmp"),
-        (o.no_dhcp, "--no-dhcp"),
-        (o.no_ndp, "--no-ndp"),
-        (o.no_dhcpv6, "--no-dhcpv6"),
-        (o.no_ra, "--no-ra"),
-    ];
-    for (on, name) in flags {
-        if on {
-            info!("{name}: accepted; rnet still serves it");
-        }
+    if o.no_dhcpv6 {
+        info!("--no-dhcpv6: rnet has no DHCPv6 server (IPv6 guests configure by SLAAC)");
     }
     if o.ipv6_only {
         warn!("-6/--ipv6-only: rnet always serves IPv4 as well");

@@ -469,7 +469,7 @@ impl Engine {
                 self.sweep_udp_returns(now);
                 self.next_sweep = now + Duration::from_secs(5);
             }
-            if self.next_ra.is_some_and(|at| now >= at) {
+            if self.next_ra.is_some_and(|at| now >= at) && self.cfg.services.ra {
                 self.router_advert();
                 self.next_ra = Some(now + Duration::from_secs(RA_INTERVAL_SECS));
             }
@@ -578,6 +578,10 @@ impl Engine {
                 self.next_ra = Some(now);
             }
             self.stack.guest_mac = Some(src_mac);
+        }
+        if !self.serves(&action) {
+            self.stats.count_drop(DropReason::Policy);
+            return;
         }
         match action {
             Action::Drop(r) => self.stats.count_drop(r),
@@ -718,6 +722,22 @@ impl Engine {
     }
 
     /// Answers a DHCP client message from the current TAP frame.
+    /// Whether what the guest sent is for a service left on ([`Services`]).
+    fn serves(&self, action: &Action) -> bool {
+        let s = &self.cfg.services;
+        match action {
+            // New connections only: a published port's stack-path flow
+            // (the guest answering a SYN) is not the guest opening one.
+            Action::Tcp { syn_only, .. } => s.tcp || !*syn_only,
+            Action::Udp { .. } => s.udp,
+            Action::Echo { .. } | Action::Echo6 { .. } => s.icmp,
+            Action::Dhcp { .. } => s.dhcp,
+            Action::NeighborSolicit { .. } => s.ndp,
+            Action::RouterSolicit => s.ra,
+            Action::Drop(_) | Action::Arp | Action::NeighborAdvert => true,
+        }
+    }
+
     fn dhcp_request(&mut self, payload: Range<usize>) {
         let h = Header {
             eth_src: self.stack.mac,
