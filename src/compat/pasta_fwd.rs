@@ -14,8 +14,9 @@
 //!   once), so the namespace cannot make rnet start threads without bound.
 //! - UDP: one thread per port reads the namespace's datagrams; each client
 //!   address gets a host socket connected to the host's port, whose replies
-//!   a thread of its own sends back to that client. A client silent for
-//!   [`UDP_IDLE`] is forgotten; at most [`MAX_UDP_CLIENTS`] per port are
+//!   a thread of its own sends back to that client. A client whose host
+//!   side has sent nothing for [`UDP_IDLE`] is forgotten (its next datagram
+//!   gets a fresh host socket); at most [`MAX_UDP_CLIENTS`] per port are
 //!   kept (datagrams of further clients are dropped and logged at most
 //!   every 10 s).
 
@@ -41,7 +42,8 @@ use tracing::{debug, info, warn};
 pub const MAX_TCP_CONNECTIONS: usize = 256;
 /// Clients remembered per `-U` port.
 pub const MAX_UDP_CLIENTS: usize = 256;
-/// How long a `-U` client may stay silent (both ways) before it is forgotten.
+/// How long a `-U` client's host side may stay silent before the client is
+/// forgotten.
 pub const UDP_IDLE: Duration = Duration::from_secs(60);
 
 /// One forwarded port: the namespace's loopback port and the host's.
@@ -273,7 +275,7 @@ fn accept_loop(r: Reverse, l: TcpListener) {
 }
 
 /// The `-U` clients of one port: each client's host socket.
-type Clients = Arc<Mutex<HashMap<SocketAddr, UdpSocket>>>;
+type Clients = Arc<Mutex<HashMap<SocketAddr, Arc<UdpSocket>>>>;
 
 fn udp_loop(r: Reverse, ns: UdpSocket) {
     info!(
@@ -299,7 +301,7 @@ fn udp_loop(r: Reverse, ns: UdpSocket) {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&client)
-            .and_then(|s| s.try_clone().ok());
+            .cloned();
         let up = match known {
             Some(s) => s,
             None => match new_udp_client(&ns, &clients, client, host) {
@@ -328,7 +330,7 @@ fn new_udp_client(
     clients: &Clients,
     client: SocketAddr,
     host: SocketAddrV4,
-) -> Option<UdpSocket> {
+) -> Option<Arc<UdpSocket>> {
     let mut map = clients.lock().unwrap_or_else(|p| p.into_inner());
     if map.len() >= MAX_UDP_CLIENTS {
         return None;
@@ -336,13 +338,14 @@ fn new_udp_client(
     let up = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)).ok()?;
     up.connect(host).ok()?;
     up.set_read_timeout(Some(UDP_IDLE)).ok()?;
-    let (replies, ours) = (up.try_clone().ok()?, up.try_clone().ok()?);
+    let up = Arc::new(up);
+    let replies = up.clone();
     let (ns, clients2) = (ns.clone(), clients.clone());
     std::thread::Builder::new()
         .name("rnet-udp-ns-client".into())
         .spawn(move || {
             let mut buf = vec![0u8; 65536];
-            // Ends when the client has been silent both ways for UDP_IDLE.
+            // Ends when the host side has been silent for UDP_IDLE.
             while let Ok(n) = replies.recv(&mut buf) {
                 let _ = ns.send_to(&buf[..n], client);
             }
@@ -352,8 +355,8 @@ fn new_udp_client(
                 .remove(&client);
         })
         .ok()?;
-    map.insert(client, up);
-    Some(ours)
+    map.insert(client, up.clone());
+    Some(up)
 }
 
 /// Copies `from` to `to` until EOF, then half-closes `to`. Plain reads and
