@@ -701,14 +701,18 @@ impl Drop for Agent {
 }
 /// Restores an empty signal mask and default dispositions (the handlers
 /// inherited from the parent would run its code on descriptors that are
-/// closed or reused here), then ignores SIGINT and SIGHUP.
+/// closed or reused here), then ignores SIGINT, SIGHUP and SIGTERM.
 fn reset_signals() {
     let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
     for sig in 1..=libc::SIGRTMAX() {
         if sig == libc::SIGKILL || sig == libc::SIGSTOP {
             continue;
         }
-        let disposition = if sig == libc::SIGINT || sig == libc::SIGHUP {
+        // SIGTERM too: a service manager's or timeout(1)'s SIGTERM to rnet's
+        // process group must not end the launcher before rnet (which then
+        // logs a lost launcher at a clean stop); it ends with rnet anyway
+        // (its socket closes; PR_SET_PDEATHSIG), and is stopped by SIGKILL.
+        let disposition = if sig == libc::SIGINT || sig == libc::SIGHUP || sig == libc::SIGTERM {
             libc::SIG_IGN
         } else {
             libc::SIG_DFL
