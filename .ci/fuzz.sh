@@ -11,6 +11,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 
+# No registry is reachable from CI: resolve from the local cache, and fail
+# with a clear message if fuzz/Cargo.lock no longer matches the main crate.
+export CARGO_NET_OFFLINE=true
+
 secs=${FUZZ_SECONDS:-30}
 read -r -a targets <<<"${FUZZ_TARGETS:-frame ingress dhcp api specs vnet}"
 
