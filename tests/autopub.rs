@@ -27,22 +27,6 @@ const GUEST: &str = "10.0.2.100";
 /// machine.
 const WITHIN: Duration = Duration::from_millis(1500);
 
-macro_rules! require {
-    ($check:ident) => {
-        if !$check(module_path_test!()) {
-            return;
-        }
-    };
-}
-
-macro_rules! module_path_test {
-    () => {{
-        fn f() {}
-        let name = std::any::type_name_of_val(&f);
-        name.strip_suffix("::f").unwrap_or(name)
-    }};
-}
-
 /// `port_server.py SPECS...` inside the target's namespaces, waited for
 /// until it printed "listening"; returns it and when that line came.
 fn start_server(target: &Target, specs: &[&str]) -> (LineProc, Instant) {

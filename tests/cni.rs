@@ -45,22 +45,6 @@ const BULK: u64 = 100 * MIB;
 const NODE_PORT: u16 = 30080;
 const POD_PORT: u16 = 80;
 
-macro_rules! require {
-    ($check:expr) => {
-        if !$check {
-            return;
-        }
-    };
-}
-
-macro_rules! module_path_test {
-    () => {{
-        fn f() {}
-        let name = std::any::type_name_of_val(&f);
-        name.strip_suffix("::f").unwrap_or(name)
-    }};
-}
-
 /// Everything the node needs: user namespaces, the CNI plugins, iptables.
 fn prerequisites(test: &str) -> bool {
     const PKG: &str = "Debian package containernetworking-plugins";

@@ -18,14 +18,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::Value;
 
-macro_rules! module_path_test {
-    () => {{
-        fn f() {}
-        let name = std::any::type_name_of_val(&f);
-        name.strip_suffix("::f").unwrap_or(name)
-    }};
-}
-
 /// `rnet run --api-socket PATH -- sh -c 'echo ready; sleep 120'`, waited
 /// for until the guest runs and the socket answers.
 fn start(path: &Path) -> LineProc {

@@ -16,23 +16,6 @@ use common::*;
 
 const GIB: u64 = 1 << 30;
 
-/// Shorthand: bail out of a test whose prerequisite is missing (skip printed).
-macro_rules! require {
-    ($check:ident) => {
-        if !$check(module_path_test!()) {
-            return;
-        }
-    };
-}
-
-macro_rules! module_path_test {
-    () => {{
-        fn f() {}
-        let name = std::any::type_name_of_val(&f);
-        name.strip_suffix("::f").unwrap_or(name)
-    }};
-}
-
 // ---------------------------------------------------------------- 1. host loopback
 
 fn host_loopback_http(rnet: Rnet) {

@@ -19,22 +19,6 @@ use std::sync::Arc;
 use common::*;
 use rnet::{Config, Network, OutboundPolicy, Target as NetTarget};
 
-macro_rules! require {
-    ($check:ident) => {
-        if !$check(module_path_test!()) {
-            return;
-        }
-    };
-}
-
-macro_rules! module_path_test {
-    () => {{
-        fn f() {}
-        let name = std::any::type_name_of_val(&f);
-        name.strip_suffix("::f").unwrap_or(name)
-    }};
-}
-
 /// User namespaces and udhcpc.
 fn require_udhcpc(test: &str) -> bool {
     require_userns(test) && require_program(test, "udhcpc")

@@ -15,22 +15,6 @@ use common::*;
 
 const MIB: u64 = 1 << 20;
 
-macro_rules! require {
-    ($check:expr) => {
-        if !$check {
-            return;
-        }
-    };
-}
-
-macro_rules! module_path_test {
-    () => {{
-        fn f() {}
-        let name = std::any::type_name_of_val(&f);
-        name.strip_suffix("::f").unwrap_or(name)
-    }};
-}
-
 /// `tcpdump -nn -r FILE`, which must succeed; its lines.
 fn tcpdump_read(file: &std::path::Path) -> Vec<String> {
     let out = run(

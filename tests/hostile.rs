@@ -32,22 +32,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use common::*;
 use serde_json::Value;
 
-macro_rules! require {
-    ($check:ident) => {
-        if !$check(module_path_test!()) {
-            return;
-        }
-    };
-}
-
-macro_rules! module_path_test {
-    () => {{
-        fn f() {}
-        let name = std::any::type_name_of_val(&f);
-        name.strip_suffix("::f").unwrap_or(name)
-    }};
-}
-
 /// Resident memory rnet may reach during a flood (see the module docs).
 const RSS_CEILING_KIB: u64 = 128 * 1024;
 /// Bound of each flood (the guest script stops by itself after this).

@@ -22,22 +22,6 @@ use serde_json::{Value, json};
 const GW6: &str = GATEWAY6;
 const DNS6: &str = "fd00::3";
 
-macro_rules! require {
-    ($check:ident) => {
-        if !$check(module_path_test!()) {
-            return;
-        }
-    };
-}
-
-macro_rules! module_path_test {
-    () => {{
-        fn f() {}
-        let name = std::any::type_name_of_val(&f);
-        name.strip_suffix("::f").unwrap_or(name)
-    }};
-}
-
 fn v6_listener() -> TcpListener {
     TcpListener::bind("[::1]:0").expect("bind [::1]:0 (is IPv6 loopback available?)")
 }

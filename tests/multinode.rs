@@ -48,22 +48,6 @@ const OVERLAY: [&str; 2] = ["10.244.0.1", "10.244.0.2"];
 const SINK_PORT: &str = "5001";
 const KUBELET_PORT: u16 = 10250;
 
-macro_rules! require {
-    ($check:ident) => {
-        if !$check(module_path_test!()) {
-            return;
-        }
-    };
-}
-
-macro_rules! module_path_test {
-    () => {{
-        fn f() {}
-        let name = std::any::type_name_of_val(&f);
-        name.strip_suffix("::f").unwrap_or(name)
-    }};
-}
-
 /// Runs a setup command, panicking with its stderr when it fails.
 #[track_caller]
 fn sh(args: &[&str]) {

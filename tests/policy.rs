@@ -42,22 +42,6 @@ use std::time::Duration;
 use common::*;
 use serde_json::Value;
 
-macro_rules! module_path_test {
-    () => {{
-        fn f() {}
-        let name = std::any::type_name_of_val(&f);
-        name.strip_suffix("::f").unwrap_or(name)
-    }};
-}
-
-macro_rules! require {
-    ($check:ident) => {
-        if !$check(module_path_test!()) {
-            return;
-        }
-    };
-}
-
 const HOST4: &str = "198.19.0.1";
 const HOST6: &str = "fd43::1";
 const PEER4: &str = "198.19.0.2";

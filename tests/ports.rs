@@ -30,23 +30,6 @@ const GIB: u64 = 1 << 30;
 const GUEST: &str = "10.0.2.100";
 const LOCALHOST: Ipv4Addr = Ipv4Addr::LOCALHOST;
 
-/// Shorthand: bail out of a test whose prerequisite is missing (skip printed).
-macro_rules! require {
-    ($check:ident) => {
-        if !$check(module_path_test!()) {
-            return;
-        }
-    };
-}
-
-macro_rules! module_path_test {
-    () => {{
-        fn f() {}
-        let name = std::any::type_name_of_val(&f);
-        name.strip_suffix("::f").unwrap_or(name)
-    }};
-}
-
 // ---------------------------------------------------------------- host ports
 
 /// Ports the kernel never hands out by itself: below (or above) the

@@ -24,22 +24,6 @@ const LOCALHOST: Ipv4Addr = Ipv4Addr::LOCALHOST;
 const MIB: u64 = 1 << 20;
 const BULK: u64 = 256 * MIB;
 
-macro_rules! require {
-    ($check:ident) => {
-        if !$check(module_path_test!()) {
-            return;
-        }
-    };
-}
-
-macro_rules! module_path_test {
-    () => {{
-        fn f() {}
-        let name = std::any::type_name_of_val(&f);
-        name.strip_suffix("::f").unwrap_or(name)
-    }};
-}
-
 /// Which path a test asks for.
 #[derive(Clone, Copy, Debug)]
 enum PortPath {

@@ -21,22 +21,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-macro_rules! require {
-    ($check:ident) => {
-        if !$check(module_path_test!()) {
-            return;
-        }
-    };
-}
-
-macro_rules! module_path_test {
-    () => {{
-        fn f() {}
-        let name = std::any::type_name_of_val(&f);
-        name.strip_suffix("::f").unwrap_or(name)
-    }};
-}
-
 /// rnet's UDP idle timeout (not settable from the command line).
 const UDP_IDLE: Duration = Duration::from_secs(60);
 /// Slack on the descriptor baseline.

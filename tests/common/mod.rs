@@ -39,8 +39,37 @@ pub fn guest_script(name: &str) -> String {
 
 // ---------------------------------------------------------------- skipping
 
+/// Whether this is a CI run (`CI=true` or `CI=1`), where no namespace test
+/// may skip. The same rule as the library's own namespace unit tests.
 pub fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// The calling test's path (`suite::test_name`), for skip messages.
+#[macro_export]
+macro_rules! module_path_test {
+    () => {{
+        fn f() {}
+        let name = std::any::type_name_of_val(&f);
+        name.strip_suffix("::f").unwrap_or(name)
+    }};
+}
+
+/// Returns from the test when a prerequisite is missing. `require!(check)`
+/// calls `check(test_path)`; `require!(expr)` takes a ready `bool`. The
+/// checks print why they skip, and fail instead of skipping in CI.
+#[macro_export]
+macro_rules! require {
+    ($check:ident) => {
+        if !$check($crate::module_path_test!()) {
+            return;
+        }
+    };
+    ($check:expr) => {
+        if !$check {
+            return;
+        }
+    };
 }
 
 pub fn is_root() -> bool {

@@ -2,11 +2,14 @@
 //! errors to exit codes (1 for any failure, the command's own status for
 //! `rnet run`). Invoked as `slirp4netns` (or `rnet slirp4netns ...`) it is
 //! a drop-in slirp4netns instead, and as `pasta` (or `rnet pasta ...`) a
-//! drop-in pasta (`compat`).
+//! drop-in pasta (`compat`). Binary-only code lives beside this file:
+//! `compat/` (the two drop-in command lines), `port.rs` and `status.rs`
+//! (clients of a running rnet's control socket); the library under `src/`
+//! holds everything a bootstrapper embeds.
 
 mod compat;
-mod portcmd;
-mod statuscmd;
+mod port;
+mod status;
 
 use std::ffi::OsString;
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -86,11 +89,11 @@ enum Command {
     ///   rnet port ls --api-socket /run/user/1000/rnet.sock
     ///   rnet port rm --api-socket /run/user/1000/rnet.sock 1
     #[command(verbatim_doc_comment)]
-    Port(portcmd::PortArgs),
+    Port(port::PortArgs),
     /// Show the live status of a running rnet through its --api-socket: flows
     /// by protocol and state, bytes and frames each way, drops by reason,
     /// published ports with their path and open connections, uptime.
-    Status(statuscmd::StatusArgs),
+    Status(status::StatusArgs),
     /// Print a shell completion script for bash, zsh or fish.
     ///
     /// For example, for bash:
@@ -463,8 +466,8 @@ fn main() -> ExitCode {
         Command::Pasta { .. } => unreachable!("handled before"),
         Command::Attach(a) => attach(a, sigs),
         Command::Run(r) => run(r, sigs),
-        Command::Port(p) => portcmd::run(p),
-        Command::Status(a) => statuscmd::run(a),
+        Command::Port(p) => port::run(p),
+        Command::Status(a) => status::run(a),
         Command::Slirp4netns { .. } | Command::Completions { .. } | Command::Man { .. } => {
             unreachable!("handled before")
         }
