@@ -26,7 +26,7 @@ mod nsfile;
 mod process;
 mod report;
 mod spawn;
-mod tap;
+mod open_tap;
 
 #[cfg(test)]
 mod e2e_tests;
@@ -37,7 +37,7 @@ pub use nsfile::same_userns;
 pub use spawn::{
     SpawnOptions, SpawnedCommand, SubRange, parse_subid, spawn_in_new_namespaces, spawn_with,
 };
-pub use tap::open_tap;
+pub use open_tap::open_tap;
 
 /// Whose network namespace to put the TAP device in.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -82,7 +82,7 @@ use super::fdpass::{recv_with_fd, send_with_fd};
 use super::netlink::RtNetlink;
 use super::nsfile::{JoinPlan, clone_flag};
 use super::report::{self, ChildError, MAX_REPORT, Report, Step};
-use super::tap::tap_error;
+use super::open_tap::tap_error;
 use super::{NsError, NsKind, Target};
 use crate::ports::Proto;
 
