@@ -23,10 +23,10 @@ mod error;
 pub mod fdpass;
 mod netlink;
 mod nsfile;
+mod open_tap;
 mod process;
 mod report;
 mod spawn;
-mod open_tap;
 
 #[cfg(test)]
 mod e2e_tests;
@@ -34,10 +34,10 @@ mod e2e_tests;
 pub use agent::{Agent, AgentError, Launcher, Reply, Submit};
 pub use error::{NsError, NsKind};
 pub use nsfile::same_userns;
+pub use open_tap::open_tap;
 pub use spawn::{
     SpawnOptions, SpawnedCommand, SubRange, parse_subid, spawn_in_new_namespaces, spawn_with,
 };
-pub use open_tap::open_tap;
 
 /// Whose network namespace to put the TAP device in.
 #[derive(Debug, Clone, PartialEq, Eq)]

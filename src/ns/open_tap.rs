@@ -10,16 +10,16 @@ use std::time::Duration;
 use nix::errno::Errno;
 use nix::fcntl::{OFlag, open};
 use nix::sched::setns;
-use nix::sys::socket::{AddressFamily, SockFlag, SockType, setsockopt, socketpair, sockopt};
+use nix::sys::socket::{SockFlag, setsockopt, sockopt};
 use nix::sys::stat::Mode;
 use nix::sys::time::TimeVal;
-use nix::unistd::{ForkResult, Pid, fork};
+use nix::unistd::Pid;
 
 use super::agent::confine;
 use super::fdpass::{recv_with_fd, send_with_fd};
 use super::netlink::{self, RtNetlink};
 use super::nsfile::{JoinPlan, clone_flag, open_target};
-use super::process::{describe, exit_child, kill_and_reap, reap};
+use super::process::{describe, fork_helper, kill_and_reap, reap};
 use super::report::{self, ChildError, MAX_REPORT, Report, Step};
 use super::{IfaceConfig, NsError, NsKind, OpenedTap, TapSetup, Target};
 
@@ -155,71 +155,49 @@ pub fn open_tap(target: &Target, setup: &TapSetup) -> Result<OpenedTap, NsError>
         validate_config(cfg)?;
     }
     let plan = open_target(target)?;
-    let (parent_sock, child_sock) = socketpair(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        None,
-        SockFlag::SOCK_CLOEXEC,
-    )
+    let (child, parent_sock) = fork_helper(SockFlag::empty(), move |child_sock| {
+        // Undumpable before anything of the guest's is joined.
+        let _ = confine::undumpable();
+        let mut keep = vec![child_sock.as_raw_fd()];
+        keep.extend(plan.user.iter().chain(&plan.net).map(|f| f.as_raw_fd()));
+        confine::close_all_but(&keep);
+        let report = match helper_main(&plan, setup) {
+            Ok((fd, mac, name)) => {
+                let mut payload = Vec::with_capacity(6 + name.len());
+                payload.extend_from_slice(&mac);
+                payload.extend_from_slice(&name);
+                return match send_with_fd(
+                    child_sock.as_fd(),
+                    &report::encode_ok(&payload),
+                    Some(fd.as_fd()),
+                ) {
+                    Ok(()) => 0,
+                    Err(_) => 1,
+                };
+            }
+            Err(e) => e.encode(),
+        };
+        match send_with_fd(child_sock.as_fd(), &report, None) {
+            Ok(()) => 0,
+            Err(_) => 1,
+        }
+    })
     .map_err(|errno| NsError::Os {
-        what: "cannot create a socket pair for the namespace helper",
+        what: "cannot fork the namespace helper process",
         errno,
     })?;
-    setsockopt(
+    if let Err(errno) = setsockopt(
         &parent_sock,
         sockopt::ReceiveTimeout,
         &TimeVal::new(HELPER_TIMEOUT.as_secs() as _, 0),
-    )
-    .map_err(|errno| NsError::Os {
-        what: "cannot set a timeout on the namespace helper socket",
-        errno,
-    })?;
-
-    // SAFETY: the child branch runs only `helper_main` (system calls and
-    // small allocations, which glibc's fork-safe allocator allows; no other
-    // lock of ours is taken) and then `_exit`s through `exit_child`; it
-    // never returns into the caller's code.
-    match unsafe { fork() } {
-        Err(errno) => Err(NsError::Os {
-            what: "cannot fork the namespace helper process",
+    ) {
+        kill_and_reap(child);
+        return Err(NsError::Os {
+            what: "cannot set a timeout on the namespace helper socket",
             errno,
-        }),
-        Ok(ForkResult::Child) => {
-            drop(parent_sock);
-            exit_child(|| {
-                // Undumpable before anything of the guest's is joined.
-                let _ = confine::undumpable();
-                let mut keep = vec![child_sock.as_raw_fd()];
-                keep.extend(plan.user.iter().chain(&plan.net).map(|f| f.as_raw_fd()));
-                confine::close_all_but(&keep);
-                let report = match helper_main(&plan, setup) {
-                    Ok((fd, mac, name)) => {
-                        let mut payload = Vec::with_capacity(6 + name.len());
-                        payload.extend_from_slice(&mac);
-                        payload.extend_from_slice(&name);
-                        return match send_with_fd(
-                            child_sock.as_fd(),
-                            &report::encode_ok(&payload),
-                            Some(fd.as_fd()),
-                        ) {
-                            Ok(()) => 0,
-                            Err(_) => 1,
-                        };
-                    }
-                    Err(e) => e.encode(),
-                };
-                match send_with_fd(child_sock.as_fd(), &report, None) {
-                    Ok(()) => 0,
-                    Err(_) => 1,
-                }
-            })
-        }
-        Ok(ForkResult::Parent { child }) => {
-            drop(child_sock);
-            drop(plan);
-            parent_side(child, parent_sock.as_fd(), target, setup)
-        }
+        });
     }
+    parent_side(child, parent_sock.as_fd(), target, setup)
 }
 
 /// Receives the helper's answer, reaps it and builds the result.

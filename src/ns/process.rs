@@ -1,13 +1,56 @@
-//! Helper-process plumbing shared by the TAP opener and `rnet run`: running
-//! the child side of a fork to `_exit`, reaping children, and describing how
-//! a child ended.
+//! Helper-process plumbing shared by the TAP opener, the agent launcher and
+//! `rnet run`: forking a helper with a socket pair to it, running the child
+//! side of a fork to `_exit`, reaping children, and describing how a child
+//! ended.
 
-use std::os::fd::RawFd;
+use std::os::fd::{OwnedFd, RawFd};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use nix::errno::Errno;
+use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
 use nix::sys::wait::{WaitStatus, waitpid};
-use nix::unistd::Pid;
+use nix::unistd::{ForkResult, Pid, fork};
+
+/// Forks a helper process joined to its parent by a close-on-exec
+/// SOCK_SEQPACKET pair. The child gets its end and runs `child` to `_exit`
+/// (through [`exit_child`]); the parent gets the child's pid and its own
+/// end, with `parent_flags` (e.g. `SOCK_NONBLOCK`) applied. Whatever
+/// `child` captured is dropped in the parent, so descriptors meant only for
+/// the helper close on the parent's side once it runs.
+///
+/// The caller must be in a state where forking is sound: `child` may only
+/// make system calls and small allocations (no lock of another thread's may
+/// be needed), which is what every helper here does.
+pub(crate) fn fork_helper(
+    parent_flags: SockFlag,
+    child: impl FnOnce(OwnedFd) -> i32,
+) -> Result<(Pid, OwnedFd), Errno> {
+    let (parent_end, child_end) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )?;
+    if parent_flags.contains(SockFlag::SOCK_NONBLOCK) {
+        nix::fcntl::fcntl(
+            &parent_end,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )?;
+    }
+    // SAFETY: the child branch runs only `child` (system calls and small
+    // allocations, as this function's contract requires) and leaves through
+    // `exit_child`'s `_exit`; it never returns into the caller's frames.
+    match unsafe { fork() }? {
+        ForkResult::Child => {
+            drop(parent_end);
+            exit_child(|| child(child_end))
+        }
+        ForkResult::Parent { child: pid } => {
+            drop(child_end);
+            Ok((pid, parent_end))
+        }
+    }
+}
 
 /// Exit code of a helper whose code panicked.
 const PANIC_EXIT: i32 = 101;

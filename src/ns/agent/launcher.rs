@@ -34,15 +34,15 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{Signal, kill};
-use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+use nix::sys::socket::SockFlag;
 use nix::sys::wait::{WaitPidFlag, waitpid};
-use nix::unistd::{ForkResult, Pid, fork, getpid, getppid};
+use nix::unistd::{Pid, getpid, getppid};
 
 use super::confine;
 use super::{Agent, AgentOptions, agent_main, reset_signals};
 use crate::ns::fdpass::{recv_with_fd, send_with_fd};
 use crate::ns::nsfile::{JoinPlan, open_target};
-use crate::ns::process::{exit_child, kill_and_reap};
+use crate::ns::process::{fork_helper, kill_and_reap};
 use crate::ns::{NsError, Target};
 
 /// How long the blocking helpers wait for the launcher or a new agent.
@@ -81,49 +81,28 @@ impl Launcher {
             what: "cannot open /dev/null for the namespace agent",
             errno,
         })?;
-        let (parent_sock, child_sock) = socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-        )
+        let parent = getpid();
+        let (child, parent_sock) = fork_helper(SockFlag::SOCK_NONBLOCK, |child_sock| {
+            launcher_main(parent, plan, child_sock, null, opts)
+        })
         .map_err(|errno| NsError::Os {
-            what: "cannot create a socket pair for the agent launcher",
+            what: "cannot fork the agent launcher",
             errno,
         })?;
-        let parent = getpid();
-        // SAFETY: the child runs only `launcher_main` (system calls and
-        // small allocations; no lock of ours is taken) and leaves through
-        // `exit_child`'s `_exit`.
-        match unsafe { fork() } {
-            Err(errno) => Err(NsError::Os {
-                what: "cannot fork the agent launcher",
-                errno,
+        let launcher = Launcher {
+            pid: child,
+            sock: parent_sock,
+            target: target.clone(),
+        };
+        let mut buf = [0u8; 8];
+        match launcher.recv_blocking(&mut buf, START_TIMEOUT) {
+            Ok((1, None)) if buf[0] == b'L' => Ok(Arc::new(launcher)),
+            Ok(_) => Err(NsError::Helper {
+                detail: "the agent launcher sent a bad start report".to_owned(),
             }),
-            Ok(ForkResult::Child) => {
-                drop(parent_sock);
-                exit_child(|| launcher_main(parent, plan, child_sock, null, opts))
-            }
-            Ok(ForkResult::Parent { child }) => {
-                drop(child_sock);
-                drop(plan);
-                drop(null);
-                let launcher = Launcher {
-                    pid: child,
-                    sock: parent_sock,
-                    target: target.clone(),
-                };
-                let mut buf = [0u8; 8];
-                match launcher.recv_blocking(&mut buf, START_TIMEOUT) {
-                    Ok((1, None)) if buf[0] == b'L' => Ok(Arc::new(launcher)),
-                    Ok(_) => Err(NsError::Helper {
-                        detail: "the agent launcher sent a bad start report".to_owned(),
-                    }),
-                    Err(detail) => Err(NsError::Helper {
-                        detail: format!("the agent launcher {detail}"),
-                    }),
-                }
-            }
+            Err(detail) => Err(NsError::Helper {
+                detail: format!("the agent launcher {detail}"),
+            }),
         }
     }
 
@@ -357,21 +336,9 @@ fn start_agent(
     null: &OwnedFd,
     opts: AgentOptions,
 ) -> Result<(Pid, OwnedFd), Errno> {
-    let (rnet_end, agent_end) = socketpair(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        None,
-        SockFlag::SOCK_CLOEXEC,
-    )?;
-    // SAFETY: the launcher is single-threaded; the child runs `agent_main`
-    // and leaves through `exit_child`.
-    match unsafe { fork() }? {
-        // The agent closes everything but its own socket (the launcher's
-        // included) first thing.
-        ForkResult::Child => exit_child(|| agent_main(me, plan, agent_end, null.as_raw_fd(), opts)),
-        ForkResult::Parent { child } => {
-            drop(agent_end);
-            Ok((child, rnet_end))
-        }
-    }
+    // The agent closes everything but its own socket (the launcher's
+    // included) first thing.
+    fork_helper(SockFlag::empty(), |agent_end| {
+        agent_main(me, plan, agent_end, null.as_raw_fd(), opts)
+    })
 }

@@ -81,8 +81,8 @@ use socket2::{Domain, Protocol, Socket, Type};
 use super::fdpass::{recv_with_fd, send_with_fd};
 use super::netlink::RtNetlink;
 use super::nsfile::{JoinPlan, clone_flag};
-use super::report::{self, ChildError, MAX_REPORT, Report, Step};
 use super::open_tap::tap_error;
+use super::report::{self, ChildError, MAX_REPORT, Report, Step};
 use super::{NsError, NsKind, Target};
 use crate::ports::Proto;
 
