@@ -17,19 +17,7 @@ use nix::unistd::Pid;
 
 use super::*;
 
-/// Whether the environment demands that these tests run.
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-}
-
-/// Skips (returns false) when a prerequisite is missing outside CI.
-fn require(ok: bool, why: &str) -> bool {
-    if !ok {
-        assert!(!in_ci(), "CI=true but {why}");
-        eprintln!("skipping: {why}");
-    }
-    ok
-}
+use super::test_env::require;
 
 fn tools_present() -> bool {
     let have = |t: &str, flag: &str| {

@@ -30,6 +30,8 @@ mod spawn;
 
 #[cfg(test)]
 mod e2e_tests;
+#[cfg(test)]
+mod test_env;
 
 pub use agent::{Agent, AgentError, Launcher, Reply, Submit};
 pub use error::{NsError, NsKind};

@@ -1279,19 +1279,7 @@ mod tests {
 
     const GUEST: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 100);
 
-    /// Whether the environment demands that these tests run.
-    fn in_ci() -> bool {
-        std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-    }
-
-    /// Skips (returns false) when a prerequisite is missing outside CI.
-    fn require(ok: bool, why: &str) -> bool {
-        if !ok {
-            assert!(!in_ci(), "CI=true but {why}");
-            eprintln!("skipping: {why}");
-        }
-        ok
-    }
+    use crate::ns::test_env::require;
 
     /// A `sleep` in fresh user + network namespaces with a configured tap0,
     /// or None (skip) if user namespaces are unavailable.
