@@ -23,6 +23,7 @@ mod error;
 pub mod fdpass;
 mod netlink;
 mod nsfile;
+pub mod opener;
 mod process;
 mod report;
 mod spawn;
