@@ -70,36 +70,51 @@ impl FromStr for AutoPublish {
     }
 }
 
-/// Parses one `/proc/net/{tcp,udp}{,6}` table into (local address, state).
+/// Parses one `/proc/net/{tcp,udp}{,6}` table into (local address, state);
+/// malformed lines are skipped. The one parser of these tables in rnet
+/// (the namespace agent and pasta mode's `-T/-U auto` use it too).
 pub fn parse_table(text: &str) -> Vec<(SocketAddr, u8)> {
     text.lines()
         .skip(1)
         .filter_map(|line| {
             let mut f = line.split_whitespace();
             let _slot = f.next()?;
-            let local = f.next()?;
+            let local = parse_hex_endpoint(f.next()?)?;
             let _remote = f.next()?;
             let state = u8::from_str_radix(f.next()?, 16).ok()?;
-            let (addr, port) = local.split_once(':')?;
-            let port = u16::from_str_radix(port, 16).ok()?;
-            let ip = match addr.len() {
-                8 => IpAddr::V4(Ipv4Addr::from(
-                    u32::from_str_radix(addr, 16).ok()?.swap_bytes(),
-                )),
-                32 => {
-                    // Four 32-bit words, each in host (little-endian) order.
-                    let mut b = [0u8; 16];
-                    for (i, chunk) in b.chunks_mut(4).enumerate() {
-                        let w = u32::from_str_radix(addr.get(i * 8..i * 8 + 8)?, 16).ok()?;
-                        chunk.copy_from_slice(&w.swap_bytes().to_be_bytes());
-                    }
-                    IpAddr::V6(Ipv6Addr::from(b))
-                }
-                _ => return None,
-            };
-            Some((SocketAddr::new(ip, port), state))
+            Some((local, state))
         })
         .collect()
+}
+
+/// Parses `0100007F:0016` or the 32-hex-digit IPv6 form. The kernel prints
+/// the address as native-endian 32-bit words of the network-order bytes,
+/// and the port in host order.
+pub fn parse_hex_endpoint(s: &str) -> Option<SocketAddr> {
+    let (addr, port) = s.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let word = |h: &str| u32::from_str_radix(h, 16).ok().map(u32::to_ne_bytes);
+    let ip = match addr.len() {
+        8 => IpAddr::V4(Ipv4Addr::from(word(addr)?)),
+        32 => {
+            let mut bytes = [0u8; 16];
+            for (i, chunk) in bytes.chunks_mut(4).enumerate() {
+                chunk.copy_from_slice(&word(addr.get(i * 8..i * 8 + 8)?)?);
+            }
+            IpAddr::V6(Ipv6Addr::from(bytes))
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+/// The state a listening socket shows: LISTEN for TCP, CLOSE (bound, not
+/// connected) for UDP.
+pub fn listen_state(proto: Proto) -> u8 {
+    match proto {
+        Proto::Tcp => TCP_LISTEN,
+        Proto::Udp => UDP_UNCONNECTED,
+    }
 }
 
 const TCP_LISTEN: u8 = 0x0a;
@@ -110,34 +125,16 @@ const UDP_UNCONNECTED: u8 = 0x07;
 fn scan(tables: &Tables) -> BTreeSet<(Proto, u16)> {
     let ephemeral_start = tables.ephemeral_start;
     let mut out = BTreeSet::new();
-    for (file, proto, state) in [
-        ("tcp", Proto::Tcp, TCP_LISTEN),
-        ("tcp6", Proto::Tcp, TCP_LISTEN),
-        ("udp", Proto::Udp, UDP_UNCONNECTED),
-        ("udp6", Proto::Udp, UDP_UNCONNECTED),
-    ] {
-        let Ok(text) = tables.net.read_capped(file, TABLE_CAP) else {
-            continue;
-        };
-        let (text, cut) = whole_lines(text, TABLE_CAP);
-        if cut {
-            debug!(
-                file,
-                cap = TABLE_CAP,
-                "socket table longer than the cap; the rest is not scanned"
-            );
-        }
-        for (addr, st) in parse_table(&text) {
-            let reachable = match addr.ip() {
-                IpAddr::V4(ip) => !ip.is_loopback(),
-                IpAddr::V6(ip) => {
-                    !ip.is_loopback() && ip.to_ipv4_mapped().is_none_or(|v4| !v4.is_loopback())
-                }
-            };
-            let service = proto == Proto::Tcp || addr.port() < ephemeral_start;
-            if st == state && reachable && service {
-                out.insert((proto, addr.port()));
+    for (proto, addr) in tables.listening() {
+        let reachable = match addr.ip() {
+            IpAddr::V4(ip) => !ip.is_loopback(),
+            IpAddr::V6(ip) => {
+                !ip.is_loopback() && ip.to_ipv4_mapped().is_none_or(|v4| !v4.is_loopback())
             }
+        };
+        let service = proto == Proto::Tcp || addr.port() < ephemeral_start;
+        if reachable && service {
+            out.insert((proto, addr.port()));
         }
     }
     out
@@ -254,6 +251,38 @@ impl Tables {
             net: crate::sandbox::KeptDir::open(std::path::Path::new(&format!("/proc/{pid}/net")))?,
             ephemeral_start: ephemeral_start(pid),
         })
+    }
+
+    /// Every listening TCP socket and bound, unconnected UDP socket the
+    /// tables show now (a table that cannot be read shows nothing).
+    pub fn listening(&self) -> Vec<(Proto, SocketAddr)> {
+        let mut out = Vec::new();
+        for (file, proto) in [
+            ("tcp", Proto::Tcp),
+            ("tcp6", Proto::Tcp),
+            ("udp", Proto::Udp),
+            ("udp6", Proto::Udp),
+        ] {
+            let Ok(text) = self.net.read_capped(file, TABLE_CAP) else {
+                continue;
+            };
+            let (text, cut) = whole_lines(text, TABLE_CAP);
+            if cut {
+                debug!(
+                    file,
+                    cap = TABLE_CAP,
+                    "socket table longer than the cap; the rest is not scanned"
+                );
+            }
+            let want = listen_state(proto);
+            out.extend(
+                parse_table(&text)
+                    .into_iter()
+                    .filter(|(_, st)| *st == want)
+                    .map(|(a, _)| (proto, a)),
+            );
+        }
+        out
     }
 }
 

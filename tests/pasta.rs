@@ -436,9 +436,25 @@ fn command_line_texts_and_failures() {
                 "10.0.2.2",
                 "-U",
                 "auto",
+                "-U",
+                "5353",
                 "1",
             ],
-            "-U none",
+            "-U auto cannot be combined with other -U port specs",
+        ),
+        (
+            vec![
+                "-a",
+                "10.0.2.100",
+                "-n",
+                "24",
+                "-g",
+                "10.0.2.2",
+                "-T",
+                "127.0.0.1%lo/5432",
+                "1",
+            ],
+            "-T: an interface (%lo) cannot be given",
         ),
         (
             vec![
@@ -727,4 +743,148 @@ fn no_tcp_udp_icmp_turn_services_off() {
         (true, false, true),
         "--no-udp: DNS over UDP is gone, TCP and ICMP stay"
     );
+}
+
+/// Processes started from the `pasta` symlink (their name) that are in the
+/// network namespace of `pid`.
+fn pastas_in_netns_of(pid: u32) -> Vec<u32> {
+    let Ok(ns) = std::fs::read_link(format!("/proc/{pid}/ns/net")) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let status = std::fs::read_to_string(format!("/proc/{p}/status")).unwrap_or_default();
+        let named = status.lines().next() == Some("Name:\tpasta");
+        if named && std::fs::read_link(format!("/proc/{p}/ns/net")).ok() == Some(ns.clone()) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// One field of /proc/PID/status.
+fn status_field(pid: u32, name: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .unwrap_or("")
+        .trim()
+        .to_string()
+}
+
+/// A UDP echo on the host's 127.0.0.1:`port`.
+fn udp_echo_on(port: u16) -> std::net::UdpSocket {
+    let s = std::net::UdpSocket::bind(("127.0.0.1", port)).unwrap();
+    let echo = s.try_clone().unwrap();
+    std::thread::spawn(move || {
+        let mut b = [0u8; 2048];
+        while let Ok((n, peer)) = echo.recv_from(&mut b) {
+            let _ = echo.send_to(&b[..n], peer);
+        }
+    });
+    s
+}
+
+/// `-T auto -U auto`: host servers started after rnet are reached from the
+/// namespace's 127.0.0.1 on the same port within seconds; every rnet
+/// process inside the namespace is confined.
+fn ns_auto(test: &str, nobody: bool) {
+    if !require_userns(test) {
+        return;
+    }
+    if nobody && !is_root() {
+        eprintln!("SKIP {test}: needs root to become uid 65534");
+        assert!(!in_ci(), "{test}: CI runs the tests as root");
+        return;
+    }
+    let dns = DnsServer::start();
+    let prefix: &[&str] = if nobody { NOBODY_PREFIX } else { &[] };
+    let t = Target::start_via(prefix, &["-Urn"]);
+    let pid = t.pid().to_string();
+    let mut cmd = as_user(pasta_bin().to_str().unwrap(), nobody);
+    policy_env(&mut cmd, ALLOW_NONE, &dns);
+    cmd.args([
+        "--config-net",
+        "-a",
+        "10.0.2.100",
+        "-n",
+        "24",
+        "-g",
+        "10.0.2.2",
+        "--no-map-gw",
+        "-T",
+        "auto",
+        "-U",
+        "auto",
+        &pid,
+    ]);
+    let out = run(&mut cmd, secs(20));
+    assert_eq!(out.code(), Some(0), "pasta did not start: {out}");
+    // Servers that start after rnet.
+    let port = free_service_block(2);
+    let http = HttpServer::on(std::net::TcpListener::bind(("127.0.0.1", port)).unwrap());
+    let _echo = udp_echo_on(port + 1);
+    let url = format!("http://127.0.0.1:{port}/");
+    let mut last = String::new();
+    let ok = eventually(secs(10), || {
+        let c = run(&mut t.exec(&strs(&curl(&url))), secs(10));
+        last = c.to_string();
+        c.code() == Some(0) && c.stdout == HTTP_BODY
+    });
+    assert!(ok, "-T auto: {url} never answered inside: {last}");
+    assert!(http.hits() >= 1);
+    let probe = format!(
+        "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); \
+         s.settimeout(0.5); s.sendto(b'rnet-U-auto', ('127.0.0.1', {})); \
+         print(s.recvfrom(100)[0].decode())",
+        port + 1
+    );
+    let ok = eventually(secs(10), || {
+        let u = run(&mut t.exec(&[PYTHON, "-c", &probe]), secs(10));
+        last = u.to_string();
+        u.code() == Some(0) && u.stdout.trim() == "rnet-U-auto"
+    });
+    assert!(
+        ok,
+        "-U auto: no echo from the host's port {}: {last}",
+        port + 1
+    );
+    // Every rnet process in the namespace: seccomp filter, no_new_privs,
+    // at most CAP_NET_ADMIN and CAP_NET_BIND_SERVICE, an empty root; the
+    // socket opener among them with CAP_NET_BIND_SERVICE alone.
+    let inside = pastas_in_netns_of(t.pid());
+    assert!(!inside.is_empty(), "no rnet process in the namespace");
+    let allowed: u64 = (1 << 12) | (1 << 10);
+    let mut opener = false;
+    for p in &inside {
+        assert_eq!(status_field(*p, "Seccomp"), "2", "pid {p}");
+        assert_eq!(status_field(*p, "NoNewPrivs"), "1", "pid {p}");
+        let caps = u64::from_str_radix(&status_field(*p, "CapEff"), 16).unwrap();
+        assert_eq!(caps & !allowed, 0, "pid {p}: CapEff {caps:x}");
+        opener |= caps == 1 << 10;
+        let root: Vec<_> = std::fs::read_dir(format!("/proc/{p}/root"))
+            .unwrap()
+            .collect();
+        assert!(root.is_empty(), "pid {p}: root not empty: {root:?}");
+    }
+    assert!(opener, "no socket opener among {inside:?}");
+    drop(t);
+    assert!(
+        eventually(secs(10), || our_pastas(&pid).is_empty()),
+        "pasta still running after its target exited"
+    );
+}
+
+#[test]
+fn ns_auto_root() {
+    ns_auto("ns_auto_root", false);
+}
+
+#[test]
+fn ns_auto_as_nobody() {
+    ns_auto("ns_auto_as_nobody", true);
 }

@@ -24,6 +24,7 @@ pub mod fdpass;
 mod netlink;
 mod nsfile;
 mod open_tap;
+pub mod opener;
 mod process;
 mod report;
 mod spawn;

@@ -67,7 +67,7 @@ pub use launcher::Launcher;
 
 use std::collections::{HashMap, HashSet};
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
@@ -1169,43 +1169,12 @@ impl AgentState {
 /// that listen: state 0A (LISTEN) for TCP, 07 (CLOSE, i.e. bound and not
 /// connected) for UDP. Malformed lines are skipped.
 fn parse_proc_net(text: &str, proto: Proto) -> Vec<SocketAddr> {
-    let want = match proto {
-        Proto::Tcp => "0A",
-        Proto::Udp => "07",
-    };
-    text.lines()
-        .skip(1)
-        .filter_map(|line| {
-            let mut fields = line.split_whitespace();
-            let local = fields.nth(1)?;
-            let state = fields.nth(1)?;
-            if !state.eq_ignore_ascii_case(want) {
-                return None;
-            }
-            parse_hex_endpoint(local)
-        })
+    let want = crate::autopub::listen_state(proto);
+    crate::autopub::parse_table(text)
+        .into_iter()
+        .filter(|(_, st)| *st == want)
+        .map(|(a, _)| a)
         .collect()
-}
-
-/// Parses `0100007F:0016` or the 32-hex-digit IPv6 form. The kernel prints
-/// the address as native-endian 32-bit words of the network-order bytes,
-/// and the port in host order.
-fn parse_hex_endpoint(s: &str) -> Option<SocketAddr> {
-    let (addr, port) = s.split_once(':')?;
-    let port = u16::from_str_radix(port, 16).ok()?;
-    let word = |h: &str| u32::from_str_radix(h, 16).ok().map(u32::to_ne_bytes);
-    let ip = match addr.len() {
-        8 => IpAddr::V4(Ipv4Addr::from(word(addr)?)),
-        32 => {
-            let mut bytes = [0u8; 16];
-            for (i, chunk) in bytes.chunks_mut(4).enumerate() {
-                chunk.copy_from_slice(&word(addr.get(i * 8..i * 8 + 8)?)?);
-            }
-            IpAddr::V6(Ipv6Addr::from(bytes))
-        }
-        _ => return None,
-    };
-    Some(SocketAddr::new(ip, port))
 }
 
 /// Appends the listing entries: protocol (`t`/`u`), family (4/6), address,

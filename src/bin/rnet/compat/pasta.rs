@@ -55,8 +55,10 @@
 //! # What differs from pasta
 //!
 //! Published ports keep the client's address (a client on the host's
-//! loopback appears as the gateway); `-T` and `-U` take explicit ports
-//! only, not `auto` ([`super::pasta_fwd`]); `-t all`
+//! loopback appears as the gateway); `-T auto` / `-U auto` follow the
+//! host's listening sockets every second, at most 128 ports per protocol,
+//! leaving out rnet's own `-t/-u` ports and (UDP) the host's ephemeral
+//! range ([`super::pasta_fwd`]); `-t all`
 //! publishes every non-ephemeral port and fails if one is taken;
 //! `--outbound-if4` binds to that interface's address; `--no-tcp`,
 //! `--no-udp`, `--no-icmp`, `--no-dhcp`, `--no-ndp` and `--no-ra` turn off
@@ -397,20 +399,27 @@ pub fn build_config(o: &PastaOptions) -> Result<Config, String> {
 }
 
 /// The `-T` (TCP) and `-U` (UDP) ports: the namespace's loopback to the
-/// host's loopback.
+/// host's loopback (`auto` is [`auto_reverse`]'s).
 pub fn reverse_ports(o: &PastaOptions) -> Result<Vec<Reverse>, String> {
     let mut out = Vec::new();
     for (proto, opt, forwards) in [(Proto::Tcp, "-T", &o.tcp_ns), (Proto::Udp, "-U", &o.udp_ns)] {
+        let auto = forwards.contains(&PortForward::Auto);
+        let ports = forwards.iter().any(|f| matches!(f, PortForward::Ports(_)));
+        if auto && ports {
+            return Err(format!(
+                "{opt} auto cannot be combined with other {opt} port specs"
+            ));
+        }
         for f in forwards {
             match f {
-                PortForward::None => {}
-                PortForward::Auto => {
-                    return Err(format!(
-                        "{opt} auto is not supported by rnet; give the ports ({opt} 5432,8080:80) or {opt} none"
-                    ));
-                }
+                PortForward::None | PortForward::Auto => {}
                 PortForward::Ports(set) => {
-                    if set.addr.is_some_and(|a| !a.is_loopback()) || set.iface.is_some() {
+                    if let Some(i) = &set.iface {
+                        return Err(format!(
+                            "{opt}: an interface (%{i}) cannot be given for the namespace's loopback ports"
+                        ));
+                    }
+                    if set.addr.is_some_and(|a| !a.is_loopback()) {
                         return Err(format!(
                             "{opt}: rnet listens on the namespace's 127.0.0.1 only, not {}",
                             set.addr.map_or_else(String::new, |a| a.to_string())
@@ -430,6 +439,33 @@ pub fn reverse_ports(o: &PastaOptions) -> Result<Vec<Reverse>, String> {
         }
     }
     Ok(out)
+}
+
+/// `-T auto` / `-U auto`, if given: what to follow and what to leave out
+/// (rnet's own published ports, from `-t/-u`).
+pub fn auto_reverse(o: &PastaOptions) -> Option<pasta_fwd::AutoReverse> {
+    let tcp = o.tcp_ns.contains(&PortForward::Auto);
+    let udp = o.udp_ns.contains(&PortForward::Auto);
+    if !tcp && !udp {
+        return None;
+    }
+    let eph = ephemeral_range();
+    let mut excluded = Vec::new();
+    for (proto, list) in [(Proto::Tcp, &o.tcp), (Proto::Udp, &o.udp)] {
+        for f in list {
+            if let PortForward::Ports(set) = f {
+                for m in set.expand(eph) {
+                    excluded.extend((0..m.count).map(|i| (proto, m.host + i)));
+                }
+            }
+        }
+    }
+    Some(pasta_fwd::AutoReverse {
+        tcp,
+        udp,
+        excluded,
+        ephemeral: eph,
+    })
 }
 
 /// Logs what is accepted but not acted on.
@@ -465,8 +501,8 @@ fn log_accepted(o: &PastaOptions) {
 /// `pasta [OPTIONS] [COMMAND...]`: new namespaces, in front.
 fn run_command(o: &PastaOptions, argv: &[String]) -> Result<u8, String> {
     let config = build_config(o)?;
-    if !reverse_ports(o)?.is_empty() {
-        return Err("-T needs a PID or --netns target (not a command)".into());
+    if !reverse_ports(o)?.is_empty() || auto_reverse(o).is_some() {
+        return Err("-T/-U need a PID or --netns target (not a command)".into());
     }
     log_accepted(o);
     let argv: Vec<OsString> = if argv.is_empty() {
@@ -580,10 +616,23 @@ fn serve(o: &PastaOptions, ready: Option<&mut File>) -> Result<(), String> {
         Shape::Netns { path, userns } => Target::Pid(spawn_anchor(path, userns.as_deref())?),
         Shape::Command(_) => unreachable!("commands run in front"),
     };
-    let reverse = match &target {
-        Target::Pid(pid) => pasta_fwd::open_listeners(*pid, &reverse_ports(o)?)?,
-        Target::Path { .. } => Vec::new(),
-    };
+    let explicit = reverse_ports(o)?;
+    let auto = auto_reverse(o);
+    let mut reverse = Vec::new();
+    let mut follow = None;
+    if let Target::Pid(pid) = &target
+        && (!explicit.is_empty() || auto.is_some())
+    {
+        // The opener stays alive (confined, in the namespace) only for
+        // `auto`, where ports appear later.
+        let opener = rnet::ns::opener::Opener::spawn(*pid).map_err(|e| format!("-T/-U: {e}"))?;
+        reverse = pasta_fwd::open_listeners(&opener, &explicit)?;
+        if let Some(a) = auto {
+            let tables = rnet::autopub::Tables::open(std::process::id() as i32)
+                .map_err(|e| format!("-T/-U auto: the host's socket tables: {e}"))?;
+            follow = Some((a, tables, opener));
+        }
+    }
     log_accepted(o);
     let sigs = block_signals()?;
     let net = match Network::attach(target, config) {
@@ -596,6 +645,9 @@ fn serve(o: &PastaOptions, ready: Option<&mut File>) -> Result<(), String> {
         }
     };
     pasta_fwd::serve(reverse);
+    if let Some((a, tables, opener)) = follow {
+        pasta_fwd::watch_auto(a, tables, opener);
+    }
     if let Some(w) = ready {
         let _ = w.write_all(b"1");
     }
@@ -833,12 +885,21 @@ mod tests {
                 }
             ]
         );
-        assert!(reverse_ports(&opts(&["-T", "auto", "1"])).is_err());
+        assert_eq!(reverse_ports(&opts(&["-T", "auto", "1"])), Ok(vec![]));
         assert!(
-            reverse_ports(&opts(&["-U", "auto", "1"]))
+            reverse_ports(&opts(&["-U", "auto", "-U", "53", "1"]))
                 .unwrap_err()
-                .contains("-U none")
+                .contains("-U auto cannot be combined")
         );
+        assert!(
+            reverse_ports(&opts(&["-T", "%lo/80", "1"]))
+                .unwrap_err()
+                .contains("%lo")
+        );
+        let a = auto_reverse(&opts(&["-t", "8080", "-T", "auto", "1"])).unwrap();
+        assert!(a.tcp && !a.udp);
+        assert_eq!(a.excluded, vec![(Proto::Tcp, 8080)]);
+        assert!(auto_reverse(&opts(&["-T", "80", "1"])).is_none());
         assert!(reverse_ports(&opts(&["-T", "192.0.2.1/80", "1"])).is_err());
     }
 }

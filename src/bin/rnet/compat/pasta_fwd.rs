@@ -2,11 +2,16 @@
 //! forwarded to the same (or the `:TARGET`) ports of the host's loopback.
 //!
 //! Before rnet attaches (while the process is still single-threaded and not
-//! sandboxed), a forked child joins the target's user and network
-//! namespaces, opens one socket per port on the namespace's 127.0.0.1 (with
-//! `IP_FREEBIND`, as `lo` may still be down; listening for TCP, bound for
-//! UDP) and hands the descriptors back over a socket pair (SCM_RIGHTS). The
-//! sockets stay in the namespace; rnet serves them from outside:
+//! sandboxed), a confined socket opener ([`rnet::ns::opener`]) joins the
+//! target's user and network namespaces and opens one socket per port on
+//! the namespace's 127.0.0.1 (with `IP_FREEBIND`, as `lo` may still be
+//! down; listening for TCP, bound for UDP), handing the descriptors back
+//! over a socket pair (SCM_RIGHTS). With explicit ports it exits once they
+//! are open; with `auto` it stays, and [`watch_auto`] reads the host's
+//! socket tables every [`AUTO_SCAN`] and asks it for each new port (at most
+//! [`MAX_AUTO_PORTS`] per protocol), shutting a socket down when the
+//! host's port goes away. The sockets stay in the namespace; rnet serves
+//! them from outside:
 //!
 //! - TCP: each accepted connection is connected to the host's 127.0.0.1
 //!   from rnet's own network namespace, with one pair of copying threads;
@@ -20,22 +25,18 @@
 //!   kept (datagrams of further clients are dropped and logged at most
 //!   every 10 s).
 
+use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
-use std::os::fd::{AsFd, OwnedFd};
-use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use nix::sys::socket::{
-    AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, bind, listen, setsockopt, socket,
-    socketpair, sockopt,
-};
-use nix::unistd::ForkResult;
 use rnet::Proto;
-use rnet::ns::fdpass;
+use rnet::autopub::Tables;
+use rnet::ns::opener::Opener;
 use tracing::{debug, info, warn};
 
 /// Concurrent `-T` connections per port.
@@ -60,131 +61,48 @@ pub enum Opened {
     Udp(Reverse, UdpSocket),
 }
 
-/// Opens the namespace-side sockets for `ports` in PID's namespaces.
-pub fn open_listeners(pid: i32, ports: &[Reverse]) -> Result<Vec<Opened>, String> {
-    if ports.is_empty() {
-        return Ok(Vec::new());
+/// Opens the namespace-side sockets for `ports` through `opener`.
+pub fn open_listeners(opener: &Opener, ports: &[Reverse]) -> Result<Vec<Opened>, String> {
+    let mut out = Vec::with_capacity(ports.len());
+    for p in ports {
+        let fd = opener
+            .open(p.proto, p.ns_port)
+            .map_err(|e| format!("-T/-U: {e}"))?;
+        out.push(open_as(*p, fd));
     }
-    let user_path = format!("/proc/{pid}/ns/user");
-    let join_user =
-        !rnet::ns::same_userns(Path::new(&user_path)).map_err(|e| format!("{user_path}: {e}"))?;
-    let user = std::fs::File::open(&user_path).map_err(|e| format!("{user_path}: {e}"))?;
-    let net_path = format!("/proc/{pid}/ns/net");
-    let net = std::fs::File::open(&net_path).map_err(|e| format!("{net_path}: {e}"))?;
-    let (ours, theirs) = socketpair(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        None,
-        SockFlag::SOCK_CLOEXEC,
-    )
-    .map_err(|e| format!("socketpair: {e}"))?;
-    // SAFETY: called before any thread is started (see the module header),
-    // so the child may do anything the parent could.
-    match unsafe { nix::unistd::fork() }.map_err(|e| format!("fork: {e}"))? {
-        ForkResult::Child => {
-            drop(ours);
-            let code = match child(&theirs, join_user, &user, &net, ports) {
-                Ok(()) => 0,
-                Err(msg) => {
-                    let _ =
-                        fdpass::send_with_fd(theirs.as_fd(), format!("E{msg}").as_bytes(), None);
-                    1
-                }
-            };
-            std::process::exit(code);
-        }
-        ForkResult::Parent { child } => {
-            drop(theirs);
-            let mut out = Vec::with_capacity(ports.len());
-            let mut failure = None;
-            for p in ports {
-                let mut buf = [0u8; 512];
-                match fdpass::recv_with_fd(ours.as_fd(), &mut buf) {
-                    Ok(r) if r.len > 0 && buf[0] == b'E' => {
-                        failure = Some(String::from_utf8_lossy(&buf[1..r.len]).into_owned());
-                        break;
-                    }
-                    Ok(r) => match r.fd {
-                        Some(fd) => out.push(match p.proto {
-                            Proto::Tcp => Opened::Tcp(*p, TcpListener::from(fd)),
-                            Proto::Udp => Opened::Udp(*p, UdpSocket::from(fd)),
-                        }),
-                        None => {
-                            failure = Some("the child in the namespace ended early".into());
-                            break;
-                        }
-                    },
-                    Err(e) => {
-                        failure = Some(format!("receiving a listener: {e}"));
-                        break;
-                    }
-                }
-            }
-            let _ = nix::sys::wait::waitpid(child, None);
-            match failure {
-                Some(f) => Err(format!("-T/-U: {f}")),
-                None => Ok(out),
-            }
-        }
-    }
+    Ok(out)
 }
 
-fn child(
-    sock: &OwnedFd,
-    join_user: bool,
-    user: &std::fs::File,
-    net: &std::fs::File,
-    ports: &[Reverse],
-) -> Result<(), String> {
-    use nix::sched::{CloneFlags, setns};
-    if join_user {
-        setns(user, CloneFlags::CLONE_NEWUSER)
-            .map_err(|e| format!("joining the user namespace: {e}"))?;
+fn open_as(r: Reverse, fd: OwnedFd) -> Opened {
+    match r.proto {
+        Proto::Tcp => Opened::Tcp(r, TcpListener::from(fd)),
+        Proto::Udp => Opened::Udp(r, UdpSocket::from(fd)),
     }
-    setns(net, CloneFlags::CLONE_NEWNET)
-        .map_err(|e| format!("joining the network namespace: {e}"))?;
-    for p in ports {
-        let kind = match p.proto {
-            Proto::Tcp => SockType::Stream,
-            Proto::Udp => SockType::Datagram,
-        };
-        let fd = socket(AddressFamily::Inet, kind, SockFlag::SOCK_CLOEXEC, None)
-            .map_err(|e| format!("socket: {e}"))?;
-        let _ = setsockopt(&fd, sockopt::ReuseAddr, &true);
-        let _ = setsockopt(&fd, sockopt::IpFreebind, &true);
-        let addr = SockaddrIn::from(SocketAddrV4::new(Ipv4Addr::LOCALHOST, p.ns_port));
-        bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr).map_err(|e| {
-            format!(
-                "binding 127.0.0.1:{}/{} in the namespace: {e}",
-                p.ns_port,
-                p.proto.as_str()
-            )
-        })?;
-        if p.proto == Proto::Tcp {
-            listen(&fd, Backlog::new(128).unwrap_or(Backlog::MAXCONN))
-                .map_err(|e| format!("listen on 127.0.0.1:{}: {e}", p.ns_port))?;
-        }
-        fdpass::send_with_fd(sock.as_fd(), b"L", Some(fd.as_fd()))
-            .map_err(|e| format!("passing the listener back: {e}"))?;
-    }
-    Ok(())
 }
 
 /// Serves the sockets on threads of their own until the process exits.
 pub fn serve(opened: Vec<Opened>) {
     for o in opened {
+        start(o, Arc::new(AtomicBool::new(false)));
+    }
+}
+
+/// Serves one socket on a thread of its own until `stop` is set and the
+/// socket shut down.
+fn start(o: Opened, stop: Arc<AtomicBool>) {
+    {
         let (r, spawned) = match o {
             Opened::Tcp(r, l) => (
                 r,
                 std::thread::Builder::new()
                     .name(format!("rnet-tcp-ns-{}", r.ns_port))
-                    .spawn(move || accept_loop(r, l)),
+                    .spawn(move || accept_loop(r, l, stop)),
             ),
             Opened::Udp(r, s) => (
                 r,
                 std::thread::Builder::new()
                     .name(format!("rnet-udp-ns-{}", r.ns_port))
-                    .spawn(move || udp_loop(r, s)),
+                    .spawn(move || udp_loop(r, s, stop)),
             ),
         };
         if let Err(e) = spawned {
@@ -221,7 +139,7 @@ impl Drop for Slot {
     }
 }
 
-fn accept_loop(r: Reverse, l: TcpListener) {
+fn accept_loop(r: Reverse, l: TcpListener, stop: Arc<AtomicBool>) {
     info!(
         ns_port = r.ns_port,
         host_port = r.host_port,
@@ -230,7 +148,11 @@ fn accept_loop(r: Reverse, l: TcpListener) {
     let open = Arc::new(AtomicUsize::new(0));
     let warn_full = Every10s(Mutex::new(None));
     loop {
-        let conn = match l.accept() {
+        let accepted = l.accept();
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let conn = match accepted {
             Ok((c, _)) => c,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
@@ -277,7 +199,7 @@ fn accept_loop(r: Reverse, l: TcpListener) {
 /// The `-U` clients of one port: each client's host socket.
 type Clients = Arc<Mutex<HashMap<SocketAddr, Arc<UdpSocket>>>>;
 
-fn udp_loop(r: Reverse, ns: UdpSocket) {
+fn udp_loop(r: Reverse, ns: UdpSocket, stop: Arc<AtomicBool>) {
     info!(
         ns_port = r.ns_port,
         host_port = r.host_port,
@@ -289,7 +211,11 @@ fn udp_loop(r: Reverse, ns: UdpSocket) {
     let host = SocketAddrV4::new(Ipv4Addr::LOCALHOST, r.host_port);
     let mut buf = vec![0u8; 65536];
     loop {
-        let (n, client) = match ns.recv_from(&mut buf) {
+        let received = ns.recv_from(&mut buf);
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let (n, client) = match received {
             Ok(v) => v,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
@@ -377,4 +303,166 @@ fn pump(mut from: TcpStream, mut to: TcpStream) {
     }
     let _ = to.shutdown(Shutdown::Write);
     let _ = from.shutdown(Shutdown::Read);
+}
+
+/// Ports forwarded at most per protocol by `-T auto` / `-U auto`.
+pub const MAX_AUTO_PORTS: usize = 128;
+/// How often `-T/-U auto` reads the host's socket tables.
+pub const AUTO_SCAN: Duration = Duration::from_secs(1);
+
+/// What `-T auto` / `-U auto` follow.
+pub struct AutoReverse {
+    /// `-T auto`: the host's listening TCP ports.
+    pub tcp: bool,
+    /// `-U auto`: the host's bound UDP ports (and, as pasta does, the
+    /// listening TCP port numbers).
+    pub udp: bool,
+    /// Ports never forwarded: rnet's own published host ports, per
+    /// protocol.
+    pub excluded: Vec<(Proto, u16)>,
+    /// The host's ephemeral port range (inclusive): UDP ports in it are
+    /// rnet's own NAT sockets and other clients, not services.
+    pub ephemeral: (u16, u16),
+}
+
+/// The ports `-T/-U auto` want now, given the host's listening sockets.
+pub fn auto_wanted(a: &AutoReverse, listening: &[(Proto, SocketAddr)]) -> Vec<(Proto, u16)> {
+    let mut want: std::collections::BTreeSet<(Proto, u16)> = Default::default();
+    for (proto, addr) in listening {
+        let port = addr.port();
+        if *proto == Proto::Tcp && a.tcp {
+            want.insert((Proto::Tcp, port));
+        }
+        if a.udp {
+            let in_eph = (a.ephemeral.0..=a.ephemeral.1).contains(&port);
+            if *proto == Proto::Tcp || !in_eph {
+                want.insert((Proto::Udp, port));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for proto in [Proto::Tcp, Proto::Udp] {
+        out.extend(
+            want.iter()
+                .filter(|(p, port)| *p == proto && !a.excluded.contains(&(proto, *port)))
+                .take(MAX_AUTO_PORTS)
+                .copied(),
+        );
+    }
+    out
+}
+
+/// One port `-T/-U auto` serves: its stop flag and a descriptor of its
+/// socket, to shut it down when the host's port goes away.
+struct Live {
+    stop: Arc<AtomicBool>,
+    sock: OwnedFd,
+}
+
+/// Follows the host's listening sockets (read through `tables`, rnet's own
+/// network namespace's, every [`AUTO_SCAN`]) and keeps a namespace socket
+/// open for each through `opener`, on a thread of its own; runs until the
+/// process exits.
+pub fn watch_auto(a: AutoReverse, tables: Tables, opener: Opener) {
+    let spawned = std::thread::Builder::new()
+        .name("rnet-ns-auto".into())
+        .spawn(move || {
+            info!(
+                tcp = a.tcp,
+                udp = a.udp,
+                "forwarding the host's listening ports from the namespace's 127.0.0.1 (auto)"
+            );
+            let mut live: BTreeMap<(Proto, u16), Live> = BTreeMap::new();
+            let mut failed: std::collections::BTreeSet<(Proto, u16)> = Default::default();
+            loop {
+                let want = auto_wanted(&a, &tables.listening());
+                for key in &want {
+                    if live.contains_key(key) {
+                        continue;
+                    }
+                    let (proto, port) = *key;
+                    match opener.open(proto, port) {
+                        Ok(fd) => {
+                            let Ok(dup) = fd.try_clone() else { continue };
+                            let stop = Arc::new(AtomicBool::new(false));
+                            let r = Reverse {
+                                proto,
+                                ns_port: port,
+                                host_port: port,
+                            };
+                            start(open_as(r, fd), stop.clone());
+                            failed.remove(key);
+                            live.insert(*key, Live { stop, sock: dup });
+                        }
+                        Err(e) => {
+                            if failed.insert(*key) {
+                                warn!(port, proto = proto.as_str(), "-T/-U auto: {e}; will retry");
+                            }
+                        }
+                    }
+                }
+                let gone: Vec<(Proto, u16)> =
+                    live.keys().filter(|k| !want.contains(k)).copied().collect();
+                for key in gone {
+                    if let Some(l) = live.remove(&key) {
+                        l.stop.store(true, Ordering::SeqCst);
+                        // Wakes the thread blocked in accept/recv.
+                        let _ = nix::sys::socket::shutdown(
+                            l.sock.as_raw_fd(),
+                            nix::sys::socket::Shutdown::Both,
+                        );
+                        debug!(
+                            port = key.1,
+                            proto = key.0.as_str(),
+                            "-T/-U auto: the host's port closed"
+                        );
+                    }
+                }
+                failed.retain(|k| want.contains(k));
+                std::thread::sleep(AUTO_SCAN);
+            }
+        });
+    if let Err(e) = spawned {
+        warn!("cannot start the -T/-U auto watcher: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(port: u16) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+    }
+
+    #[test]
+    fn auto_wanted_leaves_out_own_ports_ephemeral_udp_and_caps() {
+        let a = AutoReverse {
+            tcp: true,
+            udp: true,
+            excluded: vec![(Proto::Tcp, 8080)],
+            ephemeral: (32768, 60999),
+        };
+        let l = [
+            (Proto::Tcp, at(22)),
+            (Proto::Tcp, at(8080)),
+            (Proto::Udp, at(53)),
+            (Proto::Udp, at(40000)),
+        ];
+        assert_eq!(
+            auto_wanted(&a, &l),
+            vec![
+                (Proto::Tcp, 22),
+                (Proto::Udp, 22),
+                (Proto::Udp, 53),
+                (Proto::Udp, 8080),
+            ]
+        );
+        let only_t = AutoReverse { udp: false, ..a };
+        assert_eq!(auto_wanted(&only_t, &l), vec![(Proto::Tcp, 22)]);
+        let many: Vec<_> = (1000..1300).map(|p| (Proto::Tcp, at(p))).collect();
+        let got = auto_wanted(&only_t, &many);
+        assert_eq!(got.len(), MAX_AUTO_PORTS);
+        assert_eq!(got[0], (Proto::Tcp, 1000));
+    }
 }
