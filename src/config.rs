@@ -533,6 +533,7 @@ pub struct Config {
     pub(crate) limits: Limits,
     pub(crate) sandbox: bool,
     pub(crate) seccomp: bool,
+    pub(crate) supervise: bool,
 }
 
 impl Config {
@@ -694,6 +695,7 @@ pub struct ConfigBuilder {
     limits: Limits,
     sandbox: bool,
     seccomp: bool,
+    supervise: bool,
 }
 
 impl Default for ConfigBuilder {
@@ -737,6 +739,7 @@ impl Default for ConfigBuilder {
             limits: Limits::default(),
             sandbox: false,
             seccomp: false,
+            supervise: false,
         }
     }
 }
@@ -951,6 +954,20 @@ impl ConfigBuilder {
         self
     }
 
+    /// Run the data plane in a worker process that a small supervisor
+    /// restarts when it dies (see [`crate::supervise`]). Default false: the
+    /// calling process becomes the supervisor, [`Network::attach`] returns
+    /// in the worker, and the supervisor ends the process with the
+    /// worker's exit code; so it must be called while the process has a
+    /// single thread. `rnet attach` and the slirp4netns mode turn it on
+    /// unless `--no-supervise`.
+    ///
+    /// [`Network::attach`]: crate::Network::attach
+    pub fn supervise(mut self, yes: bool) -> Self {
+        self.supervise = yes;
+        self
+    }
+
     /// MAC address set on the TAP when rnet configures it (default: the
     /// kernel's choice).
     pub fn mac(mut self, mac: Option<[u8; 6]>) -> Self {
@@ -1046,6 +1063,7 @@ impl ConfigBuilder {
             limits: self.limits,
             sandbox: self.sandbox,
             seccomp: self.seccomp,
+            supervise: self.supervise,
         })
     }
 }

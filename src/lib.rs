@@ -23,6 +23,7 @@
 //! - [`status`], [`metrics`], [`pcap`], [`stats`]: what an operator sees
 //!   (the status report, the Prometheus endpoint, captures, counters).
 //! - [`sandbox`]: self-isolation once set up.
+//! - [`supervise`]: the supervisor that restarts a data plane that died.
 //! - the event loop (private) ties them together on one thread.
 //!
 //! # Example
@@ -62,6 +63,7 @@ pub mod services;
 pub mod stack;
 pub mod stats;
 pub mod status;
+pub mod supervise;
 pub mod tap;
 
 use std::ffi::OsString;
@@ -177,11 +179,10 @@ impl Handle {
         self.ask_within(engine::Command::Status, limit)
     }
 
-    /// How many times the data plane was restarted in place. rnet does
-    /// not restart it yet, so this is 0; the metric exists so dashboards
-    /// and alerts can be written against it now.
+    /// How many times the supervisor restarted the data plane (see
+    /// [`supervise`]); 0 without supervision.
     pub fn restarts(&self) -> u64 {
-        0
+        supervise::restarts()
     }
 
     fn ask<T>(
@@ -344,24 +345,7 @@ impl Network {
                 .collect(),
         });
         let config_metrics = config.metrics_addr;
-        let config = Arc::new(config);
-        let (mut engine, control, stats) = Engine::new(config, tap, pid, upstreams)
-            .map_err(Error::io("starting the event loop"))?;
-        if let Some(w) = resolv {
-            engine.set_resolv_watch(w);
-        }
-        if let Some(mac) = guest_mac {
-            // Known from the TAP itself, so published UDP can reach a
-            // guest that has not sent anything yet.
-            engine.set_guest_mac(mac);
-        }
-        raise_fd_limit();
-        lazy_large_allocations();
-        if let (true, Some(t)) = (fast, target) {
-            engine.enable_fast_ports(t);
-        }
-        engine.publish_initial()?;
-        engine.log_summary(&tap_name);
+        let supervise = config.supervise;
         // Everything that needs the filesystem, fork or namespaces happens
         // here, before the sandbox; threads start after it.
         let api_listener = match &api_socket {
@@ -390,6 +374,37 @@ impl Network {
                 None
             }
         };
+        let mut ready_fd = ready_fd;
+        let worker = match supervise {
+            // Returns only in the worker; everything above is the
+            // supervisor's and survives the worker.
+            true => Some(
+                supervise::start(&mut ready_fd, pid)
+                    .map_err(Error::io("starting the data-plane worker"))?,
+            ),
+            false => None,
+        };
+        let config = Arc::new(config);
+        let (mut engine, control, stats) = Engine::new(config, tap, pid, upstreams)
+            .map_err(Error::io("starting the event loop"))?;
+        if let Some(w) = resolv {
+            engine.set_resolv_watch(w);
+        }
+        if let Some(mac) = guest_mac {
+            // Known from the TAP itself, so published UDP can reach a
+            // guest that has not sent anything yet.
+            engine.set_guest_mac(mac);
+        }
+        raise_fd_limit();
+        lazy_large_allocations();
+        if let Some(w) = worker {
+            engine.set_worker(w);
+        }
+        if let (true, Some(t)) = (fast, target) {
+            engine.enable_fast_ports(t);
+        }
+        engine.publish_initial()?;
+        engine.log_summary(&tap_name);
         if let Some(opts) = &sandbox {
             if fast {
                 engine.start_agent_now();
@@ -445,6 +460,7 @@ impl Network {
         if let Some(fd) = ready_fd {
             signal_ready(fd).map_err(Error::io(format!("writing to --ready-fd {fd}")))?;
         }
+        supervise::worker_ready();
         Ok(Network {
             handle,
             thread,
@@ -470,6 +486,10 @@ impl Network {
         config: Config,
         opts: &ns::SpawnOptions,
     ) -> Result<(Network, i32), Error> {
+        // The command is this process's child: a supervisor's worker
+        // could not wait for it.
+        let mut config = config;
+        config.supervise = false;
         let mut cmd = ns::spawn_with(argv, opts)?;
         let pid = cmd.pid();
         let net = match Network::attach(Target::Pid(pid), config) {

@@ -25,6 +25,9 @@ pub fn render_text(s: &Value) -> String {
         "uptime        {:.0} s",
         s["uptime_secs"].as_f64().unwrap_or(0.0)
     );
+    if let Some(r) = s["restarts"].as_u64().filter(|r| *r > 0) {
+        let _ = writeln!(o, "restarts      {r} (data plane)");
+    }
     let _ = writeln!(
         o,
         "tap           in {} frames / {} bytes, out {} frames / {} bytes{}",

@@ -60,6 +60,7 @@ const WAKER: Token = Token(1);
 const PIDFD: Token = Token(2);
 const EXIT_FD: Token = Token(3);
 const LOCAL_ADDRS: Token = Token(6);
+const TEST_HOOK: Token = Token(7);
 const FIRST_FLOW: usize = 16;
 
 /// Frames read from the TAP per loop iteration before other work runs.
@@ -304,6 +305,10 @@ pub struct Engine {
     /// The same per guest address.
     udp_lru_guest: BTreeSet<(IpAddr, Instant, usize)>,
     last_udp_open_warn: Option<std::time::Instant>,
+    /// Under a supervisor: the rules to adopt (see [`crate::supervise`]).
+    worker: Option<crate::supervise::Worker>,
+    /// The test hook's eventfd (SIGUSR2 → panic), when armed.
+    _test_hook: Option<OwnedFd>,
 }
 
 impl Engine {
@@ -363,6 +368,14 @@ impl Engine {
                 LocalAddrs::default()
             }
         };
+        let test_hook = crate::supervise::panic_hook_fd();
+        if let Some(fd) = &test_hook {
+            poll.registry().register(
+                &mut SourceFd(&fd.as_raw_fd()),
+                TEST_HOOK,
+                Interest::READABLE,
+            )?;
+        }
         let (cfg_net, cfg_mtu, cfg_limits) = (cfg.cidr(), cfg.mtu(), cfg.limits());
         let dhcp = DhcpServer::new(dhcp_config(&cfg, cfg_net, cfg_mtu));
         let engine = Self {
@@ -410,6 +423,8 @@ impl Engine {
             udp_lru: BTreeSet::new(),
             udp_lru_guest: BTreeSet::new(),
             last_udp_open_warn: None,
+            worker: None,
+            _test_hook: test_hook,
         };
         Ok((engine, control, stats))
     }
@@ -437,6 +452,7 @@ impl Engine {
                     WAKER => self.handle_commands(),
                     t @ (ports::AGENT | ports::LAUNCHER) => self.agent_event(t, now),
                     PIDFD => return Ok(ExitReason::TargetExited),
+                    TEST_HOOK => panic!("test hook: SIGUSR2 asked the data plane to panic"),
                     LOCAL_ADDRS => match self.local.on_event() {
                         Ok(true) => {
                             debug!(entries = self.local.len(), "host-local addresses changed")
@@ -1799,6 +1815,7 @@ impl Engine {
             "drops": drops,
             "ports": ports,
             "agent": self.fast.status(),
+            "restarts": crate::supervise::restarts(),
         })
     }
 
@@ -1807,6 +1824,12 @@ impl Engine {
     /// The loop's own attempt is then a no-op.
     pub fn start_agent_now(&mut self) {
         self.start_agent();
+    }
+
+    /// Runs under a supervisor: [`Engine::publish_initial`] adopts what
+    /// it kept.
+    pub(crate) fn set_worker(&mut self, w: crate::supervise::Worker) {
+        self.worker = Some(w);
     }
 
     /// Tells the loop the guest's MAC before it has seen a frame.

@@ -29,7 +29,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::ops::Range;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 
@@ -134,6 +134,30 @@ impl Engine {
 
     /// Binds every host port of `spec` and starts listening; all or nothing.
     pub(crate) fn add_rule(&mut self, spec: PortSpec) -> Result<PortInfo, PortError> {
+        self.add_rule_from(spec, None)
+    }
+
+    /// Publishes `spec` again under id `id` over listeners a previous data
+    /// plane bound (see [`crate::supervise`]).
+    pub(crate) fn adopt_rule(
+        &mut self,
+        id: u64,
+        spec: PortSpec,
+        fds: Vec<OwnedFd>,
+    ) -> Result<PortInfo, PortError> {
+        self.add_rule_from(spec, Some((id, fds)))
+    }
+
+    fn add_rule_from(
+        &mut self,
+        spec: PortSpec,
+        adopt: Option<(u64, Vec<OwnedFd>)>,
+    ) -> Result<PortInfo, PortError> {
+        let adopted = adopt.is_some();
+        let (id, mut given) = match adopt {
+            Some((id, fds)) => (id, Some(fds.into_iter())),
+            None => (self.next_rule, None),
+        };
         if spec.host_port == 0 && spec.count != 1 {
             return Err(PortError::Unsupported(format!(
                 "{spec}: host port 0 (any free port) only works for a single port"
@@ -162,13 +186,22 @@ impl Engine {
                 "{spec}: range runs past port 65535"
             )));
         }
-        let id = self.next_rule;
         let mut slots = Vec::with_capacity(spec.count as usize);
         let mut bound_port = spec.host_port;
         for i in 0..spec.count {
             let addr = SocketAddr::new(spec.host_ip, spec.host_port.wrapping_add(i));
             let guest_port = spec.guest_port + i;
-            let bound = bind(spec.proto, addr).map_err(|e| bind_error(spec, addr, e));
+            let bound = match given.as_mut() {
+                Some(fds) => match fds.next() {
+                    Some(fd) => Ok(adopt_listener(spec.proto, fd)),
+                    None => Err(PortError::Bind {
+                        spec,
+                        addr,
+                        source: io::Error::other("no listener kept for this port"),
+                    }),
+                },
+                None => bind(spec.proto, addr).map_err(|e| bind_error(spec, addr, e)),
+            };
             let flow = match bound {
                 Ok(Bound::Tcp(listener)) => {
                     if i == 0 {
@@ -214,7 +247,9 @@ impl Engine {
                 }
             }
         }
-        self.next_rule += 1;
+        if !adopted {
+            self.next_rule += 1;
+        }
         let mut shown = spec;
         shown.host_port = bound_port;
         let mut info = PortInfo {
@@ -228,6 +263,17 @@ impl Engine {
             info.path = "fast";
         }
         info!(id, rule = %shown, path = info.path, "published");
+        if !adopted {
+            let fds: Vec<_> = slots
+                .iter()
+                .filter_map(|(idx, _)| match self.flows.get(*idx).map(|s| &s.flow) {
+                    Some(Flow::TcpListen(l)) => Some(l.listener.as_fd()),
+                    Some(Flow::UdpListen(u)) => Some(u.socket.as_fd()),
+                    _ => None,
+                })
+                .collect();
+            crate::supervise::keep_rule(id, &shown, &fds);
+        }
         self.rules.insert(
             id,
             Rule {
@@ -248,6 +294,7 @@ impl Engine {
             }
         }
         info!(id, rule = %rule.info.spec, "withdrawn");
+        crate::supervise::forget_rule(id);
         Ok(())
     }
 
@@ -571,10 +618,30 @@ impl Engine {
 
     /// Publishes the rules given at start-up; the first failure is returned.
     pub(crate) fn publish_initial(&mut self) -> Result<(), PortError> {
+        if let Some(w) = self.worker.take() {
+            self.next_rule = self.next_rule.max(w.next_rule);
+            if let Some(kept) = w.kept {
+                for k in kept {
+                    let (id, spec) = (k.id, k.spec);
+                    if let Err(e) = self.adopt_rule(id, spec, k.fds) {
+                        warn!(id, rule = %spec, error = %e, "a published port was lost in the restart");
+                    }
+                }
+                return Ok(());
+            }
+        }
         for spec in self.cfg.publish.clone() {
             self.add_rule(spec)?;
         }
         Ok(())
+    }
+}
+
+/// A listener a previous data plane bound, as this one's.
+fn adopt_listener(proto: Proto, fd: OwnedFd) -> Bound {
+    match proto {
+        Proto::Tcp => Bound::Tcp(TcpListener::from_std(std::net::TcpListener::from(fd))),
+        Proto::Udp => Bound::Udp(UdpSocket::from_std(std::net::UdpSocket::from(fd))),
     }
 }
 

@@ -335,6 +335,11 @@ struct NetArgs {
     /// sets no_new_privs and installs a seccomp allow-list.
     #[arg(long, help_heading = "Lifecycle")]
     no_sandbox: bool,
+    /// Run the data plane in the rnet process itself, not in a worker that
+    /// a supervisor restarts when it dies: for callers that restart rnet
+    /// themselves. (`rnet run` never supervises.)
+    #[arg(long, help_heading = "Lifecycle")]
+    no_supervise: bool,
 }
 
 impl NetArgs {
@@ -398,6 +403,7 @@ impl NetArgs {
             .metrics_addr(self.metrics_addr, self.metrics_addr_public)
             .sandbox(!self.no_sandbox)
             .seccomp(!self.no_sandbox)
+            .supervise(!self.no_supervise)
             .limits(config::Limits {
                 memory_budget: (self.memory_budget as usize) << 20,
                 ..config::Limits::default()

@@ -243,6 +243,7 @@ fn build_config(o: &Options) -> Result<Config, String> {
         .ipv6((o.enable_ipv6 && o.mtu >= 1280).then_some(rnet::config::DEFAULT_IPV6_PREFIX))
         .sandbox(o.enable_sandbox)
         .seccomp(o.enable_seccomp)
+        .supervise(std::env::var_os("RNET_NO_SUPERVISE").is_none())
         .build()
         .map_err(|e| e.to_string())
 }
