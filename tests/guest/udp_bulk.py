@@ -5,7 +5,8 @@ every loss or reordering is rnet's.
     udp_bulk.py send HOST PORT COUNT SIZE BURST   # to a host sink that acks
     udp_bulk.py recv PORT COUNT SIZE BURST        # from a host sender; acks
 
-A datagram is SIZE bytes: its 4-byte big-endian number, then that number's
+Each side first trades "hi"/"ok" (the sender repeats "hi" until answered)
+so the path is up before the bulk. A datagram is SIZE bytes: its 4-byte big-endian number, then that number's
 byte repeated. After every BURST datagrams (and at the end) the receiver
 sends the count it holds. `recv` prints "listening" once bound, then one
 JSON line: received, in_order, corrupt. Both then wait for an "end"
@@ -29,6 +30,15 @@ def send(host, port, count, size, burst):
     s = socket.socket(family(host), socket.SOCK_DGRAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
     s.connect((host, port))
+    # Handshake first: the path (ARP, the flow) is up before the bulk.
+    s.settimeout(0.2)
+    for _ in range(100):
+        s.send(b"hi")
+        try:
+            if s.recv(64) == b"ok":
+                break
+        except OSError:
+            pass
     s.settimeout(5.0)
     i = 0
     while i < count:
@@ -37,8 +47,8 @@ def send(host, port, count, size, burst):
             s.send(datagram(i + k, size))
         i += n
         while True:
-            got = struct.unpack(">I", s.recv(64)[:4])[0]
-            if got >= i:
+            a = s.recv(64)
+            if len(a) == 4 and struct.unpack(">I", a)[0] >= i:
                 break
     print(json.dumps({"sent": count}), flush=True)
     wait_end(s)
@@ -54,6 +64,9 @@ def recv(port, count, size, burst):
     st = {"received": 0, "in_order": True, "corrupt": 0}
     while st["received"] < count:
         d, peer = s.recvfrom(65536)
+        if d == b"hi":
+            s.sendto(b"ok", peer)
+            continue
         i = st["received"]
         if len(d) != size or d != datagram(struct.unpack(">I", d[:4])[0], size):
             st["corrupt"] += 1
