@@ -711,6 +711,8 @@ def run_limits(args, raw, servers, limits, notes):
         log("kernel limit: veth pair between two test hosts")
         started = []
         try:
+            if args.udp_only:
+                raise SkipRows()
             started.append(veth.start("h", ["iperf3", "-s", "-p", str(VETH_IPERF)], raw, "veth-iperf3-server.log"))
             started.append(veth.start("h", [args.netbench, "rr-server", "--listen", f"0.0.0.0:{VETH_RR}"], raw, "veth-rr-server.log"))
             started.append(veth.start("h", [args.netbench, "cps-server", "--listen", f"0.0.0.0:{VETH_CPS}"], raw, "veth-cps-server.log"))
@@ -746,6 +748,17 @@ def run_limits(args, raw, servers, limits, notes):
                 capture_output=True, text=True, timeout=args.cps_seconds + 120, check=True).stdout.strip().splitlines()[-1])
             lim("cps", cps["per_sec"], "veth")
             log(f"  short connections: {cps['per_sec']:.0f}/s")
+        except SkipRows:
+            pass
+        except (RuntimeError, OSError, ValueError, KeyError, IndexError, subprocess.SubprocessError) as e:
+            notes.append(f"veth limit: {e}")
+            log(f"  failed: {e}")
+        finally:
+            for proc in started:
+                stop_pid(proc)
+        try:
+            g = veth.nsenter("g", [])
+            veth.mtu(65520)
             for size in UDP_SIZES:
                 key = f"udp_out_{size}"
                 got, err = udp_measure(args.netbench, veth.nsenter("h", []), f"0.0.0.0:{VETH_UDP}", g,
@@ -755,19 +768,18 @@ def run_limits(args, raw, servers, limits, notes):
                 lim(key, tmp.get(key), "veth")
                 if key + "_loss" in tmp:
                     limits[key]["loss"] = tmp[key + "_loss"]
+                log(f"  {key}: {fmt(tmp.get(key))}")
         except (RuntimeError, OSError, ValueError, KeyError, IndexError, subprocess.SubprocessError) as e:
-            notes.append(f"veth limit: {e}")
+            notes.append(f"veth UDP limit: {e}")
             log(f"  failed: {e}")
-        finally:
-            for proc in started:
-                stop_pid(proc)
-        run_vxlan_veth(args, raw, limits, notes)
+        if not args.udp_only:
+            run_vxlan_veth(args, raw, limits, notes)
     else:
         notes.append("no veth limit column: the harness makes its veth test hosts only when started as root")
 
     log("kernel limit: direct host loopback connection (published-port rows)")
     lo = "127.0.0.1"
-    for reverse in (False, True):
+    for reverse in (False, True) if not args.udp_only else ():
         key = "published_out" if reverse else "published_in"
         gbps, err = iperf_cmd([], lo, servers["iperf"], args.iperf_seconds, raw, f"loopback-iperf{'-R' if reverse else ''}.json",
                               ["-R"] if reverse else [])
@@ -780,11 +792,15 @@ def run_limits(args, raw, servers, limits, notes):
             if e:
                 notes.append(f"loopback {key}: {e}")
     try:
+        if args.udp_only:
+            raise SkipRows()
         rr = json.loads(subprocess.run(
             [args.netbench, "rr-load", "--connect", f"{lo}:{servers['echo'].port}", "--connections", str(RR_CONNECTIONS),
              "--seconds", str(args.cps_seconds)],
             capture_output=True, text=True, timeout=args.cps_seconds + 120, check=True).stdout.strip().splitlines()[-1])
         lim("published_rr64", rr["per_sec"], "loopback")
+    except SkipRows:
+        pass
     except (OSError, ValueError, KeyError, IndexError, subprocess.SubprocessError) as e:
         notes.append(f"loopback rr-load: {e}")
     for size in UDP_SIZES:
@@ -915,7 +931,7 @@ def netbench_guest(ns, argv, raw, name, timeout):
 
 def run_tool(tool, args, raw, servers, results, notes):
     r = results.setdefault(tool, {})
-    for mtu in MTUS:
+    for mtu in MTUS if not args.udp_only else (65520,):
         label = f"{tool}-mtu{mtu}"
         log(f"{tool}: MTU {mtu}")
         try:
@@ -925,14 +941,14 @@ def run_tool(tool, args, raw, servers, results, notes):
             log(f"  failed: {e}")
             continue
         try:
-            for reverse in (False, True):
+            for reverse in (False, True) if not args.udp_only else ():
                 key = f"{'host_to_ns' if reverse else 'ns_to_host'}_{mtu}"
                 gbps, err = iperf(ns, servers["iperf"], args.iperf_seconds, reverse, raw, f"{label}-iperf{'-R' if reverse else ''}.json")
                 r[key] = gbps
                 log(f"  {key}: {fmt(gbps)} Gbit/s" + (f" ({err})" if err else ""))
                 if err:
                     notes.append(f"{tool} {key}: {err}")
-            if mtu == 65520:
+            if mtu == 65520 and not args.udp_only:
                 lat = netbench_guest(
                     ns, ["rr-client", "--connect", f"{GATEWAY}:{servers['echo'].port}", "--count", str(args.rtt_count)],
                     raw, f"{label}-latency.json", timeout=300,
@@ -948,6 +964,7 @@ def run_tool(tool, args, raw, servers, results, notes):
                 log(f"  short connections: {cps['per_sec']:.0f}/s ({cps['errors']} errors)")
                 if cps["errors"]:
                     notes.append(f"{tool}: {cps['errors']} failed short connections (first: {cps.get('first_error', '?')})")
+            if mtu == 65520:
                 # UDP guest -> host: a sink on the host's 127.0.0.1, the
                 # sender inside, through the gateway.
                 for size in UDP_SIZES:
@@ -961,8 +978,9 @@ def run_tool(tool, args, raw, servers, results, notes):
         finally:
             ns.close()
 
-    run_ipv6(tool, args, raw, servers, r, notes)
-    run_flows(tool, args, raw, servers, r, notes)
+    if not args.udp_only:
+        run_ipv6(tool, args, raw, servers, r, notes)
+        run_flows(tool, args, raw, servers, r, notes)
 
 
 def run_ipv6(tool, args, raw, servers, r, notes):
@@ -987,6 +1005,10 @@ def run_ipv6(tool, args, raw, servers, r, notes):
         log(f"  failed: {e}")
     finally:
         ns.close()
+
+
+class SkipRows(Exception):
+    """Rows left out by --rows."""
 
 
 class HoldError(RuntimeError):
@@ -1207,6 +1229,13 @@ def run_published(fwd, tool, args, raw, servers, ports, notes):
         log(f"  failed: {e}")
         return
     srv = None
+    if args.udp_only:
+        try:
+            if fwd in TABLE_TOOLS:
+                published_udp(fwd, ns, hp, args, raw, r, notes)
+        finally:
+            ns.close()
+        return
     try:
         if tool == "rnet":
             p = subprocess.run([args.rnet, "port", "ls", "--api-socket", ns.api], capture_output=True, text=True, timeout=30)
@@ -1300,10 +1329,16 @@ def published_more(fwd, ns, hp, args, raw, r, notes, srv):
         log(f"  failed: {e}")
     finally:
         stop_pid(rr)
+    published_udp(fwd, ns, hp, args, raw, r, notes)
+
+
+def published_udp(fwd, ns, hp, args, raw, r, notes):
+    """UDP from the host through the published UDP port to the guest."""
     for size in UDP_SIZES:
         got, err = udp_measure(args.netbench, ns.nsenter([]), f"0.0.0.0:{GUEST_PORT}", [], f"127.0.0.1:{hp}",
                                size, args.iperf_seconds, raw, f"{ns.label}-udp-{size}.txt")
         store_udp(r, f"udp_in_{size}", got, err, notes, fwd)
+        log(f"  udp_in_{size}: {fmt(r.get(f'udp_in_{size}'))}")
 
 
 def fmt(v, digits=2):
@@ -1755,7 +1790,9 @@ def cmd_run(args):
             if tool in TABLE_TOOLS:
                 run_tool(tool, args, raw, servers, results, notes)
         if "rnet" in args.tools:
-            if args.veth:
+            if args.udp_only:
+                pass
+            elif args.veth:
                 run_vxlan_rnet(args, raw, results, notes)
             else:
                 notes.append("VXLAN overlay rows: need the veth test hosts (run compare.sh as root)")
@@ -1800,6 +1837,7 @@ def main():
     r.add_argument("--flows", type=int, default=1000)
     r.add_argument("--many-flows", type=int, default=10000)
     r.add_argument("--netbench", required=True, help="the built examples/netbench binary")
+    r.add_argument("--rows", default="all", help="row groups: all, or udp (only the UDP rows and their limits)")
     r.add_argument("--veth", default=None, help="G_PID,H_PID: the kernel-limit test hosts made by compare.sh")
     g = sub.add_parser("guest", help="(inside the namespace) one client")
     g.add_argument("what", choices=["probe", "hold", "peer"])
@@ -1808,6 +1846,11 @@ def main():
     g.add_argument("n", type=float)
     a = ap.parse_args()
     if a.cmd == "run":
+        rows = {x for x in a.rows.split(",") if x}
+        if not rows <= {"all", "udp"}:
+            print(f"compare.py: unknown row group in {a.rows!r} (all, udp)", file=sys.stderr)
+            return 2
+        a.udp_only = rows == {"udp"}
         a.rnet = os.path.abspath(a.rnet)
         a.netbench = os.path.abspath(a.netbench)
         try:

@@ -12,7 +12,8 @@
 #   cargo build --release && cargo build --release --example netbench
 # RNET=/path/to/rnet and NETBENCH=/path/to/netbench override the binaries
 # found in ${CARGO_TARGET_DIR:-target}/release (RNET_REV=... names rnet's
-# revision in the table).
+# revision in the table). RNET_BENCH_ROWS=udp runs only the UDP rows (and
+# their limit columns).
 # Run as an unprivileged user; when started as root the whole run drops to
 # uid/gid 65534 (nobody) with setpriv (RootlessKit then gets a subuid/subgid
 # range through files bind-mounted in a private mount namespace).
@@ -107,7 +108,7 @@ fi
 mkdir -p "$out/raw"
 out=$(cd "$out" && pwd) # absolute: the root path below runs from /
 run=("$python" "$here/compare.py" run --out "$out" --rnet "$rnet" --rnet-rev "$rev"
-    --netbench "$netbench" --tools "$tools" --python "$python" "${pass[@]}")
+    --netbench "$netbench" --tools "$tools" --python "$python" --rows "${RNET_BENCH_ROWS:-all}" "${pass[@]}")
 
 # Everything this script starts in the background is ended by pid on exit,
 # also on failure or interruption.

@@ -19,6 +19,14 @@
 //! larger than the guest's MSS go out as one GSO frame that the guest kernel
 //! treats like a GRO-merged burst, so a 1500-byte MTU no longer means one
 //! write and one trip through the guest's receive path per 1,460 bytes.
+//!
+//! UDP segmentation offload (`TUN_F_USO4`/`TUN_F_USO6`, Linux 6.2) is
+//! asked for on top when the kernel has it (and `RNET_NO_USO=1` is not
+//! set): the guest may then hand over one UDP super-frame (gso type
+//! `UDP_L4`, [`RxMeta::udp_gso`]) that rnet sends on with one
+//! `UDP_SEGMENT` send, and a train of same-size datagrams for the guest
+//! leaves as one such frame ([`TapTx::build_udp_train`]). A kernel without
+//! USO keeps the other offloads.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
@@ -84,6 +92,8 @@ impl VnetHdr {
     pub const GSO_TCPV4: u8 = 1;
     /// A TCP/IPv6 segment to be cut into `gso_size` pieces.
     pub const GSO_TCPV6: u8 = 4;
+    /// A UDP datagram train to be cut into `gso_size` datagrams (USO).
+    pub const GSO_UDP_L4: u8 = 5;
     /// Bit set on top of the GSO type when the segment carries CWR.
     pub const GSO_ECN: u8 = 0x80;
 
@@ -134,6 +144,36 @@ pub struct RxMeta {
     pub gso: bool,
     /// The header announced a GSO type rnet did not ask for.
     pub unsupported: bool,
+    /// A UDP super-frame (gso type `UDP_L4`) and its segment size, which
+    /// may be 0 in a malformed header.
+    pub udp_gso: Option<u16>,
+}
+
+/// `TUN_F_USO4` (linux/if_tun.h, 6.2): the TAP takes UDP/IPv4 super-frames.
+pub const TUN_F_USO4: libc::c_uint = 0x20;
+/// `TUN_F_USO6`: the same for IPv6.
+pub const TUN_F_USO6: libc::c_uint = 0x40;
+
+nix::ioctl_write_int_bad!(tun_set_offload, libc::TUNSETOFFLOAD);
+
+/// Adds UDP segmentation offload to a TAP opened with the other offloads,
+/// unless `RNET_NO_USO=1`; false (logged at debug) where the kernel or the
+/// descriptor refuses.
+fn try_uso(fd: BorrowedFd<'_>) -> bool {
+    if std::env::var_os("RNET_NO_USO").is_some_and(|v| v == "1") {
+        tracing::debug!("UDP segmentation offload off (RNET_NO_USO=1)");
+        return false;
+    }
+    let flags = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6 | TUN_F_USO4 | TUN_F_USO6;
+    // SAFETY: TUNSETOFFLOAD takes its flags by value; on a descriptor that
+    // is not a TAP it fails (ENOTTY/EBADFD) without effect.
+    match unsafe { tun_set_offload(fd.as_raw_fd(), flags as libc::c_int) } {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::debug!(error = %e, "no UDP segmentation offload on this TAP");
+            false
+        }
+    }
 }
 
 /// A non-blocking TAP descriptor with its frame buffers.
@@ -144,6 +184,7 @@ pub struct Tap {
     pcap: Option<PcapWriter>,
     out: OutCounters,
     vnet: bool,
+    uso: bool,
     rx_meta: RxMeta,
 }
 
@@ -169,6 +210,7 @@ impl Tap {
         let flags = fcntl(&fd, FcntlArg::F_GETFL)?;
         let flags = OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK;
         fcntl(&fd, FcntlArg::F_SETFL(flags))?;
+        let uso = vnet && try_uso(fd.as_fd());
         Ok(Self {
             fd,
             rx: vec![0u8; MAX_FRAME].into_boxed_slice(),
@@ -176,6 +218,7 @@ impl Tap {
             pcap: None,
             out: OutCounters::default(),
             vnet,
+            uso,
             rx_meta: RxMeta::default(),
         })
     }
@@ -183,6 +226,11 @@ impl Tap {
     /// Whether frames carry a virtio-net header (offloads on).
     pub fn offloads(&self) -> bool {
         self.vnet
+    }
+
+    /// Whether UDP trains go to the guest as one super-frame (USO on).
+    pub fn uso(&self) -> bool {
+        self.uso
     }
 
     /// What the kernel said about the frame last read.
@@ -258,11 +306,15 @@ impl Tap {
         let gso = h.gso_type & !VnetHdr::GSO_ECN;
         self.rx_meta = RxMeta {
             l4_csum_vouched: h.flags & (VnetHdr::NEEDS_CSUM | VnetHdr::DATA_VALID) != 0,
-            gso: gso == VnetHdr::GSO_TCPV4 || gso == VnetHdr::GSO_TCPV6,
+            gso: matches!(
+                gso,
+                VnetHdr::GSO_TCPV4 | VnetHdr::GSO_TCPV6 | VnetHdr::GSO_UDP_L4
+            ),
             unsupported: !matches!(
                 gso,
-                VnetHdr::GSO_NONE | VnetHdr::GSO_TCPV4 | VnetHdr::GSO_TCPV6
+                VnetHdr::GSO_NONE | VnetHdr::GSO_TCPV4 | VnetHdr::GSO_TCPV6 | VnetHdr::GSO_UDP_L4
             ),
+            udp_gso: (gso == VnetHdr::GSO_UDP_L4).then_some(h.gso_size),
         };
         let n = n - VNET_HDR_LEN;
         if h.flags & VnetHdr::NEEDS_CSUM != 0 {
@@ -283,6 +335,7 @@ impl Tap {
                 pcap: self.pcap.as_mut(),
                 out: &mut self.out,
                 vnet: self.vnet,
+                uso: self.uso,
             },
         )
     }
@@ -295,6 +348,7 @@ impl Tap {
             pcap: self.pcap.as_mut(),
             out: &mut self.out,
             vnet: self.vnet,
+            uso: self.uso,
         }
     }
 }
@@ -313,6 +367,7 @@ pub struct TapTx<'a> {
     pcap: Option<&'a mut PcapWriter>,
     out: &'a mut OutCounters,
     vnet: bool,
+    uso: bool,
 }
 
 impl TapTx<'_> {
@@ -352,6 +407,35 @@ impl TapTx<'_> {
         len > 0 && self.write(len, VnetHdr::default())
     }
 
+    /// Whether a UDP train may go to the guest as one super-frame.
+    pub fn uso(&self) -> bool {
+        self.uso
+    }
+
+    /// Size of the scratch buffer frames are built in.
+    pub fn buf_len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The scratch buffer, to place payload before [`TapTx::build`] or
+    /// [`TapTx::build_udp_train`] writes the headers around it.
+    pub fn buf_mut(&mut self) -> &mut [u8] {
+        self.buf
+    }
+
+    /// Builds, with `f`, one UDP frame whose payload is a train of datagrams
+    /// of `seg` bytes (the last may be shorter) and writes it as one USO
+    /// super-frame: the checksum is left partial and the guest kernel cuts
+    /// the train apart. Only with [`TapTx::uso`].
+    pub fn build_udp_train(&mut self, seg: u16, f: impl FnOnce(&mut [u8]) -> usize) -> bool {
+        let len = f(self.buf).min(self.buf.len());
+        if len == 0 {
+            return false;
+        }
+        let hdr = udp_offload(&mut self.buf[..len], seg);
+        self.write(len, hdr)
+    }
+
     fn write(&mut self, len: usize, hdr: VnetHdr) -> bool {
         let frame = &self.buf[..len];
         let hdr = hdr.to_bytes();
@@ -374,6 +458,7 @@ impl TapTx<'_> {
             pcap: self.pcap.as_deref_mut(),
             out: self.out,
             vnet: self.vnet,
+            uso: self.uso,
         }
     }
 }
@@ -449,6 +534,51 @@ fn tcp_offload(frame: &mut [u8], gso: Option<Gso>) -> VnetHdr {
     hdr
 }
 
+/// Prepares a UDP frame as a USO super-frame of `seg`-byte datagrams:
+/// pseudo-header sum (over the whole train's length, which the kernel
+/// adjusts per datagram) in the checksum field, NEEDS_CSUM, gso type
+/// `UDP_L4`. A frame that is not UDP leaves with an empty header.
+fn udp_offload(frame: &mut [u8], seg: u16) -> VnetHdr {
+    let (l4, udp_len, pseudo) = match frame.get(12..14) {
+        Some([0x08, 0x00]) => {
+            let Ok(ip) = Ipv4Packet::new_checked(&frame[14..]) else {
+                return VnetHdr::default();
+            };
+            if ip.next_header() != IpProtocol::Udp {
+                return VnetHdr::default();
+            }
+            let hl = usize::from(ip.header_len());
+            let len = usize::from(ip.total_len()).saturating_sub(hl);
+            let (s, d) = (ip.src_addr().octets(), ip.dst_addr().octets());
+            (14 + hl, len, pseudo_sum(&s, &d, IpProtocol::Udp, len))
+        }
+        Some([0x86, 0xdd]) => {
+            let Ok(ip) = Ipv6Packet::new_checked(&frame[14..]) else {
+                return VnetHdr::default();
+            };
+            if ip.next_header() != IpProtocol::Udp {
+                return VnetHdr::default();
+            }
+            let len = usize::from(ip.payload_len());
+            let (s, d) = (ip.src_addr().octets(), ip.dst_addr().octets());
+            (54, len, pseudo_sum(&s, &d, IpProtocol::Udp, len))
+        }
+        _ => return VnetHdr::default(),
+    };
+    if udp_len < 8 || frame.len() < l4 + udp_len || seg == 0 {
+        return VnetHdr::default();
+    }
+    frame[l4 + 6..l4 + 8].copy_from_slice(&pseudo.to_be_bytes());
+    VnetHdr {
+        flags: VnetHdr::NEEDS_CSUM,
+        gso_type: VnetHdr::GSO_UDP_L4,
+        hdr_len: (l4 + 8) as u16,
+        gso_size: seg,
+        csum_start: l4 as u16,
+        csum_offset: 6,
+    }
+}
+
 /// Completes a partial checksum that lies inside the payload rnet forwards:
 /// an encapsulated packet (a VXLAN datagram whose inner TCP segment the
 /// guest kernel left for "the NIC") must leave rnet whole, or the far end
@@ -477,11 +607,14 @@ fn complete_inner_checksum(frame: &mut [u8], h: &VnetHdr) {
 /// which is what a partial checksum field holds (RFC 1071; smoltcp keeps its
 /// own version private).
 fn pseudo_header_sum(src: &[u8], dst: &[u8], tcp_len: usize) -> u16 {
-    let len = tcp_len as u32;
-    let sum = ones_sum(ones_sum(0, src), dst)
-        + u32::from(u8::from(IpProtocol::Tcp))
-        + (len >> 16)
-        + (len & 0xffff);
+    pseudo_sum(src, dst, IpProtocol::Tcp, tcp_len)
+}
+
+/// The same for any protocol.
+fn pseudo_sum(src: &[u8], dst: &[u8], proto: IpProtocol, l4_len: usize) -> u16 {
+    let len = l4_len as u32;
+    let sum =
+        ones_sum(ones_sum(0, src), dst) + u32::from(u8::from(proto)) + (len >> 16) + (len & 0xffff);
     fold(sum)
 }
 
@@ -658,6 +791,52 @@ mod tests {
             tcp_offload(&mut bad, Some(Gso::Mss(1460))),
             VnetHdr::default()
         );
+    }
+
+    #[test]
+    fn udp_train_header_and_partial_checksum() {
+        use crate::stack::emit::{self, Header, UDP_PAYLOAD_OFFSET};
+        let mut frame = vec![0u8; 2048];
+        let h = Header {
+            eth_src: EthernetAddress([2, 0, 0, 0, 0, 1]),
+            eth_dst: EthernetAddress([2, 0, 0, 0, 0, 2]),
+            ident: 1,
+        };
+        for (i, b) in frame[UDP_PAYLOAD_OFFSET..UDP_PAYLOAD_OFFSET + 1000]
+            .iter_mut()
+            .enumerate()
+        {
+            *b = i as u8;
+        }
+        let len = emit::udp_frame(
+            &mut frame,
+            &h,
+            "10.0.2.2:53".parse().unwrap(),
+            "10.0.2.100:4000".parse().unwrap(),
+            1000,
+        );
+        let full = u16::from_be_bytes([frame[40], frame[41]]);
+        let hdr = udp_offload(&mut frame[..len], 400);
+        assert_eq!(hdr.gso_type, VnetHdr::GSO_UDP_L4);
+        assert_eq!(
+            (hdr.gso_size, hdr.csum_start, hdr.csum_offset, hdr.hdr_len),
+            (400, 34, 6, 42)
+        );
+        assert_eq!(hdr.flags, VnetHdr::NEEDS_CSUM);
+        // Completing the partial field gives the full checksum back.
+        assert_eq!(completed(&frame[34..len]), full);
+        assert_eq!(udp_offload(&mut frame[..len], 0), VnetHdr::default());
+        let mut tcp = segment(false, 10);
+        assert_eq!(udp_offload(&mut tcp, 400), VnetHdr::default());
+    }
+
+    #[test]
+    fn udp_l4_header_is_reported_with_its_size() {
+        let mut tap_like = [0u8; VNET_HDR_LEN];
+        tap_like[1] = VnetHdr::GSO_UDP_L4;
+        tap_like[4..6].copy_from_slice(&0u16.to_ne_bytes());
+        let h = VnetHdr::parse(&tap_like);
+        assert_eq!((h.gso_type, h.gso_size), (VnetHdr::GSO_UDP_L4, 0));
     }
 
     #[test]

@@ -25,7 +25,7 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::ops::Range;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::Duration as StdDuration;
@@ -43,6 +43,7 @@ use crate::nat::icmp::{self, IcmpFlow};
 use crate::nat::local::LocalAddrs;
 use crate::nat::tcp::{self, Step, TcpFlow, TcpKey};
 use crate::nat::udp::UdpFlow;
+use crate::nat::udpio::{self, GsoBatch, Push, RecvBatch};
 use crate::nat::{Deny, Route, route, route_any};
 use crate::services::dhcp::{DhcpConfig, DhcpServer};
 use crate::services::dns::{DnsQuery, Reply, ResolvWatch};
@@ -258,6 +259,17 @@ pub struct Engine {
     next_id: u64,
     tcp_index: HashMap<TcpKey, usize>,
     udp_index: HashMap<SocketAddr, usize>,
+    /// The guest's consecutive datagrams of one flow and destination,
+    /// waiting to leave in one `UDP_SEGMENT` send (flushed when another
+    /// kind arrives and after each TAP batch).
+    udp_batch: GsoBatch<(usize, SocketAddr)>,
+    /// Buffers of one `recvmmsg` towards the guest.
+    udp_rx: Box<RecvBatch>,
+    /// What the batched UDP paths did.
+    udp_io: udpio::Counters,
+    /// The frame being handled is a USO super-frame of datagrams of this
+    /// size.
+    rx_udp_gso: Option<u16>,
     icmp_index: HashMap<(IpAddr, u16), usize>,
     timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
     dirty: Vec<(usize, u64)>,
@@ -394,6 +406,10 @@ impl Engine {
             next_id: 1,
             tcp_index: HashMap::new(),
             udp_index: HashMap::new(),
+            udp_batch: GsoBatch::new(),
+            udp_rx: Box::new(RecvBatch::new()),
+            udp_io: udpio::Counters::default(),
+            rx_udp_gso: None,
             icmp_index: HashMap::new(),
             timers: BinaryHeap::new(),
             dirty: Vec::new(),
@@ -555,6 +571,7 @@ impl Engine {
                 ReadOutcome::Closed => return Ok(true),
             }
         }
+        self.flush_udp_batch();
         self.stats
             .frames_out
             .store(self.stack.frames_out, Ordering::Relaxed);
@@ -598,6 +615,20 @@ impl Engine {
         if !self.serves(&action) {
             self.stats.count_drop(DropReason::Policy);
             return;
+        }
+        self.rx_udp_gso = meta.udp_gso;
+        if let Some(seg) = meta.udp_gso {
+            // A USO super-frame must be UDP and hold more than one
+            // datagram of its segment size: anything else is forged.
+            let ok = match &action {
+                Action::Udp { payload, .. } => seg > 0 && payload.len() >= usize::from(seg),
+                _ => false,
+            };
+            if !ok {
+                self.udp_io.uso_in_bad += 1;
+                self.stats.count_drop(DropReason::Malformed);
+                return;
+            }
         }
         match action {
             Action::Drop(r) => self.stats.count_drop(r),
@@ -1070,6 +1101,8 @@ impl Engine {
         now: Instant,
     ) {
         if !self.udp_index.contains_key(&src) {
+            // Eviction may close the flow a batch is waiting for.
+            self.flush_udp_batch();
             self.make_room_for_udp(src.ip());
         }
         let idx = match self.udp_index.get(&src) {
@@ -1103,14 +1136,55 @@ impl Engine {
                 }
             },
         };
-        let payload = &self.tap.split().0[payload];
-        if let Flow::Udp(f) = &mut self.flows[idx].flow
-            && let Err(e) = f.send(target, shown, payload, now)
-        {
-            debug!(guest = %src, %target, error = %e, "udp send failed");
-            self.stats.count_drop(DropReason::HostSocket);
+        if let Flow::Udp(f) = &mut self.flows[idx].flow {
+            f.note_send(target, shown, now);
+        }
+        match self.rx_udp_gso {
+            Some(seg) => {
+                // A super-frame from the guest: on in one segmented send.
+                self.flush_udp_batch();
+                let seg = usize::from(seg);
+                let data = &self.tap.split().0[payload];
+                if let Flow::Udp(f) = &self.flows[idx].flow {
+                    let (sent, r) = udpio::send_segments(f.socket.as_fd(), target, data, seg);
+                    self.udp_io.note_send(sent, data.len().div_ceil(seg));
+                    self.udp_io.uso_in += 1;
+                    if let Err(e) = r {
+                        debug!(guest = %src, %target, error = %e, "udp send failed");
+                        self.stats.count_drop(DropReason::HostSocket);
+                    }
+                }
+            }
+            None => {
+                let data = &self.tap.split().0[payload.clone()];
+                if self.udp_batch.push((idx, target), data) == Push::Flush {
+                    self.flush_udp_batch();
+                    let data = &self.tap.split().0[payload];
+                    self.udp_batch.push((idx, target), data);
+                }
+            }
         }
         self.udp_touch(idx);
+    }
+
+    /// Sends the gathered datagrams of one flow (one `UDP_SEGMENT` send
+    /// where the kernel takes it).
+    fn flush_udp_batch(&mut self) {
+        let Some(((idx, target), data, seg, n)) = self.udp_batch.take() else {
+            return;
+        };
+        let Some(Slot {
+            flow: Flow::Udp(f), ..
+        }) = self.flows.get(idx)
+        else {
+            return;
+        };
+        let (sent, r) = udpio::send_segments(f.socket.as_fd(), target, data, seg);
+        self.udp_io.note_send(sent, n);
+        if let Err(e) = r {
+            debug!(guest = %f.guest, %target, error = %e, "udp send failed");
+            self.stats.count_drop(DropReason::HostSocket);
+        }
     }
 
     /// Sends a guest datagram to a port rnet publishes back through that
@@ -1427,7 +1501,15 @@ impl Engine {
             match &mut slot.flow {
                 Flow::Tcp(_) => self.service_tcp(idx, now),
                 Flow::Udp(f) => {
-                    let r = f.to_guest(&self.cfg, &self.local, &mut self.stack, self.tap.tx(), now);
+                    let r = f.to_guest(
+                        &self.cfg,
+                        &self.local,
+                        &mut self.stack,
+                        &mut self.udp_rx,
+                        self.tap.tx(),
+                        &mut self.udp_io,
+                        now,
+                    );
                     for _ in 0..r.filtered {
                         self.stats.count_drop(DropReason::Filtered);
                     }
@@ -1792,7 +1874,9 @@ impl Engine {
                 "frames_out": out.frames,
                 "bytes_out": out.bytes,
                 "offloads": self.tap.offloads(),
+                "uso": self.tap.uso(),
             },
+            "udp_io": self.udp_io.json(),
             "flows": {
                 "tcp": tcp,
                 "tcp_spliced": spliced,

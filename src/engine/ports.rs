@@ -43,8 +43,9 @@ use tracing::{debug, info, warn};
 use super::{Engine, FIRST_FLOW, Flow, Slot};
 use crate::nat::published_target;
 use crate::nat::tcp::TcpFlow;
+use crate::nat::udp::TrainOut;
+use crate::nat::udpio;
 use crate::ports::{PortError, PortInfo, PortSpec, Proto};
-use crate::stack::emit::{self, Header, UDP_PAYLOAD_OFFSET, UDP6_PAYLOAD_OFFSET};
 use crate::stats::DropReason;
 
 /// Connections accepted per listener wake-up before other work runs.
@@ -96,9 +97,6 @@ pub struct UdpListen {
     pub(super) socket: UdpSocket,
     guest_ip: Option<IpAddr>,
     guest_port: u16,
-    /// Datagrams may become IPv6 frames (an IPv6 socket or guest address),
-    /// so they are received at the IPv6 payload offset.
-    may_v6: bool,
 }
 
 /// Where the guest's answers to a published-UDP client go.
@@ -222,8 +220,6 @@ impl Engine {
                         socket,
                         guest_ip: spec.guest_ip,
                         guest_port,
-                        may_v6: spec.host_ip.is_ipv6()
-                            || matches!(spec.guest_ip, Some(IpAddr::V6(_))),
                     })
                 }
                 Err(e) => {
@@ -348,7 +344,7 @@ impl Engine {
     /// Delivers datagrams from published-UDP clients to the guest, from the
     /// client's own address.
     pub(super) fn udp_from_clients(&mut self, idx: usize, now: Instant) {
-        let Some(guest_mac) = self.stack.guest_mac() else {
+        if self.stack.guest_mac().is_none() {
             // The guest has not spoken yet; nothing can be addressed to it.
             // Drain so the socket does not stay readable forever.
             if let Some(Slot {
@@ -362,88 +358,61 @@ impl Engine {
                 }
             }
             return;
-        };
-        let mtu = self.stack.mtu;
-        for _ in 0..64 {
+        }
+        let mut train = TrainOut::new(self.tap.tx());
+        // Clients seen, in order (consecutive repeats folded), noted once
+        // the frames are out.
+        let mut seen: Vec<(SocketAddr, SocketAddr, SocketAddr)> = Vec::new();
+        let mut more = true;
+        let mut lid = 0;
+        for _ in 0..4 {
             let Some(Slot {
                 flow: Flow::UdpListen(l),
                 id,
                 ..
             }) = self.flows.get(idx)
             else {
-                return;
+                more = false;
+                break;
             };
-            let (guest_ip, guest_port, lid) = (l.guest_ip, l.guest_port, *id);
-            // Received where the payload of the frame it may become goes;
-            // an IPv4 datagram received at the IPv6 offset moves down.
-            let off = if l.may_v6 {
-                UDP6_PAYLOAD_OFFSET
-            } else {
-                UDP_PAYLOAD_OFFSET
-            };
-            let h = Header {
-                eth_src: self.stack.mac,
-                eth_dst: guest_mac,
-                ident: self.stack.next_ident(),
-            };
-            let mut got = None;
-            let mut too_big = false;
-            let mut more = true;
-            let cfg = &self.cfg;
-            let socket = &l.socket;
-            let sent = self.tap.tx().build(|buf| {
-                let end = (off + mtu.saturating_sub(28)).min(buf.len());
-                let Some(room) = buf.get_mut(off..end) else {
-                    more = false;
-                    return 0;
-                };
-                let (n, peer) = match socket.recv_from(room) {
-                    Ok(x) => x,
-                    Err(_) => {
-                        more = false;
-                        return 0;
-                    }
-                };
-                let Some((guest, client)) = published_target(cfg, guest_ip, guest_port, peer)
+            let (guest_ip, guest_port) = (l.guest_ip, l.guest_port);
+            lid = *id;
+            let n = self.udp_rx.recv(l.socket.as_fd()).unwrap_or(0);
+            if n == 0 {
+                more = false;
+                break;
+            }
+            self.udp_io.recv_calls += 1;
+            for i in 0..n {
+                let m = self.udp_rx.msgs()[i];
+                let Some((guest, client)) =
+                    published_target(&self.cfg, guest_ip, guest_port, m.from)
                 else {
-                    return 0;
+                    continue;
                 };
-                let len = match (client, guest) {
-                    (SocketAddr::V4(c), SocketAddr::V4(g)) => {
-                        if off != UDP_PAYLOAD_OFFSET {
-                            buf.copy_within(off..off + n, UDP_PAYLOAD_OFFSET);
-                        }
-                        emit::udp_frame(buf, &h, c, g, n)
-                    }
-                    (SocketAddr::V6(c), SocketAddr::V6(g)) => {
-                        if off != UDP6_PAYLOAD_OFFSET || n + 48 > mtu {
-                            too_big = true;
-                            return 0;
-                        }
-                        emit::udp6_frame(buf, &h, c, g, n)
-                    }
-                    _ => 0,
-                };
-                if len > 0 {
-                    got = Some((peer, guest, client));
+                let data = self.udp_rx.payload(i);
+                train.push(
+                    &mut self.stack,
+                    &mut self.udp_io,
+                    client,
+                    guest,
+                    data,
+                    m.seg,
+                );
+                if seen.last() != Some(&(m.from, guest, client)) {
+                    seen.push((m.from, guest, client));
                 }
-                len
-            });
-            if sent {
-                self.stack.frames_out += 1;
             }
-            if too_big {
-                // Larger than an IPv6 frame on this link can carry.
-                self.stats.count_drop(DropReason::Unsupported);
-            }
-            if let Some((peer, guest, client)) = got {
-                self.udp_client_seen((guest, client), idx, lid, peer, now);
-            }
-            if !more {
-                return;
+            if n < udpio::BATCH {
+                more = false;
+                break;
             }
         }
-        if let Some(s) = self.flows.get(idx) {
+        train.finish(&mut self.stack, &mut self.udp_io);
+        for (peer, guest, client) in seen {
+            self.udp_client_seen((guest, client), idx, lid, peer, now);
+        }
+        if more && let Some(s) = self.flows.get(idx) {
             let id = s.id;
             self.mark_dirty(idx, id);
         }
@@ -478,9 +447,15 @@ impl Engine {
             return false;
         }
         let data = &self.tap.split().0[payload];
-        if let Err(e) = l.socket.send_to(data, client)
-            && e.kind() != io::ErrorKind::WouldBlock
-        {
+        // One datagram, or a USO super-frame of several.
+        let seg = self.rx_udp_gso.map_or(data.len(), usize::from);
+        let (sent, r) = udpio::send_segments(l.socket.as_fd(), client, data, seg);
+        self.udp_io
+            .note_send(sent, data.len().div_ceil(seg.max(1)).max(1));
+        if self.rx_udp_gso.is_some() {
+            self.udp_io.uso_in += 1;
+        }
+        if let Err(e) = r {
             debug!(%client, error = %e, "udp reply to client failed");
         }
         true
@@ -672,6 +647,7 @@ fn bind(proto: Proto, addr: SocketAddr) -> io::Result<Bound> {
         }
         Proto::Udp => {
             s.bind(&addr.into())?;
+            udpio::enable_gro(s.as_fd());
             Ok(Bound::Udp(UdpSocket::from_std(s.into())))
         }
     }

@@ -21,6 +21,7 @@ pub mod local;
 pub mod splice;
 pub mod tcp;
 pub mod udp;
+pub mod udpio;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 

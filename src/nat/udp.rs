@@ -24,8 +24,12 @@
 //! published socket on the host's loopback; its answers, which come from
 //! there, are shown to the guest as coming from the address it sent to.
 //!
-//! Datagrams go straight from the host socket into the TAP frame buffer
-//! (received at the payload offset, headers written around them).
+//! Datagrams are moved in batches (see [`crate::nat::udpio`]): the guest's
+//! consecutive same-size datagrams of one flow leave in one `UDP_SEGMENT`
+//! send, and one `recvmmsg` (with `UDP_GRO` trains) drains a host socket;
+//! what it returned goes to the guest through a [`TrainOut`], which joins
+//! same-flow, same-size datagrams into one USO super-frame where the TAP
+//! takes them, and writes one frame per datagram otherwise.
 
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -36,13 +40,15 @@ use smoltcp::time::Instant;
 
 use crate::config::{Config, UdpFilter};
 use crate::nat::local::LocalAddrs;
+use crate::nat::udpio::{self, Counters, RecvBatch};
 use crate::nat::{guest_view, guest_view6, inbound_allowed};
 use crate::stack::Stack;
 use crate::stack::emit::{self, Header, UDP_PAYLOAD_OFFSET, UDP6_PAYLOAD_OFFSET};
 use crate::tap::TapTx;
 
-/// Datagrams moved to the guest per wake-up before yielding to other work.
-const BUDGET: usize = 64;
+/// `recvmmsg` batches moved to the guest per wake-up before yielding to
+/// other work.
+const BUDGET: usize = 4;
 /// Host addresses one flow remembers having sent to (for filtering).
 pub const MAX_PEERS: usize = 1024;
 /// Hairpin destinations one flow remembers (for the source it shows).
@@ -84,6 +90,7 @@ impl UdpFlow {
             (SocketAddr::V6(_), _) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
         };
         let socket = UdpSocket::bind(local)?;
+        udpio::enable_gro(std::os::fd::AsFd::as_fd(&socket));
         Ok(Self {
             guest,
             socket,
@@ -94,17 +101,11 @@ impl UdpFlow {
         })
     }
 
-    /// Sends one guest datagram to `target`; `shown` is what the guest
+    /// Notes that a guest datagram goes to `target` (the engine sends it,
+    /// possibly batched with the next ones); `shown` is what the guest
     /// addressed when that differs from what its answers will come from
-    /// (a hairpin to a published port). A full socket buffer drops it, as
-    /// a congested link would.
-    pub fn send(
-        &mut self,
-        target: SocketAddr,
-        shown: Option<SocketAddr>,
-        payload: &[u8],
-        now: Instant,
-    ) -> io::Result<()> {
+    /// (a hairpin to a published port).
+    pub fn note_send(&mut self, target: SocketAddr, shown: Option<SocketAddr>, now: Instant) {
         self.last_active = now;
         let ip = unmapped(target.ip());
         if !self.peers.contains(&ip) {
@@ -121,11 +122,6 @@ impl UdpFlow {
             }
             self.views.insert(target, shown);
         }
-        match self.socket.send_to(payload, target) {
-            Ok(_) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
-            Err(e) => Err(e),
-        }
     }
 
     /// Whether a datagram from `from` may enter this flow.
@@ -138,81 +134,213 @@ impl UdpFlow {
 
     /// Moves datagrams that arrived for the guest onto the TAP, dropping
     /// (and counting) those the filter refuses.
+    #[allow(clippy::too_many_arguments)]
     pub fn to_guest(
         &mut self,
         cfg: &Config,
         local: &LocalAddrs,
         stack: &mut Stack,
-        mut tx: TapTx<'_>,
+        rx: &mut RecvBatch,
+        tx: TapTx<'_>,
+        io: &mut Counters,
         now: Instant,
     ) -> ToGuest {
         let mut out = ToGuest::default();
-        let Some(guest_mac) = stack.guest_mac() else {
+        if stack.guest_mac().is_none() {
             return out;
-        };
-        let v6 = self.guest.is_ipv6();
-        let (max, off) = if v6 {
-            (stack.mtu.saturating_sub(48), UDP6_PAYLOAD_OFFSET)
-        } else {
-            (stack.mtu.saturating_sub(28), UDP_PAYLOAD_OFFSET)
-        };
+        }
+        let mut train = TrainOut::new(tx);
         for _ in 0..BUDGET {
-            let h = Header {
-                eth_src: stack.mac,
-                eth_dst: guest_mac,
-                ident: stack.next_ident(),
-            };
-            let mut more = true;
-            let guest = self.guest;
-            let this = &*self;
-            let filtered = &mut out.filtered;
-            let sent = tx.build(|buf| {
-                let end = (off + max).min(buf.len());
-                let Some(room) = buf.get_mut(off..end) else {
-                    more = false;
-                    return 0;
-                };
-                match this.socket.recv_from(room) {
-                    Ok((_, from)) if !this.admits(cfg, local, from) => {
-                        *filtered += 1;
-                        0
-                    }
-                    Ok((n, from)) => match (guest, this.views.get(&from)) {
-                        (SocketAddr::V4(g), Some(SocketAddr::V4(shown))) => {
-                            emit::udp_frame(buf, &h, *shown, g, n)
-                        }
-                        (SocketAddr::V6(g), Some(SocketAddr::V6(shown))) => {
-                            emit::udp6_frame(buf, &h, *shown, g, n)
-                        }
-                        (guest, _) => match guest {
-                            SocketAddr::V4(g) => match guest_view(cfg, from) {
-                                Some(src) => emit::udp_frame(buf, &h, src, g, n),
-                                None => 0,
-                            },
-                            SocketAddr::V6(g) => match guest_view6(cfg, from) {
-                                Some(src) => emit::udp6_frame(buf, &h, src, g, n),
-                                None => 0,
-                            },
-                        },
-                    },
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
-                    Err(_) => {
-                        // WouldBlock, or a queued ICMP error surfacing here.
-                        more = false;
-                        0
-                    }
-                }
-            });
-            if sent {
-                stack.frames_out += 1;
-                self.last_active = now;
+            // An error is a queued ICMP error surfacing here.
+            let n = rx
+                .recv(std::os::fd::AsFd::as_fd(&self.socket))
+                .unwrap_or_default();
+            if n == 0 {
+                train.finish(stack, io);
+                return out;
             }
-            if !more {
+            io.recv_calls += 1;
+            self.last_active = now;
+            for i in 0..n {
+                let m = rx.msgs()[i];
+                if !self.admits(cfg, local, m.from) {
+                    out.filtered += 1;
+                    continue;
+                }
+                let shown = match (self.guest, self.views.get(&m.from)) {
+                    (SocketAddr::V4(_), Some(v @ SocketAddr::V4(_)))
+                    | (SocketAddr::V6(_), Some(v @ SocketAddr::V6(_))) => Some(*v),
+                    (SocketAddr::V4(_), _) => guest_view(cfg, m.from).map(SocketAddr::V4),
+                    (SocketAddr::V6(_), _) => guest_view6(cfg, m.from).map(SocketAddr::V6),
+                };
+                if let Some(src) = shown {
+                    train.push(stack, io, src, self.guest, rx.payload(i), m.seg);
+                }
+            }
+            if n < udpio::BATCH {
+                train.finish(stack, io);
                 return out;
             }
         }
+        train.finish(stack, io);
         out.more = true;
         out
+    }
+}
+
+/// Where a UDP payload goes in a frame to `dst`, and the most one frame
+/// may carry.
+fn layout(dst: SocketAddr, room: usize) -> (usize, usize) {
+    match dst {
+        SocketAddr::V4(_) => (
+            UDP_PAYLOAD_OFFSET,
+            udpio::MAX_PAYLOAD.min(room - UDP_PAYLOAD_OFFSET),
+        ),
+        SocketAddr::V6(_) => (
+            UDP6_PAYLOAD_OFFSET,
+            (65535 - 8).min(room - UDP6_PAYLOAD_OFFSET),
+        ),
+    }
+}
+
+/// The train being gathered in the TAP's transmit buffer.
+#[derive(Clone, Copy)]
+struct Open {
+    src: SocketAddr,
+    dst: SocketAddr,
+    seg: usize,
+    len: usize,
+    count: usize,
+    closed: bool,
+}
+
+/// Datagrams on their way to the guest: with USO, consecutive ones of one
+/// flow and size gather in the TAP's transmit buffer and leave as one
+/// super-frame; without, each leaves as its own frame.
+pub struct TrainOut<'a> {
+    tx: TapTx<'a>,
+    open: Option<Open>,
+}
+
+impl<'a> TrainOut<'a> {
+    /// Nothing gathered yet.
+    pub fn new(tx: TapTx<'a>) -> Self {
+        Self { tx, open: None }
+    }
+
+    /// Adds one received message `data` from `src` (as the guest sees it)
+    /// to guest endpoint `dst`: one datagram, or a `UDP_GRO` train of
+    /// `seg`-byte ones. Families of `src` and `dst` must match (others are
+    /// skipped).
+    pub fn push(
+        &mut self,
+        stack: &mut Stack,
+        io: &mut Counters,
+        src: SocketAddr,
+        dst: SocketAddr,
+        data: &[u8],
+        seg: usize,
+    ) {
+        if src.is_ipv4() != dst.is_ipv4() {
+            return;
+        }
+        let (off, cap) = layout(dst, self.tx.buf_len());
+        let seg = if seg == 0 || seg > data.len() {
+            data.len()
+        } else {
+            seg
+        };
+        io.datagrams_in += data.len().div_ceil(seg.max(1)).max(1) as u64;
+        if data.len() > cap {
+            return;
+        }
+        if self.tx.uso() && !data.is_empty() {
+            let nseg = data.len().div_ceil(seg);
+            let joins = self.open.is_some_and(|t| {
+                (t.src, t.dst) == (src, dst)
+                    && !t.closed
+                    && (seg == t.seg || (nseg == 1 && data.len() < t.seg))
+                    && t.len + data.len() <= cap
+                    && t.count + nseg <= udpio::MAX_SEGMENTS
+            });
+            if !joins {
+                self.flush(stack, io);
+            }
+            let t = self.open.get_or_insert(Open {
+                src,
+                dst,
+                seg,
+                len: 0,
+                count: 0,
+                closed: false,
+            });
+            let at = off + t.len;
+            self.tx.buf_mut()[at..at + data.len()].copy_from_slice(data);
+            t.len += data.len();
+            t.count += nseg;
+            t.closed = data.len() % t.seg != 0;
+            return;
+        }
+        self.flush(stack, io);
+        if data.is_empty() {
+            self.open = Some(Open {
+                src,
+                dst,
+                seg: 0,
+                len: 0,
+                count: 1,
+                closed: true,
+            });
+            self.flush(stack, io);
+            return;
+        }
+        for piece in data.chunks(seg) {
+            self.tx.buf_mut()[off..off + piece.len()].copy_from_slice(piece);
+            self.open = Some(Open {
+                src,
+                dst,
+                seg: piece.len(),
+                len: piece.len(),
+                count: 1,
+                closed: true,
+            });
+            self.flush(stack, io);
+        }
+    }
+
+    /// Writes what is gathered.
+    pub fn finish(&mut self, stack: &mut Stack, io: &mut Counters) {
+        self.flush(stack, io);
+    }
+
+    fn flush(&mut self, stack: &mut Stack, io: &mut Counters) {
+        let Some(t) = self.open.take() else { return };
+        let Some(guest_mac) = stack.guest_mac() else {
+            return;
+        };
+        let h = Header {
+            eth_src: stack.mac,
+            eth_dst: guest_mac,
+            ident: stack.next_ident(),
+        };
+        let frame = |buf: &mut [u8]| match (t.src, t.dst) {
+            (SocketAddr::V4(s), SocketAddr::V4(d)) => emit::udp_frame(buf, &h, s, d, t.len),
+            (SocketAddr::V6(s), SocketAddr::V6(d)) => emit::udp6_frame(buf, &h, s, d, t.len),
+            _ => 0,
+        };
+        let sent = if t.count > 1 {
+            let ok = self.tx.build_udp_train(t.seg as u16, frame);
+            if ok {
+                io.uso_out += 1;
+                io.uso_out_datagrams += t.count as u64;
+            }
+            ok
+        } else {
+            self.tx.build(frame)
+        };
+        if sent {
+            stack.frames_out += 1;
+        }
     }
 }
 
