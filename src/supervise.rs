@@ -134,6 +134,7 @@ pub(crate) fn test_hooks() -> bool {
 /// `--ready-fd`, written by the first worker only; `target` the PID whose
 /// exit ends rnet.
 pub(crate) fn start(ready_fd: &mut Option<RawFd>, target: Option<i32>) -> io::Result<Worker> {
+    crate::sandbox::confine_supervisor().map_err(io::Error::other)?;
     let mut sigs = SigSet::empty();
     for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
         sigs.add(s);
