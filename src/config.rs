@@ -6,7 +6,12 @@
 //! addresses of the virtual network from its CIDR.
 //!
 //! The default network is slirp4netns's: 10.0.2.0/24, gateway .2 (which may
-//! stand for the host's loopback), DNS forwarder .3, guest .100.
+//! stand for the host's loopback), DNS forwarder .3, guest .100; over IPv6
+//! (when on) the /64 prefix's ::2, ::3 and ::100. The guest's and the
+//! gateway's addresses can be set for either family. What the guest is
+//! told about DNS (the servers, by default the forwarders, and the search
+//! domains) is a setting of its own, checked here to fit a DHCP reply and
+//! a router advertisement.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
