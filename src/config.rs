@@ -6,7 +6,12 @@
 //! addresses of the virtual network from its CIDR.
 //!
 //! The default network is slirp4netns's: 10.0.2.0/24, gateway .2 (which may
-//! stand for the host's loopback), DNS forwarder .3, guest .100.
+//! stand for the host's loopback), DNS forwarder .3, guest .100; over IPv6
+//! (when on) the /64 prefix's ::2, ::3 and ::100. The guest's and the
+//! gateway's addresses can be set for either family. What the guest is
+//! told about DNS (the servers, by default the forwarders, and the search
+//! domains) is a setting of its own, checked here to fit a DHCP reply and
+//! a router advertisement.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -494,6 +499,9 @@ pub enum ConfigError {
     /// An unusable IPv6 prefix.
     #[error("invalid IPv6 prefix {0}")]
     Ipv6Prefix(String),
+    /// An unusable search domain.
+    #[error("invalid search domain {0}")]
+    Domain(String),
 }
 
 /// Complete, validated settings for a virtual network.
@@ -508,6 +516,10 @@ pub struct Config {
     pub(crate) dns_addr: Option<Ipv4Addr>,
     pub(crate) host_aliases: Vec<Ipv4Addr>,
     pub(crate) ipv6: Option<Ipv6Addr>,
+    pub(crate) ipv6_guest_addr: Option<Ipv6Addr>,
+    pub(crate) ipv6_gateway_addr: Option<Ipv6Addr>,
+    pub(crate) dns_announced: Vec<IpAddr>,
+    pub(crate) search_domains: Vec<String>,
     pub(crate) allow_host_loopback: bool,
     pub(crate) outbound: OutboundPolicy,
     pub(crate) outbound_addr: Option<Ipv4Addr>,
@@ -589,17 +601,57 @@ impl Config {
     pub fn ipv6_prefix(&self) -> Option<Ipv6Addr> {
         self.ipv6
     }
-    /// The IPv6 gateway (prefix::2), when IPv6 is on.
+    /// The IPv6 gateway (prefix::2 unless set), when IPv6 is on.
     pub fn ipv6_gateway(&self) -> Option<Ipv6Addr> {
-        self.ipv6.map(|p| v6_nth(p, 2))
+        self.ipv6
+            .map(|p| self.ipv6_gateway_addr.unwrap_or_else(|| v6_nth(p, 2)))
     }
     /// The IPv6 DNS forwarder (prefix::3), when IPv6 is on.
     pub fn ipv6_dns(&self) -> Option<Ipv6Addr> {
         self.ipv6.map(|p| v6_nth(p, 3))
     }
-    /// The IPv6 address configured on the guest's TAP (prefix::100).
+    /// The IPv6 address configured on the guest's TAP (prefix::100 unless
+    /// set), when IPv6 is on.
     pub fn ipv6_guest(&self) -> Option<Ipv6Addr> {
-        self.ipv6.map(|p| v6_nth(p, 0x100))
+        self.ipv6
+            .map(|p| self.ipv6_guest_addr.unwrap_or_else(|| v6_nth(p, 0x100)))
+    }
+    /// The DNS servers announced to the guest, in order: DHCP's option 6
+    /// carries the IPv4 ones, router advertisements' RDNSS the IPv6 ones,
+    /// and a resolv.conf rnet writes lists them all.
+    pub fn dns_announced(&self) -> &[IpAddr] {
+        &self.dns_announced
+    }
+    /// The announced IPv4 DNS servers, in order.
+    pub fn dns_announced_v4(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+        self.dns_announced.iter().filter_map(|a| match a {
+            IpAddr::V4(a) => Some(*a),
+            IpAddr::V6(_) => None,
+        })
+    }
+    /// The announced IPv6 DNS servers, in order.
+    pub fn dns_announced_v6(&self) -> impl Iterator<Item = Ipv6Addr> + '_ {
+        self.dns_announced.iter().filter_map(|a| match a {
+            IpAddr::V6(a) => Some(*a),
+            IpAddr::V4(_) => None,
+        })
+    }
+    /// The DNS search domains announced to the guest (DHCP option 119,
+    /// RDNSS's companion DNSSL), without trailing dots.
+    pub fn search_domains(&self) -> &[String] {
+        &self.search_domains
+    }
+    /// The text of a resolv.conf for the guest: a `nameserver` line per
+    /// announced server and a `search` line when there are search domains.
+    pub fn resolv_conf(&self) -> String {
+        let mut t = String::new();
+        for a in &self.dns_announced {
+            t.push_str(&format!("nameserver {a}\n"));
+        }
+        if !self.search_domains.is_empty() {
+            t.push_str(&format!("search {}\n", self.search_domains.join(" ")));
+        }
+        t
     }
     /// Whether the gateway reaches the host's 127.0.0.1.
     pub fn allow_host_loopback(&self) -> bool {
@@ -669,6 +721,10 @@ pub struct ConfigBuilder {
     dns_addr: Option<Ipv4Addr>,
     host_aliases: Vec<Ipv4Addr>,
     ipv6: Option<Ipv6Addr>,
+    ipv6_guest_addr: Option<Ipv6Addr>,
+    ipv6_gateway_addr: Option<Ipv6Addr>,
+    dns_announced: Option<Vec<IpAddr>>,
+    search_domains: Vec<String>,
     allow_host_loopback: bool,
     outbound: OutboundPolicy,
     outbound_addr: Option<Ipv4Addr>,
@@ -713,6 +769,10 @@ impl Default for ConfigBuilder {
             dns_addr: None,
             host_aliases: Vec::new(),
             ipv6: None,
+            ipv6_guest_addr: None,
+            ipv6_gateway_addr: None,
+            dns_announced: None,
+            search_domains: Vec::new(),
             allow_host_loopback: false,
             outbound: OutboundPolicy::Any,
             outbound_addr: None,
@@ -803,6 +863,43 @@ impl ConfigBuilder {
     /// forwarder prefix::3, the guest prefix::100.
     pub fn ipv6(mut self, prefix: Option<Ipv6Addr>) -> Self {
         self.ipv6 = prefix;
+        self
+    }
+    /// The guest's IPv6 address (default prefix::100): configured on the
+    /// TAP and shown for published ports. It must lie in the
+    /// [`ConfigBuilder::ipv6`] prefix (see [`ipv6_prefix_of`] to derive the
+    /// prefix from an address) and differ from the gateway and the DNS
+    /// forwarder (prefix::3).
+    pub fn ipv6_guest_addr(mut self, addr: Option<Ipv6Addr>) -> Self {
+        self.ipv6_guest_addr = addr;
+        self
+    }
+    /// The IPv6 gateway (default prefix::2): the guest's default route,
+    /// answering neighbour solicitations and ping, and standing for the
+    /// host's ::1 under [`ConfigBuilder::allow_host_loopback`], like the
+    /// IPv4 gateway. It must lie in the [`ConfigBuilder::ipv6`] prefix.
+    pub fn ipv6_gateway_addr(mut self, addr: Option<Ipv6Addr>) -> Self {
+        self.ipv6_gateway_addr = addr;
+        self
+    }
+    /// The DNS servers announced to the guest, IPv4 and IPv6 in one list
+    /// (default: rnet's own forwarders, the IPv4 one and, with IPv6 on, the
+    /// IPv6 one). DHCP's option 6 carries the IPv4 ones, router
+    /// advertisements (RDNSS) the IPv6 ones, and the resolv.conf of a
+    /// command rnet starts ([`Config::resolv_conf`]) all of them. An empty
+    /// list announces none. Announcing an address does not make rnet serve
+    /// DNS there: the forwarder stays at [`ConfigBuilder::dns_addr`].
+    pub fn dns_announced(mut self, addrs: Vec<IpAddr>) -> Self {
+        self.dns_announced = Some(addrs);
+        self
+    }
+    /// DNS search domains announced to the guest (DHCP option 119, the
+    /// DNSSL option of router advertisements, and the `search` line of a
+    /// resolv.conf rnet writes). Each must be a domain name of at most 253
+    /// characters with labels of 1-63 (a trailing dot is dropped); together
+    /// with the DNS servers they must fit a DHCP reply.
+    pub fn search_domains(mut self, domains: Vec<String>) -> Self {
+        self.search_domains = domains;
         self
     }
     /// Let the gateway address reach the host's 127.0.0.1 (default false).
@@ -1028,6 +1125,25 @@ impl ConfigBuilder {
             }
         }
         self.validate_addresses()?;
+        self.validate_ipv6_addresses()?;
+        let search_domains = self
+            .search_domains
+            .iter()
+            .map(|d| validate_domain(d))
+            .collect::<Result<Vec<_>, _>>()?;
+        let dns_announced = match &self.dns_announced {
+            Some(v) => v.clone(),
+            None => {
+                let mut v = vec![IpAddr::V4(
+                    self.dns_addr.unwrap_or_else(|| self.cidr.nth(3)),
+                )];
+                if let Some(p) = self.ipv6 {
+                    v.push(IpAddr::V6(v6_nth(p, 3)));
+                }
+                v
+            }
+        };
+        validate_announced(&dns_announced, &search_domains)?;
         Ok(Config {
             tap_name: self.tap_name,
             mtu: self.mtu,
@@ -1038,6 +1154,10 @@ impl ConfigBuilder {
             dns_addr: self.dns_addr,
             host_aliases: self.host_aliases,
             ipv6: self.ipv6,
+            ipv6_guest_addr: self.ipv6_guest_addr,
+            ipv6_gateway_addr: self.ipv6_gateway_addr,
+            dns_announced,
+            search_domains,
             allow_host_loopback: self.allow_host_loopback,
             outbound: self.outbound,
             outbound_addr: self.outbound_addr,
@@ -1125,6 +1245,137 @@ impl ConfigBuilder {
         }
         Ok(())
     }
+}
+
+impl ConfigBuilder {
+    /// Checks the IPv6 guest and gateway addresses against the prefix, the
+    /// DNS forwarder (prefix::3) and each other.
+    fn validate_ipv6_addresses(&self) -> Result<(), ConfigError> {
+        let Some(p) = self.ipv6 else {
+            if let Some(a) = self.ipv6_guest_addr.or(self.ipv6_gateway_addr) {
+                return Err(ConfigError::Conflict(format!(
+                    "IPv6 address {a} given, but IPv6 is off: turn IPv6 on with its prefix {}/64",
+                    ipv6_prefix_of(a)
+                )));
+            }
+            return Ok(());
+        };
+        let guest = self.ipv6_guest_addr.unwrap_or_else(|| v6_nth(p, 0x100));
+        let gateway = self.ipv6_gateway_addr.unwrap_or_else(|| v6_nth(p, 2));
+        let dns = v6_nth(p, 3);
+        for (what, a) in [("guest", guest), ("gateway", gateway)] {
+            if ipv6_prefix_of(a) != p || a == p {
+                return Err(ConfigError::Conflict(format!(
+                    "IPv6 {what} address {a} is not a host address of the prefix {p}/64"
+                )));
+            }
+            if a == dns {
+                return Err(ConfigError::Conflict(format!(
+                    "IPv6 {what} address {a} is the IPv6 DNS forwarder's (prefix::3); choose another"
+                )));
+            }
+        }
+        if guest == gateway {
+            return Err(ConfigError::Conflict(format!(
+                "IPv6 gateway {gateway} must differ from the guest's address"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The /64 prefix (network address) an IPv6 address lies in.
+pub fn ipv6_prefix_of(a: Ipv6Addr) -> Ipv6Addr {
+    Ipv6Addr::from(u128::from(a) & !u128::from(u64::MAX))
+}
+
+/// Longest domain name accepted as a search domain (without the trailing
+/// dot, as RFC 1035 limits a name to 255 bytes on the wire).
+pub const MAX_DOMAIN_LEN: usize = 253;
+/// Longest label of a domain name (RFC 1035).
+pub const MAX_LABEL_LEN: usize = 63;
+
+/// Checks a search domain and returns it without a trailing dot: at most
+/// [`MAX_DOMAIN_LEN`] characters of printable ASCII without spaces, in
+/// dot-separated labels of 1 to [`MAX_LABEL_LEN`].
+pub fn validate_domain(d: &str) -> Result<String, ConfigError> {
+    let bad = |why: &str| ConfigError::Domain(format!("{d:?}: {why}"));
+    let name = d.strip_suffix('.').unwrap_or(d);
+    if name.is_empty() {
+        return Err(bad("empty"));
+    }
+    if name.len() > MAX_DOMAIN_LEN {
+        return Err(bad(&format!(
+            "{} characters, at most {MAX_DOMAIN_LEN}",
+            name.len()
+        )));
+    }
+    if !name.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(bad("only printable ASCII without spaces"));
+    }
+    for label in name.split('.') {
+        if label.is_empty() {
+            return Err(bad("empty label (two dots in a row, or a leading dot)"));
+        }
+        if label.len() > MAX_LABEL_LEN {
+            return Err(bad(&format!(
+                "label {label:?} has {} characters, at most {MAX_LABEL_LEN}",
+                label.len()
+            )));
+        }
+    }
+    Ok(name.to_string())
+}
+
+/// Appends `domains` (checked by [`validate_domain`]) in DNS wire format
+/// without compression (RFC 1035 section 3.1: length-prefixed labels, each
+/// name ending with the zero-length root label), as DHCP's option 119
+/// (RFC 3397) and the DNSSL option (RFC 8106) carry them.
+pub(crate) fn encode_domains(domains: &[String], out: &mut Vec<u8>) {
+    for d in domains {
+        for label in d.split('.').filter(|l| !l.is_empty()) {
+            out.push(label.len() as u8);
+            out.extend_from_slice(label.as_bytes());
+        }
+        out.push(0);
+    }
+}
+
+/// Checks that the announced DNS servers are unicast and that they and the
+/// search domains fit a DHCP reply and a router advertisement.
+fn validate_announced(dns: &[IpAddr], search: &[String]) -> Result<(), ConfigError> {
+    for a in dns {
+        let unusable = match a {
+            IpAddr::V4(a) => a.is_unspecified() || a.is_multicast() || a.is_broadcast(),
+            IpAddr::V6(a) => a.is_unspecified() || a.is_multicast(),
+        };
+        if unusable {
+            return Err(ConfigError::Conflict(format!(
+                "announced DNS server {a} is not a unicast address"
+            )));
+        }
+    }
+    let mut wire = Vec::new();
+    encode_domains(search, &mut wire);
+    let v4 = dns.iter().filter(|a| a.is_ipv4()).count();
+    let v6 = dns.len() - v4;
+    let dhcp = crate::services::dhcp::announce_len(v4, wire.len());
+    if v4 * 4 > 255 || dhcp > crate::services::dhcp::ANNOUNCE_SPACE {
+        return Err(ConfigError::Conflict(format!(
+            "{v4} IPv4 DNS servers and {} search domains need {dhcp} bytes of DHCP options; a reply has room for {}: announce fewer",
+            search.len(),
+            crate::services::dhcp::ANNOUNCE_SPACE
+        )));
+    }
+    let ra = crate::stack::emit::ra_announce_len(v6, wire.len());
+    if ra > crate::stack::emit::RA_ANNOUNCE_SPACE {
+        return Err(ConfigError::Conflict(format!(
+            "{v6} IPv6 DNS servers and {} search domains need {ra} bytes of router advertisement options; it has room for {}: announce fewer",
+            search.len(),
+            crate::stack::emit::RA_ANNOUNCE_SPACE
+        )));
+    }
+    Ok(())
 }
 
 /// Checks an IPv6 /64 prefix: a network address (low 64 bits zero) that is
@@ -1236,6 +1487,138 @@ mod tests {
         assert!(c.contains("2001:db8::1".parse().unwrap()));
         assert!(!c.contains("2001:db9::1".parse().unwrap()));
         assert!(!c.contains("10.0.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn explicit_ipv6_addresses() {
+        let v6 = |s: &str| s.parse::<Ipv6Addr>().unwrap();
+        let guest = v6("fd12:3456::10");
+        let prefix = ipv6_prefix_of(guest);
+        assert_eq!(prefix, v6("fd12:3456::"));
+        let c = Config::builder()
+            .ipv6(Some(prefix))
+            .ipv6_guest_addr(Some(guest))
+            .ipv6_gateway_addr(Some(v6("fd12:3456::1")))
+            .build()
+            .unwrap();
+        assert_eq!(c.ipv6_guest(), Some(guest));
+        assert_eq!(c.ipv6_gateway(), Some(v6("fd12:3456::1")));
+        assert_eq!(c.ipv6_dns(), Some(v6("fd12:3456::3")));
+        // Only one given: the other keeps its default in the prefix.
+        let c = Config::builder()
+            .ipv6(Some(prefix))
+            .ipv6_gateway_addr(Some(v6("fd12:3456::1")))
+            .build()
+            .unwrap();
+        assert_eq!(c.ipv6_guest(), Some(v6("fd12:3456::100")));
+        let b = || Config::builder().ipv6(Some(prefix));
+        for (bad, text) in [
+            (
+                b().ipv6_guest_addr(Some(v6("fd12:3457::10"))),
+                "not a host address",
+            ),
+            (
+                b().ipv6_gateway_addr(Some(v6("fd12:3456::"))),
+                "not a host address",
+            ),
+            (
+                b().ipv6_gateway_addr(Some(v6("fd12:3456::3"))),
+                "DNS forwarder",
+            ),
+            (b().ipv6_gateway_addr(Some(v6("fd12:3456::100"))), "differ"),
+            (
+                Config::builder().ipv6_guest_addr(Some(guest)),
+                "IPv6 is off",
+            ),
+        ] {
+            let e = bad.build().unwrap_err().to_string();
+            assert!(e.contains(text), "{e}");
+        }
+    }
+
+    #[test]
+    fn search_domains_and_announced_dns() {
+        assert_eq!(validate_domain("example.test.").unwrap(), "example.test");
+        assert_eq!(validate_domain("a-b_c.x").unwrap(), "a-b_c.x");
+        let label = "a".repeat(63);
+        assert!(validate_domain(&label).is_ok());
+        let e = validate_domain(&"a".repeat(64)).unwrap_err().to_string();
+        assert!(e.contains("at most 63"), "{e}");
+        let long = [label.as_str(); 4].join(".");
+        assert_eq!(long.len(), 255);
+        let e = validate_domain(&long).unwrap_err().to_string();
+        assert!(e.contains("at most 253"), "{e}");
+        assert!(validate_domain(&long[..253]).is_ok());
+        for bad in ["", ".", "a..b", ".a", "a b", "ä.test"] {
+            let e = validate_domain(bad).unwrap_err().to_string();
+            assert!(e.starts_with("invalid search domain"), "{bad}: {e}");
+        }
+        let mut w = Vec::new();
+        encode_domains(&["a.bc".into(), "d".into()], &mut w);
+        assert_eq!(w, [1, b'a', 2, b'b', b'c', 0, 1, b'd', 0]);
+
+        // Defaults: the forwarders of both families.
+        let c = Config::builder()
+            .ipv6(Some(DEFAULT_IPV6_PREFIX))
+            .build()
+            .unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(c.dns_announced(), &[ip("10.0.2.3"), ip("fd00::3")]);
+        assert_eq!(c.resolv_conf(), "nameserver 10.0.2.3\nnameserver fd00::3\n");
+        let c = Config::builder().build().unwrap();
+        assert_eq!(c.resolv_conf(), "nameserver 10.0.2.3\n");
+        let c = Config::builder()
+            .dns_announced(vec![ip("192.0.2.53"), ip("2001:db8::53"), ip("192.0.2.54")])
+            .search_domains(vec!["corp.test.".into(), "test".into()])
+            .build()
+            .unwrap();
+        assert_eq!(
+            c.dns_announced_v4().collect::<Vec<_>>(),
+            [
+                "192.0.2.53".parse::<Ipv4Addr>().unwrap(),
+                "192.0.2.54".parse().unwrap()
+            ]
+        );
+        assert_eq!(c.dns_announced_v6().count(), 1);
+        assert_eq!(c.search_domains(), &["corp.test", "test"]);
+        assert_eq!(
+            c.resolv_conf(),
+            "nameserver 192.0.2.53\nnameserver 2001:db8::53\nnameserver 192.0.2.54\nsearch corp.test test\n"
+        );
+        let none = Config::builder().dns_announced(vec![]).build().unwrap();
+        assert_eq!(none.resolv_conf(), "");
+        // Bad entries and lists too long for a DHCP reply are refused.
+        let e = Config::builder()
+            .search_domains(vec!["a..b".into()])
+            .build()
+            .unwrap_err();
+        assert!(matches!(e, ConfigError::Domain(_)), "{e}");
+        let e = Config::builder()
+            .dns_announced(vec![ip("0.0.0.0")])
+            .build()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unicast"), "{e}");
+        let e = Config::builder()
+            .dns_announced(vec![ip("192.0.2.1"); 70])
+            .build()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("DHCP"), "{e}");
+        let many: Vec<String> = (0..20).map(|i| format!("domain{i}.example.test")).collect();
+        let e = Config::builder()
+            .search_domains(many)
+            .build()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("announce fewer"), "{e}");
+        let e = Config::builder()
+            .ipv6(Some(DEFAULT_IPV6_PREFIX))
+            .dns_announced(vec![ip("fd00::53"); 80])
+            .build()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("router advertisement"), "{e}");
     }
 
     #[test]

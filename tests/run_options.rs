@@ -77,7 +77,12 @@ fn command_sees_the_dns_forwarder_in_a_private_resolv_conf() {
     let before = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
     let out = Rnet::new().run(&["cat", "/etc/resolv.conf"], T);
     out.assert_success("rnet run cat /etc/resolv.conf");
-    assert_eq!(out.stdout.trim(), "nameserver 10.0.2.3", "{out}");
+    // Both forwarders: IPv6 is on by default.
+    assert_eq!(
+        out.stdout.trim(),
+        "nameserver 10.0.2.3\nnameserver fd00::3",
+        "{out}"
+    );
     // The host's file is untouched, and --host-resolv-conf shows it as is.
     assert_eq!(
         std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),

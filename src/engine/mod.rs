@@ -307,6 +307,9 @@ pub struct Engine {
     last_limit_warn: Option<std::time::Instant>,
     /// When the next unsolicited router advertisement is due (IPv6 on).
     next_ra: Option<Instant>,
+    /// What router advertisements announce besides the prefix: the IPv6
+    /// DNS servers (RDNSS) and the search list in DNS wire format (DNSSL).
+    ra_dns: (Vec<Ipv6Addr>, Vec<u8>),
     /// Guest IPv6 addresses recently taught to smoltcp's neighbour cache.
     v6_learned: HashMap<Ipv6Addr, Instant>,
     /// The host's own addresses (refused like host loopback).
@@ -390,6 +393,7 @@ impl Engine {
         }
         let (cfg_net, cfg_mtu, cfg_limits) = (cfg.cidr(), cfg.mtu(), cfg.limits());
         let dhcp = DhcpServer::new(dhcp_config(&cfg, cfg_net, cfg_mtu));
+        let ra_dns = ra_dns(&cfg);
         let engine = Self {
             exit_fd: cfg.exit_fd,
             cfg,
@@ -434,6 +438,7 @@ impl Engine {
             per_guest: HashMap::new(),
             last_limit_warn: None,
             next_ra: None,
+            ra_dns,
             v6_learned: HashMap::new(),
             local,
             udp_lru: BTreeSet::new(),
@@ -1061,7 +1066,8 @@ impl Engine {
         let ra = emit::RouterAdvert {
             prefix: v6.prefix,
             mtu: self.cfg.mtu(),
-            dns: v6.dns,
+            dns: &self.ra_dns.0,
+            search: &self.ra_dns.1,
             lifetime: RA_ROUTER_LIFETIME,
         };
         let mut tx = self.tap.tx();
@@ -2027,6 +2033,14 @@ fn header(stack: &mut Stack) -> Header {
     }
 }
 
+/// The IPv6 DNS servers and the search list (DNS wire format) router
+/// advertisements announce.
+fn ra_dns(cfg: &Config) -> (Vec<Ipv6Addr>, Vec<u8>) {
+    let mut search = Vec::new();
+    crate::config::encode_domains(cfg.search_domains(), &mut search);
+    (cfg.dns_announced_v6().collect(), search)
+}
+
 /// The DHCP server's settings: the network's defaults, with the gateway,
 /// DNS forwarder and (when set explicitly) the guest's one address.
 fn dhcp_config(cfg: &Config, net: crate::config::Ipv4Cidr, mtu: u32) -> DhcpConfig {
@@ -2038,6 +2052,8 @@ fn dhcp_config(cfg: &Config, net: crate::config::Ipv4Cidr, mtu: u32) -> DhcpConf
     d.server = cfg.gateway();
     d.router = cfg.gateway();
     d.dns = cfg.dns();
+    d.dns_servers = cfg.dns_announced_v4().collect();
+    d.search = cfg.search_domains().to_vec();
     if cfg.guest_is_explicit() {
         d.first = cfg.guest();
         d.pool_size = 1;

@@ -108,7 +108,7 @@ pub fn inbound_allowed(cfg: &Config, local: &LocalAddrs, from: IpAddr) -> bool {
     !special && cfg.outbound().allows(ip)
 }
 
-/// Decides where a guest IPv6 packet to `dst` goes: the gateway ::2 is the
+/// Decides where a guest IPv6 packet to `dst` goes: the IPv6 gateway is the
 /// host's ::1 (with host loopback allowed), ::3 port 53 the DNS forwarder.
 pub fn route6(cfg: &Config, local: &LocalAddrs, dst: SocketAddrV6) -> Route {
     let ip = *dst.ip();

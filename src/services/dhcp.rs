@@ -38,23 +38,43 @@
 //! protocol whose server side reads four options and writes nine.
 //!
 //! Replies are written into a caller's buffer (the only allocation is a
-//! copy of the client identifier, when there is one) and always take
-//! [`REPLY_LEN`] bytes, the minimum BOOTP message size some clients insist on.
+//! copy of the client identifier, when there is one). They take at least
+//! [`MIN_REPLY_LEN`] bytes, the minimum BOOTP message size some clients
+//! insist on, and at most [`REPLY_LEN`], the 576-byte IP datagram every
+//! DHCP client must accept (RFC 2131 section 2) less the IP and UDP
+//! headers: the announced DNS servers (option 6) and search domains
+//! (option 119, RFC 3397) can make a reply longer than the minimum, and
+//! [`crate::Config`] refuses lists that would not fit ([`ANNOUNCE_SPACE`]).
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use smoltcp::wire::{
-    ArpHardware, DhcpFlags, DhcpMessageType, DhcpOpCode, DhcpOption, DhcpPacket, EthernetAddress,
+    ArpHardware, DhcpFlags, DhcpMessageType, DhcpOpCode, DhcpPacket, EthernetAddress,
 };
 
 /// The UDP port the server listens on.
 pub const SERVER_PORT: u16 = 67;
 /// The UDP port clients listen on.
 pub const CLIENT_PORT: u16 = 68;
-/// Length of every reply (the BOOTP minimum of RFC 1542; everything fits).
-pub const REPLY_LEN: usize = 300;
+/// The shortest reply: the BOOTP minimum of RFC 1542 (shorter replies are
+/// padded to it).
+pub const MIN_REPLY_LEN: usize = 300;
+/// The longest reply, and the buffer [`DhcpServer::handle`] needs: the
+/// 576-byte message every client accepts, less 20 bytes of IPv4 and 8 of
+/// UDP header.
+pub const REPLY_LEN: usize = 548;
+/// Fixed part of a message before the options: the BOOTP header and the
+/// magic cookie.
+const FIXED_LEN: usize = 240;
+/// Option bytes every full reply carries besides the announced DNS servers
+/// and search domains: message type (3), server identifier (6), lease, T1
+/// and T2 (6 each), subnet mask (6), router (6), MTU (4) and the end (1).
+const BASE_OPTIONS_LEN: usize = 44;
+/// Option bytes left in a [`REPLY_LEN`] reply for the DNS servers (option
+/// 6) and search domains (option 119); see [`announce_len`].
+pub const ANNOUNCE_SPACE: usize = REPLY_LEN - FIXED_LEN - BASE_OPTIONS_LEN;
 /// Most addresses one server hands out (larger pools are cut to this).
 pub const MAX_POOL: u32 = 1024;
 
@@ -78,6 +98,7 @@ const OPT_SERVER_ID: u8 = 54;
 const OPT_RENEWAL_TIME: u8 = 58;
 const OPT_REBINDING_TIME: u8 = 59;
 const OPT_CLIENT_ID: u8 = 61;
+const OPT_DOMAIN_SEARCH: u8 = 119;
 
 /// What the server hands out.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -90,8 +111,15 @@ pub struct DhcpConfig {
     pub server: Ipv4Addr,
     /// The default router (option 3).
     pub router: Ipv4Addr,
-    /// The DNS server (option 6), net + 3.
+    /// rnet's DNS forwarder, net + 3 (never handed out).
     pub dns: Ipv4Addr,
+    /// The DNS servers announced (option 6, left out when empty); by
+    /// default the forwarder.
+    pub dns_servers: Vec<Ipv4Addr>,
+    /// The search domains announced (option 119, left out when empty),
+    /// checked domain names without trailing dots
+    /// ([`crate::config::validate_domain`]).
+    pub search: Vec<String>,
     /// The interface MTU (option 26).
     pub mtu: u16,
     /// Lease duration (option 51); T1 is half of it and T2 seven eighths.
@@ -119,6 +147,8 @@ impl DhcpConfig {
             server: Ipv4Addr::from(net.saturating_add(2)),
             router: Ipv4Addr::from(net.saturating_add(2)),
             dns: Ipv4Addr::from(net.saturating_add(3)),
+            dns_servers: vec![Ipv4Addr::from(net.saturating_add(3))],
+            search: Vec::new(),
             mtu,
             lease: Duration::from_secs(24 * 3600),
             first: Ipv4Addr::from(first),
@@ -133,6 +163,29 @@ impl DhcpConfig {
     fn contains(&self, ip: Ipv4Addr) -> bool {
         u32::from(ip) & self.mask() == u32::from(self.network) & self.mask()
     }
+}
+
+/// Option bytes that `dns` IPv4 DNS servers and search domains of
+/// `search_wire` bytes (in DNS wire format) take in a reply: option 6, and
+/// option 119 split into pieces of at most 255 bytes (RFC 3396), each with
+/// its two-byte header.
+pub fn announce_len(dns: usize, search_wire: usize) -> usize {
+    let dns = if dns == 0 { 0 } else { 2 + 4 * dns };
+    dns + search_wire + 2 * search_wire.div_ceil(255)
+}
+
+/// Appends one option (kind, length, data) at `*at`; false (nothing
+/// written) when the data is longer than 255 bytes or does not fit.
+fn put_option(buf: &mut [u8], at: &mut usize, kind: u8, data: &[u8]) -> bool {
+    let end = *at + 2 + data.len();
+    if data.len() > 255 || end > buf.len() {
+        return false;
+    }
+    buf[*at] = kind;
+    buf[*at + 1] = data.len() as u8;
+    buf[*at + 2..end].copy_from_slice(data);
+    *at = end;
+    true
 }
 
 /// The netmask of a prefix length (lengths above 32 count as 32).
@@ -318,6 +371,10 @@ pub struct DhcpServer {
     /// Client → its slot; every entry's slot names that client as owner.
     by_client: HashMap<ClientKey, usize>,
     lease_secs: u32,
+    /// Option 6's data: the announced servers' addresses back to back.
+    dns_data: Vec<u8>,
+    /// Option 119's data: the search domains in DNS wire format.
+    search_data: Vec<u8>,
 }
 
 impl DhcpServer {
@@ -332,11 +389,16 @@ impl DhcpServer {
         let size = cfg.pool_size.min(MAX_POOL).min(room);
         // 0xffff_ffff means "infinite" on the wire; stay below it.
         let lease_secs = cfg.lease.as_secs().clamp(1, u64::from(u32::MAX - 1)) as u32;
+        let dns_data: Vec<u8> = cfg.dns_servers.iter().flat_map(|a| a.octets()).collect();
+        let mut search_data = Vec::new();
+        crate::config::encode_domains(&cfg.search, &mut search_data);
         Self {
             first,
             slots: (0..size).map(|_| None).collect(),
             by_client: HashMap::new(),
             lease_secs,
+            dns_data,
+            search_data,
             cfg,
         }
     }
@@ -610,7 +672,6 @@ impl DhcpServer {
         let t2 = (u64::from(lease) * 7 / 8) as u32;
         let mask = c.mask().to_be_bytes();
         let router = c.router.octets();
-        let dns = c.dns.octets();
         let mtu = c.mtu.max(68).to_be_bytes();
         let (lease, t1, t2) = (lease.to_be_bytes(), t1.to_be_bytes(), t2.to_be_bytes());
         let server = c.server.octets();
@@ -620,10 +681,9 @@ impl DhcpServer {
             (OPT_RENEWAL_TIME, &t1),
             (OPT_REBINDING_TIME, &t2),
         ];
-        let config_opts: [(u8, &[u8]); 4] = [
+        let config_opts: [(u8, &[u8]); 3] = [
             (OPT_SUBNET_MASK, &mask),
             (OPT_ROUTER, &router),
-            (OPT_DNS, &dns),
             (OPT_MTU, &mtu),
         ];
         let always: [(u8, &[u8]); 2] = [(OPT_MESSAGE_TYPE, &mt), (OPT_SERVER_ID, &server)];
@@ -632,17 +692,34 @@ impl DhcpServer {
         } else {
             &[]
         };
-        let config_part = if content == Content::Nak {
-            &[]
+        let nak = content == Content::Nak;
+        let config_part = if nak { &[] } else { &config_opts[..] };
+        let (dns, search) = if nak {
+            (&[][..], &[][..])
         } else {
-            &config_opts[..]
+            (&self.dns_data[..], &self.search_data[..])
         };
-        let mut w = p.options_mut();
+        // Room is left for the end option. The configuration checked that
+        // the announced lists fit (`ANNOUNCE_SPACE`); a DhcpConfig built
+        // by hand with longer ones loses what does not fit.
+        let opts = &mut buf[..REPLY_LEN - 1];
+        let mut at = FIXED_LEN;
         for &(kind, data) in always.iter().chain(lease_part).chain(config_part) {
-            // The 60 bytes of option space hold all nine (50 with the end).
-            let _ = w.emit(DhcpOption { kind, data });
+            put_option(opts, &mut at, kind, data);
         }
-        let _ = w.end();
+        if !dns.is_empty() {
+            put_option(opts, &mut at, OPT_DNS, dns);
+        }
+        // Option 119 longer than 255 bytes goes in consecutive pieces,
+        // which the client concatenates (RFC 3396, as RFC 3397 allows); it
+        // is sent whole or not at all.
+        if !search.is_empty() && at + announce_len(0, search.len()) <= opts.len() {
+            for piece in search.chunks(255) {
+                put_option(opts, &mut at, OPT_DOMAIN_SEARCH, piece);
+            }
+        }
+        buf[at] = 255;
+        let len = (at + 1).max(MIN_REPLY_LEN);
 
         // RFC 2131 4.1, with giaddr always zero.
         let to_broadcast = kind == ReplyKind::Nak
@@ -655,7 +732,7 @@ impl DhcpServer {
             (yiaddr, msg.chaddr)
         };
         Reply {
-            len: REPLY_LEN,
+            len,
             src: SocketAddrV4::new(c.server, SERVER_PORT),
             dst: SocketAddrV4::new(dst, CLIENT_PORT),
             dst_mac,
@@ -780,14 +857,28 @@ mod tests {
         let mut out = [0u8; 1500];
         let reply = s.handle(&c.bytes(), now, &mut out).unwrap()?;
         let b = &out[..reply.len];
-        assert_eq!(b.len(), REPLY_LEN);
+        assert!(
+            (MIN_REPLY_LEN..=REPLY_LEN).contains(&b.len()),
+            "{}",
+            b.len()
+        );
         assert_eq!(&b[236..240], &[99, 130, 83, 99]);
-        let mut opts = HashMap::new();
+        let mut opts: HashMap<u8, Vec<u8>> = HashMap::new();
         let mut i = 240;
         while b[i] != 255 {
             let (k, l) = (b[i], b[i + 1] as usize);
-            opts.insert(k, b[i + 2..i + 2 + l].to_vec());
+            // Repeated options concatenate (RFC 3396).
+            opts.entry(k)
+                .or_default()
+                .extend_from_slice(&b[i + 2..i + 2 + l]);
             i += 2 + l;
+        }
+        assert!(
+            b[i + 1..].iter().all(|&x| x == 0),
+            "bytes after the end option"
+        );
+        if b.len() > MIN_REPLY_LEN {
+            assert_eq!(i + 1, b.len(), "a long reply ends at its end option");
         }
         Some(Got {
             reply,
@@ -846,6 +937,101 @@ mod tests {
         for p in 0..=40 {
             let _ = DhcpServer::new(DhcpConfig::new(ip("10.0.2.0"), p, 1500));
         }
+    }
+
+    #[test]
+    fn dns_list_and_domain_search() {
+        let mut c = DhcpConfig::new(ip("10.0.2.0"), 24, 1500);
+        c.dns_servers = vec![ip("192.0.2.53"), ip("198.51.100.53")];
+        c.search = vec!["example.test".into(), "b.c".into()];
+        let mut s = DhcpServer::new(c);
+        let now = Instant::now();
+        let offer = send(&mut s, &Client::new(DISCOVER, MAC_A), now).unwrap();
+        assert_eq!(
+            offer.opts[&OPT_DNS],
+            [192, 0, 2, 53, 198, 51, 100, 53].to_vec()
+        );
+        // RFC 3397: uncompressed names in DNS wire format, back to back.
+        let mut want = vec![7];
+        want.extend_from_slice(b"example");
+        want.push(4);
+        want.extend_from_slice(b"test");
+        want.extend_from_slice(&[0, 1, b'b', 1, b'c', 0]);
+        assert_eq!(offer.opts[&OPT_DOMAIN_SEARCH], want);
+        assert_eq!(offer.reply.len, 240 + 44 + 10 + 21);
+        let ack = send(&mut s, &Client::new(INFORM, MAC_A).ciaddr("10.0.2.50"), now).unwrap();
+        assert_eq!(ack.opts[&OPT_DOMAIN_SEARCH], want);
+        // A NAK carries neither.
+        let nak = send(
+            &mut s,
+            &Client::new(REQUEST, MAC_B).requested("10.0.9.9"),
+            now,
+        )
+        .unwrap();
+        assert!(!nak.opts.contains_key(&OPT_DNS) && !nak.opts.contains_key(&OPT_DOMAIN_SEARCH));
+
+        // No servers announced: no option 6.
+        let mut c = DhcpConfig::new(ip("10.0.2.0"), 24, 1500);
+        c.dns_servers.clear();
+        let mut s = DhcpServer::new(c);
+        let offer = send(&mut s, &Client::new(DISCOVER, MAC_A), now).unwrap();
+        assert!(!offer.opts.contains_key(&OPT_DNS));
+    }
+
+    #[test]
+    fn long_search_list_is_split_and_bounded() {
+        let long = format!("{}.{}.{}", "a".repeat(63), "a".repeat(63), "a".repeat(60));
+        let short = format!("{}.c", "b".repeat(63));
+        let names = vec![long.clone(), short];
+        let mut wire = Vec::new();
+        crate::config::encode_domains(&names, &mut wire);
+        // 1 + 63 + 1 + 63 + 1 + 60 + 1, then 1 + 63 + 1 + 1 + 1.
+        assert_eq!(wire.len(), 190 + 67);
+        assert_eq!(announce_len(0, wire.len()), 257 + 4);
+        assert!(announce_len(0, wire.len()) <= ANNOUNCE_SPACE);
+        assert!(announce_len(1, wire.len()) > ANNOUNCE_SPACE);
+        let now = Instant::now();
+        // Longer than one option: pieces of 255 and 2, which concatenate.
+        let mut c = DhcpConfig::new(ip("10.0.2.0"), 24, 1500);
+        c.search = names.clone();
+        c.dns_servers.clear();
+        let mut s = DhcpServer::new(c);
+        let mut out = [0u8; REPLY_LEN];
+        let r = s
+            .handle(&Client::new(DISCOVER, MAC_A).bytes(), now, &mut out)
+            .unwrap()
+            .unwrap();
+        let b = &out[..r.len];
+        let mut i = 240;
+        let mut pieces = Vec::new();
+        while b[i] != 255 {
+            if b[i] == OPT_DOMAIN_SEARCH {
+                pieces.push(b[i + 1]);
+            }
+            i += 2 + b[i + 1] as usize;
+        }
+        assert_eq!(pieces, [255, 2]);
+        assert_eq!(r.len, REPLY_LEN - (ANNOUNCE_SPACE - 261));
+        let offer = send(&mut s, &Client::new(DISCOVER, MAC_B), now).unwrap();
+        assert_eq!(offer.opts[&OPT_DOMAIN_SEARCH], wire);
+        // A hand-built config beyond the room (the configuration refuses
+        // one) drops the search list whole, never a cut name, and the reply
+        // stays within REPLY_LEN.
+        let mut c = DhcpConfig::new(ip("10.0.2.0"), 24, 1500);
+        c.search = names;
+        c.dns_servers = vec![ip("10.0.2.3"); 16];
+        let mut s = DhcpServer::new(c);
+        let offer = send(&mut s, &Client::new(DISCOVER, MAC_A), now).unwrap();
+        assert!(!offer.opts.contains_key(&OPT_DOMAIN_SEARCH));
+        assert_eq!(offer.opts[&OPT_DNS].len(), 64);
+        // The longest name with 16 servers fits.
+        let mut c = DhcpConfig::new(ip("10.0.2.0"), 24, 1500);
+        c.search = vec![long];
+        c.dns_servers = vec![ip("10.0.2.3"); 16];
+        let mut s = DhcpServer::new(c);
+        let offer = send(&mut s, &Client::new(DISCOVER, MAC_A), now).unwrap();
+        assert_eq!(offer.opts[&OPT_DOMAIN_SEARCH], wire[..190].to_vec());
+        assert!(offer.reply.len > MIN_REPLY_LEN);
     }
 
     #[test]

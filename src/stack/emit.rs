@@ -313,28 +313,59 @@ pub fn neighbor_advert(
 
 /// What a router advertisement announces.
 #[derive(Clone, Copy, Debug)]
-pub struct RouterAdvert {
+pub struct RouterAdvert<'a> {
     /// The on-link, autonomous /64.
     pub prefix: Ipv6Addr,
     /// Link MTU.
     pub mtu: u32,
-    /// Recursive DNS server (RFC 8106).
-    pub dns: Ipv6Addr,
-    /// Router lifetime in seconds.
+    /// Recursive DNS servers (RDNSS, RFC 8106; left out when empty).
+    pub dns: &'a [Ipv6Addr],
+    /// DNS search list (DNSSL, RFC 8106; left out when empty): domain
+    /// names in DNS wire format without compression
+    /// ([`crate::config::encode_domains`]).
+    pub search: &'a [u8],
+    /// Router lifetime in seconds (also the lifetime of the DNS options).
     pub lifetime: u16,
 }
 
+/// Length of a router advertisement's fixed part: the ICMPv6 header with
+/// hop limit, flags, lifetime and timers (16), source link-layer address
+/// (8), MTU (8) and prefix information (32).
+const RA_FIXED_LEN: usize = 16 + 8 + 8 + 32;
+
+/// Bytes an RA has for its RDNSS and DNSSL options within the IPv6
+/// minimum MTU (1280, less 40 bytes of IPv6 header), which every IPv6 link
+/// carries; see [`ra_announce_len`].
+pub const RA_ANNOUNCE_SPACE: usize = 1280 - IPV6_LEN - RA_FIXED_LEN;
+
+/// Bytes of RDNSS and DNSSL options for `dns` servers and a search list of
+/// `search_wire` bytes: RDNSS 8 plus 16 per server, DNSSL 8 plus the names
+/// padded to a multiple of 8 (each left out when empty).
+pub fn ra_announce_len(dns: usize, search_wire: usize) -> usize {
+    let rdnss = if dns == 0 { 0 } else { 8 + 16 * dns };
+    let dnssl = if search_wire == 0 {
+        0
+    } else {
+        8 + search_wire.next_multiple_of(8)
+    };
+    rdnss + dnssl
+}
+
 /// Writes a router advertisement from `src` (link-local) to `dst`: source
-/// link-layer address, MTU, prefix information and RDNSS options.
+/// link-layer address, MTU, prefix information, and the RDNSS and DNSSL
+/// options when there is something to announce. Returns 0 (nothing sent)
+/// when it does not fit `buf`, or the options do not fit
+/// [`RA_ANNOUNCE_SPACE`] (which the configuration rules out).
 pub fn router_advert(
     buf: &mut [u8],
     h: &Header,
     src: Ipv6Addr,
     dst: Ipv6Addr,
-    ra: &RouterAdvert,
+    ra: &RouterAdvert<'_>,
 ) -> usize {
-    let len = 16 + 8 + 8 + 32 + 24;
-    if ICMP6_OFFSET + len > buf.len() {
+    let extra = ra_announce_len(ra.dns.len(), ra.search.len());
+    let len = RA_FIXED_LEN + extra;
+    if extra > RA_ANNOUNCE_SPACE || ICMP6_OFFSET + len > buf.len() {
         return 0;
     }
     let m = &mut buf[ICMP6_OFFSET..ICMP6_OFFSET + len];
@@ -362,12 +393,30 @@ pub fn router_advert(
     p[4..8].copy_from_slice(&86_400u32.to_be_bytes());
     p[8..12].copy_from_slice(&14_400u32.to_be_bytes());
     p[16..32].copy_from_slice(&ra.prefix.octets());
-    // RDNSS with one server.
-    let r = &mut o[48..72];
-    r[0] = 25;
-    r[1] = 3;
-    r[4..8].copy_from_slice(&u32::from(ra.lifetime).to_be_bytes());
-    r[8..24].copy_from_slice(&ra.dns.octets());
+    let lifetime = u32::from(ra.lifetime).to_be_bytes();
+    let mut at = 48;
+    if !ra.dns.is_empty() {
+        // RDNSS: type 25, length in units of 8 bytes, reserved, lifetime,
+        // then the addresses.
+        let n = 8 + 16 * ra.dns.len();
+        let r = &mut o[at..at + n];
+        r[0] = 25;
+        r[1] = (n / 8) as u8;
+        r[4..8].copy_from_slice(&lifetime);
+        for (slot, a) in r[8..].chunks_exact_mut(16).zip(ra.dns) {
+            slot.copy_from_slice(&a.octets());
+        }
+        at += n;
+    }
+    if !ra.search.is_empty() {
+        // DNSSL: type 31, as RDNSS, then the names padded with zeros.
+        let n = 8 + ra.search.len().next_multiple_of(8);
+        let r = &mut o[at..at + n];
+        r[0] = 31;
+        r[1] = (n / 8) as u8;
+        r[4..8].copy_from_slice(&lifetime);
+        r[8..8 + ra.search.len()].copy_from_slice(ra.search);
+    }
     icmp6_frame(buf, h, src, dst, len, 255)
 }
 
@@ -391,7 +440,8 @@ mod tests {
         let ra = RouterAdvert {
             prefix: "fd00::".parse().unwrap(),
             mtu: 1500,
-            dns: "fd00::3".parse().unwrap(),
+            dns: &["fd00::3".parse().unwrap()],
+            search: &[],
             lifetime: 1800,
         };
         let n = router_advert(&mut buf, &H, src, dst, &ra);
@@ -423,6 +473,84 @@ mod tests {
         let udp = UdpPacket::new_checked(ip.payload()).unwrap();
         assert!(udp.verify_checksum(&(*s6.ip()).into(), &(*d6.ip()).into()));
         assert_eq!(udp.payload(), b"hi");
+    }
+
+    /// The options of an RA's ICMPv6 body, by type, read by hand.
+    fn ra_options(icmp: &[u8]) -> Vec<(u8, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut o = &icmp[16..];
+        while !o.is_empty() {
+            let len = usize::from(o[1]) * 8;
+            assert!(len >= 8 && len <= o.len(), "option length {len}");
+            out.push((o[0], o[..len].to_vec()));
+            o = &o[len..];
+        }
+        out
+    }
+
+    #[test]
+    fn ra_rdnss_and_dnssl() {
+        let mut buf = vec![0u8; 2048];
+        let src: Ipv6Addr = "fe80::2".parse().unwrap();
+        let dst: Ipv6Addr = "ff02::1".parse().unwrap();
+        let dns: [Ipv6Addr; 2] = ["fd12::53".parse().unwrap(), "2001:db8::1".parse().unwrap()];
+        let mut search = Vec::new();
+        crate::config::encode_domains(&["example.test".into(), "b.c".into()], &mut search);
+        let ra = RouterAdvert {
+            prefix: "fd12::".parse().unwrap(),
+            mtu: 1500,
+            dns: &dns,
+            search: &search,
+            lifetime: 1800,
+        };
+        let n = router_advert(&mut buf, &H, src, dst, &ra);
+        // Fixed 64, RDNSS 8 + 32, DNSSL 8 + 19 bytes of names padded to 24.
+        assert_eq!(n, ICMP6_OFFSET + 64 + 40 + 32);
+        let icmp = &buf[ICMP6_OFFSET..n];
+        assert!(
+            Icmpv6Packet::new_checked(icmp)
+                .unwrap()
+                .verify_checksum(&src, &dst)
+        );
+        let opts = ra_options(icmp);
+        let kinds: Vec<u8> = opts.iter().map(|(k, _)| *k).collect();
+        assert_eq!(kinds, [1, 5, 3, 25, 31]);
+        let rdnss = &opts[3].1;
+        assert_eq!(rdnss[1], 5);
+        assert_eq!(&rdnss[4..8], &1800u32.to_be_bytes());
+        assert_eq!(&rdnss[8..24], &dns[0].octets());
+        assert_eq!(&rdnss[24..40], &dns[1].octets());
+        let dnssl = &opts[4].1;
+        assert_eq!(dnssl[1], 4);
+        assert_eq!(&dnssl[2..4], &[0, 0]);
+        assert_eq!(&dnssl[4..8], &1800u32.to_be_bytes());
+        let mut names = vec![7];
+        names.extend_from_slice(b"example");
+        names.push(4);
+        names.extend_from_slice(b"test");
+        names.extend_from_slice(&[0, 1, b'b', 1, b'c', 0]);
+        names.resize(24, 0);
+        assert_eq!(&dnssl[8..], &names[..]);
+        // Nothing to announce: neither option.
+        let bare = RouterAdvert {
+            dns: &[],
+            search: &[],
+            ..ra
+        };
+        let n = router_advert(&mut buf, &H, src, dst, &bare);
+        assert_eq!(n, ICMP6_OFFSET + 64);
+        let kinds: Vec<u8> = ra_options(&buf[ICMP6_OFFSET..n])
+            .iter()
+            .map(|(k, _)| *k)
+            .collect();
+        assert_eq!(kinds, [1, 5, 3]);
+        // Options beyond the minimum MTU's room: nothing is built.
+        let many = vec![dns[0]; 80];
+        let big = RouterAdvert { dns: &many, ..ra };
+        assert_eq!(router_advert(&mut buf, &H, src, dst, &big), 0);
+        assert_eq!(ra_announce_len(1, 0), 24);
+        assert_eq!(ra_announce_len(0, 19), 32);
+        assert_eq!(ra_announce_len(0, 16), 24);
     }
 
     #[test]

@@ -54,7 +54,7 @@ pub struct NetAddrs {
 pub struct V6Addrs {
     /// The /64 prefix (network address).
     pub prefix: Ipv6Addr,
-    /// Gateway (prefix::2).
+    /// Gateway (prefix::2 unless configured).
     pub gateway: Ipv6Addr,
     /// DNS forwarder (prefix::3).
     pub dns: Ipv6Addr,

@@ -603,7 +603,7 @@ fn run(r: RunArgs, sigs: SigSet) -> Result<u8, String> {
     let config = r.net.to_config()?;
     let opts = rnet::ns::SpawnOptions {
         subids: !r.no_subids,
-        resolv_conf: (!r.host_resolv_conf).then(|| format!("nameserver {}\n", config.dns())),
+        resolv_conf: (!r.host_resolv_conf).then(|| config.resolv_conf()),
     };
     let notify = SystemdNotify::from_env();
     let (net, pid) = Network::spawn_with(&r.command, config, &opts).map_err(|e| e.to_string())?;

@@ -49,8 +49,16 @@
 //! "the host at its own address" (pasta's `--map-guest-addr`) through the
 //! host's loopback, like the gateway: a server the host runs on 127.0.0.1
 //! or 0.0.0.0 answers. `--dns-forward ADDR` moves rnet's DNS forwarder to
-//! ADDR (default net + 3). These are general [`Config`] settings
-//! (`guest_addr`, `gateway_addr`, `dns_addr`, `host_alias`).
+//! ADDR (default net + 3). IPv6 addresses in `-a` and `-g` set the guest's
+//! and the gateway's IPv6 addresses, and their /64 the IPv6 prefix
+//! (default fd00::/64, guest ::100, gateway ::2, which reaches the host's
+//! ::1 under the same rule as the IPv4 gateway). `-D` sets the DNS servers
+//! announced to the guest (DHCP, router advertisements, and the
+//! resolv.conf of a command pasta starts; default rnet's forwarders) and
+//! `-S` the search domains announced the same way. These are general
+//! [`Config`] settings (`guest_addr`, `gateway_addr`, `dns_addr`,
+//! `host_alias`, `ipv6_guest_addr`, `ipv6_gateway_addr`, `dns_announced`,
+//! `search_domains`).
 //!
 //! # What differs from pasta
 //!
@@ -62,8 +70,7 @@
 //! publishes every non-ephemeral port and fails if one is taken;
 //! `--outbound-if4` binds to that interface's address; `--no-tcp`,
 //! `--no-udp`, `--no-icmp`, `--no-dhcp`, `--no-ndp` and `--no-ra` turn off
-//! what rnet serves to the guest ([`rnet::Services`]); `-D`, `-S` are
-//! accepted and logged. As in slirp4netns mode, `RNET_OUTBOUND_ALLOW` and
+//! what rnet serves to the guest ([`rnet::Services`]). As in slirp4netns mode, `RNET_OUTBOUND_ALLOW` and
 //! `RNET_DNS_UPSTREAM` set the outbound allow-list and the DNS upstreams
 //! (they win over `--dns-host`).
 
@@ -156,9 +163,10 @@ User-mode networking for network namespaces (rnet's pasta mode).
   -l, --log-file PATH      log to PATH once in the background
   -p, --pcap FILE          capture every frame to FILE (pcap)
   -m, --mtu MTU            MTU of the namespace's interface (default 65520)
-  -a, --address ADDR       the namespace's IPv4 address (default: the host's)
+  -a, --address ADDR       the namespace's IPv4 (default: the host's) or IPv6 address
+                           (default fd00::100; its /64 becomes the IPv6 prefix)
   -n, --netmask MASK       its prefix length or dotted mask (default: the host's)
-  -g, --gateway ADDR       its gateway (default: the host's)
+  -g, --gateway ADDR       its IPv4 (default: the host's) or IPv6 gateway (default prefix::2)
       --config-net         configure the interface: address, routes, MTU, link up
   -I, --ns-ifname NAME     the interface's name (default: the host's upstream interface)
   -4, --ipv4-only          no IPv6
@@ -179,7 +187,9 @@ User-mode networking for network namespaces (rnet's pasta mode).
       --netns PATH|NAME    serve this network namespace file (NAME: /run/netns/NAME)
       --userns PATH        join this user namespace first
       --no-tcp, --no-udp, --no-icmp, --no-dhcp, --no-ndp, --no-dhcpv6, --no-ra
-  -D, --dns ADDR, -S, --search DOMAIN  accepted
+  -D, --dns ADDR|none      DNS server announced by DHCP, RA and resolv.conf (repeatable;
+                           default: rnet's forwarders; none: no server)
+  -S, --search LIST|none   search domains announced the same way (space-separated)
   -h, --help               show this help and exit
       --version            show version and exit
 "
@@ -252,6 +262,41 @@ fn ephemeral_range() -> (u16, u16) {
             Some((it.next()??, it.next()??))
         })
         .unwrap_or((32768, 60999))
+}
+
+/// The IPv6 prefix: the /64 of `-a`/`-g`'s IPv6 addresses when given
+/// (which must agree), else rnet's fd00::/64; none with `-4` or an MTU
+/// below IPv6's 1280.
+fn ipv6_prefix(o: &PastaOptions, mtu: u32) -> Result<Option<std::net::Ipv6Addr>, String> {
+    let explicit = o.address6.or(o.gateway6);
+    if o.ipv4_only {
+        return match explicit {
+            Some(a) => Err(format!("IPv6 address {a} given with -4/--ipv4-only")),
+            None => Ok(None),
+        };
+    }
+    if mtu < 1280 {
+        return match explicit {
+            Some(a) => Err(format!(
+                "IPv6 address {a} given, but an MTU of {mtu} leaves IPv6 off (it needs 1280)"
+            )),
+            None => Ok(None),
+        };
+    }
+    let prefix = match (o.address6, o.gateway6) {
+        (Some(a), Some(g)) if config::ipv6_prefix_of(a) != config::ipv6_prefix_of(g) => {
+            return Err(format!(
+                "IPv6 gateway {g} is outside {}/64: give -g inside the /64 of -a {a}",
+                config::ipv6_prefix_of(a)
+            ));
+        }
+        (Some(a), _) | (None, Some(a)) => config::ipv6_prefix_of(a),
+        (None, None) => config::DEFAULT_IPV6_PREFIX,
+    };
+    config::validate_ipv6_prefix(prefix).map_err(|e| {
+        format!("-a/-g: {e} (rnet serves IPv6 on a /64 of global or unique local addresses)")
+    })?;
+    Ok(Some(prefix))
 }
 
 /// The library settings for these options (and the environment).
@@ -328,6 +373,7 @@ pub fn build_config(o: &PastaOptions) -> Result<Config, String> {
             host_defaults().map_or_else(|| config::DEFAULT_TAP.to_string(), |h| h.ifname)
         }
     };
+    let ipv6 = ipv6_prefix(o, mtu)?;
     let mut b = Config::builder()
         .tap_name(tap)
         .mtu(mtu)
@@ -339,7 +385,10 @@ pub fn build_config(o: &PastaOptions) -> Result<Config, String> {
         .outbound(outbound)
         .outbound_addr(outbound_addr)
         .dns_upstreams(upstreams)
-        .ipv6((!o.ipv4_only && mtu >= 1280).then_some(config::DEFAULT_IPV6_PREFIX))
+        .ipv6(ipv6)
+        .ipv6_guest_addr(o.address6)
+        .ipv6_gateway_addr(o.gateway6)
+        .search_domains(o.search.clone())
         .pcap(o.pcap.clone(), rnet::pcap::DEFAULT_CAP)
         .fast_ports(true)
         .services(rnet::Services {
@@ -360,6 +409,9 @@ pub fn build_config(o: &PastaOptions) -> Result<Config, String> {
     };
     if let Some(a) = o.map_guest_addr {
         b = b.host_alias(a);
+    }
+    if let Some(d) = &o.dns {
+        b = b.dns_announced(d.clone());
     }
     let eph = ephemeral_range();
     for (proto, list) in [(Proto::Tcp, &o.tcp), (Proto::Udp, &o.udp)] {
@@ -479,9 +531,9 @@ fn log_accepted(o: &PastaOptions) {
     if o.ipv6_only {
         warn!("-6/--ipv6-only: rnet always serves IPv4 as well");
     }
-    if o.address6.is_some() || o.gateway6.is_some() || o.outbound6.is_some() {
+    if let Some(a) = o.outbound6 {
         warn!(
-            "IPv6 addresses in -a/-g/-o are not supported: the namespace gets fd00::100 via fd00::2"
+            "-o {a}: IPv6 outbound addresses are not supported; IPv6 host sockets use the host's default source"
         );
     }
     if let Some(i) = &o.outbound_if6 {
@@ -489,12 +541,6 @@ fn log_accepted(o: &PastaOptions) {
     }
     if o.mac.is_some() {
         info!("-M/--mac-addr: accepted; rnet's own MAC is fixed");
-    }
-    for d in &o.dns {
-        info!("-D {d}: accepted (the namespace's resolver configuration is the caller's)");
-    }
-    for s in &o.search {
-        info!("-S {s}: accepted (the namespace's resolver configuration is the caller's)");
     }
 }
 
@@ -513,7 +559,7 @@ fn run_command(o: &PastaOptions, argv: &[String]) -> Result<u8, String> {
     let sigs = block_signals()?;
     let opts = rnet::ns::SpawnOptions {
         subids: false,
-        resolv_conf: Some(format!("nameserver {}\n", config.dns())),
+        resolv_conf: Some(config.resolv_conf()),
     };
     let (net, pid) = Network::spawn_with(&argv, config, &opts).map_err(|e| e.to_string())?;
     if let Some(f) = &o.pid_file {
@@ -850,6 +896,50 @@ mod tests {
         assert_eq!(c.dns(), Ipv4Addr::new(169, 254, 1, 1));
         assert_eq!(c.host_aliases(), &[Ipv4Addr::new(192, 0, 2, 9)]);
         assert!(!c.configure());
+        let v4 = ["-a", "10.0.2.100", "-n", "24", "-g", "10.0.2.2"];
+        let with = |extra: &[&str]| {
+            let mut a = v4.to_vec();
+            a.extend_from_slice(extra);
+            a.push("1");
+            build_config(&opts(&a))
+        };
+        let v6 = |s: &str| Some(s.parse::<std::net::Ipv6Addr>().unwrap());
+        let c = with(&["-a", "fd12:3456::10", "-g", "fd12:3456::1"]).unwrap();
+        assert_eq!(c.ipv6_prefix(), v6("fd12:3456::"));
+        assert_eq!(c.ipv6_guest(), v6("fd12:3456::10"));
+        assert_eq!(c.ipv6_gateway(), v6("fd12:3456::1"));
+        assert_eq!(c.guest(), Ipv4Addr::new(10, 0, 2, 100));
+        let c = with(&["-g", "fd12:3456::1"]).unwrap();
+        assert_eq!(c.ipv6_guest(), v6("fd12:3456::100"));
+        let c = with(&[]).unwrap();
+        assert_eq!(c.ipv6_guest(), v6("fd00::100"));
+        assert_eq!(
+            c.dns_announced(),
+            &[
+                IpAddr::V4(Ipv4Addr::new(10, 0, 2, 3)),
+                "fd00::3".parse().unwrap()
+            ]
+        );
+        for (bad, text) in [
+            (vec!["-a", "fd12:3456::10", "-g", "fd12:3457::1"], "outside"),
+            (vec!["-a", "fd12::10", "-4"], "ipv4-only"),
+            (vec!["-a", "fe80::10"], "-a/-g"),
+            (vec!["-a", "fd12::10", "-m", "1000"], "1280"),
+            (vec!["-a", "fd12::3"], "DNS forwarder"),
+        ] {
+            let e = with(&bad).unwrap_err();
+            assert!(e.contains(text), "{bad:?}: {e}");
+        }
+        let c = with(&["-D", "192.0.2.53", "-D", "fd00::53", "-S", "corp.test"]).unwrap();
+        assert_eq!(
+            c.dns_announced(),
+            &[
+                "192.0.2.53".parse::<IpAddr>().unwrap(),
+                "fd00::53".parse().unwrap()
+            ]
+        );
+        assert_eq!(c.search_domains(), &["corp.test"]);
+        assert!(with(&["-D", "none"]).unwrap().dns_announced().is_empty());
         let gw_out = opts(&["-a", "10.0.2.100", "-n", "24", "-g", "10.0.3.2", "1"]);
         assert!(build_config(&gw_out).unwrap_err().contains("outside"));
         let rev = opts(&[

@@ -74,7 +74,11 @@ pub struct PastaOptions {
     pub no_ndp: bool,
     pub no_dhcpv6: bool,
     pub no_ra: bool,
-    pub dns: Vec<String>,
+    /// `-D`: the DNS servers announced to the guest (None: rnet's
+    /// forwarders; `-D none` empties the list).
+    pub dns: Option<Vec<IpAddr>>,
+    /// `-S`: the search domains announced (checked, trailing dots dropped;
+    /// `-S none` empties the list).
     pub search: Vec<String>,
     /// `-t`, `-u`: host to namespace.
     pub tcp: Vec<PortForward>,
@@ -122,7 +126,7 @@ impl Default for PastaOptions {
             no_ndp: false,
             no_dhcpv6: false,
             no_ra: false,
-            dns: Vec::new(),
+            dns: None,
             search: Vec::new(),
             tcp: Vec::new(),
             udp: Vec::new(),
@@ -392,8 +396,29 @@ pub fn parse(prog: &str, args: &[OsString]) -> Result<Parsed, ArgError> {
             },
             Opt::OutboundIf4 => o.outbound_if4 = Some(v),
             Opt::OutboundIf6 => o.outbound_if6 = Some(v),
-            Opt::Dns => o.dns.push(v),
-            Opt::Search => o.search.push(v),
+            Opt::Dns => {
+                let list = o.dns.get_or_insert_with(Vec::new);
+                if v == "none" {
+                    list.clear();
+                } else {
+                    list.push(
+                        v.parse()
+                            .map_err(|_| bad(format!("Invalid DNS address: {v}")))?,
+                    );
+                }
+            }
+            Opt::Search => {
+                // A space-separated list, as pasta takes it.
+                for d in v.split_whitespace() {
+                    if d == "none" {
+                        o.search.clear();
+                        continue;
+                    }
+                    let d = rnet::config::validate_domain(d)
+                        .map_err(|e| bad(format!("Invalid search domain: {e}")))?;
+                    o.search.push(d);
+                }
+            }
             Opt::NoTcp => o.no_tcp = true,
             Opt::NoUdp => o.no_udp = true,
             Opt::NoIcmp => o.no_icmp = true,
@@ -863,7 +888,29 @@ mod tests {
             o.host_loopback,
             HostLoopback::Addr(Ipv4Addr::new(192, 0, 2, 9))
         );
-        assert_eq!(o.dns, vec!["192.0.2.53".to_string()]);
+        assert_eq!(o.dns, Some(vec!["192.0.2.53".parse().unwrap()]));
+        assert_eq!(o.search, vec!["example.test".to_string()]);
+        let d = run(&[
+            "-D",
+            "192.0.2.1",
+            "-D",
+            "none",
+            "-D",
+            "fd00::53",
+            "-S",
+            "a.test. b.test",
+        ]);
+        assert_eq!(d.dns, Some(vec!["fd00::53".parse().unwrap()]));
+        assert_eq!(d.search, vec!["a.test".to_string(), "b.test".to_string()]);
+        assert_eq!(run(&["-D", "none"]).dns, Some(vec![]));
+        assert_eq!(
+            run(&["-S", "x.test", "-S", "none"]).search,
+            Vec::<String>::new()
+        );
+        let g = run(&["-a", "fd12:3456::10", "-g", "fd12:3456::1"]);
+        assert_eq!(g.address6, Some("fd12:3456::10".parse().unwrap()));
+        assert_eq!(g.gateway6, Some("fd12:3456::1".parse().unwrap()));
+        assert_eq!((g.address, g.gateway), (None, None));
         assert!(o.no_icmp && o.debug == 1);
         assert_eq!(o.pid_file, Some("/tmp/x.pid".into()));
         assert_eq!(
@@ -876,6 +923,8 @@ mod tests {
             (vec!["-n", "255.0.255.0"], "not contiguous"),
             (vec!["-a", "nope"], "Invalid address"),
             (vec!["--dns-forward", "::1"], "IPv4"),
+            (vec!["-D", "nope"], "Invalid DNS address"),
+            (vec!["-S", "a..b"], "Invalid search domain"),
             (vec!["-t", "80-70"], "ends before"),
             (vec!["-q", "-d"], "mutually exclusive"),
         ] {
