@@ -43,7 +43,7 @@ use tracing::{debug, info, warn};
 use super::{Engine, FIRST_FLOW, Flow, Slot};
 use crate::nat::published_target;
 use crate::nat::tcp::TcpFlow;
-use crate::ports::{PortError, PortInfo, PortSpec, Proto};
+use crate::ports::{IfName, PortError, PortInfo, PortSpec, Proto};
 use crate::stack::emit::{self, Header, UDP_PAYLOAD_OFFSET, UDP6_PAYLOAD_OFFSET};
 use crate::stats::DropReason;
 
@@ -168,7 +168,7 @@ impl Engine {
         for i in 0..spec.count {
             let addr = SocketAddr::new(spec.host_ip, spec.host_port.wrapping_add(i));
             let guest_port = spec.guest_port + i;
-            let bound = bind(spec.proto, addr).map_err(|e| bind_error(spec, addr, e));
+            let bound = bind(spec.proto, addr, spec.iface).map_err(|e| bind_error(spec, addr, e));
             let flow = match bound {
                 Ok(Bound::Tcp(listener)) => {
                     if i == 0 {
@@ -583,7 +583,7 @@ enum Bound {
     Udp(UdpSocket),
 }
 
-fn bind(proto: Proto, addr: SocketAddr) -> io::Result<Bound> {
+fn bind(proto: Proto, addr: SocketAddr, iface: Option<IfName>) -> io::Result<Bound> {
     let domain = Domain::for_address(addr);
     let (ty, p) = match proto {
         Proto::Tcp => (Type::STREAM, Protocol::TCP),
@@ -595,6 +595,10 @@ fn bind(proto: Proto, addr: SocketAddr) -> io::Result<Bound> {
     {
         // [::] also takes IPv4 clients, as users expect of a wildcard.
         s.set_only_v6(false)?;
+    }
+    if let Some(i) = iface {
+        s.bind_device(Some(i.as_bytes()))
+            .map_err(|e| io::Error::new(e.kind(), format!("binding to interface {i}: {e}")))?;
     }
     match proto {
         Proto::Tcp => {
