@@ -18,6 +18,9 @@
 //! - A range maps port by port and both sides must have the same length:
 //!   `30000-32767:30000-32767` publishes the Kubernetes NodePort range.
 //! - The protocol defaults to `tcp`.
+//! - A rule may carry a host interface ([`PortSpec::iface`], from pasta
+//!   mode's `ADDR%IF/PORT`; this grammar has no syntax for it): its
+//!   listeners are bound to that device (`SO_BINDTODEVICE`).
 //!
 //! # Theory of operation
 //!
@@ -93,6 +96,61 @@ pub struct PortSpec {
     pub guest_port: u16,
     /// Number of ports.
     pub count: u16,
+    /// The host interface the listener is bound to (`SO_BINDTODEVICE`;
+    /// pasta's `ADDR%IF/PORT`), or any.
+    pub iface: Option<IfName>,
+}
+
+/// A network interface name (at most 15 bytes, as the kernel's IFNAMSIZ
+/// allows), kept inline so that [`PortSpec`] stays `Copy`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct IfName {
+    len: u8,
+    bytes: [u8; 15],
+}
+
+impl IfName {
+    /// Checks `name`: 1-15 bytes, no `/`, whitespace, `%` or NUL.
+    pub fn new(name: &str) -> Result<IfName, PortSpecError> {
+        let ok = !name.is_empty()
+            && name.len() <= 15
+            && !name
+                .bytes()
+                .any(|b| b == b'/' || b == b'%' || b == 0 || b.is_ascii_whitespace());
+        if !ok {
+            return Err(PortSpecError(format!(
+                "bad interface name {name:?}: 1-15 characters, no '/', '%' or spaces"
+            )));
+        }
+        let mut bytes = [0u8; 15];
+        bytes[..name.len()].copy_from_slice(name.as_bytes());
+        Ok(IfName {
+            len: name.len() as u8,
+            bytes,
+        })
+    }
+
+    /// The name's bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len as usize]
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(self.as_bytes()).unwrap_or("?")
+    }
+}
+
+impl fmt::Debug for IfName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}
+
+impl fmt::Display for IfName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl PortSpec {
@@ -110,6 +168,7 @@ impl PortSpec {
             guest_ip,
             guest_port,
             count: 1,
+            iface: None,
         }
     }
 }
@@ -123,9 +182,10 @@ impl fmt::Display for PortSpec {
                 p.to_string()
             }
         };
+        let dev = self.iface.map_or_else(String::new, |i| format!("%{i}"));
         match self.host_ip {
-            IpAddr::V6(ip) => write!(f, "[{ip}]:{}:", range(self.host_port))?,
-            IpAddr::V4(ip) => write!(f, "{ip}:{}:", range(self.host_port))?,
+            IpAddr::V6(ip) => write!(f, "[{ip}{dev}]:{}:", range(self.host_port))?,
+            IpAddr::V4(ip) => write!(f, "{ip}{dev}:{}:", range(self.host_port))?,
         }
         match self.guest_ip {
             Some(IpAddr::V6(g)) => write!(f, "[{g}]:")?,
@@ -211,6 +271,7 @@ impl FromStr for PortSpec {
             guest_ip,
             guest_port,
             count: hn,
+            iface: None,
         })
     }
 }
@@ -368,6 +429,7 @@ mod tests {
                     guest_ip: None,
                     guest_port: 80,
                     count: 1,
+                    iface: None,
                 },
             ),
             (
@@ -379,6 +441,7 @@ mod tests {
                     guest_ip: None,
                     guest_port: 80,
                     count: 1,
+                    iface: None,
                 },
             ),
             (
@@ -390,6 +453,7 @@ mod tests {
                     guest_ip: None,
                     guest_port: 80,
                     count: 1,
+                    iface: None,
                 },
             ),
             (
@@ -401,6 +465,7 @@ mod tests {
                     guest_ip: Some(g),
                     guest_port: 80,
                     count: 1,
+                    iface: None,
                 },
             ),
             (
@@ -412,6 +477,7 @@ mod tests {
                     guest_ip: Some(g),
                     guest_port: 80,
                     count: 1,
+                    iface: None,
                 },
             ),
             (
@@ -423,6 +489,7 @@ mod tests {
                     guest_ip: None,
                     guest_port: 30000,
                     count: 2768,
+                    iface: None,
                 },
             ),
             (
@@ -434,6 +501,7 @@ mod tests {
                     guest_ip: None,
                     guest_port: 80,
                     count: 1,
+                    iface: None,
                 },
             ),
             (
@@ -445,6 +513,7 @@ mod tests {
                     guest_ip: Some("fd00::100".parse().unwrap()),
                     guest_port: 80,
                     count: 1,
+                    iface: None,
                 },
             ),
             (
@@ -456,6 +525,7 @@ mod tests {
                     guest_ip: Some("fd00::100".parse().unwrap()),
                     guest_port: 80,
                     count: 1,
+                    iface: None,
                 },
             ),
             (
@@ -467,6 +537,7 @@ mod tests {
                     guest_ip: Some(g),
                     guest_port: 80,
                     count: 1,
+                    iface: None,
                 },
             ),
             (
@@ -478,6 +549,7 @@ mod tests {
                     guest_ip: None,
                     guest_port: 80,
                     count: 1,
+                    iface: None,
                 },
             ),
         ];
@@ -510,5 +582,21 @@ mod tests {
             let e = s.parse::<PortSpec>().unwrap_err().to_string();
             assert!(e.contains(needle), "{s}: {e}");
         }
+    }
+
+    #[test]
+    fn interface_names() {
+        let lo = IfName::new("lo").unwrap();
+        assert_eq!(lo.as_str(), "lo");
+        assert_eq!(
+            IfName::new("eth0.100-long").unwrap().as_bytes(),
+            b"eth0.100-long"
+        );
+        for bad in ["", "a/b", "a b", "a%b", "sixteen-chars-xx"] {
+            assert!(IfName::new(bad).is_err(), "{bad:?}");
+        }
+        let mut spec = PortSpec::single(Proto::Tcp, "127.0.0.1:8080".parse().unwrap(), None, 80);
+        spec.iface = Some(lo);
+        assert_eq!(spec.to_string(), "127.0.0.1%lo:8080:80/tcp");
     }
 }

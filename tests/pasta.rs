@@ -464,6 +464,20 @@ fn command_line_texts_and_failures() {
                 "24",
                 "-g",
                 "10.0.2.2",
+                "-t",
+                "127.0.0.1%nosuchif0/5432",
+                "1",
+            ],
+            "no network interface \"nosuchif0\"",
+        ),
+        (
+            vec![
+                "-a",
+                "10.0.2.100",
+                "-n",
+                "24",
+                "-g",
+                "10.0.2.2",
                 "--netns",
                 "/nonexistent/rnet-netns",
             ],
@@ -789,7 +803,8 @@ fn udp_echo_on(port: u16) -> std::net::UdpSocket {
     s
 }
 
-/// `-T auto -U auto`: host servers started after rnet are reached from the
+/// `-t 127.0.0.1%lo/PORT` is published (and bound to lo); `-T auto -U
+/// auto`: host servers started after rnet are reached from the
 /// namespace's 127.0.0.1 on the same port within seconds; every rnet
 /// process inside the namespace is confined.
 fn ns_auto(test: &str, nobody: bool) {
@@ -805,6 +820,8 @@ fn ns_auto(test: &str, nobody: bool) {
     let prefix: &[&str] = if nobody { NOBODY_PREFIX } else { &[] };
     let t = Target::start_via(prefix, &["-Urn"]);
     let pid = t.pid().to_string();
+    let pub_port = free_service_block(1);
+    let published = format!("127.0.0.1%lo/{pub_port}");
     let mut cmd = as_user(pasta_bin().to_str().unwrap(), nobody);
     policy_env(&mut cmd, ALLOW_NONE, &dns);
     cmd.args([
@@ -816,6 +833,8 @@ fn ns_auto(test: &str, nobody: bool) {
         "-g",
         "10.0.2.2",
         "--no-map-gw",
+        "-t",
+        &published,
         "-T",
         "auto",
         "-U",
@@ -824,12 +843,33 @@ fn ns_auto(test: &str, nobody: bool) {
     ]);
     let out = run(&mut cmd, secs(20));
     assert_eq!(out.code(), Some(0), "pasta did not start: {out}");
+    // `-t 127.0.0.1%lo/PORT`: bound to lo, and left out of `-T auto` (else
+    // the namespace's 127.0.0.1:PORT would be taken before the guest
+    // server binds it).
+    let argv = guest_http_server(pub_port, "bound to lo");
+    let mut server = LineProc::spawn(&mut t.exec(&strs(&argv)));
+    server.wait_line("guest server", secs(20), |l| l == "listening");
+    let mut last = String::new();
+    let ok = eventually(secs(10), || match host_get(pub_port) {
+        Ok(b) => b == "bound to lo",
+        Err(e) => {
+            last = e;
+            false
+        }
+    });
+    assert!(ok, "-t 127.0.0.1%lo/{pub_port} never answered: {last}");
+    let filter = format!("sport = :{pub_port}");
+    let ss = run(Command::new("ss").args(["-Hltn", &filter]), secs(10));
+    assert!(
+        ss.stdout.contains(&format!("127.0.0.1%lo:{pub_port}")),
+        "the host listener is not bound to lo: {ss}"
+    );
+    drop(server);
     // Servers that start after rnet.
     let port = free_service_block(2);
     let http = HttpServer::on(std::net::TcpListener::bind(("127.0.0.1", port)).unwrap());
     let _echo = udp_echo_on(port + 1);
     let url = format!("http://127.0.0.1:{port}/");
-    let mut last = String::new();
     let ok = eventually(secs(10), || {
         let c = run(&mut t.exec(&strs(&curl(&url))), secs(10));
         last = c.to_string();

@@ -45,7 +45,7 @@ use crate::nat::published_target;
 use crate::nat::tcp::TcpFlow;
 use crate::nat::udp::TrainOut;
 use crate::nat::udpio;
-use crate::ports::{PortError, PortInfo, PortSpec, Proto};
+use crate::ports::{IfName, PortError, PortInfo, PortSpec, Proto};
 use crate::stats::DropReason;
 
 /// Connections accepted per listener wake-up before other work runs.
@@ -198,7 +198,7 @@ impl Engine {
                         source: io::Error::other("no listener kept for this port"),
                     }),
                 },
-                None => bind(spec.proto, addr).map_err(|e| bind_error(spec, addr, e)),
+                None => bind(spec.proto, addr, spec.iface).map_err(|e| bind_error(spec, addr, e)),
             };
             let flow = match bound {
                 Ok(Bound::Tcp(listener)) => {
@@ -625,7 +625,7 @@ enum Bound {
     Udp(UdpSocket),
 }
 
-fn bind(proto: Proto, addr: SocketAddr) -> io::Result<Bound> {
+fn bind(proto: Proto, addr: SocketAddr, iface: Option<IfName>) -> io::Result<Bound> {
     let domain = Domain::for_address(addr);
     let (ty, p) = match proto {
         Proto::Tcp => (Type::STREAM, Protocol::TCP),
@@ -637,6 +637,10 @@ fn bind(proto: Proto, addr: SocketAddr) -> io::Result<Bound> {
     {
         // [::] also takes IPv4 clients, as users expect of a wildcard.
         s.set_only_v6(false)?;
+    }
+    if let Some(i) = iface {
+        s.bind_device(Some(i.as_bytes()))
+            .map_err(|e| io::Error::new(e.kind(), format!("binding to interface {i}: {e}")))?;
     }
     match proto {
         Proto::Tcp => {

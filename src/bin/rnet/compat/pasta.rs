@@ -66,7 +66,9 @@
 //! loopback appears as the gateway); `-T auto` / `-U auto` follow the
 //! host's listening sockets every second, at most 128 ports per protocol,
 //! leaving out rnet's own `-t/-u` ports and (UDP) the host's ephemeral
-//! range ([`super::pasta_fwd`]); `-t all`
+//! range ([`super::pasta_fwd`]); `%IF` in `-t/-u` binds the host
+//! listener to that interface ([`PortSpec::iface`]), in `-T/-U` it is
+//! refused; `-t all`
 //! publishes every non-ephemeral port and fails if one is taken;
 //! `--outbound-if4` binds to that interface's address; `--no-tcp`,
 //! `--no-udp`, `--no-icmp`, `--no-dhcp`, `--no-ndp` and `--no-ra` turn off
@@ -426,11 +428,11 @@ pub fn build_config(o: &PastaOptions) -> Result<Config, String> {
                     })
                 }
                 PortForward::Ports(set) => {
-                    if let Some(i) = &set.iface {
-                        warn!(
-                            "port spec with %{i}: rnet cannot bind a published port to an interface; it listens on the address alone"
-                        );
-                    }
+                    let iface = set
+                        .iface
+                        .as_deref()
+                        .map(|i| host_interface(i, if proto == Proto::Tcp { "-t" } else { "-u" }))
+                        .transpose()?;
                     let host_ip = set.addr.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
                     for m in set.expand(eph) {
                         b = b.publish(PortSpec {
@@ -440,6 +442,7 @@ pub fn build_config(o: &PastaOptions) -> Result<Config, String> {
                             guest_ip: None,
                             guest_port: m.guest,
                             count: m.count,
+                            iface,
                         });
                     }
                 }
@@ -491,6 +494,15 @@ pub fn reverse_ports(o: &PastaOptions) -> Result<Vec<Reverse>, String> {
         }
     }
     Ok(out)
+}
+
+/// The interface of a `-t/-u ADDR%IF/PORT` spec, which must exist.
+fn host_interface(name: &str, opt: &str) -> Result<rnet::ports::IfName, String> {
+    let i = rnet::ports::IfName::new(name).map_err(|e| format!("{opt}: {e}"))?;
+    if nix::net::if_::if_nametoindex(name).is_err() {
+        return Err(format!("{opt}: no network interface {name:?} on the host"));
+    }
+    Ok(i)
 }
 
 /// `-T auto` / `-U auto`, if given: what to follow and what to leave out
@@ -986,6 +998,40 @@ mod tests {
                 .unwrap_err()
                 .contains("%lo")
         );
+        let c = build_config(&opts(&[
+            "-a",
+            "10.0.2.100",
+            "-n",
+            "24",
+            "-g",
+            "10.0.2.2",
+            "-t",
+            "127.0.0.1%lo/8080:80,9090",
+            "1",
+        ]))
+        .unwrap();
+        assert_eq!(c.published().len(), 2);
+        for p in c.published() {
+            assert_eq!(p.iface.map(|i| i.to_string()).as_deref(), Some("lo"));
+            assert_eq!(p.host_ip, IpAddr::V4(Ipv4Addr::LOCALHOST));
+        }
+        assert_eq!(
+            (c.published()[0].host_port, c.published()[0].guest_port),
+            (8080, 80)
+        );
+        let e = build_config(&opts(&[
+            "-a",
+            "10.0.2.100",
+            "-n",
+            "24",
+            "-g",
+            "10.0.2.2",
+            "-u",
+            "%nosuchif0/53",
+            "1",
+        ]))
+        .unwrap_err();
+        assert!(e.contains("-u") && e.contains("nosuchif0"), "{e}");
         let a = auto_reverse(&opts(&["-t", "8080", "-T", "auto", "1"])).unwrap();
         assert!(a.tcp && !a.udp);
         assert_eq!(a.excluded, vec![(Proto::Tcp, 8080)]);
