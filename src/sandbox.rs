@@ -1199,12 +1199,17 @@ pub fn allowed() -> Vec<Allowed> {
             Any,
             "agent replies with descriptors (SCM_RIGHTS)",
         ),
-        a(libc::SYS_sendmsg, "sendmsg", Any, "agent requests"),
+        a(
+            libc::SYS_sendmsg,
+            "sendmsg",
+            Any,
+            "agent requests, UDP_SEGMENT sends of guest datagrams",
+        ),
         a(
             libc::SYS_recvmmsg,
             "recvmmsg",
             Any,
-            "batched datagram receive",
+            "batched datagram receive (UDP flows, published UDP ports)",
         ),
         a(libc::SYS_sendmmsg, "sendmmsg", Any, "batched datagram send"),
         a(
