@@ -1474,6 +1474,63 @@ pub fn programs() -> Result<[BpfProgram; 2], SandboxError> {
     ])
 }
 
+/// The system calls the supervisor ([`crate::supervise`]) and everything
+/// it starts later may never make: a deny-list (each kills the process),
+/// since each worker must still set up its agent and its own sandbox.
+pub const SUPERVISOR_DENIED: &[libc::c_long] = &[
+    libc::SYS_execve,
+    libc::SYS_execveat,
+    libc::SYS_ptrace,
+    libc::SYS_process_vm_readv,
+    libc::SYS_process_vm_writev,
+    libc::SYS_init_module,
+    libc::SYS_finit_module,
+    libc::SYS_delete_module,
+    libc::SYS_kexec_load,
+    libc::SYS_kexec_file_load,
+    libc::SYS_bpf,
+    libc::SYS_perf_event_open,
+    libc::SYS_reboot,
+    libc::SYS_swapon,
+    libc::SYS_swapoff,
+    libc::SYS_acct,
+    libc::SYS_keyctl,
+    libc::SYS_add_key,
+    libc::SYS_request_key,
+    libc::SYS_userfaultfd,
+    libc::SYS_open_by_handle_at,
+    libc::SYS_name_to_handle_at,
+];
+
+/// Confines the supervisor (and, inherited, its workers): no_new_privs
+/// and a seccomp filter killing the process on any of
+/// [`SUPERVISOR_DENIED`]. Each worker adds the full sandbox on top.
+pub fn enter_supervisor() -> Result<(), SandboxError> {
+    fn bad(e: impl std::fmt::Display) -> SandboxError {
+        SandboxError::new(
+            Stage::Seccomp,
+            "building the supervisor's filter",
+            io::Error::other(e.to_string()),
+        )
+    }
+    let f = SeccompFilter::new(
+        SUPERVISOR_DENIED.iter().map(|n| (*n, Vec::new())).collect(),
+        SeccompAction::Allow,
+        SeccompAction::KillProcess,
+        arch()?,
+    )
+    .map_err(bad)?;
+    let prog: BpfProgram = f.try_into().map_err(bad)?;
+    // seccompiler sets no_new_privs first.
+    seccompiler::apply_filter(&prog).map_err(|e| {
+        SandboxError::new(
+            Stage::Seccomp,
+            "installing the supervisor's filter",
+            io::Error::other(e.to_string()),
+        )
+    })
+}
+
 /// Stage 4.
 fn install_filters(progs: &[BpfProgram; 2]) -> Result<(), SandboxError> {
     let s = Stage::Seccomp;

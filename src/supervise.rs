@@ -39,10 +39,15 @@
 //! is a start-up failure, not a crash: rnet exits as it would have.
 //!
 //! The supervisor is small: a `poll` over the worker's pidfd, its socket
-//! and a signalfd, `waitpid` and `fork`. It runs without the worker's
-//! sandbox, because each worker must still be able to enter the
-//! namespaces for its agent and build its own sandbox; its only input is
-//! the worker's socket, whose messages it parses strictly.
+//! and a signalfd, `waitpid` and `fork`; its only input is the worker's
+//! socket, whose messages it parses strictly. With seccomp on it is
+//! confined before the first fork ([`crate::sandbox::enter_supervisor`]):
+//! no_new_privs and a deny-list (execve, ptrace, module loading, bpf and
+//! the like kill it), which every worker inherits under its own full
+//! sandbox. It cannot take the worker's allow-list, mount namespace or
+//! Landlock rules: a filter is inherited by every later worker, and each
+//! worker must still join the target's namespaces for its agent and
+//! build its own sandbox from the host's filesystem.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io;
@@ -133,7 +138,21 @@ pub(crate) fn test_hooks() -> bool {
 /// Becomes the supervisor: returns only in a worker. `ready_fd` is the
 /// `--ready-fd`, written by the first worker only; `target` the PID whose
 /// exit ends rnet.
-pub(crate) fn start(ready_fd: &mut Option<RawFd>, target: Option<i32>) -> io::Result<Worker> {
+pub(crate) fn start(
+    ready_fd: &mut Option<RawFd>,
+    target: Option<i32>,
+    confine: bool,
+) -> Result<Worker, crate::Error> {
+    if confine {
+        crate::sandbox::enter_supervisor()?;
+    }
+    start_inner(ready_fd, target).map_err(|e| crate::Error::Io {
+        context: "starting the data-plane worker".into(),
+        source: e,
+    })
+}
+
+fn start_inner(ready_fd: &mut Option<RawFd>, target: Option<i32>) -> io::Result<Worker> {
     let mut sigs = SigSet::empty();
     for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
         sigs.add(s);
