@@ -80,6 +80,12 @@ static RESTARTS: AtomicU64 = AtomicU64::new(0);
 /// The worker's end of its socket to the supervisor (-1: unsupervised).
 static KEEPER: AtomicI32 = AtomicI32::new(-1);
 
+/// Whether this process is a supervised worker (its supervisor then tells
+/// systemd it is ready: only the main PID may).
+pub fn in_worker() -> bool {
+    KEEPER.load(Ordering::Relaxed) >= 0
+}
+
 /// How many times the data plane was restarted.
 pub fn restarts() -> u64 {
     RESTARTS.load(Ordering::Relaxed)
@@ -360,7 +366,12 @@ impl Supervisor {
     ) {
         let (kind, rest) = text.split_once(' ').unwrap_or((text, ""));
         match (kind, fd) {
-            ("Y", None) => *ready = true,
+            ("Y", None) => {
+                if !*ready && self.generation == 1 {
+                    notify_systemd();
+                }
+                *ready = true;
+            }
             ("P", None) => *panic_msg = Some(rest.to_string()),
             ("L", Some(fd)) => {
                 let parsed = rest
@@ -418,6 +429,29 @@ fn install_panic_report() {
         prev(info);
         std::process::abort();
     }));
+}
+
+/// systemd's `READY=1` (`Type=notify`), sent by the supervisor, the unit's
+/// main PID, once the first worker is ready.
+fn notify_systemd() {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
+    let addr = match bytes.strip_prefix(b"@") {
+        Some(name) => SocketAddr::from_abstract_name(name),
+        None => SocketAddr::from_pathname(&path),
+    };
+    let sent =
+        UnixDatagram::unbound().and_then(|s| addr.and_then(|a| s.send_to_addr(b"READY=1\n", &a)));
+    if let Err(e) = sent {
+        warn!(
+            "NOTIFY_SOCKET {}: {e}; systemd will not hear that rnet is ready",
+            path.to_string_lossy()
+        );
+    }
 }
 
 fn exit_code(status: Option<WaitStatus>) -> i32 {
