@@ -292,6 +292,24 @@ pub fn watch(tables: Tables, rules: Vec<AutoPublish>, handle: Handle) {
     let mut published: BTreeMap<(Proto, u16), u64> = BTreeMap::new();
     let mut warned: BTreeSet<(Proto, u16)> = BTreeSet::new();
     info!(pid, rules = ?rules, "watching the namespace's listening sockets");
+    if crate::supervise::restarts() > 0 {
+        // A restarted data plane adopted the rules the last one
+        // auto-published: take them back as ours, so they are withdrawn
+        // when their sockets go (see `crate::supervise`).
+        for p in handle.ports().unwrap_or_default() {
+            let s = p.spec;
+            if s.count == 1
+                && s.guest_ip.is_none()
+                && s.host_port == s.guest_port
+                && s.host_ip == IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+                && rules
+                    .iter()
+                    .any(|r| r.proto == s.proto && (r.first..=r.last).contains(&s.host_port))
+            {
+                published.insert((s.proto, s.host_port), p.id);
+            }
+        }
+    }
     while handle.is_running() {
         let wanted: BTreeSet<(Proto, u16)> = scan(&tables)
             .into_iter()

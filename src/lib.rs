@@ -378,10 +378,7 @@ impl Network {
         let worker = match supervise {
             // Returns only in the worker; everything above is the
             // supervisor's and survives the worker.
-            true => Some(
-                supervise::start(&mut ready_fd, pid)
-                    .map_err(Error::io("starting the data-plane worker"))?,
-            ),
+            true => Some(supervise::start(&mut ready_fd, pid, config.seccomp)?),
             false => None,
         };
         let config = Arc::new(config);
@@ -457,10 +454,11 @@ impl Network {
                 .ok()
         });
         // Ready means usable: the loop runs and the API socket listens.
+        // The supervisor hears it first: from then on a death is a crash.
+        supervise::worker_ready();
         if let Some(fd) = ready_fd {
             signal_ready(fd).map_err(Error::io(format!("writing to --ready-fd {fd}")))?;
         }
-        supervise::worker_ready();
         Ok(Network {
             handle,
             thread,

@@ -822,71 +822,6 @@ pub(crate) fn deny_program(me: i32, children: &[i32]) -> Result<BpfProgram, Sand
     f.try_into().map_err(bad)
 }
 
-/// System calls the supervisor and everything it forks never make: the
-/// supervisor's filter fails them with `EPERM`. Nothing runs a program
-/// after the supervisor starts (`rnet run` has spawned its command by
-/// then), and nothing of rnet traces, loads kernel code or reads another
-/// process's memory.
-const SUPERVISOR_DENIED: &[i64] = &[
-    libc::SYS_execve,
-    libc::SYS_execveat,
-    libc::SYS_ptrace,
-    libc::SYS_process_vm_readv,
-    libc::SYS_process_vm_writev,
-    libc::SYS_bpf,
-    libc::SYS_perf_event_open,
-    libc::SYS_kexec_load,
-    libc::SYS_kexec_file_load,
-    libc::SYS_init_module,
-    libc::SYS_finit_module,
-    libc::SYS_delete_module,
-    libc::SYS_add_key,
-    libc::SYS_request_key,
-    libc::SYS_keyctl,
-    libc::SYS_userfaultfd,
-    libc::SYS_io_uring_setup,
-    libc::SYS_reboot,
-    libc::SYS_swapon,
-    libc::SYS_swapoff,
-    libc::SYS_acct,
-];
-
-/// Confines the supervisor (`src/supervise.rs`): no_new_privs and a
-/// deny-list seccomp filter of [`SUPERVISOR_DENIED`]. It cannot be the
-/// allow-list the data plane runs under, because every worker it forks
-/// inherits the filter and must still build its own sandbox (namespaces,
-/// mounts, Landlock, its own allow-list, which then applies on top). The
-/// supervisor's own input is only its workers' socket.
-pub(crate) fn confine_supervisor() -> Result<(), SandboxError> {
-    fn bad(e: impl std::fmt::Display) -> SandboxError {
-        SandboxError::new(
-            Stage::Seccomp,
-            "building the supervisor's filter",
-            io::Error::other(e.to_string()),
-        )
-    }
-    let map: BTreeMap<i64, Vec<SeccompRule>> = SUPERVISOR_DENIED
-        .iter()
-        .map(|&nr| (nr, Vec::new()))
-        .collect();
-    let f = SeccompFilter::new(
-        map,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::EPERM as u32),
-        arch()?,
-    )
-    .map_err(bad)?;
-    let prog: BpfProgram = f.try_into().map_err(bad)?;
-    // seccompiler sets no_new_privs before installing the filter.
-    seccompiler::apply_filter(&prog).map_err(|e| {
-        SandboxError::new(
-            Stage::Seccomp,
-            "installing the supervisor's filter",
-            io::Error::other(e.to_string()),
-        )
-    })
-}
-
 // ---------------------------------------------------------------------------
 // Stage 2: capabilities.
 
@@ -1542,6 +1477,63 @@ pub fn programs() -> Result<[BpfProgram; 2], SandboxError> {
         allow.try_into().map_err(bad)?,
         nosys.try_into().map_err(bad)?,
     ])
+}
+
+/// The system calls the supervisor ([`crate::supervise`]) and everything
+/// it starts later may never make: a deny-list (each kills the process),
+/// since each worker must still set up its agent and its own sandbox.
+pub const SUPERVISOR_DENIED: &[libc::c_long] = &[
+    libc::SYS_execve,
+    libc::SYS_execveat,
+    libc::SYS_ptrace,
+    libc::SYS_process_vm_readv,
+    libc::SYS_process_vm_writev,
+    libc::SYS_init_module,
+    libc::SYS_finit_module,
+    libc::SYS_delete_module,
+    libc::SYS_kexec_load,
+    libc::SYS_kexec_file_load,
+    libc::SYS_bpf,
+    libc::SYS_perf_event_open,
+    libc::SYS_reboot,
+    libc::SYS_swapon,
+    libc::SYS_swapoff,
+    libc::SYS_acct,
+    libc::SYS_keyctl,
+    libc::SYS_add_key,
+    libc::SYS_request_key,
+    libc::SYS_userfaultfd,
+    libc::SYS_open_by_handle_at,
+    libc::SYS_name_to_handle_at,
+];
+
+/// Confines the supervisor (and, inherited, its workers): no_new_privs
+/// and a seccomp filter killing the process on any of
+/// [`SUPERVISOR_DENIED`]. Each worker adds the full sandbox on top.
+pub fn enter_supervisor() -> Result<(), SandboxError> {
+    fn bad(e: impl std::fmt::Display) -> SandboxError {
+        SandboxError::new(
+            Stage::Seccomp,
+            "building the supervisor's filter",
+            io::Error::other(e.to_string()),
+        )
+    }
+    let f = SeccompFilter::new(
+        SUPERVISOR_DENIED.iter().map(|n| (*n, Vec::new())).collect(),
+        SeccompAction::Allow,
+        SeccompAction::KillProcess,
+        arch()?,
+    )
+    .map_err(bad)?;
+    let prog: BpfProgram = f.try_into().map_err(bad)?;
+    // seccompiler sets no_new_privs first.
+    seccompiler::apply_filter(&prog).map_err(|e| {
+        SandboxError::new(
+            Stage::Seccomp,
+            "installing the supervisor's filter",
+            io::Error::other(e.to_string()),
+        )
+    })
 }
 
 /// Stage 4.

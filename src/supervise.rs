@@ -39,10 +39,15 @@
 //! is a start-up failure, not a crash: rnet exits as it would have.
 //!
 //! The supervisor is small: a `poll` over the worker's pidfd, its socket
-//! and a signalfd, `waitpid` and `fork`. It runs without the worker's
-//! sandbox, because each worker must still be able to enter the
-//! namespaces for its agent and build its own sandbox; its only input is
-//! the worker's socket, whose messages it parses strictly.
+//! and a signalfd, `waitpid` and `fork`; its only input is the worker's
+//! socket, whose messages it parses strictly. With seccomp on it is
+//! confined before the first fork ([`crate::sandbox::enter_supervisor`]):
+//! no_new_privs and a deny-list (execve, ptrace, module loading, bpf and
+//! the like kill it), which every worker inherits under its own full
+//! sandbox. It cannot take the worker's allow-list, mount namespace or
+//! Landlock rules: a filter is inherited by every later worker, and each
+//! worker must still join the target's namespaces for its agent and
+//! build its own sandbox from the host's filesystem.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io;
@@ -74,6 +79,12 @@ pub const TEST_HOOKS_ENV: &str = "RNET_TEST_HOOKS";
 static RESTARTS: AtomicU64 = AtomicU64::new(0);
 /// The worker's end of its socket to the supervisor (-1: unsupervised).
 static KEEPER: AtomicI32 = AtomicI32::new(-1);
+
+/// Whether this process is a supervised worker (its supervisor then tells
+/// systemd it is ready: only the main PID may).
+pub fn in_worker() -> bool {
+    KEEPER.load(Ordering::Relaxed) >= 0
+}
 
 /// How many times the data plane was restarted.
 pub fn restarts() -> u64 {
@@ -133,8 +144,21 @@ pub(crate) fn test_hooks() -> bool {
 /// Becomes the supervisor: returns only in a worker. `ready_fd` is the
 /// `--ready-fd`, written by the first worker only; `target` the PID whose
 /// exit ends rnet.
-pub(crate) fn start(ready_fd: &mut Option<RawFd>, target: Option<i32>) -> io::Result<Worker> {
-    crate::sandbox::confine_supervisor().map_err(io::Error::other)?;
+pub(crate) fn start(
+    ready_fd: &mut Option<RawFd>,
+    target: Option<i32>,
+    confine: bool,
+) -> Result<Worker, crate::Error> {
+    if confine {
+        crate::sandbox::enter_supervisor()?;
+    }
+    start_inner(ready_fd, target).map_err(|e| crate::Error::Io {
+        context: "starting the data-plane worker".into(),
+        source: e,
+    })
+}
+
+fn start_inner(ready_fd: &mut Option<RawFd>, target: Option<i32>) -> io::Result<Worker> {
     let mut sigs = SigSet::empty();
     for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
         sigs.add(s);
@@ -342,7 +366,12 @@ impl Supervisor {
     ) {
         let (kind, rest) = text.split_once(' ').unwrap_or((text, ""));
         match (kind, fd) {
-            ("Y", None) => *ready = true,
+            ("Y", None) => {
+                if !*ready && self.generation == 1 {
+                    notify_systemd();
+                }
+                *ready = true;
+            }
             ("P", None) => *panic_msg = Some(rest.to_string()),
             ("L", Some(fd)) => {
                 let parsed = rest
@@ -400,6 +429,29 @@ fn install_panic_report() {
         prev(info);
         std::process::abort();
     }));
+}
+
+/// systemd's `READY=1` (`Type=notify`), sent by the supervisor, the unit's
+/// main PID, once the first worker is ready.
+fn notify_systemd() {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
+    let addr = match bytes.strip_prefix(b"@") {
+        Some(name) => SocketAddr::from_abstract_name(name),
+        None => SocketAddr::from_pathname(&path),
+    };
+    let sent =
+        UnixDatagram::unbound().and_then(|s| addr.and_then(|a| s.send_to_addr(b"READY=1\n", &a)));
+    if let Err(e) = sent {
+        warn!(
+            "NOTIFY_SOCKET {}: {e}; systemd will not hear that rnet is ready",
+            path.to_string_lossy()
+        );
+    }
 }
 
 fn exit_code(status: Option<WaitStatus>) -> i32 {

@@ -43,7 +43,7 @@ fn check(rnet: Rnet, by_path: bool, expect_sandbox: bool) {
     );
     out.assert_success("curl through a sandboxed rnet");
     assert_eq!(out.stdout, HTTP_BODY, "{out}");
-    let st = status_of(proc.pid());
+    let st = status_of(data_plane(proc.pid()));
     proc.signal(libc::SIGTERM);
     let (clean, end) = proc.stop(Duration::from_secs(5));
     assert!(clean && end.code() == Some(0), "rnet did not exit 0: {end}");
@@ -114,7 +114,7 @@ fn sandboxed_root_holds_nothing_of_the_host() {
     }
     let target = Target::userns();
     let mut proc = Rnet::new().attach(target.pid());
-    let root = format!("/proc/{}/root", proc.pid());
+    let root = format!("/proc/{}/root", data_plane(proc.pid()));
     let entries: Vec<String> = std::fs::read_dir(&root)
         .map(|d| {
             d.filter_map(|e| e.ok())
@@ -142,7 +142,7 @@ fn sandboxed_root_shows_etc_and_run_read_only() {
     }
     let target = Target::userns();
     let mut proc = Rnet::new().attach(target.pid());
-    let root = std::path::PathBuf::from(format!("/proc/{}/root", proc.pid()));
+    let root = std::path::PathBuf::from(format!("/proc/{}/root", data_plane(proc.pid())));
     // Reading /proc/PID/root of a process of the same user works; rnet
     // enters its sandbox once set up, so wait for the empty root.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);

@@ -183,6 +183,10 @@ fn restart_keeps_network(rnet: Rnet, nobody: bool, crash: fn(u32)) {
     assert!(published_serves(port), "published port before the crash");
     assert_eq!(status_json(&api.0)["restarts"], 0);
     let old = worker(rnet_p.pid(), None);
+    // The supervisor is confined too (its deny-list filter).
+    let st = std::fs::read_to_string(format!("/proc/{}/status", rnet_p.pid())).unwrap();
+    assert!(st.contains("\nSeccomp:\t2\n"), "{st}");
+    assert!(st.contains("\nNoNewPrivs:\t1\n"), "{st}");
 
     crash(old);
     let crashed = Instant::now();

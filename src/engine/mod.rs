@@ -1925,6 +1925,24 @@ impl Engine {
     /// Tells the loop the guest's MAC before it has seen a frame.
     pub fn set_guest_mac(&mut self, mac: [u8; 6]) {
         self.stack.guest_mac = Some(smoltcp::wire::EthernetAddress(mac));
+        if crate::supervise::restarts() > 0 {
+            // A restarted data plane: the guest's caches still point at
+            // the gateway and will not ARP again for a while, so smoltcp
+            // learns the guest from a synthetic ARP reply, or the first
+            // SYN-ACK would wait for its own ARP exchange (a lost SYN).
+            let (gw, guest) = (self.cfg.gateway().octets(), self.cfg.guest().octets());
+            let mut f = [0u8; 42];
+            f[0..6].copy_from_slice(&self.stack.mac.0);
+            f[6..12].copy_from_slice(&mac);
+            f[12..14].copy_from_slice(&[0x08, 0x06]);
+            f[14..22].copy_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 2]);
+            f[22..28].copy_from_slice(&mac);
+            f[28..32].copy_from_slice(&guest);
+            f[32..38].copy_from_slice(&self.stack.mac.0);
+            f[38..42].copy_from_slice(&gw);
+            let (_, tx) = self.tap.split();
+            self.stack.ingress(stack::now(), &f, tx, &mut self.services);
+        }
     }
 
     /// Logs one summary line; called once before the loop starts.

@@ -1577,16 +1577,37 @@ pub fn drops_diff(
         .collect()
 }
 
+/// The sandboxed data plane of the rnet process `pid`: `pid` itself
+/// (`--no-supervise`, or no sandbox), or under a supervisor its worker,
+/// the child that moved to a mount namespace of its own (the agent's
+/// launcher, the other kind of child, stays in rnet's).
+pub fn data_plane(pid: u32) -> u32 {
+    let mnt = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/mnt")).ok();
+    let own = mnt(&pid.to_string());
+    if own != mnt("self") {
+        return pid;
+    }
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .find(|c| mnt(c) != own)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(pid)
+}
+
 /// A `kB` field of /proc/PID/status (`VmRSS`, `VmHWM`), in KiB; None once
-/// the process is gone.
+/// the process is gone. Of rnet's data plane (see [`data_plane`]).
 pub fn proc_kib(pid: u32, key: &str) -> Option<u64> {
+    let pid = data_plane(pid);
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = s.lines().find(|l| l.starts_with(&format!("{key}:")))?;
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// Open file descriptors of a process (entries of /proc/PID/fd).
+/// Open file descriptors of a process (entries of /proc/PID/fd); of rnet's
+/// data plane (see [`data_plane`]).
 pub fn open_fds(pid: u32) -> Option<usize> {
+    let pid = data_plane(pid);
     Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
 }
 

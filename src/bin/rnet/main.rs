@@ -532,7 +532,10 @@ fn attach(a: AttachArgs, sigs: SigSet) -> Result<u8, String> {
     };
     let notify = SystemdNotify::from_env();
     let net = Network::attach(target, config).map_err(|e| e.to_string())?;
-    notify.ready();
+    // Under a supervisor, the supervisor (the main PID) tells systemd.
+    if !rnet::supervise::in_worker() {
+        notify.ready();
+    }
     let handle = net.handle();
     std::thread::spawn(move || {
         if let Ok(sig) = sigs.wait() {
