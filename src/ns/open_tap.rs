@@ -155,7 +155,10 @@ pub fn open_tap(target: &Target, setup: &TapSetup) -> Result<OpenedTap, NsError>
         validate_config(cfg)?;
     }
     let plan = open_target(target)?;
-    let (child, parent_sock) = fork_helper(SockFlag::empty(), move |child_sock| {
+    // The child borrows `plan` and never drops it: `close_all_but` has
+    // closed the descriptors it holds beyond the two kept, so dropping it
+    // there would close them twice.
+    let (child, parent_sock) = fork_helper(SockFlag::empty(), |child_sock| {
         // Undumpable before anything of the guest's is joined.
         let _ = confine::undumpable();
         let mut keep = vec![child_sock.as_raw_fd()];
@@ -186,6 +189,7 @@ pub fn open_tap(target: &Target, setup: &TapSetup) -> Result<OpenedTap, NsError>
         what: "cannot fork the namespace helper process",
         errno,
     })?;
+    drop(plan);
     if let Err(errno) = setsockopt(
         &parent_sock,
         sockopt::ReceiveTimeout,
