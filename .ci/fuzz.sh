@@ -11,10 +11,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 
-# No registry is reachable from CI: resolve from the local cache, and fail
-# with a clear message if fuzz/Cargo.lock no longer matches the main crate.
-export CARGO_NET_OFFLINE=true
-
 secs=${FUZZ_SECONDS:-30}
 read -r -a targets <<<"${FUZZ_TARGETS:-frame ingress dhcp api specs vnet}"
 
@@ -25,7 +21,30 @@ fi
 
 mkdir -p target
 echo "=== building fuzz targets"
-if ! cargo +nightly fuzz build >target/fuzz-build.log 2>&1; then
+# The fuzz crate's dependencies come from the local cache when they are
+# there; otherwise from the registry, retried while the registry cannot be
+# reached (a name that does not resolve, an index that does not answer),
+# so that a passing outage is not taken for a broken build.
+build() { cargo +nightly fuzz build >target/fuzz-build.log 2>&1; }
+unreachable() {
+    grep -qE 'Could not resolve host|unable to update registry|failed to download|spurious network error' \
+        target/fuzz-build.log
+}
+built=false
+if CARGO_NET_OFFLINE=true build; then
+    built=true
+else
+    for attempt in 1 2 3 4; do
+        if build; then
+            built=true
+            break
+        fi
+        unreachable || break
+        echo "fuzz: the registry cannot be reached (attempt $attempt); retrying in $((attempt * 15)) s"
+        sleep $((attempt * 15))
+    done
+fi
+if ! $built; then
     cat target/fuzz-build.log
     rm -f target/fuzz-build.log
     echo "fuzz: building the targets failed (not a fuzzing crash)"
