@@ -162,7 +162,44 @@ impl SocketFile {
     }
 }
 
+/// The socket file's name and identity, for a process that outlives the
+/// one serving it (the supervisor) to remove it at exit, under the same
+/// device-and-inode rule as [`ApiServer`]'s own clean-up.
+#[derive(Clone, Debug)]
+pub(crate) struct SocketName {
+    path: PathBuf,
+    id: (u64, u64),
+}
+
+impl SocketName {
+    /// Removes the file if the path still names the socket bound; says so
+    /// in the log when it names another (a newer instance's).
+    pub(crate) fn remove(&self) {
+        let path = self.path.display();
+        use std::os::unix::fs::MetadataExt;
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(m) if (m.dev(), m.ino()) == self.id => {
+                if let Err(e) = std::fs::remove_file(&self.path) {
+                    debug!(%path, error = %e, "cannot remove the API socket");
+                }
+            }
+            Ok(_) => {
+                info!(%path, "the API socket path now names another socket (a newer instance's); left in place")
+            }
+            Err(_) => {}
+        }
+    }
+}
+
 impl ApiListener {
+    /// The bound file's name and identity (see [`SocketName`]).
+    pub(crate) fn name(&self) -> SocketName {
+        SocketName {
+            path: self.file.path.clone(),
+            id: self.file.id,
+        }
+    }
+
     /// Serves the socket on a new thread.
     pub fn serve(self, handle: Handle, default_guest: Ipv4Addr) -> io::Result<ApiServer> {
         let wake = self.listener.try_clone()?;

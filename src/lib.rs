@@ -378,7 +378,12 @@ impl Network {
         let worker = match supervise {
             // Returns only in the worker; everything above is the
             // supervisor's and survives the worker.
-            true => Some(supervise::start(&mut ready_fd, pid, config.seccomp)?),
+            true => Some(supervise::start(
+                &mut ready_fd,
+                pid,
+                config.seccomp,
+                api_listener.as_ref().map(api::ApiListener::name),
+            )?),
             false => None,
         };
         let config = Arc::new(config);

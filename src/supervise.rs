@@ -144,21 +144,29 @@ pub(crate) fn test_hooks() -> bool {
 /// Becomes the supervisor: returns only in a worker. `ready_fd` is the
 /// `--ready-fd`, written by the first worker only; `target` the PID whose
 /// exit ends rnet.
+/// `api_socket` names the control socket's file, which the supervisor
+/// removes when it ends (a worker that dies cannot); a worker that stops
+/// cleanly has removed it already.
 pub(crate) fn start(
     ready_fd: &mut Option<RawFd>,
     target: Option<i32>,
     confine: bool,
+    api_socket: Option<crate::api::SocketName>,
 ) -> Result<Worker, crate::Error> {
     if confine {
         crate::sandbox::enter_supervisor()?;
     }
-    start_inner(ready_fd, target).map_err(|e| crate::Error::Io {
+    start_inner(ready_fd, target, api_socket).map_err(|e| crate::Error::Io {
         context: "starting the data-plane worker".into(),
         source: e,
     })
 }
 
-fn start_inner(ready_fd: &mut Option<RawFd>, target: Option<i32>) -> io::Result<Worker> {
+fn start_inner(
+    ready_fd: &mut Option<RawFd>,
+    target: Option<i32>,
+    api_socket: Option<crate::api::SocketName>,
+) -> io::Result<Worker> {
     let mut sigs = SigSet::empty();
     for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
         sigs.add(s);
@@ -231,6 +239,9 @@ fn start_inner(ready_fd: &mut Option<RawFd>, target: Option<i32>) -> io::Result<
                 }
                 let code = sup.watch(child, &ours, &sfd, target_fd.as_ref());
                 if let Some(code) = code {
+                    if let Some(name) = &api_socket {
+                        name.remove();
+                    }
                     std::process::exit(code);
                 }
             }

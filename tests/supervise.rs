@@ -305,7 +305,16 @@ fn panic_cause_is_logged() {
 fn six_crashes_end_rnet() {
     require!(require_userns);
     let t = Target::userns();
-    let mut rnet = start(&Rnet::new(), &[&t.pid().to_string()]);
+    let api = TempPath::new("supervise-give-up");
+    let mut rnet = start(
+        &Rnet::new(),
+        &[
+            "--api-socket",
+            api.0.to_str().unwrap(),
+            &t.pid().to_string(),
+        ],
+    );
+    assert!(api.0.exists(), "no API socket at {}", api.0.display());
     let mut w = worker(rnet.pid(), None);
     for _ in 0..5 {
         sigkill(w);
@@ -317,6 +326,12 @@ fn six_crashes_end_rnet() {
     assert_eq!(out.code(), Some(1), "{out}");
     assert_stderr_has(&out, "killed by SIGKILL");
     assert_stderr_has(&out, "6th crash within 60 s; giving up");
+    // No worker was left to remove it: the supervisor did.
+    assert!(
+        !api.0.exists(),
+        "API socket {} left after giving up",
+        api.0.display()
+    );
 }
 
 /// (e) With `--no-supervise` the data plane is rnet itself: a panic ends
