@@ -17,39 +17,11 @@ mod common;
 #[path = "common/compat.rs"]
 mod s4;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
-use std::sync::OnceLock;
 
 use common::*;
 use s4::*;
-
-/// The `pasta` symlink next to the rnet copy of the compat tests.
-fn pasta_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let dir = bin_dir();
-        let link = dir.join("pasta");
-        if !link.exists() {
-            let to = if is_root() {
-                PathBuf::from("rnet")
-            } else {
-                PathBuf::from(RNET)
-            };
-            std::os::unix::fs::symlink(to, &link).unwrap();
-        }
-        link
-    })
-}
-
-/// `prog` as uid 65534 (through setpriv) or as the current user.
-fn as_user(prog: &str, nobody: bool) -> Command {
-    if nobody {
-        setpriv_nobody(prog)
-    } else {
-        Command::new(prog)
-    }
-}
 
 /// Pids of running processes started from the `pasta` symlink whose
 /// arguments include `marker`.

@@ -20,9 +20,7 @@ mod s4;
 use std::collections::HashMap;
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 
 use common::*;
 use s4::*;
@@ -32,36 +30,6 @@ const GUEST6: &str = "fd12:3456::10";
 const GW6: &str = "fd12:3456::1";
 /// rnet's IPv6 DNS forwarder in that prefix (prefix::3).
 const DNS6: &str = "fd12:3456::3";
-
-/// The `pasta` symlink next to the rnet copy of the compat tests.
-fn pasta_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let dir = bin_dir();
-        let link = dir.join("pasta");
-        if !link.exists() {
-            let to = if is_root() {
-                PathBuf::from("rnet")
-            } else {
-                PathBuf::from(RNET)
-            };
-            // Another test binary may make the same link at the same time.
-            if let Err(e) = std::os::unix::fs::symlink(to, &link) {
-                assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists, "{e}");
-            }
-        }
-        link
-    })
-}
-
-/// `prog` as uid 65534 (through setpriv) or as the current user.
-fn as_user(prog: &str, nobody: bool) -> Command {
-    if nobody {
-        setpriv_nobody(prog)
-    } else {
-        Command::new(prog)
-    }
-}
 
 /// Skips (never in CI) when the case cannot run here.
 fn runnable(test: &str, nobody: bool) -> bool {

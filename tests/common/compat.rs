@@ -57,6 +57,35 @@ pub fn slirp_bin() -> PathBuf {
     bin_dir().join("slirp4netns")
 }
 
+/// The `pasta` symlink next to the rnet copy (made once per process).
+pub fn pasta_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let link = bin_dir().join("pasta");
+        if !link.exists() {
+            let to = if super::common::is_root() {
+                PathBuf::from("rnet")
+            } else {
+                PathBuf::from(RNET)
+            };
+            // Another test binary may make the same link at the same time.
+            if let Err(e) = std::os::unix::fs::symlink(to, &link) {
+                assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists, "{e}");
+            }
+        }
+        link
+    })
+}
+
+/// `prog` as uid 65534 (through setpriv) or as the current user.
+pub fn as_user(prog: &str, nobody: bool) -> Command {
+    if nobody {
+        setpriv_nobody(prog)
+    } else {
+        Command::new(prog)
+    }
+}
+
 /// The outbound allow-list every test uses unless it says otherwise: nothing
 /// beyond the gateway (host loopback) and the DNS forwarder.
 pub const ALLOW_NONE: &str = "none";
