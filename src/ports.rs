@@ -405,6 +405,9 @@ pub enum PortError {
     /// The network is not running.
     #[error("the network has stopped")]
     Stopped,
+    /// Too many requests are waiting for the event loop; try again.
+    #[error("the network is busy: too many requests are waiting")]
+    Busy,
 }
 
 #[cfg(test)]

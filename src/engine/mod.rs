@@ -90,7 +90,7 @@ pub enum ExitReason {
 pub struct Control {
     pub(crate) stop: AtomicBool,
     pub(crate) waker: Waker,
-    commands: mpsc::Sender<Command>,
+    commands: mpsc::SyncSender<Command>,
 }
 
 impl Control {
@@ -100,9 +100,16 @@ impl Control {
         let _ = self.waker.wake();
     }
 
-    /// Hands a request to the loop and wakes it; false if the loop is gone.
-    pub(crate) fn send(&self, cmd: Command) -> bool {
-        self.commands.send(cmd).is_ok() && self.waker.wake().is_ok()
+    /// Hands a request to the loop and wakes it, without ever waiting:
+    /// a full queue is `PortError::Busy`, a loop that is gone
+    /// `PortError::Stopped`.
+    pub(crate) fn send(&self, cmd: Command) -> Result<(), crate::ports::PortError> {
+        use crate::ports::PortError;
+        self.commands.try_send(cmd).map_err(|e| match e {
+            mpsc::TrySendError::Full(_) => PortError::Busy,
+            mpsc::TrySendError::Disconnected(_) => PortError::Stopped,
+        })?;
+        self.waker.wake().map_err(|_| PortError::Stopped)
     }
 }
 
@@ -337,7 +344,7 @@ impl Engine {
         let poll = Poll::new()?;
         let busy_poll_us = busy_poll_us(&cfg);
         let waker = Waker::new(poll.registry(), WAKER)?;
-        let (commands_tx, commands) = mpsc::channel();
+        let (commands_tx, commands) = mpsc::sync_channel(crate::handle::COMMAND_QUEUE);
         let control = Arc::new(Control {
             stop: AtomicBool::new(false),
             waker,
