@@ -1,7 +1,7 @@
 //! Criterion benchmarks of the frame path.
 //!
 //! - `classify`: the first look at every guest frame
-//!   (`rnet::stack::classify::classify`) on a TCP data segment, a UDP
+//!   (`rnet::wire::classify::classify`) on a TCP data segment, a UDP
 //!   datagram and an ARP request.
 //! - `tcp_guest_to_host`: the whole data plane without namespaces. The
 //!   engine serves one end of a `socketpair(AF_UNIX, SOCK_SEQPACKET)` through
@@ -44,7 +44,7 @@ use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use nix::poll::{PollFd, PollFlags, poll};
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, setsockopt, socketpair, sockopt};
 use rnet::stack::NetAddrs;
-use rnet::stack::classify::{Verdict, classify};
+use rnet::wire::classify::{Verdict, classify};
 use rnet::{Config, Limits, Network, OutboundPolicy};
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{

@@ -792,7 +792,7 @@ impl Default for ConfigBuilder {
             offloads: true,
             busy_poll: DEFAULT_BUSY_POLL,
             pcap: None,
-            pcap_cap: crate::pcap::DEFAULT_CAP,
+            pcap_cap: crate::phy::pcap::DEFAULT_CAP,
             metrics_addr: None,
             metrics_public: false,
             mac: None,
@@ -1367,12 +1367,12 @@ fn validate_announced(dns: &[IpAddr], search: &[String]) -> Result<(), ConfigErr
             crate::services::dhcp::ANNOUNCE_SPACE
         )));
     }
-    let ra = crate::stack::emit::ra_announce_len(v6, wire.len());
-    if ra > crate::stack::emit::RA_ANNOUNCE_SPACE {
+    let ra = crate::wire::emit::ra_announce_len(v6, wire.len());
+    if ra > crate::wire::emit::RA_ANNOUNCE_SPACE {
         return Err(ConfigError::Conflict(format!(
             "{v6} IPv6 DNS servers and {} search domains need {ra} bytes of router advertisement options; it has room for {}: announce fewer",
             search.len(),
-            crate::stack::emit::RA_ANNOUNCE_SPACE
+            crate::wire::emit::RA_ANNOUNCE_SPACE
         )));
     }
     Ok(())

@@ -12,16 +12,17 @@
 //! - [`ns`]: entering the target's namespaces, creating and configuring
 //!   the TAP, passing its descriptor back (SCM_RIGHTS), `rnet run`'s
 //!   fresh namespaces.
-//! - [`tap`]: reading and writing frames on the TAP descriptor.
-//! - [`stack`]: the smoltcp interface, frame classification, frames rnet
-//!   builds itself.
+//! - [`phy`]: the TAP descriptor (frames, offload header), the smoltcp
+//!   device over it, `--pcap` captures.
+//! - [`wire`]: frame classification and the frames rnet builds itself.
+//! - [`stack`]: the smoltcp interface and the virtual hosts.
 //! - [`nat`]: the address policy and the TCP, UDP and ICMP flows, and the
 //!   spliced fast path of published ports.
 //! - [`services`]: the DNS forwarder and the DHCPv4 server.
 //! - [`ports`], [`api`], [`autopub`]: port publishing, the control socket
 //!   (slirp4netns's JSON protocol), `--publish-auto`.
-//! - [`status`], [`metrics`], [`pcap`], [`stats`]: what an operator sees
-//!   (the status report, the Prometheus endpoint, captures, counters).
+//! - [`status`], [`metrics`], [`stats`]: what an operator sees
+//!   (the status report, the Prometheus endpoint, counters).
 //! - [`sandbox`]: self-isolation once set up.
 //! - [`supervise`]: the supervisor that restarts a data plane that died.
 //! - the event loop (private) ties them together on one thread.
@@ -58,7 +59,7 @@ pub mod metrics;
 pub mod nat;
 mod network;
 pub mod ns;
-pub mod pcap;
+pub mod phy;
 pub mod ports;
 pub mod sandbox;
 pub mod services;
@@ -66,7 +67,7 @@ pub mod stack;
 pub mod stats;
 pub mod status;
 pub mod supervise;
-pub mod tap;
+pub mod wire;
 
 pub use config::{
     Config, ConfigBuilder, ConfigError, IpCidr, Ipv4Cidr, Ipv6Cidr, Limits, OutboundPolicy,

@@ -21,9 +21,10 @@ use crate::config::{Config, ConfigError};
 use crate::engine::{Control, Engine, ExitReason};
 use crate::handle::Handle;
 use crate::ns::{self, NsError, Target};
+use crate::phy::{pcap, tap};
 use crate::ports::PortError;
 use crate::stats::Stats;
-use crate::{api, autopub, metrics, pcap, sandbox, services, supervise, tap};
+use crate::{api, autopub, metrics, sandbox, services, supervise};
 
 /// Everything that can stop a network from starting or running.
 #[derive(Debug, thiserror::Error)]

@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use rnet::Config;
-use rnet::stack::classify::{Verdict, classify};
+use rnet::wire::classify::{Verdict, classify};
 use rnet::stack::{GATEWAY_MAC, NetAddrs};
 use smoltcp::wire::EthernetAddress;
 

@@ -11,7 +11,7 @@
 //!
 //! 1. waits for events or the earliest timer;
 //! 2. reads a bounded batch of frames from the TAP and dispatches each
-//!    ([`crate::stack::classify`]), marking the flows it touched dirty;
+//!    ([`crate::wire::classify`]), marking the flows it touched dirty;
 //! 3. fires due timers (TCP retransmissions, idle UDP flows, DNS failover);
 //! 4. services each dirty flow once: moves bytes between its smoltcp socket
 //!    and its host socket, lets it transmit, and re-arms its timer.
@@ -45,13 +45,13 @@ use crate::nat::tcp::{self, Step, TcpFlow, TcpKey};
 use crate::nat::udp::UdpFlow;
 use crate::nat::udpio::{self, GsoBatch, Push, RecvBatch};
 use crate::nat::{Deny, Route, route, route_any};
+use crate::phy::tap::{ReadOutcome, Tap};
 use crate::services::dhcp::{DhcpConfig, DhcpServer};
 use crate::services::dns::{DnsQuery, Reply, ResolvWatch};
-use crate::stack::classify::{Verdict, classify};
-use crate::stack::emit::{self, Header};
 use crate::stack::{self, Stack};
 use crate::stats::{DropReason, Stats};
-use crate::tap::{ReadOutcome, Tap};
+use crate::wire::classify::{Verdict, classify};
+use crate::wire::emit::{self, Header};
 pub(crate) use ports::Command;
 
 mod ports;

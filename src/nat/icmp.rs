@@ -18,9 +18,9 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::Config;
 use crate::nat::{guest_view, guest_view6};
+use crate::phy::tap::TapTx;
 use crate::stack::Stack;
-use crate::stack::emit::{self, Header, ICMP_OFFSET, ICMP6_OFFSET};
-use crate::tap::TapTx;
+use crate::wire::emit::{self, Header, ICMP_OFFSET, ICMP6_OFFSET};
 
 /// ICMP and ICMPv6 echo reply types.
 const ECHO_REPLY: u8 = 0;

@@ -70,8 +70,8 @@ impl Deny {
 
 impl Deny {
     /// The ICMPv6 destination-unreachable code that tells the guest, if any.
-    pub fn icmp6_code(self) -> Option<crate::stack::emit::Unreach6> {
-        use crate::stack::emit::Unreach6;
+    pub fn icmp6_code(self) -> Option<crate::wire::emit::Unreach6> {
+        use crate::wire::emit::Unreach6;
         match self {
             Deny::HostLoopbackOff => Some(Unreach6::NoRoute),
             Deny::NotAllowed => Some(Unreach6::AdminProhibited),

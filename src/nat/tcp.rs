@@ -83,8 +83,8 @@ use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{Icmpv4DstUnreachable, IpListenEndpoint};
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
+use crate::phy::tap::TapTx;
 use crate::stack::Stack;
-use crate::tap::TapTx;
 
 /// Capacity of each guest-side ring (receive and transmit) per flow; what
 /// it costs in memory is only its resident chunks (see the module docs).
@@ -633,8 +633,8 @@ impl TcpFlow {
 }
 
 /// How a failed host connect is reported to an IPv6 guest.
-pub fn connect_error_reply6(e: &io::Error) -> Option<crate::stack::emit::Unreach6> {
-    use crate::stack::emit::Unreach6;
+pub fn connect_error_reply6(e: &io::Error) -> Option<crate::wire::emit::Unreach6> {
+    use crate::wire::emit::Unreach6;
     match e.raw_os_error() {
         Some(libc::ENETUNREACH) => Some(Unreach6::NoRoute),
         Some(libc::EHOSTUNREACH) | Some(libc::ETIMEDOUT) => Some(Unreach6::Address),

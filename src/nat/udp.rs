@@ -42,9 +42,9 @@ use crate::config::{Config, UdpFilter};
 use crate::nat::local::LocalAddrs;
 use crate::nat::udpio::{self, Counters, RecvBatch};
 use crate::nat::{guest_view, guest_view6, inbound_allowed};
+use crate::phy::tap::TapTx;
 use crate::stack::Stack;
-use crate::stack::emit::{self, Header, UDP_PAYLOAD_OFFSET, UDP6_PAYLOAD_OFFSET};
-use crate::tap::TapTx;
+use crate::wire::emit::{self, Header, UDP_PAYLOAD_OFFSET, UDP6_PAYLOAD_OFFSET};
 
 /// `recvmmsg` batches moved to the guest per wake-up before yielding to
 /// other work.

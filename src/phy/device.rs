@@ -1,24 +1,24 @@
 //! The `smoltcp::phy::Device` rnet hands to the interface.
 //!
-//! rnet does its own frame dispatch (see [`super::classify`]), so the device
+//! rnet does its own frame dispatch (see [`crate::wire::classify`]), so the device
 //! smoltcp sees holds at most one received frame, the one already matched to
 //! a flow, and transmits straight into the TAP's scratch buffer. There is no
 //! queue and no allocation per frame.
 //!
-//! With TAP offloads on (see [`crate::tap`]), the device tells smoltcp to
+//! With TAP offloads on (see [`crate::phy::tap`]), the device tells smoltcp to
 //! neither verify nor compute TCP checksums (the classifier checks those the
 //! kernel does not vouch for; the guest kernel completes ours) and that
 //! TCP segments of up to 64 KiB may be handed over whole, to be cut into
 //! the guest's MSS by the guest kernel: smoltcp marks IPv4 ones itself;
 //! IPv6 ones (smoltcp 0.14 cannot mark them) are cut to the MSS rnet kept
-//! when it enlarged the guest's (see [`super::rewrite_syn_mss`]).
+//! when it enlarged the guest's (see [`crate::stack::rewrite_syn_mss`]).
 
 use std::num::NonZeroUsize;
 
 use smoltcp::phy::{self, Checksum, ChecksumCapabilities, DeviceCapabilities, Medium, PacketMeta};
 use smoltcp::time::Instant;
 
-use crate::tap::{Gso, MAX_GSO_FRAME, TapTx};
+use crate::phy::tap::{Gso, MAX_GSO_FRAME, TapTx};
 
 /// A one-frame device over the TAP.
 pub struct FrameDevice<'a> {

@@ -37,7 +37,7 @@ use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use smoltcp::wire::{EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, Ipv6Packet};
 
-use crate::pcap::PcapWriter;
+use crate::phy::pcap::PcapWriter;
 
 /// Largest frame a TAP hands us: 65535-byte IP packet plus the Ethernet
 /// header, rounded up.
@@ -795,7 +795,7 @@ mod tests {
 
     #[test]
     fn udp_train_header_and_partial_checksum() {
-        use crate::stack::emit::{self, Header, UDP_PAYLOAD_OFFSET};
+        use crate::wire::emit::{self, Header, UDP_PAYLOAD_OFFSET};
         let mut frame = vec![0u8; 2048];
         let h = Header {
             eth_src: EthernetAddress([2, 0, 0, 0, 0, 1]),

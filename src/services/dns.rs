@@ -28,10 +28,10 @@ use mio::net::UdpSocket;
 use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::Mode;
 
+use crate::phy::tap::TapTx;
 use crate::sandbox::KeptDir;
 use crate::stack::Stack;
-use crate::stack::emit::{self, Header, UDP_PAYLOAD_OFFSET, UDP6_PAYLOAD_OFFSET};
-use crate::tap::TapTx;
+use crate::wire::emit::{self, Header, UDP_PAYLOAD_OFFSET, UDP6_PAYLOAD_OFFSET};
 
 /// Reads the nameservers of a resolv.conf text.
 pub fn parse_resolv_conf(text: &str) -> Vec<SocketAddr> {

@@ -4,22 +4,19 @@
 //!
 //! # Theory of operation
 //!
-//! Every frame read from the TAP is first looked at by [`classify`], which
+//! Every frame read from the TAP is first looked at by
+//! [`classify`](crate::wire::classify), which
 //! validates it and decides who handles it. smoltcp only ever sees ARP for
 //! the virtual hosts and TCP segments, and it sees each TCP segment together
 //! with the one-socket [`SocketSet`] of the flow it belongs to, so the cost
 //! of a frame does not depend on how many flows exist (smoltcp matches a
 //! segment against every socket of the set it is given). UDP and ICMP never
 //! enter smoltcp: rnet parses them and answers with frames built by
-//! [`emit`], which is cheaper than a smoltcp socket per guest port.
+//! [`emit`](crate::wire::emit), which is cheaper than a smoltcp socket per guest port.
 //!
 //! The interface runs with AnyIP, so a TCP socket may listen on any
 //! destination the guest dials; ARP is filtered before smoltcp so that only
 //! the gateway and DNS addresses are ever claimed.
-
-pub mod classify;
-pub mod device;
-pub mod emit;
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -28,8 +25,9 @@ use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr};
 
 use crate::config::Config;
-use crate::tap::TapTx;
-use device::FrameDevice;
+use crate::phy::device::FrameDevice;
+use crate::phy::tap::TapTx;
+use crate::wire::emit;
 
 /// The MAC address rnet's virtual hosts answer with (locally administered).
 pub const GATEWAY_MAC: [u8; 6] = [0x52, 0x55, 0x0a, 0x00, 0x02, 0x02];

@@ -11,7 +11,7 @@ use smoltcp::wire::{
     Icmpv4Packet, Icmpv6Packet, IpProtocol, Ipv4Packet, Ipv6Packet, TcpPacket, UdpPacket,
 };
 
-use super::{NetAddrs, V6Addrs};
+use crate::stack::{NetAddrs, V6Addrs};
 use crate::stats::DropReason;
 
 /// What to do with one guest frame.
@@ -98,7 +98,7 @@ pub struct Classified<'a> {
 }
 
 /// Classifies one Ethernet frame from the guest. `l4_vouched` says the
-/// guest kernel vouched for the TCP/UDP checksum (see [`crate::tap::RxMeta`]),
+/// guest kernel vouched for the TCP/UDP checksum (see [`crate::phy::tap::RxMeta`]),
 /// which then is not checked: it may be partial by design.
 pub fn classify<'a>(
     frame: &'a [u8],
@@ -434,7 +434,7 @@ mod tests {
 
     #[test]
     fn neighbor_discovery_is_filtered() {
-        use crate::stack::emit::{self, Header};
+        use crate::wire::emit::{self, Header};
         let cfg = Config::builder()
             .ipv6(Some(crate::config::DEFAULT_IPV6_PREFIX))
             .build()

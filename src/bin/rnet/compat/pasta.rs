@@ -391,7 +391,7 @@ pub fn build_config(o: &PastaOptions) -> Result<Config, String> {
         .ipv6_guest_addr(o.address6)
         .ipv6_gateway_addr(o.gateway6)
         .search_domains(o.search.clone())
-        .pcap(o.pcap.clone(), rnet::pcap::DEFAULT_CAP)
+        .pcap(o.pcap.clone(), rnet::phy::pcap::DEFAULT_CAP)
         .fast_ports(true)
         .services(rnet::Services {
             tcp: !o.no_tcp,
