@@ -567,7 +567,7 @@ pub fn respond(req: &Value, handle: &Handle, guest: Ipv4Addr) -> String {
             ),
         },
         Ok(Request::Status) => match handle.status() {
-            Ok(v) => json!({ "return": v }).to_string(),
+            Ok(v) => json!({ "return": v.to_json() }).to_string(),
             Err(e) => error_reply("bad request: get_status failed", Some(e.to_string())),
         },
         Ok(Request::List) => match handle.ports() {

@@ -12,6 +12,7 @@ use std::time::Duration;
 use crate::engine::{self, Control};
 use crate::ports::{PortError, PortInfo, PortSpec};
 use crate::stats::{Stats, StatsSnapshot};
+use crate::status::StatusReport;
 use crate::supervise;
 
 /// How many requests may wait for the event loop at once. The loop drains
@@ -64,15 +65,15 @@ impl Handle {
         self.ask(engine::Command::ListPorts)
     }
 
-    /// A live status report (flows, counters, drops, ports) as JSON; see
-    /// [`status`](crate::status) for its renderings.
-    pub fn status(&self) -> Result<serde_json::Value, PortError> {
+    /// A live status report (flows, counters, drops, ports); it renders
+    /// itself as JSON, text or Prometheus.
+    pub fn status(&self) -> Result<StatusReport, PortError> {
         self.ask(engine::Command::Status)
     }
 
     /// Like [`Handle::status`], giving the event loop at most `limit` to
     /// answer (the metrics endpoint's scrape deadline).
-    pub fn status_within(&self, limit: Duration) -> Result<serde_json::Value, PortError> {
+    pub fn status_within(&self, limit: Duration) -> Result<StatusReport, PortError> {
         self.ask_within(engine::Command::Status, limit)
     }
 

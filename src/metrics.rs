@@ -14,7 +14,7 @@
 //! scraper can at worst delay other scrapers; the data plane only ever
 //! spends the time to build one status report per scrape.
 //!
-//! The body is the exposition of [`crate::status::render_prometheus`] (the
+//! The body is the exposition of [`StatusReport::render_prometheus`](crate::status::StatusReport::render_prometheus) (the
 //! same families as `rnet status --prometheus`) plus `rnet_build_info` and
 //! `rnet_restarts_total`.
 
@@ -245,8 +245,8 @@ fn parse_request_line(head: &[u8]) -> Option<(&str, &str)> {
 }
 
 /// The whole exposition: the status families plus build information.
-pub fn exposition(report: &serde_json::Value, handle: &Handle) -> String {
-    let mut o = crate::status::render_prometheus(report);
+pub fn exposition(report: &crate::status::StatusReport, handle: &Handle) -> String {
+    let mut o = report.render_prometheus();
     o.push_str("# HELP rnet_build_info The running rnet's version and commit.\n");
     o.push_str("# TYPE rnet_build_info gauge\n");
     o.push_str(&format!(

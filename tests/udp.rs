@@ -351,7 +351,7 @@ fn uso_super_frames_valid_and_malformed() {
     }
     let after = handle.stats();
     assert_eq!(malformed(&after), malformed(&before) + 3, "{after:?}");
-    let st = handle.status().expect("status");
+    let st = handle.status().expect("status").to_json();
     assert_eq!(st["udp_io"]["uso_in"].as_u64(), Some(2), "{st}");
     assert_eq!(st["udp_io"]["uso_in_bad"].as_u64(), Some(3), "{st}");
     drop(net);

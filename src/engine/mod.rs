@@ -1829,9 +1829,11 @@ impl Engine {
         }
     }
 
-    /// Everything `rnet status` shows, as JSON (see [`crate::status`]).
-    pub(crate) fn status(&self) -> serde_json::Value {
-        use serde_json::json;
+    /// Everything `rnet status` shows (see [`crate::status`]).
+    pub(crate) fn status(&self) -> crate::status::StatusReport {
+        use crate::status::{
+            FlowCounts, PortStatus, SplicedBytes, StatusReport, TapStatus, TcpMemory,
+        };
         let mut tcp: BTreeMap<String, u64> = BTreeMap::new();
         let (mut spliced, mut udp, mut icmp, mut dns) = (0u64, 0u64, 0u64, 0u64);
         let (mut up, mut down) = self.spliced_closed;
@@ -1856,64 +1858,62 @@ impl Engine {
         }
         let s = self.stats.snapshot();
         let out = self.tap.out_counters();
-        let drops: serde_json::Map<String, serde_json::Value> = s
-            .drops
-            .iter()
-            .map(|(k, v)| (k.to_string(), json!(v)))
-            .collect();
-        let ports: Vec<serde_json::Value> = self
+        let ports = self
             .rules
             .values()
             .map(|r| {
                 let p = &r.info;
-                json!({
-                    "id": p.id,
-                    "proto": p.spec.proto.as_str(),
-                    "host_addr": p.spec.host_ip.to_string(),
-                    "host_port": p.spec.host_port,
-                    "guest_addr": p.guest_ip.to_string(),
-                    "guest_port": p.spec.guest_port,
-                    "count": p.spec.count,
-                    "path": p.path,
-                    "connections": conns.get(&p.id).copied().unwrap_or(0),
-                })
+                PortStatus {
+                    id: p.id,
+                    proto: p.spec.proto,
+                    host_addr: p.spec.host_ip,
+                    host_port: p.spec.host_port,
+                    guest_addr: p.guest_ip,
+                    guest_port: p.spec.guest_port,
+                    count: p.spec.count,
+                    path: p.path.to_string(),
+                    connections: conns.get(&p.id).copied().unwrap_or(0),
+                }
             })
             .collect();
-        json!({
-            "uptime_secs": self.started.elapsed().as_secs_f64(),
-            "tap": {
-                "frames_in": s.frames_in,
-                "bytes_in": s.bytes_in,
-                "frames_out": out.frames,
-                "bytes_out": out.bytes,
-                "offloads": self.tap.offloads(),
-                "uso": self.tap.uso(),
+        StatusReport {
+            uptime_secs: self.started.elapsed().as_secs_f64(),
+            tap: TapStatus {
+                frames_in: s.frames_in,
+                bytes_in: s.bytes_in,
+                frames_out: out.frames,
+                bytes_out: out.bytes,
+                offloads: self.tap.offloads(),
+                uso: self.tap.uso(),
             },
-            "udp_io": self.udp_io.json(),
-            "flows": {
-                "tcp": tcp,
-                "tcp_spliced": spliced,
-                "udp": udp,
-                "icmp": icmp,
-                "dns": dns,
-                "udp_clients": self.udp_return.len(),
+            udp_io: self.udp_io,
+            flows: FlowCounts {
+                tcp,
+                tcp_spliced: spliced,
+                udp,
+                icmp,
+                dns,
+                udp_clients: self.udp_return.len() as u64,
             },
-            "tcp_opened": s.tcp_opened,
-            "tcp_memory": {
-                "budget": self.mem.budget,
-                "resident": self.mem.used,
-                "peak": self.mem.peak,
-                "paused_flows": self.mem.paused.len(),
-                "pauses": self.mem.pauses,
-                "resumes": self.mem.resumes,
-                "guest_data_deferred": self.mem.stripped,
+            tcp_opened: s.tcp_opened,
+            tcp_memory: TcpMemory {
+                budget: self.mem.budget as u64,
+                resident: self.mem.used as u64,
+                peak: self.mem.peak as u64,
+                paused_flows: self.mem.paused.len() as u64,
+                pauses: self.mem.pauses,
+                resumes: self.mem.resumes,
+                guest_data_deferred: self.mem.stripped,
             },
-            "spliced_bytes": { "to_guest": up, "from_guest": down },
-            "drops": drops,
-            "ports": ports,
-            "agent": self.fast.status(),
-            "restarts": crate::supervise::restarts(),
-        })
+            spliced_bytes: SplicedBytes {
+                to_guest: up,
+                from_guest: down,
+            },
+            drops: s.drops.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            ports,
+            agent: self.fast.status(),
+            restarts: crate::supervise::restarts(),
+        }
     }
 
     /// Starts the fast-path agent now rather than when the loop starts:

@@ -60,7 +60,7 @@ pub enum Command {
     /// List the rules.
     ListPorts(mpsc::SyncSender<Vec<PortInfo>>),
     /// Report flows, counters and ports (see [`crate::status`]).
-    Status(mpsc::SyncSender<serde_json::Value>),
+    Status(mpsc::SyncSender<crate::status::StatusReport>),
 }
 
 /// A published rule and the listener slots that carry it.
@@ -861,7 +861,7 @@ impl FastPath {
     }
 
     /// The agent's part of the status report.
-    pub(super) fn status(&self) -> serde_json::Value {
+    pub(super) fn status(&self) -> crate::status::AgentStatus {
         let (state, pid) = match &self.state {
             AgentState::Off => ("off", None),
             AgentState::Ready(a) => ("ready", Some(a.pid())),
@@ -869,12 +869,12 @@ impl FastPath {
             AgentState::Requested(_) => ("starting", None),
             AgentState::Backoff(_) => ("restarting", None),
         };
-        serde_json::json!({
-            "state": state,
-            "pid": pid,
-            "restarts": self.restarts,
-            "outstanding": self.pending.len(),
-        })
+        crate::status::AgentStatus {
+            state: state.to_string(),
+            pid,
+            restarts: self.restarts,
+            outstanding: self.pending.len() as u64,
+        }
     }
 }
 

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Args;
+use rnet::status::StatusReport;
 use serde_json::{Value, json};
 
 #[derive(Args, Debug)]
@@ -34,23 +35,26 @@ fn fetch(path: &Path) -> Result<Value, String> {
 
 /// Runs the subcommand; the exit code is 0 on success.
 pub fn run(args: StatusArgs) -> Result<u8, String> {
-    let render = |s: &Value| {
+    // JSON is printed as the daemon sent it; the other views read it as a
+    // typed report first.
+    let render = |s: &Value| -> Result<String, String> {
         if args.json {
-            format!("{s}\n")
-        } else if args.prometheus {
-            rnet::status::render_prometheus(s)
-        } else {
-            rnet::status::render_text(s)
+            return Ok(format!("{s}\n"));
         }
+        let report = StatusReport::from_json(s).map_err(|e| e.to_string())?;
+        Ok(match args.prometheus {
+            true => report.render_prometheus(),
+            false => report.render_text(),
+        })
     };
     match args.watch {
-        None => print!("{}", render(&fetch(&args.api_socket)?)),
+        None => print!("{}", render(&fetch(&args.api_socket)?)?),
         Some(secs) => {
             let every = Duration::from_secs_f64(secs.max(0.1));
             loop {
                 let s = fetch(&args.api_socket)?;
                 // Clear the screen and home the cursor, then redraw.
-                print!("\x1b[2J\x1b[H{}", render(&s));
+                print!("\x1b[2J\x1b[H{}", render(&s)?);
                 std::thread::sleep(every);
             }
         }
