@@ -7,25 +7,42 @@
 //! network has a gateway (which may stand for the host's loopback), a DNS
 //! forwarder, a DHCPv4 server and, over IPv6, router advertisements.
 //!
-//! # Layers
+//! # Public API
 //!
-//! - [`ns`]: entering the target's namespaces, creating and configuring
+//! What a program that sets up networking needs is at the crate root:
+//! [`Config`] and its [`ConfigBuilder`] (addresses, [`OutboundPolicy`],
+//! [`Limits`], [`Services`], [`UdpFilter`], published ports as
+//! [`PortSpec`] and [`AutoPublish`]), [`Network`] with its [`Target`],
+//! [`Handle`] for a running network (counters as [`StatsSnapshot`], a live
+//! [`StatusReport`], ports as [`PortInfo`]), and the errors ([`Error`] and
+//! the [`ConfigError`], [`NsError`], [`PortError`] and [`SandboxError`]
+//! it wraps). The modules behind them are public only so that the `rnet`
+//! binary, the benchmarks and the fuzzers can reach their parts; they are
+//! hidden from these docs and not a stable interface.
+//!
+//! # Module map
+//!
+//! - `network`, `handle`: [`Network`] (start-up in stages: prepare,
+//!   isolate, run) and [`Handle`] (requests over a bounded channel).
+//! - `config`: settings and their validation.
+//! - `ns`: entering the target's namespaces, creating and configuring
 //!   the TAP, passing its descriptor back (SCM_RIGHTS), `rnet run`'s
-//!   fresh namespaces.
-//! - [`phy`]: the TAP descriptor (frames, offload header), the smoltcp
+//!   fresh namespaces, the fast-path namespace agent.
+//! - `phy`: the TAP descriptor (frames, offload header), the smoltcp
 //!   device over it, `--pcap` captures.
-//! - [`wire`]: frame classification and the frames rnet builds itself.
-//! - [`stack`]: the smoltcp interface and the virtual hosts.
-//! - [`nat`]: the address policy and the TCP, UDP and ICMP flows, and the
+//! - `wire`: frame classification and the frames rnet builds itself.
+//! - `stack`: the smoltcp interface and the virtual hosts.
+//! - `engine`: the event loop that ties them together on one thread.
+//! - `nat`: the address policy and the TCP, UDP and ICMP flows, and the
 //!   spliced fast path of published ports.
-//! - [`services`]: the DNS forwarder and the DHCPv4 server.
-//! - [`ports`], [`api`], [`autopub`]: port publishing, the control socket
+//! - `services`: the DNS forwarder and the DHCPv4 server.
+//! - `ports`, `api`, `autopub`: port publishing, the control socket
 //!   (slirp4netns's JSON protocol), `--publish-auto`.
-//! - [`status`], [`metrics`], [`stats`]: what an operator sees
-//!   (the status report, the Prometheus endpoint, counters).
-//! - [`sandbox`]: self-isolation once set up.
-//! - [`supervise`]: the supervisor that restarts a data plane that died.
-//! - the event loop (private) ties them together on one thread.
+//! - `status`, `metrics`, `stats`: what an operator sees (the
+//!   [`StatusReport`] and its renderings, the Prometheus endpoint,
+//!   counters).
+//! - `sandbox`: self-isolation once set up.
+//! - `supervise`: the supervisor that restarts a data plane that died.
 //!
 //! # Example
 //!
@@ -49,26 +66,45 @@
 //! [smoltcp]: https://docs.rs/smoltcp
 
 #![deny(unsafe_op_in_unsafe_fn)]
+// The hidden internal modules link to private items on purpose: they are
+// read with `cargo doc --document-private-items`, where those links resolve.
+#![allow(rustdoc::private_intra_doc_links)]
 
+#[doc(hidden)]
 pub mod api;
+#[doc(hidden)]
 pub mod autopub;
+#[doc(hidden)]
 pub mod config;
 mod engine;
 mod handle;
+#[doc(hidden)]
 pub mod metrics;
+#[doc(hidden)]
 pub mod nat;
 mod network;
+#[doc(hidden)]
 pub mod ns;
+#[doc(hidden)]
 pub mod phy;
+#[doc(hidden)]
 pub mod ports;
+#[doc(hidden)]
 pub mod sandbox;
+#[doc(hidden)]
 pub mod services;
+#[doc(hidden)]
 pub mod stack;
+#[doc(hidden)]
 pub mod stats;
+#[doc(hidden)]
 pub mod status;
+#[doc(hidden)]
 pub mod supervise;
+#[doc(hidden)]
 pub mod wire;
 
+pub use autopub::AutoPublish;
 pub use config::{
     Config, ConfigBuilder, ConfigError, IpCidr, Ipv4Cidr, Ipv6Cidr, Limits, OutboundPolicy,
     Services, UdpFilter,
@@ -76,9 +112,14 @@ pub use config::{
 pub use engine::ExitReason;
 pub use handle::{COMMAND_QUEUE, Handle};
 pub use network::{Error, Network, wait_for_exit};
-pub use ns::{NsError, Target};
-pub use ports::{PortError, PortInfo, PortSpec, Proto};
+pub use ns::{NsError, NsKind, SpawnOptions, Target};
+pub use ports::{PortError, PortInfo, PortSpec, PortSpecError, Proto};
+pub use sandbox::SandboxError;
 pub use stats::{DropReason, StatsSnapshot};
+pub use status::{
+    AgentStatus, FlowCounts, PortStatus, ReportError, SplicedBytes, StatusReport, TapStatus,
+    TcpMemory, UdpIoCounters,
+};
 
 /// The commit rnet was built from (`unknown` when built outside a git
 /// checkout, for example from a release tarball).

@@ -17,6 +17,9 @@ use std::net::IpAddr;
 use serde_json::{Map, Value, json};
 
 use crate::nat::udpio::Counters as UdpIo;
+
+/// What the batched UDP paths did (the report's `udp_io`).
+pub use crate::nat::udpio::Counters as UdpIoCounters;
 use crate::ports::Proto;
 
 /// A live status report of one network.
@@ -31,7 +34,7 @@ pub struct StatusReport {
     /// The TAP's traffic and offloads (`tap`).
     pub tap: TapStatus,
     /// What the batched UDP paths did (`udp_io`).
-    pub udp_io: UdpIo,
+    pub udp_io: UdpIoCounters,
     /// Open flows (`flows`).
     pub flows: FlowCounts,
     /// TCP flows opened since start (`tcp_opened`).
