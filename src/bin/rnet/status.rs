@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Args;
-use rnet::status::StatusReport;
+use rnet::StatusReport;
 use serde_json::{Value, json};
 
 #[derive(Args, Debug)]
