@@ -28,21 +28,28 @@
 //!   ([`anchor_calls`]: the stat calls, sleeping, memory, exit, and
 //!   writing and closing its one report).
 //!
-//! rnet opens the namespace files itself (by path, [`crate::Target::Path`]),
-//! never through the anchor's `/proc/PID/ns`, which an undumpable process
-//! does not show to an unprivileged caller.
+//! # The namespaces it hands back
+//!
+//! Once inside, the anchor sends rnet its own `/proc/self/ns/{net,user}`
+//! descriptors (SCM_RIGHTS) before confining itself; rnet attaches through
+//! them ([`Anchor::target`]). Two other ways do not work: the anchor's
+//! `/proc/PID/ns` is closed to an unprivileged rnet once the anchor is
+//! undumpable, and a descriptor opened through the `--netns` path itself
+//! would pin Podman's bind mount, so that its `umount` fails as busy.
 
 use std::fs::File;
-use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use nix::sched::{CloneFlags, setns};
+use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
 use nix::unistd::{ForkResult, Pid};
 
+use super::Target;
 use super::agent::confine;
+use super::fdpass::{recv_with_fd, send_with_fd};
 
 /// The one capability the anchor keeps, in the guest's user namespace
 /// only: following a `/proc/PID/ns/net` path (RootlessKit's `--netns`) is
@@ -52,13 +59,39 @@ use super::agent::confine;
 /// does not allow `ptrace`.
 const CAP_SYS_PTRACE: u32 = 19;
 
+/// A running anchor and the namespaces it joined.
+#[derive(Debug)]
+pub struct Anchor {
+    pid: i32,
+    net: OwnedFd,
+    user: OwnedFd,
+}
+
+impl Anchor {
+    /// The anchor's pid: its exit means the namespace file went away.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// The namespaces to attach to, through the descriptors the anchor
+    /// handed back (valid while `self` lives, before the sandbox hides
+    /// `/proc`).
+    pub fn target(&self) -> Target {
+        let path = |fd: &OwnedFd| PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+        Target::Path {
+            netns: path(&self.net),
+            userns: Some(path(&self.user)),
+        }
+    }
+}
+
 /// Forks the anchor for the network namespace file `netns`, joining
-/// `userns` first if given. Returns its pid once it is inside the
-/// namespace and confined. It exits once `netns` stops naming that
-/// namespace (looked at every `poll`) or when the calling process dies.
+/// `userns` first if given. Returns once it is inside the namespace and
+/// confined. It exits once `netns` stops naming that namespace (looked at
+/// every `poll`) or when the calling process dies.
 ///
 /// Call while the process is single-threaded (it forks).
-pub fn spawn(netns: &Path, userns: Option<&Path>, poll: Duration) -> Result<i32, String> {
+pub fn spawn(netns: &Path, userns: Option<&Path>, poll: Duration) -> Result<Anchor, String> {
     let describe = |e: std::io::Error, p: &Path| format!("{}: {e}", p.display());
     // The anchor keeps looking at the path from wherever it was given.
     let path: PathBuf = std::path::absolute(netns).map_err(|e| describe(e, netns))?;
@@ -73,30 +106,36 @@ pub fn spawn(netns: &Path, userns: Option<&Path>, poll: Duration) -> Result<i32,
         .write(true)
         .open("/dev/null")
         .map_err(|e| format!("/dev/null: {e}"))?;
-    let (r, w) = nix::unistd::pipe().map_err(|e| format!("pipe: {e}"))?;
+    let (ours, theirs) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(|e| format!("socketpair: {e}"))?;
     let parent = nix::unistd::getpid();
     // SAFETY: the caller is single-threaded (documented above), so the
     // child may do anything the parent could; it never returns.
     match unsafe { nix::unistd::fork() }.map_err(|e| format!("fork: {e}"))? {
         ForkResult::Parent { child } => {
-            drop(w);
-            let mut word = Vec::new();
-            let _ = File::from(r).read_to_end(&mut word);
-            if word.first() == Some(&b'1') {
-                Ok(child.as_raw())
-            } else {
-                let _ = nix::sys::wait::waitpid(child, None);
-                let msg = String::from_utf8_lossy(&word).trim_end().to_string();
-                Err(if msg.is_empty() {
-                    "the namespace anchor died while starting".into()
-                } else {
-                    msg
-                })
+            drop((theirs, ns, user, null));
+            let got = receive(&ours);
+            drop(ours);
+            match got {
+                Ok((net, user)) => Ok(Anchor {
+                    pid: child.as_raw(),
+                    net,
+                    user,
+                }),
+                Err(msg) => {
+                    let _ = nix::sys::wait::waitpid(child, None);
+                    Err(msg)
+                }
             }
         }
         ForkResult::Child => {
             let _ = confine::undumpable();
-            drop(r);
+            drop(ours);
             let plan = Plan {
                 parent,
                 path: &path,
@@ -104,19 +143,40 @@ pub fn spawn(netns: &Path, userns: Option<&Path>, poll: Duration) -> Result<i32,
                 user,
                 null,
             };
-            let mut w = File::from(w);
-            match plan.enter(&w) {
+            match plan.enter(&theirs) {
                 Ok(()) => {
-                    // The one report; closing it lets the parent go on.
-                    let _ = w.write_all(b"1");
-                    drop(w);
+                    // The last report; closing the socket lets rnet go on.
+                    let _ = send_with_fd(theirs.as_fd(), b"1", None);
+                    drop(theirs);
                     watch(&path, ident, poll)
                 }
                 Err(msg) => {
-                    let _ = w.write_all(msg.as_bytes());
+                    let _ = send_with_fd(theirs.as_fd(), format!("E{msg}").as_bytes(), None);
                     std::process::exit(1)
                 }
             }
+        }
+    }
+}
+
+/// The parent's side: the two namespace descriptors, then `1`.
+fn receive(sock: &OwnedFd) -> Result<(OwnedFd, OwnedFd), String> {
+    let (mut net, mut user) = (None, None);
+    let mut buf = [0u8; 512];
+    loop {
+        let r = recv_with_fd(sock.as_fd(), &mut buf)
+            .map_err(|e| format!("the namespace anchor's report: {e}"))?;
+        match (&buf[..r.len], r.fd) {
+            (b"N", Some(fd)) => net = Some(fd),
+            (b"U", Some(fd)) => user = Some(fd),
+            (b"1", None) => {
+                return net
+                    .zip(user)
+                    .ok_or_else(|| "the namespace anchor sent no namespaces".into());
+            }
+            ([b'E', msg @ ..], _) => return Err(String::from_utf8_lossy(msg).into_owned()),
+            ([], _) => return Err("the namespace anchor died while starting".into()),
+            _ => return Err("the namespace anchor sent a bad report".into()),
         }
     }
 }
@@ -131,9 +191,10 @@ struct Plan<'a> {
 }
 
 impl Plan<'_> {
-    /// Joins the namespaces and confines the process; `report` is the
-    /// only descriptor left open afterwards (besides 0-2 on /dev/null).
-    fn enter(self, report: &File) -> Result<(), String> {
+    /// Joins the namespaces, hands them to rnet through `report` and
+    /// confines the process; `report` is its only descriptor left open
+    /// afterwards (besides 0-2 on /dev/null).
+    fn enter(self, report: &OwnedFd) -> Result<(), String> {
         confine::std_to_null(self.null.as_raw_fd());
         let mut keep = vec![report.as_raw_fd(), self.net.as_raw_fd()];
         if let Some((u, _)) = &self.user {
@@ -156,6 +217,11 @@ impl Plan<'_> {
             .map_err(|e| format!("joining the network namespace {}: {e}", self.path.display()))?;
         drop(self.net);
         drop(self.user);
+        for (tag, file) in [(b"N", "/proc/self/ns/net"), (b"U", "/proc/self/ns/user")] {
+            let fd = File::open(file).map_err(|e| format!("{file}: {e}"))?;
+            send_with_fd(report.as_fd(), tag, Some(fd.as_fd()))
+                .map_err(|e| format!("handing back {file}: {e}"))?;
+        }
         // setns into a user namespace grants every capability there; keep
         // only CAP_SYS_PTRACE, and stay undumpable (a credential change may
         // reset it).

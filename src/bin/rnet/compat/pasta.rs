@@ -31,8 +31,9 @@
 //! first, then the network namespace), `stat`s the path four times a
 //! second and exits when it no longer names that namespace (its device and
 //! inode changed: unmounted, or deleted, which is all Podman does to clean
-//! up). rnet opens the namespace files by path itself and watches the
-//! anchor's exit through its pidfd, as for a PID target, and stops. The
+//! up). rnet attaches through the namespace descriptors the anchor hands
+//! back and watches the anchor's exit through its pidfd, as for a PID
+//! target, and stops. The
 //! anchor dies with rnet (`PR_SET_PDEATHSIG`), is undumpable, holds no
 //! capability and no descriptor, and runs under a seccomp allow-list,
 //! since the guest's root can see and signal it. It also gives `-t auto` a
@@ -669,17 +670,13 @@ fn serve(o: &PastaOptions, ready: Option<&mut File>) -> Result<(), String> {
     if let Some(f) = &o.pid_file {
         write_pid_file(f, std::process::id())?;
     }
-    // A `--netns` file is opened by path; the anchor only stands for its
-    // lifetime (and shows its sockets to `-t auto`).
+    // A `--netns` file is reached through the namespaces the anchor hands
+    // back (kept open until rnet ends); the anchor's exit ends rnet.
     let (target, anchor) = match &o.shape {
         Shape::Pid(p) => (Target::Pid(*p), None),
         Shape::Netns { path, userns } => {
             let anchor = rnet::ns::anchor::spawn(path, userns.as_deref(), NETNS_POLL)?;
-            let target = Target::Path {
-                netns: path.clone(),
-                userns: userns.clone(),
-            };
-            (target, Some(anchor))
+            (anchor.target(), Some(anchor))
         }
         Shape::Command(_) => unreachable!("commands run in front"),
     };
@@ -700,8 +697,8 @@ fn serve(o: &PastaOptions, ready: Option<&mut File>) -> Result<(), String> {
     }
     log_accepted(o);
     let sigs = block_signals()?;
-    let attached = match anchor {
-        Some(pid) => Network::attach_watching(target, pid, config),
+    let attached = match &anchor {
+        Some(a) => Network::attach_watching(target, a.pid(), config),
         None => Network::attach(target, config),
     };
     let net = match attached {
