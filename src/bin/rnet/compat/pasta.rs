@@ -712,7 +712,7 @@ fn serve(o: &PastaOptions, ready: Option<&mut File>) -> Result<(), String> {
     };
     pasta_fwd::serve(reverse);
     if let Some((a, tables, opener)) = follow {
-        pasta_fwd::watch_auto(a, tables, opener);
+        pasta_fwd::watch_auto(a, tables, opener, net.handle());
     }
     if let Some(w) = ready {
         let _ = w.write_all(b"1");
