@@ -78,6 +78,27 @@ impl Network {
     /// The namespace work happens in a short-lived forked child, so this may
     /// be called from a multi-threaded program.
     pub fn attach(target: Target, config: Config) -> Result<Network, Error> {
+        Network::attach_inner(target, None, config)
+    }
+
+    /// As [`Network::attach`], ending when `watch_pid` exits instead, for a
+    /// target named by path: `watch_pid` is a process inside the target's
+    /// network namespace whose `/proc/PID/net` `--publish-auto` reads (pasta
+    /// mode's `--netns` anchor, [`ns::anchor`]). The namespaces themselves
+    /// are opened through `target`, never through `watch_pid`.
+    pub fn attach_watching(
+        target: Target,
+        watch_pid: i32,
+        config: Config,
+    ) -> Result<Network, Error> {
+        Network::attach_inner(target, Some(watch_pid), config)
+    }
+
+    fn attach_inner(
+        target: Target,
+        watch_pid: Option<i32>,
+        config: Config,
+    ) -> Result<Network, Error> {
         let setup = ns::TapSetup {
             name: config.tap_name().to_string(),
             mtu: config.mtu(),
@@ -98,6 +119,7 @@ impl Network {
             opened.name,
             Some(opened.mac),
             Some(target),
+            watch_pid,
             config,
         )
     }
@@ -114,7 +136,7 @@ impl Network {
         config: Config,
     ) -> Result<Network, Error> {
         let name = config.tap_name().to_string();
-        Network::serve(tap, false, name, None, watch_pid.map(Target::Pid), config)
+        Network::serve(tap, false, name, None, watch_pid.map(Target::Pid), None, config)
     }
 
     /// As [`Network::attach_tap`], for a descriptor whose frames each carry
@@ -127,7 +149,7 @@ impl Network {
         config: Config,
     ) -> Result<Network, Error> {
         let name = config.tap_name().to_string();
-        Network::serve(tap, true, name, None, watch_pid.map(Target::Pid), config)
+        Network::serve(tap, true, name, None, watch_pid.map(Target::Pid), None, config)
     }
 
     /// Serves `fd` in three stages: [`Prepared::open`] opens everything
@@ -140,10 +162,14 @@ impl Network {
         tap_name: String,
         guest_mac: Option<[u8; 6]>,
         target: Option<Target>,
+        watch_pid: Option<i32>,
         config: Config,
     ) -> Result<Network, Error> {
-        let pid = match &target {
-            Some(Target::Pid(p)) => Some(*p),
+        // The process whose exit ends the network and whose socket tables
+        // `--publish-auto` reads.
+        let pid = match (&target, watch_pid) {
+            (_, Some(p)) => Some(p),
+            (Some(Target::Pid(p)), None) => Some(*p),
             _ => None,
         };
         let prepared = Prepared::open(fd, vnet, &config, pid)?;

@@ -315,6 +315,49 @@ fn rootlesskit_argv(test: &str, nobody: bool, by_path: bool) {
         !our_pastas(&marker).is_empty(),
         "no pasta in the background: {out}"
     );
+    // Root inside the target's user namespace sees every rnet process that
+    // joined it and may try to trace one: each must refuse.
+    let inside = pastas_in_netns_of(t.pid());
+    assert!(!inside.is_empty(), "no rnet process in the namespace");
+    // The probe works: the guest's own process can be traced.
+    let own = guest_ptrace(&mut guest_root(&t), t.pid());
+    assert_eq!(
+        own, "ok",
+        "the probe could not trace the guest's own process"
+    );
+    for p in &inside {
+        let got = guest_ptrace(&mut guest_root(&t), *p);
+        // ESRCH: a short-lived helper that has exited since.
+        let refused = got == "EPERM" || (got == "ESRCH" && !alive(*p));
+        assert!(refused, "root in the guest traced rnet's pid {p}: {got}");
+    }
+    if by_path {
+        // The `--netns` anchor: in the namespace, but in the host's mount
+        // namespace (it looks at the path), so it must hold next to nothing.
+        let anchor = anchor_of(&our_pastas(&marker), t.pid())
+            .unwrap_or_else(|| panic!("no --netns anchor among {:?}", our_pastas(&marker)));
+        assert!(
+            inside.contains(&anchor),
+            "the anchor is not in the namespace"
+        );
+        assert_eq!(status_field(anchor, "Seccomp"), "2", "anchor {anchor}");
+        assert_eq!(status_field(anchor, "NoNewPrivs"), "1", "anchor {anchor}");
+        // CAP_SYS_PTRACE (inside the guest's user namespace) only.
+        assert_eq!(
+            status_field(anchor, "CapEff"),
+            "0000000000080000",
+            "anchor {anchor}"
+        );
+        let fds: Vec<String> = std::fs::read_dir(format!("/proc/{anchor}/fd"))
+            .expect("the anchor's descriptors")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            fds.iter().all(|f| ["0", "1", "2"].contains(&f.as_str())),
+            "the anchor holds descriptors {fds:?}"
+        );
+    }
     // RootlessKit assumes tap0 is configured as given once pasta exited 0.
     let link = run(&mut t.exec(&["ip", "-o", "link", "show", "tap0"]), secs(10));
     assert!(link.stdout.contains("mtu 65520"), "{link}");
@@ -751,6 +794,44 @@ fn pastas_in_netns_of(pid: u32) -> Vec<u32> {
     out
 }
 
+/// A command prefix that runs as root (uid 0) of `t`'s user namespace,
+/// with every capability there, in its network namespace: the guest's
+/// strongest process.
+fn guest_root(t: &Target) -> Command {
+    let mut c = Command::new("nsenter");
+    c.args(["-U", "-n", "-t"]).arg(t.pid().to_string());
+    clean_env(&mut c);
+    c
+}
+
+/// What `PTRACE_SEIZE` of `pid` gives a process started by `guest` (a
+/// command prefix that enters the guest's namespaces as its root): "ok", or
+/// the errno's name.
+fn guest_ptrace(guest: &mut Command, pid: u32) -> String {
+    const SEIZE: &str = "import ctypes, errno, sys\n\
+        libc = ctypes.CDLL(None, use_errno=True)\n\
+        r = libc.ptrace(0x4206, int(sys.argv[1]), None, None)\n\
+        print('ok' if r == 0 else errno.errorcode[ctypes.get_errno()])\n";
+    let out = run(
+        guest.args(["python3", "-c", SEIZE, &pid.to_string()]),
+        secs(10),
+    );
+    out.assert_success("the guest's ptrace probe");
+    out.stdout.trim().to_string()
+}
+
+/// The `--netns` anchor among `pastas`: the process that joined the network
+/// namespace of `pid` while keeping the test's own mount namespace.
+fn anchor_of(pastas: &[u32], pid: u32) -> Option<u32> {
+    let link = |p: String| std::fs::read_link(p).ok();
+    let net = link(format!("/proc/{pid}/ns/net"))?;
+    let mnt = link("/proc/self/ns/mnt".into())?;
+    pastas.iter().copied().find(|p| {
+        link(format!("/proc/{p}/ns/net")).as_ref() == Some(&net)
+            && link(format!("/proc/{p}/ns/mnt")).as_ref() == Some(&mnt)
+    })
+}
+
 /// One field of /proc/PID/status.
 fn status_field(pid: u32, name: &str) -> String {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -870,6 +951,12 @@ fn ns_auto(test: &str, nobody: bool) {
     // socket opener among them with CAP_NET_BIND_SERVICE alone.
     let inside = pastas_in_netns_of(t.pid());
     assert!(!inside.is_empty(), "no rnet process in the namespace");
+    // The probe works: the guest's own process can be traced.
+    let own = guest_ptrace(&mut guest_root(&t), t.pid());
+    assert_eq!(
+        own, "ok",
+        "the probe could not trace the guest's own process"
+    );
     let allowed: u64 = (1 << 12) | (1 << 10);
     let mut opener = false;
     for p in &inside {

@@ -19,6 +19,7 @@ use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 
 pub mod agent;
+pub mod anchor;
 mod error;
 pub mod fdpass;
 mod netlink;

@@ -20,7 +20,6 @@
 
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::path::Path;
 
 use nix::errno::Errno;
 use nix::sched::{CloneFlags, setns};
@@ -30,8 +29,10 @@ use nix::sys::socket::{
 };
 use nix::unistd::{ForkResult, Pid};
 
+use super::Target;
 use super::agent::confine;
 use super::fdpass::{recv_with_fd, send_with_fd};
+use super::nsfile::{JoinPlan, open_target};
 use crate::ports::Proto;
 
 /// A running opener; dropping it ends the process.
@@ -49,15 +50,10 @@ impl Drop for Opener {
 }
 
 impl Opener {
-    /// Starts an opener in PID's user and network namespaces. Call while
+    /// Starts an opener in the target's user and network namespaces. Call while
     /// the process is single-threaded (it forks).
-    pub fn spawn(pid: i32) -> Result<Opener, String> {
-        let user_path = format!("/proc/{pid}/ns/user");
-        let join_user =
-            !super::same_userns(Path::new(&user_path)).map_err(|e| format!("{user_path}: {e}"))?;
-        let user = File::open(&user_path).map_err(|e| format!("{user_path}: {e}"))?;
-        let net_path = format!("/proc/{pid}/ns/net");
-        let net = File::open(&net_path).map_err(|e| format!("{net_path}: {e}"))?;
+    pub fn spawn(target: &Target) -> Result<Opener, String> {
+        let plan = open_target(target).map_err(|e| e.to_string())?;
         let null = File::options()
             .read(true)
             .write(true)
@@ -77,7 +73,7 @@ impl Opener {
             ForkResult::Child => {
                 let _ = confine::undumpable();
                 drop(ours);
-                let code = match child(parent, &theirs, join_user, user, net, null) {
+                let code = match child(parent, &theirs, plan, null) {
                     Ok(()) => 0,
                     Err(msg) => {
                         let _ = send_with_fd(theirs.as_fd(), format!("E{msg}").as_bytes(), None);
@@ -127,30 +123,26 @@ impl Opener {
 }
 
 /// The child: joins, confines itself, then serves requests until EOF.
-fn child(
-    parent: Pid,
-    sock: &OwnedFd,
-    join_user: bool,
-    user: File,
-    net: File,
-    null: File,
-) -> Result<(), String> {
+fn child(parent: Pid, sock: &OwnedFd, plan: JoinPlan, null: File) -> Result<(), String> {
     confine::std_to_null(null.as_raw_fd());
     drop(null);
-    confine::close_all_but(&[sock.as_raw_fd(), user.as_raw_fd(), net.as_raw_fd()]);
+    let mut keep = vec![sock.as_raw_fd()];
+    keep.extend(plan.user.iter().chain(&plan.net).map(AsRawFd::as_raw_fd));
+    confine::close_all_but(&keep);
     nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
         .map_err(|e| format!("parent-death signal: {e}"))?;
     if nix::unistd::getppid() != parent {
         return Err("rnet exited".into());
     }
-    if join_user {
-        setns(&user, CloneFlags::CLONE_NEWUSER)
+    if let Some(user) = &plan.user {
+        setns(user, CloneFlags::CLONE_NEWUSER)
             .map_err(|e| format!("joining the user namespace: {e}"))?;
     }
-    setns(&net, CloneFlags::CLONE_NEWNET)
-        .map_err(|e| format!("joining the network namespace: {e}"))?;
-    drop(user);
-    drop(net);
+    if let Some(net) = &plan.net {
+        setns(net, CloneFlags::CLONE_NEWNET)
+            .map_err(|e| format!("joining the network namespace: {e}"))?;
+    }
+    drop(plan);
     let fail = |e: Errno, what: &str| format!("{what}: {e}");
     confine::undumpable().map_err(|e| fail(e, "PR_SET_DUMPABLE"))?;
     let _ = confine::clear_environment();

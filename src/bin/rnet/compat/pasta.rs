@@ -26,16 +26,18 @@
 //! # Watching the `--netns` file
 //!
 //! The serving process is sandboxed (an empty root), so it cannot look at
-//! the file's path. Instead, before attaching, it forks a small *anchor*
-//! child that joins the namespace (the `--userns` first, then the network
-//! namespace) and stays outside the sandbox; rnet then serves the anchor's
-//! namespaces exactly as in PID mode. The anchor `stat`s the path four times a
-//! second and exits when it no longer names the namespace it joined (its
-//! device and inode changed: unmounted, or deleted, which is all Podman
-//! does to clean up); the data plane sees the anchor exit through its
-//! pidfd, as for any PID target, and stops. The anchor dies with rnet
-//! (`PR_SET_PDEATHSIG`). It also gives `-t auto` a process whose
-//! `/proc/PID/net` shows the namespace's sockets.
+//! the file's path. Instead, before attaching, it forks a small confined
+//! *anchor* ([`rnet::ns::anchor`]) that joins the namespace (the `--userns`
+//! first, then the network namespace), `stat`s the path four times a
+//! second and exits when it no longer names that namespace (its device and
+//! inode changed: unmounted, or deleted, which is all Podman does to clean
+//! up). rnet attaches through the namespace descriptors the anchor hands
+//! back and watches the anchor's exit through its pidfd, as for a PID
+//! target, and stops. The
+//! anchor dies with rnet (`PR_SET_PDEATHSIG`), is undumpable, holds no
+//! capability and no descriptor, and runs under a seccomp allow-list,
+//! since the guest's root can see and signal it. It also gives `-t auto` a
+//! process whose `/proc/PID/net` shows the namespace's sockets.
 //!
 //! # Addresses
 //!
@@ -81,7 +83,6 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -669,21 +670,24 @@ fn serve(o: &PastaOptions, ready: Option<&mut File>) -> Result<(), String> {
     if let Some(f) = &o.pid_file {
         write_pid_file(f, std::process::id())?;
     }
-    let target = match &o.shape {
-        Shape::Pid(p) => Target::Pid(*p),
-        Shape::Netns { path, userns } => Target::Pid(spawn_anchor(path, userns.as_deref())?),
+    // A `--netns` file is reached through the namespaces the anchor hands
+    // back (kept open until rnet ends); the anchor's exit ends rnet.
+    let (target, anchor) = match &o.shape {
+        Shape::Pid(p) => (Target::Pid(*p), None),
+        Shape::Netns { path, userns } => {
+            let anchor = rnet::ns::anchor::spawn(path, userns.as_deref(), NETNS_POLL)?;
+            (anchor.target(), Some(anchor))
+        }
         Shape::Command(_) => unreachable!("commands run in front"),
     };
     let explicit = reverse_ports(o)?;
     let auto = auto_reverse(o);
     let mut reverse = Vec::new();
     let mut follow = None;
-    if let Target::Pid(pid) = &target
-        && (!explicit.is_empty() || auto.is_some())
-    {
+    if !explicit.is_empty() || auto.is_some() {
         // The opener stays alive (confined, in the namespace) only for
         // `auto`, where ports appear later.
-        let opener = rnet::ns::opener::Opener::spawn(*pid).map_err(|e| format!("-T/-U: {e}"))?;
+        let opener = rnet::ns::opener::Opener::spawn(&target).map_err(|e| format!("-T/-U: {e}"))?;
         reverse = pasta_fwd::open_listeners(&opener, &explicit)?;
         if let Some(a) = auto {
             let tables = rnet::autopub::Tables::open(std::process::id() as i32)
@@ -693,7 +697,11 @@ fn serve(o: &PastaOptions, ready: Option<&mut File>) -> Result<(), String> {
     }
     log_accepted(o);
     let sigs = block_signals()?;
-    let net = match Network::attach(target, config) {
+    let attached = match &anchor {
+        Some(a) => Network::attach_watching(target, a.pid(), config),
+        None => Network::attach(target, config),
+    };
+    let net = match attached {
         Ok(n) => n,
         Err(e) => {
             if let Some(f) = &o.pid_file {
@@ -704,7 +712,7 @@ fn serve(o: &PastaOptions, ready: Option<&mut File>) -> Result<(), String> {
     };
     pasta_fwd::serve(reverse);
     if let Some((a, tables, opener)) = follow {
-        pasta_fwd::watch_auto(a, tables, opener);
+        pasta_fwd::watch_auto(a, tables, opener, net.handle());
     }
     if let Some(w) = ready {
         let _ = w.write_all(b"1");
@@ -754,71 +762,6 @@ fn redirect_stdio(null: &OwnedFd, log: &Option<OwnedFd>) -> Result<(), String> {
         }
     }
     Ok(())
-}
-
-/// Forks the anchor for `--netns`: it joins `userns` (if given) and the
-/// network namespace at `path`, then exits once `path` no longer names that
-/// namespace. Returns its pid once it is inside.
-fn spawn_anchor(path: &Path, userns: Option<&Path>) -> Result<i32, String> {
-    let describe = |e: std::io::Error, p: &Path| format!("{}: {e}", p.display());
-    let ns = File::open(path).map_err(|e| describe(e, path))?;
-    let ident = ns.metadata().map_err(|e| describe(e, path))?;
-    let ident = (ident.dev(), ident.ino());
-    let user = userns
-        .map(|u| File::open(u).map_err(|e| describe(e, u)))
-        .transpose()?;
-    let (r, w) = nix::unistd::pipe().map_err(|e| format!("pipe: {e}"))?;
-    let parent = std::process::id();
-    // SAFETY: single-threaded here (no thread has been started yet).
-    match unsafe { nix::unistd::fork() }.map_err(|e| format!("fork: {e}"))? {
-        ForkResult::Parent { child } => {
-            drop(w);
-            let mut word = Vec::new();
-            let _ = File::from(r).read_to_end(&mut word);
-            if word.first() == Some(&b'1') {
-                Ok(child.as_raw())
-            } else {
-                let _ = nix::sys::wait::waitpid(child, None);
-                Err(String::from_utf8_lossy(&word).trim_end().to_string())
-            }
-        }
-        ForkResult::Child => {
-            drop(r);
-            let mut w = File::from(w);
-            // SAFETY: prctl(PR_SET_PDEATHSIG) only sets this process's
-            // parent-death signal.
-            unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
-            if nix::unistd::getppid().as_raw() as u32 != parent {
-                std::process::exit(0);
-            }
-            let joined = (|| -> Result<(), String> {
-                use nix::sched::{CloneFlags, setns};
-                if let (Some(u), Some(p)) = (&user, userns) {
-                    setns(u, CloneFlags::CLONE_NEWUSER)
-                        .map_err(|e| format!("joining the user namespace {}: {e}", p.display()))?;
-                }
-                setns(&ns, CloneFlags::CLONE_NEWNET).map_err(|e| {
-                    format!("joining the network namespace {}: {e}", path.display())
-                })?;
-                Ok(())
-            })();
-            if let Err(msg) = joined {
-                let _ = w.write_all(msg.as_bytes());
-                std::process::exit(1);
-            }
-            drop(ns);
-            drop(user);
-            let _ = w.write_all(b"1");
-            drop(w);
-            loop {
-                std::thread::sleep(NETNS_POLL);
-                let same = std::fs::metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == ident);
-                if !same {
-                    std::process::exit(0);
-                }
-            }
-        }
-    }
 }
 
 #[cfg(test)]

@@ -325,8 +325,14 @@ pub struct AutoReverse {
     pub ephemeral: (u16, u16),
 }
 
-/// The ports `-T/-U auto` want now, given the host's listening sockets.
-pub fn auto_wanted(a: &AutoReverse, listening: &[(Proto, SocketAddr)]) -> Vec<(Proto, u16)> {
+/// The ports `-T/-U auto` want now, given the host's listening sockets and
+/// the host ports rnet publishes at this moment (`-t auto` adds some while
+/// it runs; forwarding one back would loop into the namespace).
+pub fn auto_wanted(
+    a: &AutoReverse,
+    listening: &[(Proto, SocketAddr)],
+    published: &[(Proto, u16)],
+) -> Vec<(Proto, u16)> {
     let mut want: std::collections::BTreeSet<(Proto, u16)> = Default::default();
     for (proto, addr) in listening {
         let port = addr.port();
@@ -344,12 +350,28 @@ pub fn auto_wanted(a: &AutoReverse, listening: &[(Proto, SocketAddr)]) -> Vec<(P
     for proto in [Proto::Tcp, Proto::Udp] {
         out.extend(
             want.iter()
-                .filter(|(p, port)| *p == proto && !a.excluded.contains(&(proto, *port)))
+                .filter(|(p, port)| {
+                    *p == proto
+                        && !a.excluded.contains(&(proto, *port))
+                        && !published.contains(&(proto, *port))
+                })
                 .take(MAX_AUTO_PORTS)
                 .copied(),
         );
     }
     out
+}
+
+/// Every host port rnet publishes now (each port of each rule's range).
+fn published_now(handle: &rnet::Handle) -> Vec<(Proto, u16)> {
+    let rules = handle.ports().unwrap_or_default();
+    rules
+        .iter()
+        .flat_map(|r| {
+            let s = r.spec;
+            (0..s.count.max(1)).filter_map(move |i| Some((s.proto, s.host_port.checked_add(i)?)))
+        })
+        .collect()
 }
 
 /// One port `-T/-U auto` serves: its stop flag and a descriptor of its
@@ -363,7 +385,7 @@ struct Live {
 /// network namespace's, every [`AUTO_SCAN`]) and keeps a namespace socket
 /// open for each through `opener`, on a thread of its own; runs until the
 /// process exits.
-pub fn watch_auto(a: AutoReverse, tables: Tables, opener: Opener) {
+pub fn watch_auto(a: AutoReverse, tables: Tables, opener: Opener, handle: rnet::Handle) {
     let spawned = std::thread::Builder::new()
         .name("rnet-ns-auto".into())
         .spawn(move || {
@@ -375,7 +397,7 @@ pub fn watch_auto(a: AutoReverse, tables: Tables, opener: Opener) {
             let mut live: BTreeMap<(Proto, u16), Live> = BTreeMap::new();
             let mut failed: std::collections::BTreeSet<(Proto, u16)> = Default::default();
             loop {
-                let want = auto_wanted(&a, &tables.listening());
+                let want = auto_wanted(&a, &tables.listening(), &published_now(&handle));
                 for key in &want {
                     if live.contains_key(key) {
                         continue;
@@ -436,7 +458,7 @@ mod tests {
     }
 
     #[test]
-    fn auto_wanted_leaves_out_own_ports_ephemeral_udp_and_caps() {
+    fn auto_wanted_leaves_out_own_and_published_ports_ephemeral_udp_and_caps() {
         let a = AutoReverse {
             tcp: true,
             udp: true,
@@ -450,7 +472,7 @@ mod tests {
             (Proto::Udp, at(40000)),
         ];
         assert_eq!(
-            auto_wanted(&a, &l),
+            auto_wanted(&a, &l, &[]),
             vec![
                 (Proto::Tcp, 22),
                 (Proto::Udp, 22),
@@ -458,10 +480,16 @@ mod tests {
                 (Proto::Udp, 8080),
             ]
         );
+        // A port rnet publishes itself (`-t auto` found it in the guest)
+        // is not forwarded back, in that protocol only.
+        assert_eq!(
+            auto_wanted(&a, &l, &[(Proto::Udp, 53), (Proto::Tcp, 22)]),
+            vec![(Proto::Udp, 22), (Proto::Udp, 8080)]
+        );
         let only_t = AutoReverse { udp: false, ..a };
-        assert_eq!(auto_wanted(&only_t, &l), vec![(Proto::Tcp, 22)]);
+        assert_eq!(auto_wanted(&only_t, &l, &[]), vec![(Proto::Tcp, 22)]);
         let many: Vec<_> = (1000..1300).map(|p| (Proto::Tcp, at(p))).collect();
-        let got = auto_wanted(&only_t, &many);
+        let got = auto_wanted(&only_t, &many, &[]);
         assert_eq!(got.len(), MAX_AUTO_PORTS);
         assert_eq!(got[0], (Proto::Tcp, 1000));
     }
