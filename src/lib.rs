@@ -15,11 +15,10 @@
 //! - [`tap`]: reading and writing frames on the TAP descriptor.
 //! - [`stack`]: the smoltcp interface, frame classification, frames rnet
 //!   builds itself.
-//! - [`nat`]: the address policy and the TCP, UDP and ICMP flows, and the
-//!   spliced fast path of published ports.
+//! - [`nat`]: the address policy and the TCP, UDP and ICMP flows.
 //! - [`services`]: the DNS forwarder and the DHCPv4 server.
-//! - [`ports`], [`api`], [`autopub`]: port publishing, the control socket
-//!   (slirp4netns's JSON protocol), `--publish-auto`.
+//! - [`ports`]: port publishing: the rules, the spliced fast path, the
+//!   control socket (slirp4netns's JSON protocol), `--publish-auto`.
 //! - [`status`], [`metrics`], [`pcap`], [`stats`]: what an operator sees
 //!   (the status report, the Prometheus endpoint, captures, counters).
 //! - [`sandbox`]: self-isolation once set up.
@@ -49,8 +48,6 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
-pub mod api;
-pub mod autopub;
 pub mod config;
 mod engine;
 pub mod metrics;
@@ -205,13 +202,33 @@ impl Handle {
     }
 }
 
+/// The control socket and `--publish-auto` drive a network through this
+/// narrow interface, not through the handle itself.
+impl ports::PortControl for Handle {
+    fn add_port(&self, spec: PortSpec) -> Result<PortInfo, PortError> {
+        Handle::add_port(self, spec)
+    }
+    fn remove_port(&self, id: u64) -> Result<(), PortError> {
+        Handle::remove_port(self, id)
+    }
+    fn ports(&self) -> Result<Vec<PortInfo>, PortError> {
+        Handle::ports(self)
+    }
+    fn status(&self) -> Result<serde_json::Value, PortError> {
+        Handle::status(self)
+    }
+    fn is_running(&self) -> bool {
+        Handle::is_running(self)
+    }
+}
+
 /// A running virtual network: a TAP in the target namespace and the event
 /// loop serving it on its own thread.
 pub struct Network {
     handle: Handle,
     thread: JoinHandle<io::Result<ExitReason>>,
     tap_name: String,
-    api: Option<api::ApiServer>,
+    api: Option<ports::api::ApiServer>,
     metrics: Option<metrics::MetricsServer>,
     watcher: Option<JoinHandle<()>>,
 }
@@ -349,7 +366,7 @@ impl Network {
         // Everything that needs the filesystem, fork or namespaces happens
         // here, before the sandbox; threads start after it.
         let api_listener = match &api_socket {
-            Some(path) => Some(api::ApiServer::bind(path).map_err(Error::io(format!(
+            Some(path) => Some(ports::api::ApiServer::bind(path).map_err(Error::io(format!(
                 "creating the API socket {}",
                 path.display()
             )))?),
@@ -364,9 +381,9 @@ impl Network {
         };
         let tables = match (auto.is_empty(), pid) {
             (true, _) => None,
-            (false, Some(pid)) => Some(autopub::Tables::open(pid).map_err(Error::io(format!(
-                "opening /proc/{pid}/net for --publish-auto"
-            )))?),
+            (false, Some(pid)) => Some(ports::auto::Tables::open(pid).map_err(Error::io(
+                format!("opening /proc/{pid}/net for --publish-auto"),
+            ))?),
             (false, None) => {
                 tracing::warn!(
                     "--publish-auto needs a PID target to read the namespace's sockets; ignored"
@@ -382,7 +399,7 @@ impl Network {
                 &mut ready_fd,
                 pid,
                 config.seccomp,
-                api_listener.as_ref().map(api::ApiListener::name),
+                api_listener.as_ref().map(ports::api::ApiListener::name),
             )?),
             false => None,
         };
@@ -430,7 +447,7 @@ impl Network {
             .map_err(Error::io("starting the data-plane thread"))?;
         let handle = Handle { control, stats };
         let api = match api_listener {
-            Some(l) => match l.serve(handle.clone(), guest) {
+            Some(l) => match l.serve(Arc::new(handle.clone()), guest) {
                 Ok(a) => Some(a),
                 Err(e) => {
                     handle.stop();
@@ -455,7 +472,7 @@ impl Network {
             let h = handle.clone();
             std::thread::Builder::new()
                 .name("rnet-autopublish".into())
-                .spawn(move || autopub::watch(t, auto, h))
+                .spawn(move || ports::auto::watch(t, auto, &h))
                 .ok()
         });
         // Ready means usable: the loop runs and the API socket listens.

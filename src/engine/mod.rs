@@ -113,7 +113,7 @@ enum Flow {
     Dns(DnsQuery),
     TcpListen(ports::TcpListen),
     UdpListen(ports::UdpListen),
-    Splice(Box<crate::nat::splice::SpliceFlow>),
+    Splice(Box<crate::ports::splice::SpliceFlow>),
     /// A second epoll source of the flow at this slab index (the guest
     /// side of a spliced connection).
     Alias(usize, u64),
@@ -1527,7 +1527,7 @@ impl Engine {
                 Flow::Icmp(f) => f.to_guest(&self.cfg, &mut self.stack, self.tap.tx(), now),
                 Flow::TcpListen(_) => self.accept_tcp(idx, now),
                 Flow::Splice(f) => {
-                    if f.service() == crate::nat::splice::SpliceStep::Done {
+                    if f.service() == crate::ports::splice::SpliceStep::Done {
                         self.remove(idx);
                     }
                 }

@@ -15,7 +15,7 @@
 //! `AGENT_DEADLINE`), and the answer starts the spliced flow. While the
 //! agent is not ready, or when it is declared unhealthy (it closed its
 //! socket, missed a deadline, broke the protocol or sent a descriptor that
-//! fails [`crate::nat::splice::check_guest_socket`]), connections take the
+//! fails [`crate::ports::splice::check_guest_socket`]), connections take the
 //! stack path, held ones included; the trouble is logged once, the agent is
 //! killed and, after a backoff (`BACKOFF_MIN` doubling up to
 //! `BACKOFF_MAX`), a new one is asked of the launcher
@@ -1130,7 +1130,7 @@ impl Engine {
             }
         };
         let expect_local = transparent.then_some(client);
-        if let Err(why) = crate::nat::splice::check_guest_socket(&fd, expect_local, guest) {
+        if let Err(why) = crate::ports::splice::check_guest_socket(&fd, expect_local, guest) {
             drop(fd);
             self.stats.count_drop(DropReason::AgentBadFd);
             self.accept_stack(stream, peer, guest.into(), client.into(), rule);
@@ -1296,7 +1296,7 @@ impl Engine {
         guest: SocketAddrV4,
         rule: u64,
     ) {
-        let flow = match crate::nat::splice::SpliceFlow::new(stream, fd) {
+        let flow = match crate::ports::splice::SpliceFlow::new(stream, fd) {
             Ok(mut f) => {
                 f.transparent_client = transparent;
                 f.expected_peer = Some(guest.into());

@@ -18,7 +18,6 @@
 
 pub mod icmp;
 pub mod local;
-pub mod splice;
 pub mod tcp;
 pub mod udp;
 pub mod udpio;
