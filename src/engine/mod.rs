@@ -45,6 +45,9 @@ use crate::nat::tcp::{self, Step, TcpFlow, TcpKey};
 use crate::nat::udp::UdpFlow;
 use crate::nat::udpio::{self, GsoBatch, Push, RecvBatch};
 use crate::nat::{Deny, Route, route, route_any};
+use crate::ports::fastpath::{self, FastPath};
+pub(crate) use crate::ports::listeners::Command;
+use crate::ports::listeners::{Publisher, TcpListen, UdpListen};
 use crate::services::dhcp::{DhcpConfig, DhcpServer};
 use crate::services::dns::{DnsQuery, Reply, ResolvWatch};
 use crate::stack::classify::{Verdict, classify};
@@ -52,7 +55,6 @@ use crate::stack::emit::{self, Header};
 use crate::stack::{self, Stack};
 use crate::stats::{DropReason, Stats};
 use crate::tap::{ReadOutcome, Tap};
-pub(crate) use ports::Command;
 
 mod ports;
 
@@ -111,8 +113,8 @@ enum Flow {
     Udp(UdpFlow),
     Icmp(IcmpFlow),
     Dns(DnsQuery),
-    TcpListen(ports::TcpListen),
-    UdpListen(ports::UdpListen),
+    TcpListen(TcpListen),
+    UdpListen(UdpListen),
     Splice(Box<crate::ports::splice::SpliceFlow>),
     /// A second epoll source of the flow at this slab index (the guest
     /// side of a spliced connection).
@@ -279,24 +281,14 @@ pub struct Engine {
     _pidfd: Option<OwnedFd>,
     exit_fd: Option<RawFd>,
     ping_warned: bool,
-    rules: BTreeMap<u64, ports::Rule>,
-    next_rule: u64,
-    /// Published-UDP conversations: (guest endpoint, client as the guest
-    /// sees it) → the listener and the real client.
-    udp_return: HashMap<(SocketAddr, SocketAddr), ports::UdpReturn>,
-    /// The same by recency, for eviction at `Limits::udp_clients` and the
-    /// idle sweep.
-    udp_return_lru: BTreeSet<(Instant, SocketAddr, SocketAddr)>,
+    /// The published rules and published-UDP clients.
+    ports: Publisher,
     commands: mpsc::Receiver<Command>,
     next_sweep: Instant,
     dhcp: DhcpServer,
     /// The in-namespace agent for fast published ports.
-    fast: ports::FastPath,
-    /// Spliced flow slot → its alias slot.
-    splice_alias: HashMap<usize, usize>,
+    fast: FastPath,
     started: std::time::Instant,
-    /// Bytes moved by spliced connections that have closed (to, from guest).
-    spliced_closed: (u64, u64),
     limits: crate::config::Limits,
     /// TCP flows whose host connect is in progress.
     half_open: usize,
@@ -421,17 +413,12 @@ impl Engine {
             control: control.clone(),
             _pidfd: pidfd,
             ping_warned: false,
-            rules: BTreeMap::new(),
-            next_rule: 1,
-            udp_return: HashMap::new(),
-            udp_return_lru: BTreeSet::new(),
+            ports: Publisher::default(),
             commands,
             next_sweep: stack::now(),
             dhcp,
-            fast: ports::FastPath::default(),
-            splice_alias: HashMap::new(),
+            fast: FastPath::default(),
             started: std::time::Instant::now(),
-            spliced_closed: (0, 0),
             limits: cfg_limits,
             half_open: 0,
             mem: RingBudget::new(cfg_limits.memory_budget),
@@ -471,7 +458,7 @@ impl Engine {
                 match ev.token() {
                     TAP => self.tap_readable = true,
                     WAKER => self.handle_commands(),
-                    t @ (ports::AGENT | ports::LAUNCHER) => self.agent_event(t, now),
+                    t @ (fastpath::AGENT | fastpath::LAUNCHER) => self.agent_event(t, now),
                     PIDFD => return Ok(ExitReason::TargetExited),
                     TEST_HOOK => panic!("test hook: SIGUSR2 asked the data plane to panic"),
                     LOCAL_ADDRS => match self.local.on_event() {
@@ -1741,14 +1728,14 @@ impl Engine {
                 let _ = reg.deregister(&mut f.host);
                 let _ = reg.deregister(&mut f.guest);
                 let (up, down) = f.bytes();
-                self.spliced_closed.0 += up;
-                self.spliced_closed.1 += down;
+                self.ports.spliced_closed.0 += up;
+                self.ports.spliced_closed.1 += down;
                 debug!(up, down, "spliced connection closed");
                 self.stats.tcp_flows.fetch_sub(1, Ordering::Relaxed);
                 if let Some(client) = f.transparent_client {
                     self.fast.release(client);
                 }
-                if let Some(alias) = self.splice_alias.remove(&idx)
+                if let Some(alias) = self.ports.splice_alias.remove(&idx)
                     && self.flows.contains(alias)
                 {
                     self.flows.remove(alias);
@@ -1757,7 +1744,7 @@ impl Engine {
             Flow::Alias(..) => {}
             Flow::UdpListen(mut l) => {
                 let _ = reg.deregister(&mut l.socket);
-                self.forget_udp_clients_of(idx);
+                self.ports.forget_udp_clients_of(idx);
             }
         }
     }
@@ -1827,7 +1814,7 @@ impl Engine {
         use serde_json::json;
         let mut tcp: BTreeMap<String, u64> = BTreeMap::new();
         let (mut spliced, mut udp, mut icmp, mut dns) = (0u64, 0u64, 0u64, 0u64);
-        let (mut up, mut down) = self.spliced_closed;
+        let (mut up, mut down) = self.ports.spliced_closed;
         let mut conns: HashMap<u64, u64> = HashMap::new();
         for (_, slot) in self.flows.iter() {
             match &slot.flow {
@@ -1855,10 +1842,9 @@ impl Engine {
             .map(|(k, v)| (k.to_string(), json!(v)))
             .collect();
         let ports: Vec<serde_json::Value> = self
-            .rules
-            .values()
-            .map(|r| {
-                let p = &r.info;
+            .ports
+            .infos()
+            .map(|p| {
                 json!({
                     "id": p.id,
                     "proto": p.spec.proto.as_str(),
@@ -1889,7 +1875,7 @@ impl Engine {
                 "udp": udp,
                 "icmp": icmp,
                 "dns": dns,
-                "udp_clients": self.udp_return.len(),
+                "udp_clients": self.ports.udp_clients(),
             },
             "tcp_opened": s.tcp_opened,
             "tcp_memory": {

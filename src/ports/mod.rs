@@ -9,10 +9,14 @@
 //!   sockets and publishes them as they appear.
 //! - [`splice`]: the fast path's flow, two kernel sockets joined with
 //!   splice(2).
-//! - the event loop's side (private to the engine): the rules, their host
-//!   listeners, accepted connections, published UDP and its client table,
-//!   the hairpin lookup, and the agent that opens the fast path's guest
-//!   sockets.
+//! - `listeners` (crate-private): `Publisher`, the
+//!   rules and their host listeners, the published-UDP client table and the
+//!   hairpin lookup; the `Command`s other threads send.
+//! - `fastpath` (crate-private): `FastPath`, the
+//!   exchange with the agent that opens the fast path's guest sockets.
+//! - the engine's `ports` glue turns what these two decide into flows of
+//!   the loop's slab (accepted connections, datagrams both ways); it stays
+//!   with the engine because it works on the flow table.
 //!
 //! # Theory of operation
 //!
@@ -44,6 +48,8 @@
 
 pub mod api;
 pub mod auto;
+pub(crate) mod fastpath;
+pub(crate) mod listeners;
 mod spec;
 pub mod splice;
 
