@@ -20,12 +20,11 @@ use smoltcp::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
 use super::{Engine, FIRST_FLOW, Flow, Slot};
-use crate::nat::published_target;
 use crate::nat::tcp::TcpFlow;
 use crate::nat::udp::TrainOut;
 use crate::nat::udpio;
 use crate::ports::fastpath::{Conn, Outcome};
-use crate::ports::listeners::{Command, Listener, Publisher, Rule};
+use crate::ports::listeners::{Command, Listener, Publisher, Rule, published_target};
 use crate::ports::{PortError, PortInfo, PortSpec, Proto};
 use crate::stats::DropReason;
 
@@ -410,11 +409,10 @@ impl Engine {
         if !self.fast.enabled() {
             return false;
         }
-        let guest = self.cfg.guest();
         let all_v4 = slots
             .iter()
             .all(|(idx, _)| match self.flows.get(*idx).map(|s| &s.flow) {
-                Some(Flow::TcpListen(l)) => l.guest_v4(guest).is_some(),
+                Some(Flow::TcpListen(l)) => l.guest_v4(&self.cfg).is_some(),
                 _ => true,
             });
         if !all_v4 {

@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::mpsc;
 
@@ -24,6 +24,7 @@ use super::{IfName, PortError, PortInfo, PortSpec, Proto};
 use crate::config::Config;
 use crate::nat::local::LocalAddrs;
 use crate::nat::udpio;
+use crate::nat::{guest_view, guest_view6};
 
 /// A request from another thread (control socket, library handle).
 pub enum Command {
@@ -48,7 +49,7 @@ pub struct Rule {
 pub struct TcpListen {
     pub(crate) listener: TcpListener,
     /// The rule's guest address (None: the guest, in the client's family;
-    /// see [`crate::nat::published_target`]).
+    /// see [`published_target`]).
     pub(crate) guest_ip: Option<IpAddr>,
     pub(crate) guest_port: u16,
     /// IPv4 connections go through the agent and splice(2) (the fast path).
@@ -58,11 +59,10 @@ pub struct TcpListen {
 impl TcpListen {
     /// The guest endpoint of IPv4 connections, which the fast path can
     /// carry; None for an IPv6 guest address.
-    pub(crate) fn guest_v4(&self, guest: Ipv4Addr) -> Option<SocketAddrV4> {
-        match self.guest_ip {
-            None => Some(SocketAddrV4::new(guest, self.guest_port)),
-            Some(IpAddr::V4(g)) => Some(SocketAddrV4::new(g, self.guest_port)),
-            Some(IpAddr::V6(_)) => None,
+    pub(crate) fn guest_v4(&self, cfg: &Config) -> Option<SocketAddrV4> {
+        match rule_guest(cfg, self.guest_ip, true) {
+            IpAddr::V4(g) => Some(SocketAddrV4::new(g, self.guest_port)),
+            IpAddr::V6(_) => None,
         }
     }
 }
@@ -214,15 +214,9 @@ impl Publisher {
                 "{spec}: the guest address is IPv6, but IPv6 is off"
             )));
         }
-        let shown_guest = match (spec.guest_ip, spec.host_ip, cfg.ipv6_guest()) {
-            (Some(g), _, _) => g,
-            (None, IpAddr::V6(h), Some(g6))
-                if !h.is_unspecified() && h.to_ipv4_mapped().is_none() =>
-            {
-                IpAddr::V6(g6)
-            }
-            _ => IpAddr::V4(cfg.guest()),
-        };
+        let v6_only = matches!(spec.host_ip, IpAddr::V6(h)
+            if !h.is_unspecified() && h.to_ipv4_mapped().is_none());
+        let shown_guest = rule_guest(cfg, spec.guest_ip, !v6_only);
         if spec.guest_port as u32 + spec.count as u32 > 65536
             || spec.host_port as u32 + spec.count as u32 > 65536
         {
@@ -421,6 +415,51 @@ impl Publisher {
     }
 }
 
+/// The guest address a client of a rule reaches: `guest_ip` when the rule
+/// names one; otherwise the guest itself in the client's family (its IPv6
+/// address for an IPv6 client while IPv6 is on, its IPv4 address
+/// otherwise). The one place that decides it: the listeners
+/// ([`published_target`]), the fast path ([`TcpListen::guest_v4`]) and the
+/// rule's shown address ([`Publisher::check`]) all ask here.
+pub(crate) fn rule_guest(cfg: &Config, guest_ip: Option<IpAddr>, v4_client: bool) -> IpAddr {
+    match (guest_ip, v4_client, cfg.ipv6_guest()) {
+        (Some(ip), _, _) => ip,
+        (None, false, Some(g6)) => IpAddr::V6(g6),
+        _ => IpAddr::V4(cfg.guest()),
+    }
+}
+
+/// Where a client of a published port reaches the guest, and as whom it
+/// appears there: `(guest endpoint, client as the guest sees it)`, both of
+/// one family.
+///
+/// The guest address is [`rule_guest`]'s. The client keeps its own address
+/// when the families match ([`guest_view`], [`guest_view6`]); a client of
+/// the other family appears as the gateway of the guest's family, the only
+/// such address the guest can answer. None when the guest is IPv6 and IPv6
+/// is off.
+pub(crate) fn published_target(
+    cfg: &Config,
+    guest_ip: Option<IpAddr>,
+    guest_port: u16,
+    peer: SocketAddr,
+) -> Option<(SocketAddr, SocketAddr)> {
+    let v4_client = guest_view(cfg, peer);
+    match rule_guest(cfg, guest_ip, v4_client.is_some()) {
+        IpAddr::V4(g) => {
+            let client = v4_client.unwrap_or_else(|| SocketAddrV4::new(cfg.gateway(), peer.port()));
+            Some((SocketAddrV4::new(g, guest_port).into(), client.into()))
+        }
+        IpAddr::V6(g) => {
+            let client = match guest_view6(cfg, peer) {
+                Some(c) => c,
+                None => SocketAddrV6::new(cfg.ipv6_gateway()?, peer.port(), 0, 0),
+            };
+            Some((SocketAddrV6::new(g, guest_port, 0, 0).into(), client.into()))
+        }
+    }
+}
+
 /// A listener a previous data plane bound, as this one's.
 fn adopt_listener(proto: Proto, fd: OwnedFd) -> Bound {
     match proto {
@@ -484,5 +523,76 @@ fn bind_error(spec: PortSpec, addr: SocketAddr, e: io::Error) -> PortError {
             addr,
             source: e,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn published_targets_by_family() {
+        let v6 = Config::builder()
+            .ipv6(Some("fd00::".parse().unwrap()))
+            .build()
+            .unwrap();
+        let v4only = Config::builder().build().unwrap();
+        let s = |s: &str| -> SocketAddr { s.parse().unwrap() };
+        let t = |cfg: &Config, g: Option<&str>, peer: &str| {
+            published_target(cfg, g.map(|g| g.parse().unwrap()), 80, s(peer))
+        };
+        // No guest address: the guest in the client's family.
+        assert_eq!(
+            t(&v6, None, "127.0.0.1:5000"),
+            Some((s("10.0.2.100:80"), s("10.0.2.2:5000")))
+        );
+        assert_eq!(
+            t(&v6, None, "[::ffff:198.18.0.9]:5000"),
+            Some((s("10.0.2.100:80"), s("198.18.0.9:5000")))
+        );
+        assert_eq!(
+            t(&v6, None, "[::1]:5000"),
+            Some((s("[fd00::100]:80"), s("[fd00::2]:5000")))
+        );
+        assert_eq!(
+            t(&v6, None, "[fd42::9]:5000"),
+            Some((s("[fd00::100]:80"), s("[fd42::9]:5000")))
+        );
+        // IPv6 off: an IPv6 client reaches the IPv4 guest as the gateway.
+        assert_eq!(
+            t(&v4only, None, "[fd42::9]:5000"),
+            Some((s("10.0.2.100:80"), s("10.0.2.2:5000")))
+        );
+        // A named guest address decides the family.
+        assert_eq!(
+            t(&v6, Some("10.0.2.100"), "[::1]:5000"),
+            Some((s("10.0.2.100:80"), s("10.0.2.2:5000")))
+        );
+        assert_eq!(
+            t(&v6, Some("fd00::100"), "127.0.0.1:5000"),
+            Some((s("[fd00::100]:80"), s("[fd00::2]:5000")))
+        );
+        assert_eq!(
+            t(&v6, Some("fd00::100"), "[fd42::9]:5000"),
+            Some((s("[fd00::100]:80"), s("[fd42::9]:5000")))
+        );
+        assert_eq!(t(&v4only, Some("fd00::100"), "[::1]:5000"), None);
+    }
+
+    #[test]
+    fn shown_guest_follows_the_host_family() {
+        let v6 = Config::builder()
+            .ipv6(Some("fd00::".parse().unwrap()))
+            .build()
+            .unwrap();
+        let shown = |h: &str| {
+            let spec: PortSpec = h.parse().unwrap();
+            Publisher::check(&spec, &v6).unwrap().to_string()
+        };
+        assert_eq!(shown("8080:80"), "10.0.2.100");
+        assert_eq!(shown("[::]:8080:80"), "10.0.2.100");
+        assert_eq!(shown("[::1]:8080:80"), "fd00::100");
+        assert_eq!(shown("[::ffff:127.0.0.1]:8080:80"), "10.0.2.100");
+        assert_eq!(shown("[::1]:8080:10.0.2.50:80"), "10.0.2.50");
     }
 }
