@@ -293,24 +293,25 @@ impl FastPath {
                 self.unhealthy("answered a request that was never sent", reg, now, out);
                 return;
             };
-            if let PendingWhat::Connect { conn, transparent } = p.what {
-                self.answered(conn, transparent, reply, reg, stats, now, out);
+            if let PendingWhat::Connect { conn, transparent } = p.what
+                && let Some(why) = self.answered(conn, transparent, reply, stats, now, out)
+            {
+                self.unhealthy(&why, reg, now, out);
             }
         }
     }
 
-    /// One answer of the agent to the connection request for `conn`.
-    #[allow(clippy::too_many_arguments)]
+    /// One answer of the agent to the connection request for `conn`;
+    /// what makes the agent unhealthy, if the answer does.
     fn answered(
         &mut self,
         conn: Conn,
         transparent: bool,
         reply: Reply,
-        reg: &Registry,
         stats: &Stats,
         now: Instant,
         out: &mut Vec<Outcome>,
-    ) {
+    ) -> Option<String> {
         let fd = match reply {
             Reply::Ok { fd: Some(fd), .. } => fd,
             Reply::Ok {
@@ -330,12 +331,11 @@ impl FastPath {
                     self.release(conn.client);
                 }
                 out.push(Outcome::Stack(conn));
-                return;
+                return None;
             }
             Reply::Ok { fd: None, .. } => {
                 out.push(Outcome::Stack(conn));
-                self.unhealthy("reported success but sent no descriptor", reg, now, out);
-                return;
+                return Some("reported success but sent no descriptor".into());
             }
             Reply::Refused(e) => {
                 if transparent {
@@ -344,7 +344,7 @@ impl FastPath {
                     debug!(error = %e, "plain connect failed");
                     stats.count_drop(DropReason::HostSocket);
                 }
-                return;
+                return None;
             }
         };
         let expect_local = transparent.then_some(conn.client);
@@ -352,13 +352,9 @@ impl FastPath {
             drop(fd);
             stats.count_drop(DropReason::AgentBadFd);
             out.push(Outcome::Stack(conn));
-            self.unhealthy(
-                &format!("sent a descriptor that is not the socket asked for ({why:?})"),
-                reg,
-                now,
-                out,
-            );
-            return;
+            return Some(format!(
+                "sent a descriptor that is not the socket asked for ({why:?})"
+            ));
         }
         self.failures = 0;
         out.push(Outcome::Splice {
@@ -366,6 +362,7 @@ impl FastPath {
             fd,
             transparent,
         });
+        None
     }
 
     /// A transparent connect was refused: the client's address cannot be
