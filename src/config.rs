@@ -534,7 +534,7 @@ pub struct Config {
     pub(crate) dns_timeout: Duration,
     pub(crate) api_socket: Option<PathBuf>,
     pub(crate) publish: Vec<crate::ports::PortSpec>,
-    pub(crate) publish_auto: Vec<crate::autopub::AutoPublish>,
+    pub(crate) publish_auto: Vec<crate::ports::auto::AutoPublish>,
     pub(crate) fast_ports: bool,
     pub(crate) offloads: bool,
     pub(crate) busy_poll: Duration,
@@ -739,7 +739,7 @@ pub struct ConfigBuilder {
     dns_timeout: Duration,
     api_socket: Option<PathBuf>,
     publish: Vec<crate::ports::PortSpec>,
-    publish_auto: Vec<crate::autopub::AutoPublish>,
+    publish_auto: Vec<crate::ports::auto::AutoPublish>,
     fast_ports: bool,
     offloads: bool,
     busy_poll: Duration,
@@ -980,7 +980,7 @@ impl ConfigBuilder {
 
     /// Publish the namespace's listening ports in this range automatically
     /// (repeatable; needs a PID target).
-    pub fn publish_auto(mut self, rule: crate::autopub::AutoPublish) -> Self {
+    pub fn publish_auto(mut self, rule: crate::ports::auto::AutoPublish) -> Self {
         self.publish_auto.push(rule);
         self
     }

@@ -97,3 +97,23 @@ impl Handle {
         rx.recv_timeout(limit).map_err(|_| PortError::Stopped)
     }
 }
+
+/// The control socket and `--publish-auto` drive a network through this
+/// narrow interface, not through the handle itself.
+impl crate::ports::PortControl for Handle {
+    fn add_port(&self, spec: PortSpec) -> Result<PortInfo, PortError> {
+        Handle::add_port(self, spec)
+    }
+    fn remove_port(&self, id: u64) -> Result<(), PortError> {
+        Handle::remove_port(self, id)
+    }
+    fn ports(&self) -> Result<Vec<PortInfo>, PortError> {
+        Handle::ports(self)
+    }
+    fn status(&self) -> Result<serde_json::Value, PortError> {
+        Handle::status(self).map(|r| r.to_json())
+    }
+    fn is_running(&self) -> bool {
+        Handle::is_running(self)
+    }
+}

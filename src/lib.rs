@@ -33,11 +33,11 @@
 //! - `wire`: frame classification and the frames rnet builds itself.
 //! - `stack`: the smoltcp interface and the virtual hosts.
 //! - `engine`: the event loop that ties them together on one thread.
-//! - `nat`: the address policy and the TCP, UDP and ICMP flows, and the
-//!   spliced fast path of published ports.
+//! - `nat`: the address policy and the TCP, UDP and ICMP flows.
 //! - `services`: the DNS forwarder and the DHCPv4 server.
-//! - `ports`, `api`, `autopub`: port publishing, the control socket
-//!   (slirp4netns's JSON protocol), `--publish-auto`.
+//! - `ports`: port publishing: the rules and host listeners, the spliced
+//!   fast path and its agent, the control socket (slirp4netns's JSON
+//!   protocol), `--publish-auto`.
 //! - `status`, `metrics`, `stats`: what an operator sees (the
 //!   [`StatusReport`] and its renderings, the Prometheus endpoint,
 //!   counters).
@@ -71,10 +71,6 @@
 #![allow(rustdoc::private_intra_doc_links)]
 
 #[doc(hidden)]
-pub mod api;
-#[doc(hidden)]
-pub mod autopub;
-#[doc(hidden)]
 pub mod config;
 mod engine;
 mod handle;
@@ -104,7 +100,7 @@ pub mod supervise;
 #[doc(hidden)]
 pub mod wire;
 
-pub use autopub::AutoPublish;
+pub use ports::auto::AutoPublish;
 pub use config::{
     Config, ConfigBuilder, ConfigError, IpCidr, Ipv4Cidr, Ipv6Cidr, Limits, OutboundPolicy,
     Services, UdpFilter,

@@ -24,7 +24,8 @@ use crate::ns::{self, NsError, Target};
 use crate::phy::{pcap, tap};
 use crate::ports::PortError;
 use crate::stats::Stats;
-use crate::{api, autopub, metrics, sandbox, services, supervise};
+use crate::ports::{api, auto as autopub};
+use crate::{metrics, sandbox, services, supervise};
 
 /// Everything that can stop a network from starting or running.
 #[derive(Debug, thiserror::Error)]
@@ -218,7 +219,7 @@ impl Network {
             .map_err(Error::io("starting the data-plane thread"))?;
         let handle = Handle::new(control, stats);
         let api = match services.api {
-            Some(l) => match l.serve(handle.clone(), services.guest) {
+            Some(l) => match l.serve(Arc::new(handle.clone()), services.guest) {
                 Ok(a) => Some(a),
                 Err(e) => {
                     handle.stop();
@@ -244,7 +245,7 @@ impl Network {
             let h = handle.clone();
             std::thread::Builder::new()
                 .name("rnet-autopublish".into())
-                .spawn(move || autopub::watch(t, auto, h))
+                .spawn(move || autopub::watch(t, auto, &h))
                 .ok()
         });
         // Ready means usable: the loop runs and the API socket listens.

@@ -1788,7 +1788,7 @@ mod tests {
 
     /// The port of a TCP socket in LISTEN state in a /proc/net/tcp table.
     fn listening(table: &str, port: u16) -> bool {
-        crate::autopub::parse_table(table)
+        crate::ports::auto::parse_table(table)
             .iter()
             .any(|(a, st)| a.port() == port && *st == 0x0a)
     }
@@ -1826,7 +1826,7 @@ mod tests {
                 0
             };
             let proc_self = KeptDir::open(Path::new("/proc/self")).map_err(|e| e.to_string())?;
-            // What autopub reads: another process's socket tables.
+            // What --publish-auto reads: another process's socket tables.
             let target_net = KeptDir::open(Path::new(&format!("/proc/{parent}/net")))
                 .map_err(|e| e.to_string())?;
             let api_dir = KeptDir::of_parent(&d.join("api/sock")).map_err(|e| e.to_string())?;

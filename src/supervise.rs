@@ -151,7 +151,7 @@ pub(crate) fn start(
     ready_fd: &mut Option<RawFd>,
     target: Option<i32>,
     confine: bool,
-    api_socket: Option<crate::api::SocketName>,
+    api_socket: Option<crate::ports::api::SocketName>,
 ) -> Result<Worker, crate::Error> {
     if confine {
         crate::sandbox::enter_supervisor()?;
@@ -165,7 +165,7 @@ pub(crate) fn start(
 fn start_inner(
     ready_fd: &mut Option<RawFd>,
     target: Option<i32>,
-    api_socket: Option<crate::api::SocketName>,
+    api_socket: Option<crate::ports::api::SocketName>,
 ) -> io::Result<Worker> {
     let mut sigs = SigSet::empty();
     for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {

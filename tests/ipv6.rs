@@ -242,7 +242,7 @@ fn published_port_from_host_v6_loopback() {
 /// One control-socket request through the library's client.
 #[track_caller]
 fn api_call(path: &std::path::Path, req: Value) -> Value {
-    rnet::api::call(path, &req).unwrap_or_else(|e| panic!("API request {req}: {e}"))
+    rnet::ports::api::call(path, &req).unwrap_or_else(|e| panic!("API request {req}: {e}"))
 }
 
 /// add_hostfwd over the JSON API exactly as a slirp4netns client sends it;

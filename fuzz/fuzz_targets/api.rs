@@ -1,5 +1,5 @@
 //! The control socket's request parser: `serde_json::from_slice`, then
-//! `rnet::api::parse_request`. No panic; an accepted `add_hostfwd` yields
+//! `rnet::ports::api::parse_request`. No panic; an accepted `add_hostfwd` yields
 //! a single-port rule with a guest port.
 
 #![no_main]
@@ -7,7 +7,7 @@
 use std::net::Ipv4Addr;
 
 use libfuzzer_sys::fuzz_target;
-use rnet::api::{Request, parse_request};
+use rnet::ports::api::{Request, parse_request};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) else {

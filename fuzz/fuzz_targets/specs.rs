@@ -1,13 +1,13 @@
 //! The text parsers: `PortSpec`, `Ipv4Cidr`, `parse_upstream` and
 //! `AutoPublish` (`FromStr`), `parse_resolv_conf` and
-//! `autopub::parse_table`, on arbitrary UTF-8 (the whole input, and each
+//! `ports::auto::parse_table`, on arbitrary UTF-8 (the whole input, and each
 //! of its lines). No panic; a parsed `PortSpec` or `Ipv4Cidr` prints as
 //! text that parses back to the same value.
 
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use rnet::autopub::{AutoPublish, parse_table};
+use rnet::ports::auto::{AutoPublish, parse_table};
 use rnet::config::parse_upstream;
 use rnet::services::dns::parse_resolv_conf;
 use rnet::{Ipv4Cidr, PortSpec};

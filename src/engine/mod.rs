@@ -46,13 +46,15 @@ use crate::nat::udp::UdpFlow;
 use crate::nat::udpio::{self, GsoBatch, Push, RecvBatch};
 use crate::nat::{Deny, Route, route, route_any};
 use crate::phy::tap::{ReadOutcome, Tap};
+use crate::ports::fastpath::{self, FastPath};
+pub(crate) use crate::ports::listeners::Command;
+use crate::ports::listeners::{Publisher, TcpListen, UdpListen};
 use crate::services::dhcp::{DhcpConfig, DhcpServer};
 use crate::services::dns::{DnsQuery, Reply, ResolvWatch};
 use crate::stack::{self, Stack};
 use crate::stats::{DropReason, Stats};
 use crate::wire::classify::{Verdict, classify};
 use crate::wire::emit::{self, Header};
-pub(crate) use ports::Command;
 
 mod ports;
 
@@ -118,9 +120,9 @@ enum Flow {
     Udp(UdpFlow),
     Icmp(IcmpFlow),
     Dns(DnsQuery),
-    TcpListen(ports::TcpListen),
-    UdpListen(ports::UdpListen),
-    Splice(Box<crate::nat::splice::SpliceFlow>),
+    TcpListen(TcpListen),
+    UdpListen(UdpListen),
+    Splice(Box<crate::ports::splice::SpliceFlow>),
     /// A second epoll source of the flow at this slab index (the guest
     /// side of a spliced connection).
     Alias(usize, u64),
@@ -286,24 +288,14 @@ pub struct Engine {
     _pidfd: Option<OwnedFd>,
     exit_fd: Option<RawFd>,
     ping_warned: bool,
-    rules: BTreeMap<u64, ports::Rule>,
-    next_rule: u64,
-    /// Published-UDP conversations: (guest endpoint, client as the guest
-    /// sees it) → the listener and the real client.
-    udp_return: HashMap<(SocketAddr, SocketAddr), ports::UdpReturn>,
-    /// The same by recency, for eviction at `Limits::udp_clients` and the
-    /// idle sweep.
-    udp_return_lru: BTreeSet<(Instant, SocketAddr, SocketAddr)>,
+    /// The published rules and published-UDP clients.
+    ports: Publisher,
     commands: mpsc::Receiver<Command>,
     next_sweep: Instant,
     dhcp: DhcpServer,
     /// The in-namespace agent for fast published ports.
-    fast: ports::FastPath,
-    /// Spliced flow slot → its alias slot.
-    splice_alias: HashMap<usize, usize>,
+    fast: FastPath,
     started: std::time::Instant,
-    /// Bytes moved by spliced connections that have closed (to, from guest).
-    spliced_closed: (u64, u64),
     limits: crate::config::Limits,
     /// TCP flows whose host connect is in progress.
     half_open: usize,
@@ -428,17 +420,12 @@ impl Engine {
             control: control.clone(),
             _pidfd: pidfd,
             ping_warned: false,
-            rules: BTreeMap::new(),
-            next_rule: 1,
-            udp_return: HashMap::new(),
-            udp_return_lru: BTreeSet::new(),
+            ports: Publisher::default(),
             commands,
             next_sweep: stack::now(),
             dhcp,
-            fast: ports::FastPath::default(),
-            splice_alias: HashMap::new(),
+            fast: FastPath::default(),
             started: std::time::Instant::now(),
-            spliced_closed: (0, 0),
             limits: cfg_limits,
             half_open: 0,
             mem: RingBudget::new(cfg_limits.memory_budget),
@@ -478,7 +465,7 @@ impl Engine {
                 match ev.token() {
                     TAP => self.tap_readable = true,
                     WAKER => self.handle_commands(),
-                    t @ (ports::AGENT | ports::LAUNCHER) => self.agent_event(t, now),
+                    t @ (fastpath::AGENT | fastpath::LAUNCHER) => self.agent_event(t, now),
                     PIDFD => return Ok(ExitReason::TargetExited),
                     TEST_HOOK => panic!("test hook: SIGUSR2 asked the data plane to panic"),
                     LOCAL_ADDRS => match self.local.on_event() {
@@ -1534,7 +1521,7 @@ impl Engine {
                 Flow::Icmp(f) => f.to_guest(&self.cfg, &mut self.stack, self.tap.tx(), now),
                 Flow::TcpListen(_) => self.accept_tcp(idx, now),
                 Flow::Splice(f) => {
-                    if f.service() == crate::nat::splice::SpliceStep::Done {
+                    if f.service() == crate::ports::splice::SpliceStep::Done {
                         self.remove(idx);
                     }
                 }
@@ -1748,14 +1735,14 @@ impl Engine {
                 let _ = reg.deregister(&mut f.host);
                 let _ = reg.deregister(&mut f.guest);
                 let (up, down) = f.bytes();
-                self.spliced_closed.0 += up;
-                self.spliced_closed.1 += down;
+                self.ports.spliced_closed.0 += up;
+                self.ports.spliced_closed.1 += down;
                 debug!(up, down, "spliced connection closed");
                 self.stats.tcp_flows.fetch_sub(1, Ordering::Relaxed);
                 if let Some(client) = f.transparent_client {
                     self.fast.release(client);
                 }
-                if let Some(alias) = self.splice_alias.remove(&idx)
+                if let Some(alias) = self.ports.splice_alias.remove(&idx)
                     && self.flows.contains(alias)
                 {
                     self.flows.remove(alias);
@@ -1764,7 +1751,7 @@ impl Engine {
             Flow::Alias(..) => {}
             Flow::UdpListen(mut l) => {
                 let _ = reg.deregister(&mut l.socket);
-                self.forget_udp_clients_of(idx);
+                self.ports.forget_udp_clients_of(idx);
             }
         }
     }
@@ -1836,7 +1823,7 @@ impl Engine {
         };
         let mut tcp: BTreeMap<String, u64> = BTreeMap::new();
         let (mut spliced, mut udp, mut icmp, mut dns) = (0u64, 0u64, 0u64, 0u64);
-        let (mut up, mut down) = self.spliced_closed;
+        let (mut up, mut down) = self.ports.spliced_closed;
         let mut conns: HashMap<u64, u64> = HashMap::new();
         for (_, slot) in self.flows.iter() {
             match &slot.flow {
@@ -1859,10 +1846,9 @@ impl Engine {
         let s = self.stats.snapshot();
         let out = self.tap.out_counters();
         let ports = self
-            .rules
-            .values()
-            .map(|r| {
-                let p = &r.info;
+            .ports
+            .infos()
+            .map(|p| {
                 PortStatus {
                     id: p.id,
                     proto: p.spec.proto,
@@ -1893,7 +1879,7 @@ impl Engine {
                 udp,
                 icmp,
                 dns,
-                udp_clients: self.udp_return.len() as u64,
+                udp_clients: self.ports.udp_clients() as u64,
             },
             tcp_opened: s.tcp_opened,
             tcp_memory: TcpMemory {

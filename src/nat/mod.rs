@@ -18,7 +18,6 @@
 
 pub mod icmp;
 pub mod local;
-pub mod splice;
 pub mod tcp;
 pub mod udp;
 pub mod udpio;
@@ -231,46 +230,6 @@ pub fn guest_view(cfg: &Config, from: SocketAddr) -> Option<SocketAddrV4> {
                 SocketAddrV4::new(ip, a.port())
             }
         }),
-    }
-}
-
-/// Where a client of a published port reaches the guest, and as whom it
-/// appears there: `(guest endpoint, client as the guest sees it)`, both of
-/// one family.
-///
-/// The guest address is `guest_ip` when the rule names one; otherwise the
-/// guest itself in the client's family (its IPv6 address for an IPv6
-/// client while IPv6 is on, its IPv4 address otherwise). The client keeps
-/// its own address when the families match ([`guest_view`],
-/// [`guest_view6`]); a client of the other family appears as the gateway of
-/// the guest's family, the only such address the guest can answer. None
-/// when the guest is IPv6 and IPv6 is off.
-pub fn published_target(
-    cfg: &Config,
-    guest_ip: Option<IpAddr>,
-    guest_port: u16,
-    peer: SocketAddr,
-) -> Option<(SocketAddr, SocketAddr)> {
-    let v4_client = guest_view(cfg, peer);
-    let guest = match guest_ip {
-        Some(ip) => ip,
-        None => match (v4_client, cfg.ipv6_guest()) {
-            (None, Some(g6)) => IpAddr::V6(g6),
-            _ => IpAddr::V4(cfg.guest()),
-        },
-    };
-    match guest {
-        IpAddr::V4(g) => {
-            let client = v4_client.unwrap_or_else(|| SocketAddrV4::new(cfg.gateway(), peer.port()));
-            Some((SocketAddrV4::new(g, guest_port).into(), client.into()))
-        }
-        IpAddr::V6(g) => {
-            let client = match guest_view6(cfg, peer) {
-                Some(c) => c,
-                None => SocketAddrV6::new(cfg.ipv6_gateway()?, peer.port(), 0, 0),
-            };
-            Some((SocketAddrV6::new(g, guest_port, 0, 0).into(), client.into()))
-        }
     }
 }
 
@@ -501,55 +460,6 @@ mod tests {
             guest_view6(&on, "[::1]:9".parse().unwrap()),
             Some(s6("[fd00::2]:9"))
         );
-    }
-
-    #[test]
-    fn published_targets_by_family() {
-        let v6 = Config::builder()
-            .ipv6(Some("fd00::".parse().unwrap()))
-            .build()
-            .unwrap();
-        let v4only = Config::builder().build().unwrap();
-        let s = |s: &str| -> SocketAddr { s.parse().unwrap() };
-        let t = |cfg: &Config, g: Option<&str>, peer: &str| {
-            published_target(cfg, g.map(|g| g.parse().unwrap()), 80, s(peer))
-        };
-        // No guest address: the guest in the client's family.
-        assert_eq!(
-            t(&v6, None, "127.0.0.1:5000"),
-            Some((s("10.0.2.100:80"), s("10.0.2.2:5000")))
-        );
-        assert_eq!(
-            t(&v6, None, "[::ffff:198.18.0.9]:5000"),
-            Some((s("10.0.2.100:80"), s("198.18.0.9:5000")))
-        );
-        assert_eq!(
-            t(&v6, None, "[::1]:5000"),
-            Some((s("[fd00::100]:80"), s("[fd00::2]:5000")))
-        );
-        assert_eq!(
-            t(&v6, None, "[fd42::9]:5000"),
-            Some((s("[fd00::100]:80"), s("[fd42::9]:5000")))
-        );
-        // IPv6 off: an IPv6 client reaches the IPv4 guest as the gateway.
-        assert_eq!(
-            t(&v4only, None, "[fd42::9]:5000"),
-            Some((s("10.0.2.100:80"), s("10.0.2.2:5000")))
-        );
-        // A named guest address decides the family.
-        assert_eq!(
-            t(&v6, Some("10.0.2.100"), "[::1]:5000"),
-            Some((s("10.0.2.100:80"), s("10.0.2.2:5000")))
-        );
-        assert_eq!(
-            t(&v6, Some("fd00::100"), "127.0.0.1:5000"),
-            Some((s("[fd00::100]:80"), s("[fd00::2]:5000")))
-        );
-        assert_eq!(
-            t(&v6, Some("fd00::100"), "[fd42::9]:5000"),
-            Some((s("[fd00::100]:80"), s("[fd42::9]:5000")))
-        );
-        assert_eq!(t(&v4only, Some("fd00::100"), "[::1]:5000"), None);
     }
 
     #[test]

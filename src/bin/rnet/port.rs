@@ -45,7 +45,7 @@ pub fn run(args: PortArgs) -> Result<u8, String> {
         .api_socket
         .ok_or("--api-socket PATH is required: the control socket the running rnet serves")?;
     let call = |req: Value| -> Result<Value, String> {
-        let reply = rnet::api::call(&path, &req).map_err(|e| e.to_string())?;
+        let reply = rnet::ports::api::call(&path, &req).map_err(|e| e.to_string())?;
         if let Some(err) = reply.get("error") {
             if args.json {
                 println!("{reply}");

@@ -25,8 +25,8 @@ pub struct StatusArgs {
 }
 
 fn fetch(path: &Path) -> Result<Value, String> {
-    let reply =
-        rnet::api::call(path, &json!({"execute": "get_status"})).map_err(|e| e.to_string())?;
+    let reply = rnet::ports::api::call(path, &json!({"execute": "get_status"}))
+        .map_err(|e| e.to_string())?;
     if let Some(err) = reply.get("error") {
         return Err(err["desc"].as_str().unwrap_or("error").to_string());
     }

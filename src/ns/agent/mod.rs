@@ -1169,8 +1169,8 @@ impl AgentState {
 /// that listen: state 0A (LISTEN) for TCP, 07 (CLOSE, i.e. bound and not
 /// connected) for UDP. Malformed lines are skipped.
 fn parse_proc_net(text: &str, proto: Proto) -> Vec<SocketAddr> {
-    let want = crate::autopub::listen_state(proto);
-    crate::autopub::parse_table(text)
+    let want = crate::ports::auto::listen_state(proto);
+    crate::ports::auto::parse_table(text)
         .into_iter()
         .filter(|(_, st)| *st == want)
         .map(|(a, _)| a)

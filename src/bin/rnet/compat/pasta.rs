@@ -89,7 +89,7 @@ use std::time::Duration;
 
 use nix::sys::signal::{SigSet, Signal};
 use nix::unistd::{ForkResult, Pid};
-use rnet::autopub::AutoPublish;
+use rnet::ports::auto::AutoPublish;
 use rnet::{Config, Ipv4Cidr, Network, OutboundPolicy, PortSpec, Proto, Target, config};
 use tracing::{info, warn};
 
@@ -690,7 +690,7 @@ fn serve(o: &PastaOptions, ready: Option<&mut File>) -> Result<(), String> {
         let opener = rnet::ns::opener::Opener::spawn(&target).map_err(|e| format!("-T/-U: {e}"))?;
         reverse = pasta_fwd::open_listeners(&opener, &explicit)?;
         if let Some(a) = auto {
-            let tables = rnet::autopub::Tables::open(std::process::id() as i32)
+            let tables = rnet::ports::auto::Tables::open(std::process::id() as i32)
                 .map_err(|e| format!("-T/-U auto: the host's socket tables: {e}"))?;
             follow = Some((a, tables, opener));
         }

@@ -35,8 +35,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rnet::Proto;
-use rnet::autopub::Tables;
 use rnet::ns::opener::Opener;
+use rnet::ports::auto::Tables;
 use tracing::{debug, info, warn};
 
 /// Concurrent `-T` connections per port.

@@ -1,6 +1,6 @@
-//! Port publishing: the spec grammar shared by `-p`, `rnet port add` and the
-//! control socket, and the host listeners that carry connections into the
-//! namespace.
+//! The port spec: the rule types shared by `-p`, `rnet port add` and the
+//! control socket ([`PortSpec`], [`Proto`], [`IfName`]), their grammar, and
+//! what publishing reports back ([`PortInfo`], [`PortError`]).
 //!
 //! # Grammar
 //!
@@ -21,18 +21,6 @@
 //! - A rule may carry a host interface ([`PortSpec::iface`], from pasta
 //!   mode's `ADDR%IF/PORT`; this grammar has no syntax for it): its
 //!   listeners are bound to that device (`SO_BINDTODEVICE`).
-//!
-//! # Theory of operation
-//!
-//! Each published host port is a listening socket in the event loop. An
-//! accepted TCP connection becomes a flow whose smoltcp socket connects to
-//! the guest *from the client's own address and port*, so the guest server
-//! sees the real client (a client on the host's loopback appears as the
-//! gateway, which is the only address the guest can answer). A UDP datagram
-//! is delivered the same way, and the guest's answers, addressed to that
-//! client, are matched back to the listener they came in on and sent from
-//! it. This is the "stack" path; it needs no privilege and no helper inside
-//! the namespace.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};

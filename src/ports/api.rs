@@ -15,8 +15,9 @@
 //! its own (at most [`MAX_CLIENTS`] at once), with one deadline for the
 //! whole exchange ([`REQUEST_DEADLINE`], however the bytes trickle in), so a
 //! slow or silent client delays nobody and holds a slot for a bounded time.
-//! Requests reach the event loop through [`crate::Handle`], which queues
-//! them and wakes the loop; the data plane never waits for a client.
+//! Requests reach the event loop through a [`PortControl`] (the library's
+//! handle, which queues them and wakes the loop); the data plane never
+//! waits for a client.
 //!
 //! # Who may connect
 //!
@@ -52,8 +53,7 @@ use nix::fcntl::AtFlags;
 use serde_json::{Value, json};
 use tracing::{debug, info, warn};
 
-use crate::Handle;
-use crate::ports::{PortError, PortInfo, PortSpec, Proto};
+use super::{PortControl, PortError, PortInfo, PortSpec, Proto};
 use crate::sandbox::KeptDir;
 
 /// Largest request accepted; slirp4netns's limit.
@@ -201,7 +201,11 @@ impl ApiListener {
     }
 
     /// Serves the socket on a new thread.
-    pub fn serve(self, handle: Handle, default_guest: Ipv4Addr) -> io::Result<ApiServer> {
+    pub fn serve(
+        self,
+        handle: Arc<dyn PortControl>,
+        default_guest: Ipv4Addr,
+    ) -> io::Result<ApiServer> {
         let wake = self.listener.try_clone()?;
         let stop = Arc::new(AtomicBool::new(false));
         let refused = Arc::new(AtomicU64::new(0));
@@ -229,7 +233,11 @@ impl ApiListener {
 impl ApiServer {
     /// Creates the socket at `path` (mode 0600; an existing socket file is
     /// replaced) and serves it on a new thread.
-    pub fn start(path: &Path, handle: Handle, default_guest: Ipv4Addr) -> io::Result<ApiServer> {
+    pub fn start(
+        path: &Path,
+        handle: Arc<dyn PortControl>,
+        default_guest: Ipv4Addr,
+    ) -> io::Result<ApiServer> {
         ApiServer::bind(path)?.serve(handle, default_guest)
     }
 
@@ -355,7 +363,7 @@ impl Every {
 }
 
 struct Server {
-    handle: Handle,
+    handle: Arc<dyn PortControl>,
     guest: Ipv4Addr,
     stop: Arc<AtomicBool>,
     refused: Arc<AtomicU64>,
@@ -428,7 +436,7 @@ impl Server {
                 .spawn(move || {
                     let deadline = Instant::now() + REQUEST_DEADLINE;
                     let reply = match read_request(&mut conn, deadline) {
-                        Ok(req) => respond(&req, &handle, guest),
+                        Ok(req) => respond(&req, &*handle, guest),
                         Err(e) => e,
                     };
                     // The reply may take the rest of the deadline, and at
@@ -541,7 +549,7 @@ fn error_reply(desc: &str, detail: Option<String>) -> String {
 }
 
 /// Answers one parsed request. Public so the fuzzer can drive it.
-pub fn respond(req: &Value, handle: &Handle, guest: Ipv4Addr) -> String {
+pub fn respond(req: &Value, handle: &dyn PortControl, guest: Ipv4Addr) -> String {
     match parse_request(req, guest) {
         Err(desc) => error_reply(desc, None),
         Ok(Request::Add(spec)) => match handle.add_port(spec) {
@@ -567,7 +575,7 @@ pub fn respond(req: &Value, handle: &Handle, guest: Ipv4Addr) -> String {
             ),
         },
         Ok(Request::Status) => match handle.status() {
-            Ok(v) => json!({ "return": v.to_json() }).to_string(),
+            Ok(v) => json!({ "return": v }).to_string(),
             Err(e) => error_reply("bad request: get_status failed", Some(e.to_string())),
         },
         Ok(Request::List) => match handle.ports() {

@@ -23,8 +23,7 @@ use std::time::Duration;
 
 use tracing::{debug, info, warn};
 
-use crate::Handle;
-use crate::ports::{PortSpec, Proto};
+use super::{PortControl, PortSpec, Proto};
 
 /// How often the socket tables are read.
 pub const SCAN_INTERVAL: Duration = Duration::from_millis(250);
@@ -46,7 +45,7 @@ impl FromStr for AutoPublish {
     /// `[FIRST[-LAST]][/tcp|/udp]`; empty means every TCP port.
     fn from_str(s: &str) -> Result<Self, String> {
         let (range, proto) = match s.rsplit_once('/') {
-            Some((r, p)) => (r, p.parse().map_err(|e: crate::ports::PortSpecError| e.0)?),
+            Some((r, p)) => (r, p.parse().map_err(|e: super::PortSpecError| e.0)?),
             None => (s, Proto::Tcp),
         };
         let (first, last) = if range.is_empty() {
@@ -287,7 +286,7 @@ impl Tables {
 }
 
 /// Runs the watcher until the network stops.
-pub fn watch(tables: Tables, rules: Vec<AutoPublish>, handle: Handle) {
+pub fn watch(tables: Tables, rules: Vec<AutoPublish>, handle: &dyn PortControl) {
     let pid = tables.pid;
     let mut published: BTreeMap<(Proto, u16), u64> = BTreeMap::new();
     let mut warned: BTreeSet<(Proto, u16)> = BTreeSet::new();
