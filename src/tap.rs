@@ -35,7 +35,7 @@
 //! inner network header offsets). A VXLAN device in the guest then hands
 //! over one encapsulated 64 KiB TCP segment instead of ~45 datagrams of
 //! 1,500 bytes, each its own read. [`Tap::read_frame`] cuts it at once
-//! ([`crate::nat::udpio::segment_tunnel`], inner checksums complete) and
+//! ([`crate::nat::tunnel`], inner checksums complete) and
 //! returns the datagrams as USO super-frames of the outer flow (two when
 //! they exceed one IP packet), which leave in `UDP_SEGMENT` sends like any
 //! other. Without the kernel feature the guest segments in software and
@@ -50,7 +50,7 @@ use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use smoltcp::wire::{EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, Ipv6Packet};
 
-use crate::nat::udpio::{TunnelGso, segment_tunnel};
+use crate::nat::tunnel::{TunnelGso, TunnelTrain};
 use crate::pcap::PcapWriter;
 
 /// Largest frame a TAP hands us: 65535-byte IP packet plus the Ethernet
@@ -264,20 +264,6 @@ pub struct Tap {
     tunnel_frames: u64,
 }
 
-/// The datagrams of a cut UDP-tunnel super-frame ([`Tap::read_frame`]
-/// returns them a frame at a time).
-struct TunnelTrain {
-    /// The outer Ethernet, IP and UDP headers.
-    outer: [u8; 128],
-    outer_len: usize,
-    /// The outer UDP payloads, back to back.
-    train: Box<[u8]>,
-    len: usize,
-    at: usize,
-    /// Size of each datagram (the last may be shorter).
-    dgram: usize,
-}
-
 /// Frames and bytes written to the TAP.
 #[derive(Default, Clone, Copy, Debug)]
 pub struct OutCounters {
@@ -449,68 +435,23 @@ impl Tap {
     /// parse stays as it is, unsupported (the classifier drops and counts
     /// it).
     fn cut_tunnel(&mut self, t: TunnelGso, n: usize) -> usize {
-        let outer_len = t.outer_th + 8;
-        let tr = self.tunnel.get_or_insert_with(|| {
-            Box::new(TunnelTrain {
-                outer: [0; 128],
-                outer_len: 0,
-                train: vec![0u8; 2 * MAX_FRAME].into_boxed_slice(),
-                len: 0,
-                at: 0,
-                dgram: 0,
-            })
-        });
-        let outer_ip = matches!(self.rx.get(12..14), Some([0x08, 0x00] | [0x86, 0xdd]));
-        if !outer_ip || outer_len > tr.outer.len() || n < outer_len || outer_len < 14 + 20 + 8 {
+        let tr = self.tunnel.get_or_insert_with(Box::default);
+        if !tr.cut(&self.rx[..n], t, self.rx.len()) {
             return n;
         }
-        let Some((len, dgram)) = segment_tunnel(&self.rx[..n], t, &mut tr.train) else {
-            return n;
-        };
-        // Every frame must hold one whole datagram in one IP packet.
-        if dgram > 65535 - (outer_len - 14) || outer_len + dgram > self.rx.len() {
-            return n;
-        }
-        tr.outer[..outer_len].copy_from_slice(&self.rx[..outer_len]);
-        (tr.outer_len, tr.len, tr.at, tr.dgram) = (outer_len, len, 0, dgram);
         self.tunnel_frames += 1;
         self.next_tunnel_frame().unwrap_or(n)
     }
 
-    /// The next frame of a cut tunnel super-frame, if datagrams are left:
-    /// the outer headers and as many whole datagrams as one IP packet
-    /// holds, as a USO super-frame (one datagram: a plain frame).
+    /// The next frame of a cut tunnel super-frame, if datagrams are left: a
+    /// USO super-frame of the outer flow (one datagram: a plain frame).
     fn next_tunnel_frame(&mut self) -> Option<usize> {
-        let t = self.tunnel.as_deref_mut()?;
-        if t.at >= t.len {
-            return None;
-        }
-        let ol = t.outer_len;
-        let ip_len = ol - 14 - 8;
-        let room = (65535 - ip_len - 8).min(self.rx.len() - ol);
-        let take = ((room / t.dgram).max(1) * t.dgram).min(t.len - t.at);
-        self.rx[..ol].copy_from_slice(&t.outer[..ol]);
-        self.rx[ol..ol + take].copy_from_slice(&t.train[t.at..t.at + take]);
-        t.at += take;
-        let n = ol + take;
-        let udp_len = 8 + take;
-        if self.rx[12..14] == [0x08, 0x00] {
-            let mut ip = Ipv4Packet::new_unchecked(&mut self.rx[14..n]);
-            ip.set_total_len((ip_len + udp_len) as u16);
-            ip.fill_checksum();
-        } else {
-            let mut ip = Ipv6Packet::new_unchecked(&mut self.rx[14..n]);
-            ip.set_payload_len((ip_len - 40 + udp_len) as u16);
-        }
-        self.rx[ol - 4..ol - 2].copy_from_slice(&(udp_len as u16).to_be_bytes());
-        // rnet terminates the outer UDP header: its checksum is not looked at.
-        self.rx[ol - 2..ol].copy_from_slice(&[0, 0]);
-        let several = take > t.dgram;
+        let (n, seg) = self.tunnel.as_deref_mut()?.next(&mut self.rx)?;
         self.rx_meta = RxMeta {
             l4_csum_vouched: true,
-            gso: several,
+            gso: seg.is_some(),
             unsupported: false,
-            udp_gso: several.then_some(t.dgram as u16),
+            udp_gso: seg,
         };
         if let Some(p) = &mut self.pcap {
             p.record(&self.rx[..n]);

@@ -20,6 +20,7 @@ pub mod icmp;
 pub mod local;
 pub mod splice;
 pub mod tcp;
+pub mod tunnel;
 pub mod udp;
 pub mod udpio;
 
