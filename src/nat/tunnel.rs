@@ -67,7 +67,7 @@ pub fn segment_tunnel(frame: &[u8], t: TunnelGso, out: &mut [u8]) -> Option<(usi
     };
     let body = l4 + l4_len;
     let payload = frame.get(body..)?;
-    if l4_len < 8 || payload.is_empty() {
+    if l4_len < if t.inner_udp { 8 } else { 20 } || payload.is_empty() {
         return None;
     }
     let head = &frame[tunnel..body];
@@ -164,8 +164,13 @@ impl TunnelTrain {
     /// bytes.
     pub fn cut(&mut self, frame: &[u8], t: TunnelGso, max_frame: usize) -> bool {
         let outer_len = t.outer_th + 8;
-        let outer_ip = matches!(frame.get(12..14), Some([0x08, 0x00] | [0x86, 0xdd]));
-        if !outer_ip || outer_len > self.outer.len() || frame.len() < outer_len || outer_len < 42 {
+        // Outer Ethernet, the IP header (IPv6: 40 bytes at least), UDP.
+        let least = match frame.get(12..14) {
+            Some([0x08, 0x00]) => 14 + 20 + 8,
+            Some([0x86, 0xdd]) => 14 + 40 + 8,
+            _ => return false,
+        };
+        if outer_len < least || outer_len > self.outer.len() || frame.len() < outer_len {
             return false;
         }
         let Some((len, dgram)) = segment_tunnel(frame, t, &mut self.train) else {
@@ -324,6 +329,21 @@ mod tests {
             )
             .is_none()
         );
+        let mut short = f.clone();
+        short[t.inner_nh + 20 + 12] = 2 << 4;
+        assert!(
+            segment_tunnel(&short, t, &mut out).is_none(),
+            "TCP header under 20 bytes"
+        );
+        let mut tr = TunnelTrain::new();
+        let mut v6 = f.clone();
+        v6[12..14].copy_from_slice(&[0x86, 0xdd]);
+        assert!(
+            !tr.cut(&v6, t, 65536),
+            "an IPv6 outer header cannot end at 34"
+        );
+        assert!(!tr.cut(&f, TunnelGso { outer_th: 200, ..t }, 65536));
+        assert!(tr.next(&mut vec![0u8; 65536]).is_none());
     }
 
     #[test]
