@@ -13,7 +13,8 @@
 # RNET=/path/to/rnet and NETBENCH=/path/to/netbench override the binaries
 # found in ${CARGO_TARGET_DIR:-target}/release (RNET_REV=... names rnet's
 # revision in the table). RNET_BENCH_ROWS=udp runs only the UDP rows (and
-# their limit columns).
+# their limit columns), RNET_BENCH_ROWS=vxlan only the VXLAN overlay rows
+# (bare veth, rnet and slirp4netns nodes; needs root for the test hosts).
 # Run as an unprivileged user; when started as root the whole run drops to
 # uid/gid 65534 (nobody) with setpriv (RootlessKit then gets a subuid/subgid
 # range through files bind-mounted in a private mount namespace).

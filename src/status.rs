@@ -68,6 +68,11 @@ pub struct TapStatus {
     pub offloads: bool,
     /// Whether UDP segmentation offload is on.
     pub uso: bool,
+    /// Whether the TAP takes UDP-tunnel GSO (a guest VXLAN device's
+    /// encapsulated TCP super-frames).
+    pub udp_tunnel_gso: bool,
+    /// Tunnel super-frames read from the TAP.
+    pub tunnel_frames_in: u64,
 }
 
 /// Open flows by protocol (and, for TCP, by state).
@@ -216,6 +221,8 @@ impl StatusReport {
                 "bytes_out": t.bytes_out,
                 "offloads": t.offloads,
                 "uso": t.uso,
+                "udp_tunnel_gso": t.udp_tunnel_gso,
+                "tunnel_frames_in": t.tunnel_frames_in,
             },
             "udp_io": self.udp_io.json(),
             "flows": {
@@ -283,6 +290,8 @@ impl StatusReport {
                 bytes_out: n(&t["bytes_out"]),
                 offloads: t["offloads"].as_bool().unwrap_or(false),
                 uso: t["uso"].as_bool().unwrap_or(false),
+                udp_tunnel_gso: t["udp_tunnel_gso"].as_bool().unwrap_or(false),
+                tunnel_frames_in: n(&t["tunnel_frames_in"]),
             },
             udp_io: UdpIo {
                 sends: n(&u["sends"]),
@@ -626,7 +635,8 @@ mod tests {
         let v = json!({
             "uptime_secs": 1.5,
             "tap": {"frames_in": 1, "bytes_in": 2, "frames_out": 3, "bytes_out": 4,
-                    "offloads": true, "uso": true},
+                    "offloads": true, "uso": true, "udp_tunnel_gso": true,
+                    "tunnel_frames_in": 40},
             "udp_io": {"sends": 5, "gso_sends": 6, "datagrams_out": 7, "uso_in": 8,
                        "uso_in_bad": 9, "recv_calls": 10, "datagrams_in": 11, "uso_out": 12,
                        "uso_out_datagrams": 13},

@@ -1871,6 +1871,8 @@ impl Engine {
                 bytes_out: out.bytes,
                 offloads: self.tap.offloads(),
                 uso: self.tap.uso(),
+                udp_tunnel_gso: self.tap.tunnel_gso(),
+                tunnel_frames_in: self.tap.tunnel_frames(),
             },
             udp_io: self.udp_io,
             flows: FlowCounts {

@@ -19,6 +19,7 @@
 pub mod icmp;
 pub mod local;
 pub mod tcp;
+pub mod tunnel;
 pub mod udp;
 pub mod udpio;
 

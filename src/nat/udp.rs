@@ -328,8 +328,19 @@ impl<'a> TrainOut<'a> {
             (SocketAddr::V6(s), SocketAddr::V6(d)) => emit::udp6_frame(buf, &h, s, d, t.len),
             _ => 0,
         };
+        // A super-frame's checksum is the pseudo-header sum the TAP layer
+        // puts there: summing the whole train first would be wasted.
+        let train = |buf: &mut [u8]| match (t.src, t.dst) {
+            (SocketAddr::V4(s), SocketAddr::V4(d)) => {
+                emit::udp_frame_unsummed(buf, &h, s, d, t.len)
+            }
+            (SocketAddr::V6(s), SocketAddr::V6(d)) => {
+                emit::udp6_frame_unsummed(buf, &h, s, d, t.len)
+            }
+            _ => 0,
+        };
         let sent = if t.count > 1 {
-            let ok = self.tx.build_udp_train(t.seg as u16, frame);
+            let ok = self.tx.build_udp_train(t.seg as u16, train);
             if ok {
                 io.uso_out += 1;
                 io.uso_out_datagrams += t.count as u64;

@@ -12,7 +12,8 @@
 //!   one destination leave in one `sendmsg`, the kernel cutting them apart.
 //!
 //! [`GsoBatch`] collects the guest's consecutive datagrams of one flow so
-//! they can leave that way.
+//! they can leave that way (a guest's UDP-tunnel super-frames are cut into
+//! such trains by [`crate::nat::tunnel`]).
 
 use std::io;
 use std::net::SocketAddr;

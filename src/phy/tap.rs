@@ -27,6 +27,19 @@
 //! `UDP_SEGMENT` send, and a train of same-size datagrams for the guest
 //! leaves as one such frame ([`TapTx::build_udp_train`]). A kernel without
 //! USO keeps the other offloads.
+//!
+//! UDP-tunnel GSO (`TUN_F_UDP_TUNNEL_GSO` and `_CSUM`, Linux 6.17) is
+//! asked for on top of USO (unless `RNET_NO_UDP_TUNNEL_GSO=1`), with the
+//! 24-byte header it needs (`virtio_net_hdr_v1_hash_tunnel`: the 12 bytes
+//! above, hash value and report, padding, then the outer transport and
+//! inner network header offsets). A VXLAN device in the guest then hands
+//! over one encapsulated 64 KiB TCP segment instead of ~45 datagrams of
+//! 1,500 bytes, each its own read. [`Tap::read_frame`] cuts it at once
+//! ([`crate::nat::tunnel`], inner checksums complete) and
+//! returns the datagrams as USO super-frames of the outer flow (two when
+//! they exceed one IP packet), which leave in `UDP_SEGMENT` sends like any
+//! other. Without the kernel feature the guest segments in software and
+//! every datagram is a read, as before.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
@@ -37,6 +50,7 @@ use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use smoltcp::wire::{EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, Ipv6Packet};
 
+use crate::nat::tunnel::{TunnelGso, TunnelTrain};
 use crate::phy::pcap::PcapWriter;
 
 /// Largest frame a TAP hands us: 65535-byte IP packet plus the Ethernet
@@ -57,6 +71,9 @@ pub enum ReadOutcome {
 /// Length of the virtio-net header (`struct virtio_net_hdr_mrg_rxbuf`)
 /// rnet asks for with TUNSETVNETHDRSZ.
 pub const VNET_HDR_LEN: usize = 12;
+/// Length of the header with the UDP-tunnel fields
+/// (`struct virtio_net_hdr_v1_hash_tunnel`).
+pub const VNET_TNL_HDR_LEN: usize = 24;
 
 /// Largest frame rnet hands the kernel as one GSO frame: a 65535-byte IP
 /// packet plus the Ethernet header.
@@ -96,6 +113,11 @@ impl VnetHdr {
     pub const GSO_UDP_L4: u8 = 5;
     /// Bit set on top of the GSO type when the segment carries CWR.
     pub const GSO_ECN: u8 = 0x80;
+    /// Bit set on top of the inner GSO type: the frame is a UDP tunnel
+    /// over IPv4 (`GSO_UDP_TUNNEL_IPV4`).
+    pub const GSO_UDP_TUNNEL_IPV4: u8 = 0x20;
+    /// The same over IPv6.
+    pub const GSO_UDP_TUNNEL_IPV6: u8 = 0x40;
 
     /// Parses the header from its 12 bytes.
     pub fn parse(b: &[u8; VNET_HDR_LEN]) -> Self {
@@ -153,8 +175,56 @@ pub struct RxMeta {
 pub const TUN_F_USO4: libc::c_uint = 0x20;
 /// `TUN_F_USO6`: the same for IPv6.
 pub const TUN_F_USO6: libc::c_uint = 0x40;
+/// `TUN_F_UDP_TUNNEL_GSO` (linux/if_tun.h, 6.17): the TAP takes TSO/USO
+/// super-frames inside a UDP tunnel.
+pub const TUN_F_UDP_TUNNEL_GSO: libc::c_uint = 0x80;
+/// `TUN_F_UDP_TUNNEL_GSO_CSUM`: the same when the outer UDP header carries
+/// a checksum (Linux VXLAN's default).
+pub const TUN_F_UDP_TUNNEL_GSO_CSUM: libc::c_uint = 0x100;
 
 nix::ioctl_write_int_bad!(tun_set_offload, libc::TUNSETOFFLOAD);
+nix::ioctl_write_ptr_bad!(tun_set_vnet_hdr_sz, libc::TUNSETVNETHDRSZ, libc::c_int);
+
+/// Sets the virtio-net header length of a TAP descriptor.
+fn set_vnet_hdr_len(fd: BorrowedFd<'_>, len: usize) -> nix::Result<()> {
+    let len = len as libc::c_int;
+    // SAFETY: TUNSETVNETHDRSZ reads one C int through the pointer, which
+    // lives for the call; on a descriptor that is not a TAP it fails.
+    unsafe { tun_set_vnet_hdr_sz(fd.as_raw_fd(), &len) }.map(drop)
+}
+
+/// Adds UDP-tunnel GSO to a TAP that has USO, unless
+/// `RNET_NO_UDP_TUNNEL_GSO=1`: the 24-byte header first (the kernel drops
+/// tunnel frames it cannot describe in a shorter one), then the offload;
+/// where the kernel refuses, the 12-byte header again. Whether it is on.
+fn try_tunnel_gso(fd: BorrowedFd<'_>) -> bool {
+    if std::env::var_os("RNET_NO_UDP_TUNNEL_GSO").is_some_and(|v| v == "1") {
+        tracing::debug!("UDP-tunnel GSO off (RNET_NO_UDP_TUNNEL_GSO=1)");
+        return false;
+    }
+    if let Err(e) = set_vnet_hdr_len(fd, VNET_TNL_HDR_LEN) {
+        tracing::debug!(error = %e, "no 24-byte virtio-net header: no UDP-tunnel GSO");
+        return false;
+    }
+    let flags = libc::TUN_F_CSUM
+        | libc::TUN_F_TSO4
+        | libc::TUN_F_TSO6
+        | TUN_F_USO4
+        | TUN_F_USO6
+        | TUN_F_UDP_TUNNEL_GSO
+        | TUN_F_UDP_TUNNEL_GSO_CSUM;
+    // SAFETY: as in try_uso.
+    match unsafe { tun_set_offload(fd.as_raw_fd(), flags as libc::c_int) } {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::debug!(error = %e, "no UDP-tunnel GSO on this TAP");
+            if let Err(e) = set_vnet_hdr_len(fd, VNET_HDR_LEN) {
+                tracing::warn!(error = %e, "cannot restore the 12-byte virtio-net header");
+            }
+            false
+        }
+    }
+}
 
 /// Adds UDP segmentation offload to a TAP opened with the other offloads,
 /// unless `RNET_NO_USO=1`; false (logged at debug) where the kernel or the
@@ -185,7 +255,13 @@ pub struct Tap {
     out: OutCounters,
     vnet: bool,
     uso: bool,
+    /// UDP-tunnel GSO on: 24-byte headers.
+    tnl: bool,
     rx_meta: RxMeta,
+    /// A cut tunnel super-frame whose datagrams are still to be returned.
+    tunnel: Option<Box<TunnelTrain>>,
+    /// Tunnel super-frames cut so far.
+    tunnel_frames: u64,
 }
 
 /// Frames and bytes written to the TAP.
@@ -211,6 +287,7 @@ impl Tap {
         let flags = OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK;
         fcntl(&fd, FcntlArg::F_SETFL(flags))?;
         let uso = vnet && try_uso(fd.as_fd());
+        let tnl = uso && try_tunnel_gso(fd.as_fd());
         Ok(Self {
             fd,
             rx: vec![0u8; MAX_FRAME].into_boxed_slice(),
@@ -219,8 +296,21 @@ impl Tap {
             out: OutCounters::default(),
             vnet,
             uso,
+            tnl,
             rx_meta: RxMeta::default(),
+            tunnel: None,
+            tunnel_frames: 0,
         })
+    }
+
+    /// Whether the guest may hand over UDP-tunnel super-frames.
+    pub fn tunnel_gso(&self) -> bool {
+        self.tnl
+    }
+
+    /// UDP-tunnel super-frames from the guest cut so far.
+    pub fn tunnel_frames(&self) -> u64 {
+        self.tunnel_frames
     }
 
     /// Whether frames carry a virtio-net header (offloads on).
@@ -264,10 +354,21 @@ impl Tap {
     /// comes in the same readv, so the frame still starts at the beginning
     /// of the buffer).
     pub fn read_frame(&mut self) -> io::Result<ReadOutcome> {
-        let mut hdr = [0u8; VNET_HDR_LEN];
+        if let Some(n) = self.next_tunnel_frame() {
+            return Ok(ReadOutcome::Frame(n));
+        }
+        let mut hdr = [0u8; VNET_TNL_HDR_LEN];
+        let hdr_len = if self.tnl {
+            VNET_TNL_HDR_LEN
+        } else {
+            VNET_HDR_LEN
+        };
         let n = loop {
             let r = if self.vnet {
-                let mut iov = [IoSliceMut::new(&mut hdr), IoSliceMut::new(&mut self.rx)];
+                let mut iov = [
+                    IoSliceMut::new(&mut hdr[..hdr_len]),
+                    IoSliceMut::new(&mut self.rx),
+                ];
                 nix::sys::uio::readv(&self.fd, &mut iov)
             } else {
                 nix::unistd::read(&self.fd, &mut self.rx)
@@ -282,7 +383,13 @@ impl Tap {
             }
         };
         let n = if self.vnet {
-            self.take_vnet_hdr(&hdr, n)
+            let n = self.take_vnet_hdr(&hdr, hdr_len, n);
+            if self.rx_meta.unsupported && self.tnl {
+                if let Some(t) = tunnel_gso(&hdr) {
+                    return Ok(ReadOutcome::Frame(self.cut_tunnel(t, n)));
+                }
+            }
+            n
         } else {
             n
         };
@@ -295,14 +402,14 @@ impl Tap {
     /// Notes what the header of a read of `n` bytes says about the frame
     /// behind it, completes a partial checksum inside its payload, and
     /// returns the frame's length.
-    fn take_vnet_hdr(&mut self, hdr: &[u8; VNET_HDR_LEN], n: usize) -> usize {
-        if n < VNET_HDR_LEN {
+    fn take_vnet_hdr(&mut self, hdr: &[u8; VNET_TNL_HDR_LEN], hdr_len: usize, n: usize) -> usize {
+        if n < hdr_len {
             // Cannot come from the kernel; an empty frame is dropped (and
             // counted) as malformed by the classifier.
             self.rx_meta = RxMeta::default();
             return 0;
         }
-        let h = VnetHdr::parse(hdr);
+        let h = VnetHdr::parse(hdr[..VNET_HDR_LEN].try_into().unwrap_or(&[0; VNET_HDR_LEN]));
         let gso = h.gso_type & !VnetHdr::GSO_ECN;
         self.rx_meta = RxMeta {
             l4_csum_vouched: h.flags & (VnetHdr::NEEDS_CSUM | VnetHdr::DATA_VALID) != 0,
@@ -316,11 +423,40 @@ impl Tap {
             ),
             udp_gso: (gso == VnetHdr::GSO_UDP_L4).then_some(h.gso_size),
         };
-        let n = n - VNET_HDR_LEN;
-        if h.flags & VnetHdr::NEEDS_CSUM != 0 {
+        let n = n - hdr_len;
+        if h.flags & VnetHdr::NEEDS_CSUM != 0 && !self.rx_meta.unsupported {
             complete_inner_checksum(&mut self.rx[..n], &h);
         }
         n
+    }
+
+    /// Cuts the UDP-tunnel super-frame of `n` bytes in the receive buffer
+    /// and returns the first frame of its datagrams; a frame that does not
+    /// parse stays as it is, unsupported (the classifier drops and counts
+    /// it).
+    fn cut_tunnel(&mut self, t: TunnelGso, n: usize) -> usize {
+        let tr = self.tunnel.get_or_insert_with(Box::default);
+        if !tr.cut(&self.rx[..n], t, self.rx.len()) {
+            return n;
+        }
+        self.tunnel_frames += 1;
+        self.next_tunnel_frame().unwrap_or(n)
+    }
+
+    /// The next frame of a cut tunnel super-frame, if datagrams are left: a
+    /// USO super-frame of the outer flow (one datagram: a plain frame).
+    fn next_tunnel_frame(&mut self) -> Option<usize> {
+        let (n, seg) = self.tunnel.as_deref_mut()?.next(&mut self.rx)?;
+        self.rx_meta = RxMeta {
+            l4_csum_vouched: true,
+            gso: seg.is_some(),
+            unsupported: false,
+            udp_gso: seg,
+        };
+        if let Some(p) = &mut self.pcap {
+            p.record(&self.rx[..n]);
+        }
+        Some(n)
     }
 
     /// The receive buffer (valid up to the length [`Tap::read_frame`] returned)
@@ -336,6 +472,7 @@ impl Tap {
                 out: &mut self.out,
                 vnet: self.vnet,
                 uso: self.uso,
+                tnl: self.tnl,
             },
         )
     }
@@ -349,6 +486,7 @@ impl Tap {
             out: &mut self.out,
             vnet: self.vnet,
             uso: self.uso,
+            tnl: self.tnl,
         }
     }
 }
@@ -368,6 +506,7 @@ pub struct TapTx<'a> {
     out: &'a mut OutCounters,
     vnet: bool,
     uso: bool,
+    tnl: bool,
 }
 
 impl TapTx<'_> {
@@ -438,8 +577,14 @@ impl TapTx<'_> {
 
     fn write(&mut self, len: usize, hdr: VnetHdr) -> bool {
         let frame = &self.buf[..len];
-        let hdr = hdr.to_bytes();
-        let sent = write_frame(self.fd, self.vnet.then_some(&hdr), frame);
+        let mut bytes = [0u8; VNET_TNL_HDR_LEN];
+        bytes[..VNET_HDR_LEN].copy_from_slice(&hdr.to_bytes());
+        let hdr = &bytes[..if self.tnl {
+            VNET_TNL_HDR_LEN
+        } else {
+            VNET_HDR_LEN
+        }];
+        let sent = write_frame(self.fd, self.vnet.then_some(hdr), frame);
         if sent {
             self.out.frames += 1;
             self.out.bytes += len as u64;
@@ -459,6 +604,7 @@ impl TapTx<'_> {
             out: self.out,
             vnet: self.vnet,
             uso: self.uso,
+            tnl: self.tnl,
         }
     }
 }
@@ -640,10 +786,32 @@ fn fold(mut sum: u32) -> u16 {
     sum as u16
 }
 
+/// The tunnel part of a 24-byte header: None unless the frame is a TCP or
+/// UDP super-frame inside a UDP tunnel over IPv4 or IPv6.
+fn tunnel_gso(hdr: &[u8; VNET_TNL_HDR_LEN]) -> Option<TunnelGso> {
+    let u = |i: usize| usize::from(u16::from_ne_bytes([hdr[i], hdr[i + 1]]));
+    let gso = hdr[1] & !VnetHdr::GSO_ECN;
+    let outer = gso & (VnetHdr::GSO_UDP_TUNNEL_IPV4 | VnetHdr::GSO_UDP_TUNNEL_IPV6);
+    if outer != VnetHdr::GSO_UDP_TUNNEL_IPV4 && outer != VnetHdr::GSO_UDP_TUNNEL_IPV6 {
+        return None;
+    }
+    let inner_udp = match gso & !outer {
+        VnetHdr::GSO_TCPV4 | VnetHdr::GSO_TCPV6 => false,
+        VnetHdr::GSO_UDP_L4 => true,
+        _ => return None,
+    };
+    Some(TunnelGso {
+        outer_th: u(20),
+        inner_nh: u(22),
+        gso_size: u(4),
+        inner_udp,
+    })
+}
+
 /// Writes one frame, behind its virtio-net header when `hdr` is given; a
 /// full queue or a vanished device drops it (the guest's TCP retransmits)
 /// and reports false.
-fn write_frame(fd: BorrowedFd<'_>, hdr: Option<&[u8; VNET_HDR_LEN]>, frame: &[u8]) -> bool {
+fn write_frame(fd: BorrowedFd<'_>, hdr: Option<&[u8]>, frame: &[u8]) -> bool {
     loop {
         let r = match hdr {
             Some(h) => nix::sys::uio::writev(fd, &[IoSlice::new(h), IoSlice::new(frame)]),

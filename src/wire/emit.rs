@@ -63,6 +63,21 @@ pub fn udp_frame(
     dst: SocketAddrV4,
     payload_len: usize,
 ) -> usize {
+    let len = udp_frame_unsummed(buf, h, src, dst, payload_len);
+    let mut udp = UdpPacket::new_unchecked(&mut buf[ETH_LEN + IPV4_LEN..len]);
+    udp.fill_checksum(&(*src.ip()).into(), &(*dst.ip()).into());
+    len
+}
+
+/// [`udp_frame`] without the UDP checksum, for a USO super-frame whose
+/// checksum field the TAP layer sets to the pseudo-header sum.
+pub fn udp_frame_unsummed(
+    buf: &mut [u8],
+    h: &Header,
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    payload_len: usize,
+) -> usize {
     let udp_len = 8 + payload_len;
     ipv4(buf, h, *src.ip(), *dst.ip(), IpProtocol::Udp, udp_len);
     let mut udp =
@@ -70,7 +85,6 @@ pub fn udp_frame(
     udp.set_src_port(src.port());
     udp.set_dst_port(dst.port());
     udp.set_len(udp_len as u16);
-    udp.fill_checksum(&(*src.ip()).into(), &(*dst.ip()).into());
     ETH_LEN + IPV4_LEN + udp_len
 }
 
@@ -192,6 +206,23 @@ pub fn udp6_frame(
     dst: SocketAddrV6,
     payload_len: usize,
 ) -> usize {
+    let len = udp6_frame_unsummed(buf, h, src, dst, payload_len);
+    if len > 0 {
+        // Mandatory over IPv6 (RFC 8200 8.1).
+        let mut udp = UdpPacket::new_unchecked(&mut buf[ETH_LEN + IPV6_LEN..len]);
+        udp.fill_checksum(&(*src.ip()).into(), &(*dst.ip()).into());
+    }
+    len
+}
+
+/// [`udp6_frame`] without the UDP checksum (see [`udp_frame_unsummed`]).
+pub fn udp6_frame_unsummed(
+    buf: &mut [u8],
+    h: &Header,
+    src: SocketAddrV6,
+    dst: SocketAddrV6,
+    payload_len: usize,
+) -> usize {
     let udp_len = 8 + payload_len;
     if ETH_LEN + IPV6_LEN + udp_len > buf.len() || udp_len > usize::from(u16::MAX) {
         return 0;
@@ -202,8 +233,6 @@ pub fn udp6_frame(
     udp.set_src_port(src.port());
     udp.set_dst_port(dst.port());
     udp.set_len(udp_len as u16);
-    // Mandatory over IPv6 (RFC 8200 8.1).
-    udp.fill_checksum(&(*src.ip()).into(), &(*dst.ip()).into());
     ETH_LEN + IPV6_LEN + udp_len
 }
 
