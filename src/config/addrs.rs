@@ -259,3 +259,19 @@ pub fn parse_ipv6_prefix(s: &str) -> Result<Ipv6Addr, ConfigError> {
     validate_ipv6_prefix(addr)?;
     Ok(addr)
 }
+
+/// Parses `aa:bb:cc:dd:ee:ff` (each part 1-2 hex digits).
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return None;
+    }
+    let mut mac = [0u8; 6];
+    for (b, p) in mac.iter_mut().zip(parts) {
+        if p.is_empty() || p.len() > 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    Some(mac)
+}

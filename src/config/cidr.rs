@@ -66,6 +66,46 @@ impl Ipv4Cidr {
     }
 }
 
+/// Checks a `--cidr` value of the virtual network like slirp4netns does
+/// (strict dotted quad, prefix length 1-25, a network address) and returns
+/// the network and prefix length; the error is slirp4netns's exact message.
+/// rnet's `--cidr` and the slirp4netns mode both use it.
+pub fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8), String> {
+    let invalid = || format!("invalid CIDR: {s}");
+    let (addr, prefix) = s.split_once('/').ok_or_else(invalid)?;
+    let octets: Vec<&str> = addr.split('.').collect();
+    let shape_ok = octets.len() == 4
+        && octets
+            .iter()
+            .all(|o| (1..=3).contains(&o.len()) && o.bytes().all(|b| b.is_ascii_digit()))
+        && (1..=2).contains(&prefix.len())
+        && prefix.bytes().all(|b| b.is_ascii_digit());
+    if !shape_ok {
+        return Err(invalid());
+    }
+    let mut bytes = [0u8; 4];
+    for (b, o) in bytes.iter_mut().zip(&octets) {
+        // inet_pton rejects values above 255 and leading zeros.
+        let v: u16 = o.parse().map_err(|_| invalid())?;
+        if v > 255 || (o.len() > 1 && o.starts_with('0')) {
+            return Err(format!("invalid network address: {addr}"));
+        }
+        *b = v as u8;
+    }
+    let prefix: u8 = prefix.parse().map_err(|_| invalid())?;
+    if !(1..=25).contains(&prefix) {
+        return Err("prefix length needs to be 1-25".into());
+    }
+    let net = Ipv4Addr::from(bytes);
+    let mask = u32::MAX << (32 - prefix);
+    if u32::from(net) & mask != u32::from(net) {
+        return Err(
+            "CIDR needs to be a network address like 10.0.2.0/24, not like 10.0.2.100/24".into(),
+        );
+    }
+    Ok((net, prefix))
+}
+
 impl fmt::Display for Ipv4Cidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.addr, self.prefix)
@@ -301,17 +341,23 @@ impl OutboundPolicy {
         let mut nets = Vec::new();
         for v in values {
             given = true;
-            for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-                if part != "none" {
-                    nets.push(part.parse::<IpCidr>()?);
-                }
-            }
+            nets.extend(OutboundPolicy::parse_value(v)?);
         }
         Ok(if given {
             OutboundPolicy::Only(nets)
         } else {
             OutboundPolicy::Any
         })
+    }
+
+    /// The networks of one value of an allow-list (see [`Self::parse`]):
+    /// `none` or comma-separated CIDRs; `none` contributes nothing.
+    pub fn parse_value(v: &str) -> Result<Vec<IpCidr>, ConfigError> {
+        v.split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty() && *p != "none")
+            .map(str::parse::<IpCidr>)
+            .collect()
     }
 }
 

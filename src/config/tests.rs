@@ -305,3 +305,41 @@ fn upstream() {
     );
     assert!(parse_upstream("x").is_err());
 }
+
+#[test]
+fn cidr_texts() {
+    assert_eq!(
+        parse_cidr("10.0.135.128/25"),
+        Ok((Ipv4Addr::new(10, 0, 135, 128), 25))
+    );
+    for bad in [
+        "24",
+        "foo",
+        "10.0.2.0",
+        "10.0.2.0/",
+        "10.0.2.0/123",
+        "1.2.3/8",
+        " 10.0.2.0/24",
+    ] {
+        assert_eq!(
+            parse_cidr(bad),
+            Err(format!("invalid CIDR: {bad}")),
+            "{bad}"
+        );
+    }
+    assert_eq!(
+        parse_cidr("10.0.2.256/24"),
+        Err("invalid network address: 10.0.2.256".into())
+    );
+    for bad in ["10.0.2.100/26", "10.0.0.0/0", "10.0.0.0/32"] {
+        assert_eq!(
+            parse_cidr(bad),
+            Err("prefix length needs to be 1-25".into()),
+            "{bad}"
+        );
+    }
+    assert_eq!(
+        parse_cidr("10.0.2.100/24"),
+        Err("CIDR needs to be a network address like 10.0.2.0/24, not like 10.0.2.100/24".into())
+    );
+}
