@@ -79,15 +79,16 @@ impl Default for Options {
     }
 }
 
-/// What the command line asks for.
+/// What a compatibility mode's command line asks for (`O`: that mode's
+/// options; slirp4netns's by default).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Parsed {
+pub enum Parsed<O = Options> {
     /// `-h`/`--help`: print the usage, exit 0.
     Help,
     /// `-v`/`--version`: print the version, exit 0.
     Version,
     /// Serve a namespace.
-    Run(Box<Options>),
+    Run(Box<O>),
 }
 
 /// A command-line error: the message for stderr, and whether the usage text
@@ -399,7 +400,21 @@ pub fn parse(prog: &str, args: &[OsString]) -> Result<Parsed, ArgError> {
             "--macaddr cannot be specified when --configure or -c is not specified",
         ));
     }
-    o.netns_type = match netns_type.as_deref() {
+    o.netns_type = netns_type_of(netns_type.as_deref())?;
+    take_positionals(&mut o, positionals)?;
+    if let Some(p) = &o.api_socket
+        && p.as_os_str().len() >= SUN_PATH_MAX
+    {
+        return Err(ArgError::plain(format!(
+            "the specified API socket path is too long (>= {SUN_PATH_MAX})"
+        )));
+    }
+    Ok(Parsed::Run(Box::new(o)))
+}
+
+/// `--netns-type`'s value (default `pid`).
+fn netns_type_of(netns_type: Option<&str>) -> Result<NetnsType, ArgError> {
+    Ok(match netns_type {
         None | Some("pid") => NetnsType::Pid,
         Some("path") => NetnsType::Path,
         Some("tapfd") => NetnsType::TapFd,
@@ -408,7 +423,12 @@ pub fn parse(prog: &str, args: &[OsString]) -> Result<Parsed, ArgError> {
                 "unknown --netns-type {other:?}: expected pid, path or tapfd"
             )));
         }
-    };
+    })
+}
+
+/// The positional arguments (the target and the TAP name, or a TAP's
+/// descriptor alone), checked for the namespace type.
+fn take_positionals(o: &mut Options, positionals: Vec<String>) -> Result<(), ArgError> {
     let needed = if o.netns_type == NetnsType::TapFd {
         1
     } else {
@@ -448,14 +468,36 @@ pub fn parse(prog: &str, args: &[OsString]) -> Result<Parsed, ArgError> {
             non_negative_fd(&o.target, "FD")?;
         }
     }
-    if let Some(p) = &o.api_socket
-        && p.as_os_str().len() >= SUN_PATH_MAX
-    {
-        return Err(ArgError::plain(format!(
-            "the specified API socket path is too long (>= {SUN_PATH_MAX})"
-        )));
+    Ok(())
+}
+
+/// A mode's parser, as the tests of both modes drive it.
+#[cfg(test)]
+pub type ParseFn<O> = fn(&str, &[OsString]) -> Result<Parsed<O>, ArgError>;
+
+/// Runs `parse` on `args` given as text.
+#[cfg(test)]
+pub fn parse_strs<O>(parse: ParseFn<O>, prog: &str, args: &[&str]) -> Result<Parsed<O>, ArgError> {
+    let v: Vec<OsString> = args.iter().map(OsString::from).collect();
+    parse(prog, &v)
+}
+
+/// The options `args` parse to; panics (failing the test) otherwise.
+#[cfg(test)]
+pub fn expect_run<O: std::fmt::Debug>(parse: ParseFn<O>, prog: &str, args: &[&str]) -> O {
+    match parse_strs(parse, prog, args) {
+        Ok(Parsed::Run(o)) => *o,
+        other => panic!("{args:?}: {other:?}"),
     }
-    Ok(Parsed::Run(Box::new(o)))
+}
+
+/// The message `args` are refused with; panics (failing the test) otherwise.
+#[cfg(test)]
+pub fn expect_err<O: std::fmt::Debug>(parse: ParseFn<O>, prog: &str, args: &[&str]) -> String {
+    match parse_strs(parse, prog, args) {
+        Err(e) => e.message,
+        other => panic!("{args:?} should fail: {other:?}"),
+    }
 }
 
 #[cfg(test)]
@@ -463,22 +505,15 @@ mod tests {
     use super::*;
 
     fn p(args: &[&str]) -> Result<Parsed, ArgError> {
-        let v: Vec<OsString> = args.iter().map(OsString::from).collect();
-        parse("slirp4netns", &v)
+        parse_strs(parse, "slirp4netns", args)
     }
 
     fn run(args: &[&str]) -> Options {
-        match p(args) {
-            Ok(Parsed::Run(o)) => *o,
-            other => panic!("{args:?}: {other:?}"),
-        }
+        expect_run(parse, "slirp4netns", args)
     }
 
     fn err(args: &[&str]) -> String {
-        match p(args) {
-            Err(e) => e.message,
-            other => panic!("{args:?} should fail: {other:?}"),
-        }
+        expect_err(parse, "slirp4netns", args)
     }
 
     #[test]
