@@ -12,6 +12,12 @@
 //! told about DNS (the servers, by default the forwarders, and the search
 //! domains) is a setting of its own, checked here to fit a DHCP reply and
 //! a router advertisement.
+//!
+//! Files: this one holds [`Config`], [`ConfigBuilder`] and [`ConfigError`];
+//! `cidr.rs` the networks and the outbound policy (the one parser of CIDRs
+//! and allow-lists every command line uses); `addrs.rs` the addresses
+//! derived from them, their checks, DNS upstreams and announced DNS;
+//! `options.rs` the limits, services and UDP filter.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::RawFd;

@@ -42,7 +42,7 @@ const KEPT_READ: u64 = ll::READ_FILE | ll::READ_DIR;
 const KEPT_UNLINK: u64 = ll::REMOVE_FILE;
 
 /// The [`KeptDir`]s alive (the descriptor of each, and the rights it
-/// keeps), for the Landlock rules of [`enter`]; each removes itself when
+/// keeps), for the Landlock rules of [`enter`](super::enter); each removes itself when
 /// dropped.
 static KEPT: std::sync::Mutex<Vec<(std::os::fd::RawFd, u64)>> = std::sync::Mutex::new(Vec::new());
 
@@ -249,7 +249,7 @@ pub(crate) fn read_regular(fd: OwnedFd, cap: usize) -> io::Result<String> {
     })
 }
 
-/// A directory held open across [`enter`], usable by name afterwards
+/// A directory held open across [`enter`](super::enter), usable by name afterwards
 /// without being visible in the sandbox's filesystem: the control socket's
 /// directory (to remove the socket at exit), `/proc/PID/net` (to read the
 /// target's socket tables).

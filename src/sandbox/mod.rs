@@ -94,6 +94,10 @@
 //! opened as [`KeptDir`]s. A later `fork` or `execve` is fatal by design.
 //! [`enter`] is meant to be called once.
 //!
+//! Files: this one holds [`enter`] and its options and errors; `mounts.rs`
+//! stage 1; `landlock.rs` stage 1b and [`KeptDir`]; `caps.rs` stage 2;
+//! `seccomp.rs` stage 4 and the supervisor's filter.
+//!
 //! # Debugging a kill
 //!
 //! A process killed by the filter exits on `SIGSYS` (status 159 from a
