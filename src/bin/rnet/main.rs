@@ -7,6 +7,7 @@
 //! (clients of a running rnet's control socket); the library under `src/`
 //! holds everything a bootstrapper embeds.
 
+mod cli;
 mod compat;
 mod port;
 mod status;
@@ -18,7 +19,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use nix::sys::signal::{SigSet, Signal};
-use rnet::{Config, Network, OutboundPolicy, PortSpec, Target, config};
+use rnet::{Config, Network, PortSpec, Target, config};
 use tracing::{error, info};
 
 /// User-mode networking for unprivileged network namespaces.
@@ -198,12 +199,13 @@ struct NetArgs {
         long,
         value_name = "CIDR",
         default_value = "10.0.2.0/24",
-        help_heading = "Interface"
+        help_heading = "Interface",
+        value_parser = cli::cidr
     )]
-    cidr: String,
+    cidr: rnet::Ipv4Cidr,
     /// MAC address for the TAP (e.g. 02:00:00:00:00:01; needs configuration).
-    #[arg(long, value_name = "MAC", help_heading = "Interface")]
-    mac_address: Option<String>,
+    #[arg(long, value_name = "MAC", help_heading = "Interface", value_parser = cli::mac)]
+    mac_address: Option<[u8; 6]>,
     /// The IPv6 /64 prefix of the virtual link: the gateway is its ::2, the
     /// DNS forwarder ::3, the guest ::100; router advertisements let an
     /// unconfigured guest take an address by SLAAC.
@@ -211,9 +213,10 @@ struct NetArgs {
         long,
         value_name = "PREFIX/64",
         default_value = "fd00::/64",
-        help_heading = "Interface"
+        help_heading = "Interface",
+        value_parser = cli::ipv6_prefix
     )]
-    ipv6_prefix: String,
+    ipv6_prefix: Ipv6Addr,
     /// No IPv6 on the virtual link (IPv4 only). IPv6 is also left off when
     /// --mtu is below 1280, the IPv6 minimum.
     #[arg(long, help_heading = "Interface")]
@@ -228,8 +231,8 @@ struct NetArgs {
     /// Only NAT to destinations in CIDR (repeatable). `none` allows nothing
     /// beyond the gateway and DNS. Without it any destination is allowed
     /// except loopback and special addresses.
-    #[arg(long, value_name = "CIDR|none", help_heading = "Policy")]
-    outbound_allow: Vec<String>,
+    #[arg(long, value_name = "CIDR|none", help_heading = "Policy", value_parser = cli::allow_list)]
+    outbound_allow: Vec<cli::AllowList>,
     /// Source address for outgoing IPv4 host sockets (every destination,
     /// the host's loopback through 10.0.2.2 included).
     #[arg(long, value_name = "IPv4", help_heading = "Policy")]
@@ -240,16 +243,16 @@ struct NetArgs {
     /// outbound policy admits (full cone). Refused datagrams are counted
     /// as `filtered`.
     #[arg(long, value_name = "MODE", default_value = "address-dependent", help_heading = "Policy",
-          value_parser = ["address-dependent", "endpoint-independent"])]
-    udp_filter: String,
+          value_parser = cli::udp_filter())]
+    udp_filter: config::UdpFilter,
     /// Source address for outgoing IPv6 host sockets (every destination,
     /// the host's loopback through the IPv6 gateway included).
     #[arg(long, value_name = "IPv6", help_heading = "Policy")]
     outbound_addr6: Option<Ipv6Addr>,
     /// DNS server to forward 10.0.2.3 to, tried in order (repeatable).
     /// Default: the nameservers in /etc/resolv.conf.
-    #[arg(long, value_name = "ADDR[:PORT]", help_heading = "DNS")]
-    dns_upstream: Vec<String>,
+    #[arg(long, value_name = "ADDR[:PORT]", help_heading = "DNS", value_parser = cli::dns_upstream)]
+    dns_upstream: Vec<std::net::SocketAddr>,
     /// Drop all traffic to the DNS forwarder.
     #[arg(long, help_heading = "DNS")]
     disable_dns: bool,
@@ -274,9 +277,14 @@ struct NetArgs {
     /// address; bytes move with splice(2)) when it can be set up, else the
     /// userspace stack; `stack` always uses the userspace stack. Both keep
     /// the client's address.
-    #[arg(long, value_name = "auto|stack", default_value = "auto", help_heading = "Ports",
-          value_parser = ["auto", "stack"])]
-    port_path: String,
+    #[arg(
+        long,
+        value_name = "auto|stack",
+        default_value = "auto",
+        help_heading = "Ports",
+        value_enum
+    )]
+    port_path: cli::PortPath,
     /// Open the TAP without the virtio-net header and its offloads. By
     /// default the guest kernel may hand rnet TCP segments of up to 64 KiB
     /// with partial checksums (TSO), and rnet sends large segments back for
@@ -344,33 +352,17 @@ struct NetArgs {
 
 impl NetArgs {
     fn to_config(&self) -> Result<Config, String> {
-        let outbound = OutboundPolicy::parse(self.outbound_allow.iter().map(String::as_str))
-            .map_err(|e| format!("--outbound-allow: {e}"))?;
-        let upstreams = self
-            .dns_upstream
-            .iter()
-            .map(|u| config::parse_upstream(u).map_err(|e| format!("--dns-upstream: {e}")))
-            .collect::<Result<Vec<_>, _>>()?;
-        let (net, prefix) =
-            compat::args::parse_cidr(&self.cidr).map_err(|e| format!("--cidr: {e}"))?;
-        let cidr = rnet::Ipv4Cidr::new(net, prefix).map_err(|e| format!("--cidr: {e}"))?;
-        let mac = match &self.mac_address {
-            None => None,
+        let mac = match self.mac_address {
             Some(m) if self.no_configure => {
-                return Err(format!("--mac-address {m} needs rnet to configure the TAP; drop --no-configure"));
+                let m = cli::format_mac(m);
+                return Err(format!(
+                    "--mac-address {m} needs rnet to configure the TAP; drop --no-configure"
+                ));
             }
-            Some(m) => Some(compat::args::parse_mac(m).ok_or_else(|| {
-                format!("--mac-address {m:?}: expected six hex bytes separated by ':', e.g. 02:00:00:00:00:01")
-            })?),
+            m => m,
         };
-        let ipv6 = if self.no_ipv6 {
-            None
-        } else {
-            let p = config::parse_ipv6_prefix(&self.ipv6_prefix)
-                .map_err(|e| format!("--ipv6-prefix: {e}"))?;
-            (self.mtu >= 1280).then_some(p)
-        };
-        let mut b = Config::builder().cidr(cidr).mac(mac).ipv6(ipv6);
+        let ipv6 = (!self.no_ipv6 && self.mtu >= 1280).then_some(self.ipv6_prefix);
+        let mut b = Config::builder().cidr(self.cidr).mac(mac).ipv6(ipv6);
         for p in &self.publish {
             b = b.publish(*p);
         }
@@ -381,20 +373,16 @@ impl NetArgs {
             .mtu(self.mtu)
             .configure(!self.no_configure)
             .allow_host_loopback(self.allow_host_loopback)
-            .outbound(outbound)
+            .outbound(cli::outbound_policy(&self.outbound_allow))
             .outbound_addr(self.outbound_addr)
-            .udp_filter(
-                self.udp_filter
-                    .parse()
-                    .map_err(|e| format!("--udp-filter: {e}"))?,
-            )
+            .udp_filter(self.udp_filter)
             .outbound_addr6(self.outbound_addr6)
-            .dns_upstreams(upstreams)
+            .dns_upstreams(self.dns_upstream.clone())
             .disable_dns(self.disable_dns)
             .ready_fd(self.ready_fd)
             .exit_fd(self.exit_fd)
             .api_socket(self.api_socket.clone())
-            .fast_ports(self.port_path == "auto")
+            .fast_ports(self.port_path == cli::PortPath::Auto)
             .offloads(!self.no_offload)
             .busy_poll(std::time::Duration::from_micros(u64::from(
                 self.busy_poll_us,
@@ -442,7 +430,7 @@ fn main() -> ExitCode {
     if let Some(code) = compat::dispatch() {
         return code;
     }
-    let cli = Cli::parse();
+    let cli = Cli::try_parse().unwrap_or_else(|e| cli::exit_on(e));
     if let Command::Pasta { args } = &cli.command {
         // Only reached when rnet's own options came first (`rnet -v pasta`).
         return compat::pasta::main("pasta", args);

@@ -8,8 +8,9 @@
 //! parsing its stderr keep working.
 
 use std::ffi::OsString;
-use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+
+pub use rnet::config::{parse_cidr, parse_mac};
 
 /// `sizeof(struct sockaddr_un.sun_path)`: API socket paths must be shorter.
 pub const SUN_PATH_MAX: usize = 108;
@@ -78,15 +79,16 @@ impl Default for Options {
     }
 }
 
-/// What the command line asks for.
+/// What a compatibility mode's command line asks for (`O`: that mode's
+/// options; slirp4netns's by default).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Parsed {
+pub enum Parsed<O = Options> {
     /// `-h`/`--help`: print the usage, exit 0.
     Help,
     /// `-v`/`--version`: print the version, exit 0.
     Version,
     /// Serve a namespace.
-    Run(Box<Options>),
+    Run(Box<O>),
 }
 
 /// A command-line error: the message for stderr, and whether the usage text
@@ -325,60 +327,6 @@ fn non_negative_fd(v: &str, what: &str) -> Result<i32, ArgError> {
         .ok_or_else(|| ArgError::usage(format!("{what} must be a non-negative integer")))
 }
 
-/// Parses `aa:bb:cc:dd:ee:ff` (each part 1-2 hex digits).
-pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let parts: Vec<&str> = s.split(':').collect();
-    if parts.len() != 6 {
-        return None;
-    }
-    let mut mac = [0u8; 6];
-    for (b, p) in mac.iter_mut().zip(parts) {
-        if p.is_empty() || p.len() > 2 {
-            return None;
-        }
-        *b = u8::from_str_radix(p, 16).ok()?;
-    }
-    Some(mac)
-}
-
-/// Checks a `--cidr` value like slirp4netns does and returns the network and
-/// prefix length; the error is slirp4netns's exact message.
-pub fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8), String> {
-    let invalid = || format!("invalid CIDR: {s}");
-    let (addr, prefix) = s.split_once('/').ok_or_else(invalid)?;
-    let octets: Vec<&str> = addr.split('.').collect();
-    let shape_ok = octets.len() == 4
-        && octets
-            .iter()
-            .all(|o| (1..=3).contains(&o.len()) && o.bytes().all(|b| b.is_ascii_digit()))
-        && (1..=2).contains(&prefix.len())
-        && prefix.bytes().all(|b| b.is_ascii_digit());
-    if !shape_ok {
-        return Err(invalid());
-    }
-    let mut bytes = [0u8; 4];
-    for (b, o) in bytes.iter_mut().zip(&octets) {
-        // inet_pton rejects values above 255 and leading zeros.
-        let v: u16 = o.parse().map_err(|_| invalid())?;
-        if v > 255 || (o.len() > 1 && o.starts_with('0')) {
-            return Err(format!("invalid network address: {addr}"));
-        }
-        *b = v as u8;
-    }
-    let prefix: u8 = prefix.parse().map_err(|_| invalid())?;
-    if !(1..=25).contains(&prefix) {
-        return Err("prefix length needs to be 1-25".into());
-    }
-    let net = Ipv4Addr::from(bytes);
-    let mask = u32::MAX << (32 - prefix);
-    if u32::from(net) & mask != u32::from(net) {
-        return Err(
-            "CIDR needs to be a network address like 10.0.2.0/24, not like 10.0.2.100/24".into(),
-        );
-    }
-    Ok((net, prefix))
-}
-
 /// Parses the arguments after the program name. `prog` names the program in
 /// getopt's messages.
 pub fn parse(prog: &str, args: &[OsString]) -> Result<Parsed, ArgError> {
@@ -452,7 +400,21 @@ pub fn parse(prog: &str, args: &[OsString]) -> Result<Parsed, ArgError> {
             "--macaddr cannot be specified when --configure or -c is not specified",
         ));
     }
-    o.netns_type = match netns_type.as_deref() {
+    o.netns_type = netns_type_of(netns_type.as_deref())?;
+    take_positionals(&mut o, positionals)?;
+    if let Some(p) = &o.api_socket
+        && p.as_os_str().len() >= SUN_PATH_MAX
+    {
+        return Err(ArgError::plain(format!(
+            "the specified API socket path is too long (>= {SUN_PATH_MAX})"
+        )));
+    }
+    Ok(Parsed::Run(Box::new(o)))
+}
+
+/// `--netns-type`'s value (default `pid`).
+fn netns_type_of(netns_type: Option<&str>) -> Result<NetnsType, ArgError> {
+    Ok(match netns_type {
         None | Some("pid") => NetnsType::Pid,
         Some("path") => NetnsType::Path,
         Some("tapfd") => NetnsType::TapFd,
@@ -461,7 +423,12 @@ pub fn parse(prog: &str, args: &[OsString]) -> Result<Parsed, ArgError> {
                 "unknown --netns-type {other:?}: expected pid, path or tapfd"
             )));
         }
-    };
+    })
+}
+
+/// The positional arguments (the target and the TAP name, or a TAP's
+/// descriptor alone), checked for the namespace type.
+fn take_positionals(o: &mut Options, positionals: Vec<String>) -> Result<(), ArgError> {
     let needed = if o.netns_type == NetnsType::TapFd {
         1
     } else {
@@ -501,14 +468,36 @@ pub fn parse(prog: &str, args: &[OsString]) -> Result<Parsed, ArgError> {
             non_negative_fd(&o.target, "FD")?;
         }
     }
-    if let Some(p) = &o.api_socket
-        && p.as_os_str().len() >= SUN_PATH_MAX
-    {
-        return Err(ArgError::plain(format!(
-            "the specified API socket path is too long (>= {SUN_PATH_MAX})"
-        )));
+    Ok(())
+}
+
+/// A mode's parser, as the tests of both modes drive it.
+#[cfg(test)]
+pub type ParseFn<O> = fn(&str, &[OsString]) -> Result<Parsed<O>, ArgError>;
+
+/// Runs `parse` on `args` given as text.
+#[cfg(test)]
+pub fn parse_strs<O>(parse: ParseFn<O>, prog: &str, args: &[&str]) -> Result<Parsed<O>, ArgError> {
+    let v: Vec<OsString> = args.iter().map(OsString::from).collect();
+    parse(prog, &v)
+}
+
+/// The options `args` parse to; panics (failing the test) otherwise.
+#[cfg(test)]
+pub fn expect_run<O: std::fmt::Debug>(parse: ParseFn<O>, prog: &str, args: &[&str]) -> O {
+    match parse_strs(parse, prog, args) {
+        Ok(Parsed::Run(o)) => *o,
+        other => panic!("{args:?}: {other:?}"),
     }
-    Ok(Parsed::Run(Box::new(o)))
+}
+
+/// The message `args` are refused with; panics (failing the test) otherwise.
+#[cfg(test)]
+pub fn expect_err<O: std::fmt::Debug>(parse: ParseFn<O>, prog: &str, args: &[&str]) -> String {
+    match parse_strs(parse, prog, args) {
+        Err(e) => e.message,
+        other => panic!("{args:?} should fail: {other:?}"),
+    }
 }
 
 #[cfg(test)]
@@ -516,22 +505,15 @@ mod tests {
     use super::*;
 
     fn p(args: &[&str]) -> Result<Parsed, ArgError> {
-        let v: Vec<OsString> = args.iter().map(OsString::from).collect();
-        parse("slirp4netns", &v)
+        parse_strs(parse, "slirp4netns", args)
     }
 
     fn run(args: &[&str]) -> Options {
-        match p(args) {
-            Ok(Parsed::Run(o)) => *o,
-            other => panic!("{args:?}: {other:?}"),
-        }
+        expect_run(parse, "slirp4netns", args)
     }
 
     fn err(args: &[&str]) -> String {
-        match p(args) {
-            Err(e) => e.message,
-            other => panic!("{args:?} should fail: {other:?}"),
-        }
+        expect_err(parse, "slirp4netns", args)
     }
 
     #[test]
@@ -751,47 +733,6 @@ mod tests {
         assert_eq!(
             err(&["-a", &long, "1", "t"]),
             "the specified API socket path is too long (>= 108)"
-        );
-    }
-
-    #[test]
-    fn cidr_texts() {
-        assert_eq!(
-            parse_cidr("10.0.135.128/25"),
-            Ok((Ipv4Addr::new(10, 0, 135, 128), 25))
-        );
-        for bad in [
-            "24",
-            "foo",
-            "10.0.2.0",
-            "10.0.2.0/",
-            "10.0.2.0/123",
-            "1.2.3/8",
-            " 10.0.2.0/24",
-        ] {
-            assert_eq!(
-                parse_cidr(bad),
-                Err(format!("invalid CIDR: {bad}")),
-                "{bad}"
-            );
-        }
-        assert_eq!(
-            parse_cidr("10.0.2.256/24"),
-            Err("invalid network address: 10.0.2.256".into())
-        );
-        for bad in ["10.0.2.100/26", "10.0.0.0/0", "10.0.0.0/32"] {
-            assert_eq!(
-                parse_cidr(bad),
-                Err("prefix length needs to be 1-25".into()),
-                "{bad}"
-            );
-        }
-        assert_eq!(
-            parse_cidr("10.0.2.100/24"),
-            Err(
-                "CIDR needs to be a network address like 10.0.2.0/24, not like 10.0.2.100/24"
-                    .into()
-            )
         );
     }
 }

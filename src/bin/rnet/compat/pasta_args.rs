@@ -139,12 +139,7 @@ impl Default for PastaOptions {
 }
 
 /// What the command line asks for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Parsed {
-    Help,
-    Version,
-    Run(Box<PastaOptions>),
-}
+pub type Parsed = super::args::Parsed<PastaOptions>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Opt {
@@ -343,134 +338,14 @@ pub fn parse(prog: &str, args: &[OsString]) -> Result<Parsed, ArgError> {
     let mut o = PastaOptions::default();
     let mut netns: Option<String> = None;
     let mut userns: Option<PathBuf> = None;
-    let apply = |opt: Opt, value: Option<String>| -> Result<Option<Parsed>, ArgError> {
-        let v = value.unwrap_or_default();
-        let port_spec = |v: &str, flag: &str| {
-            parse_port_forward(v).map_err(|e| bad(format!("Invalid {flag} spec {v:?}: {e}")))
-        };
-        match opt {
-            Opt::Debug => o.debug = o.debug.max(1),
-            Opt::Quiet => o.quiet = true,
-            Opt::Foreground => o.foreground = true,
-            Opt::Stderr => {}
-            Opt::LogFile => o.log_file = Some(v.into()),
-            Opt::LogSize => {
-                c_long(&v)
-                    .filter(|n| *n > 0)
-                    .ok_or_else(|| bad(format!("Invalid log file size: {v}")))?;
-            }
-            Opt::Help => return Ok(Some(Parsed::Help)),
-            Opt::Version => return Ok(Some(Parsed::Version)),
-            Opt::Pcap => o.pcap = Some(v.into()),
-            Opt::PidFile => o.pid_file = Some(v.into()),
-            Opt::Mtu => {
-                o.mtu = Some(
-                    c_long(&v)
-                        .filter(|m| (68..=65520).contains(m))
-                        .ok_or_else(|| bad(format!("Invalid MTU: {v} (68-65520)")))?
-                        as u32,
-                );
-            }
-            Opt::Address => match v.parse::<IpAddr>() {
-                Ok(IpAddr::V4(a)) => o.address = Some(a),
-                Ok(IpAddr::V6(a)) => o.address6 = Some(a),
-                Err(_) => return Err(bad(format!("Invalid address: {v}"))),
-            },
-            Opt::Netmask => o.netmask = Some(parse_netmask(&v).map_err(bad)?),
-            Opt::MacAddr => {
-                o.mac = Some(
-                    super::args::parse_mac(&v)
-                        .ok_or_else(|| bad(format!("Invalid MAC address: {v}")))?,
-                );
-            }
-            Opt::Gateway => match v.parse::<IpAddr>() {
-                Ok(IpAddr::V4(a)) => o.gateway = Some(a),
-                Ok(IpAddr::V6(a)) => o.gateway6 = Some(a),
-                Err(_) => return Err(bad(format!("Invalid gateway address: {v}"))),
-            },
-            Opt::Interface => o.ignored.push(format!("-i {v}")),
-            Opt::Outbound => match v.parse::<IpAddr>() {
-                Ok(IpAddr::V4(a)) => o.outbound = Some(a),
-                Ok(IpAddr::V6(a)) => o.outbound6 = Some(a),
-                Err(_) => return Err(bad(format!("Invalid outbound address: {v}"))),
-            },
-            Opt::OutboundIf4 => o.outbound_if4 = Some(v),
-            Opt::OutboundIf6 => o.outbound_if6 = Some(v),
-            Opt::Dns => {
-                let list = o.dns.get_or_insert_with(Vec::new);
-                if v == "none" {
-                    list.clear();
-                } else {
-                    list.push(
-                        v.parse()
-                            .map_err(|_| bad(format!("Invalid DNS address: {v}")))?,
-                    );
-                }
-            }
-            Opt::Search => {
-                // A space-separated list, as pasta takes it.
-                for d in v.split_whitespace() {
-                    if d == "none" {
-                        o.search.clear();
-                        continue;
-                    }
-                    let d = rnet::config::validate_domain(d)
-                        .map_err(|e| bad(format!("Invalid search domain: {e}")))?;
-                    o.search.push(d);
-                }
-            }
-            Opt::NoTcp => o.no_tcp = true,
-            Opt::NoUdp => o.no_udp = true,
-            Opt::NoIcmp => o.no_icmp = true,
-            Opt::NoDhcp => o.no_dhcp = true,
-            Opt::NoNdp => o.no_ndp = true,
-            Opt::NoDhcpv6 => o.no_dhcpv6 = true,
-            Opt::NoRa => o.no_ra = true,
-            Opt::NoMapGw => o.host_loopback = HostLoopback::Off,
-            Opt::MapGw => o.host_loopback = HostLoopback::Gateway,
-            Opt::MapHostLoopback => {
-                o.host_loopback = if v == "none" {
-                    HostLoopback::Off
-                } else {
-                    HostLoopback::Addr(ipv4(&v, "--map-host-loopback address")?)
-                };
-            }
-            Opt::MapGuestAddr => {
-                o.map_guest_addr = if v == "none" {
-                    None
-                } else {
-                    Some(ipv4(&v, "--map-guest-addr address")?)
-                };
-            }
-            Opt::DnsForward => o.dns_forward = Some(ipv4(&v, "--dns-forward address")?),
-            Opt::DnsHost => {
-                o.dns_host = Some(
-                    v.parse()
-                        .map_err(|_| bad(format!("Invalid --dns-host address: {v}")))?,
-                );
-            }
-            Opt::Ipv4Only => o.ipv4_only = true,
-            Opt::Ipv6Only => o.ipv6_only = true,
-            Opt::OneOff => o.ignored.push("--one-off".into()),
-            Opt::TcpPorts => o.tcp.push(port_spec(&v, "-t")?),
-            Opt::UdpPorts => o.udp.push(port_spec(&v, "-u")?),
-            Opt::TcpNs => o.tcp_ns.push(port_spec(&v, "-T")?),
-            Opt::UdpNs => o.udp_ns.push(port_spec(&v, "-U")?),
-            Opt::Userns => userns = Some(v.into()),
-            Opt::Netns => netns = Some(v),
-            Opt::NsIfname => o.ns_ifname = Some(v),
-            Opt::ConfigNet => o.config_net = true,
-            Opt::NoNetnsQuit => o.ignored.push("--no-netns-quit".into()),
-            Opt::NetnsOnly => o.ignored.push("--netns-only".into()),
-            Opt::IgnoredValue(name) => o.ignored.push(format!("{name} {v}")),
-            Opt::IgnoredFlag(name) => {
-                if name == "--trace" {
-                    o.debug = 2;
-                }
-                o.ignored.push(name.into());
-            }
-        }
-        Ok(None)
+    let apply = |opt: Opt, value: Option<String>| {
+        apply_opt(
+            &mut o,
+            &mut netns,
+            &mut userns,
+            opt,
+            value.unwrap_or_default(),
+        )
     };
     let getopt = Getopt {
         prog,
@@ -482,6 +357,165 @@ pub fn parse(prog: &str, args: &[OsString]) -> Result<Parsed, ArgError> {
         GetoptEnd::Done(p) => p,
         GetoptEnd::Early(p) => return Ok(p),
     };
+    check_exclusive(&o)?;
+    o.shape = shape(netns, userns, positionals)?;
+    Ok(Parsed::Run(Box::new(o)))
+}
+
+/// Applies one option and its value (empty for a flag); `Some` ends
+/// parsing (`--help`, `--version`).
+fn apply_opt(
+    o: &mut PastaOptions,
+    netns: &mut Option<String>,
+    userns: &mut Option<PathBuf>,
+    opt: Opt,
+    v: String,
+) -> Result<Option<Parsed>, ArgError> {
+    if apply_addr(o, opt, &v)? {
+        return Ok(None);
+    }
+    let port_spec = |v: &str, flag: &str| {
+        parse_port_forward(v).map_err(|e| bad(format!("Invalid {flag} spec {v:?}: {e}")))
+    };
+    match opt {
+        Opt::Debug => o.debug = o.debug.max(1),
+        Opt::Quiet => o.quiet = true,
+        Opt::Foreground => o.foreground = true,
+        Opt::Stderr => {}
+        Opt::LogFile => o.log_file = Some(v.into()),
+        Opt::LogSize => {
+            c_long(&v)
+                .filter(|n| *n > 0)
+                .ok_or_else(|| bad(format!("Invalid log file size: {v}")))?;
+        }
+        Opt::Help => return Ok(Some(Parsed::Help)),
+        Opt::Version => return Ok(Some(Parsed::Version)),
+        Opt::Pcap => o.pcap = Some(v.into()),
+        Opt::PidFile => o.pid_file = Some(v.into()),
+        Opt::Mtu => {
+            o.mtu = Some(
+                c_long(&v)
+                    .filter(|m| (68..=65520).contains(m))
+                    .ok_or_else(|| bad(format!("Invalid MTU: {v} (68-65520)")))?
+                    as u32,
+            );
+        }
+        Opt::NoTcp => o.no_tcp = true,
+        Opt::NoUdp => o.no_udp = true,
+        Opt::NoIcmp => o.no_icmp = true,
+        Opt::NoDhcp => o.no_dhcp = true,
+        Opt::NoNdp => o.no_ndp = true,
+        Opt::NoDhcpv6 => o.no_dhcpv6 = true,
+        Opt::NoRa => o.no_ra = true,
+        Opt::NoMapGw => o.host_loopback = HostLoopback::Off,
+        Opt::MapGw => o.host_loopback = HostLoopback::Gateway,
+        Opt::Ipv4Only => o.ipv4_only = true,
+        Opt::Ipv6Only => o.ipv6_only = true,
+        Opt::OneOff => o.ignored.push("--one-off".into()),
+        Opt::TcpPorts => o.tcp.push(port_spec(&v, "-t")?),
+        Opt::UdpPorts => o.udp.push(port_spec(&v, "-u")?),
+        Opt::TcpNs => o.tcp_ns.push(port_spec(&v, "-T")?),
+        Opt::UdpNs => o.udp_ns.push(port_spec(&v, "-U")?),
+        Opt::Userns => *userns = Some(v.into()),
+        Opt::Netns => *netns = Some(v),
+        Opt::NsIfname => o.ns_ifname = Some(v),
+        Opt::ConfigNet => o.config_net = true,
+        Opt::NoNetnsQuit => o.ignored.push("--no-netns-quit".into()),
+        Opt::NetnsOnly => o.ignored.push("--netns-only".into()),
+        Opt::IgnoredValue(name) => o.ignored.push(format!("{name} {v}")),
+        Opt::IgnoredFlag(name) => {
+            if name == "--trace" {
+                o.debug = 2;
+            }
+            o.ignored.push(name.into());
+        }
+        // Handled by apply_addr.
+        _ => {}
+    }
+    Ok(None)
+}
+
+/// Applies an option that sets an address, a mask, DNS or search
+/// domains; returns whether `opt` was one.
+fn apply_addr(o: &mut PastaOptions, opt: Opt, v: &str) -> Result<bool, ArgError> {
+    let v = v.to_string();
+    match opt {
+        Opt::Address => match v.parse::<IpAddr>() {
+            Ok(IpAddr::V4(a)) => o.address = Some(a),
+            Ok(IpAddr::V6(a)) => o.address6 = Some(a),
+            Err(_) => return Err(bad(format!("Invalid address: {v}"))),
+        },
+        Opt::Netmask => o.netmask = Some(parse_netmask(&v).map_err(bad)?),
+        Opt::MacAddr => {
+            o.mac = Some(
+                super::args::parse_mac(&v)
+                    .ok_or_else(|| bad(format!("Invalid MAC address: {v}")))?,
+            );
+        }
+        Opt::Gateway => match v.parse::<IpAddr>() {
+            Ok(IpAddr::V4(a)) => o.gateway = Some(a),
+            Ok(IpAddr::V6(a)) => o.gateway6 = Some(a),
+            Err(_) => return Err(bad(format!("Invalid gateway address: {v}"))),
+        },
+        Opt::Interface => o.ignored.push(format!("-i {v}")),
+        Opt::Outbound => match v.parse::<IpAddr>() {
+            Ok(IpAddr::V4(a)) => o.outbound = Some(a),
+            Ok(IpAddr::V6(a)) => o.outbound6 = Some(a),
+            Err(_) => return Err(bad(format!("Invalid outbound address: {v}"))),
+        },
+        Opt::OutboundIf4 => o.outbound_if4 = Some(v),
+        Opt::OutboundIf6 => o.outbound_if6 = Some(v),
+        Opt::Dns => {
+            let list = o.dns.get_or_insert_with(Vec::new);
+            if v == "none" {
+                list.clear();
+            } else {
+                list.push(
+                    v.parse()
+                        .map_err(|_| bad(format!("Invalid DNS address: {v}")))?,
+                );
+            }
+        }
+        Opt::Search => {
+            // A space-separated list, as pasta takes it.
+            for d in v.split_whitespace() {
+                if d == "none" {
+                    o.search.clear();
+                    continue;
+                }
+                let d = rnet::config::validate_domain(d)
+                    .map_err(|e| bad(format!("Invalid search domain: {e}")))?;
+                o.search.push(d);
+            }
+        }
+        Opt::MapHostLoopback => {
+            o.host_loopback = if v == "none" {
+                HostLoopback::Off
+            } else {
+                HostLoopback::Addr(ipv4(&v, "--map-host-loopback address")?)
+            };
+        }
+        Opt::MapGuestAddr => {
+            o.map_guest_addr = if v == "none" {
+                None
+            } else {
+                Some(ipv4(&v, "--map-guest-addr address")?)
+            };
+        }
+        Opt::DnsForward => o.dns_forward = Some(ipv4(&v, "--dns-forward address")?),
+        Opt::DnsHost => {
+            o.dns_host = Some(
+                v.parse()
+                    .map_err(|_| bad(format!("Invalid --dns-host address: {v}")))?,
+            );
+        }
+        _ => return Ok(false),
+    }
+    Ok(true)
+}
+
+/// Options that exclude each other.
+fn check_exclusive(o: &PastaOptions) -> Result<(), ArgError> {
     if o.ipv4_only && o.ipv6_only {
         return Err(bad(
             "Options ipv4-only and ipv6-only are mutually exclusive",
@@ -490,7 +524,17 @@ pub fn parse(prog: &str, args: &[OsString]) -> Result<Parsed, ArgError> {
     if o.quiet && o.debug > 0 {
         return Err(bad("Options --quiet and --debug are mutually exclusive"));
     }
-    o.shape = match (netns, positionals.first()) {
+    Ok(())
+}
+
+/// What pasta attaches to: `--netns` (with `--userns`), a PID, or a
+/// command to start.
+fn shape(
+    netns: Option<String>,
+    userns: Option<PathBuf>,
+    positionals: Vec<String>,
+) -> Result<Shape, ArgError> {
+    Ok(match (netns, positionals.first()) {
         (Some(_), Some(p)) => {
             return Err(bad(format!(
                 "Both --netns and PID or command given ({p}); use one"
@@ -519,8 +563,7 @@ pub fn parse(prog: &str, args: &[OsString]) -> Result<Parsed, ArgError> {
             }
             Shape::Command(positionals)
         }
-    };
-    Ok(Parsed::Run(Box::new(o)))
+    })
 }
 
 /// One `-t/-u/-T/-U` option's value.
@@ -700,23 +743,18 @@ impl PortSet {
 mod tests {
     use super::*;
 
+    use crate::compat::args::{expect_err, expect_run, parse_strs};
+
     fn p(args: &[&str]) -> Result<Parsed, ArgError> {
-        let v: Vec<OsString> = args.iter().map(OsString::from).collect();
-        parse("pasta", &v)
+        parse_strs(parse, "pasta", args)
     }
 
     fn run(args: &[&str]) -> PastaOptions {
-        match p(args) {
-            Ok(Parsed::Run(o)) => *o,
-            other => panic!("{args:?}: {other:?}"),
-        }
+        expect_run(parse, "pasta", args)
     }
 
     fn err(args: &[&str]) -> String {
-        match p(args) {
-            Err(e) => e.message,
-            other => panic!("{args:?} should fail: {other:?}"),
-        }
+        expect_err(parse, "pasta", args)
     }
 
     fn map(host: u16, guest: u16, count: u16) -> PortMap {
