@@ -579,7 +579,7 @@ impl Engine {
         self.flush_udp_batch();
         self.stats
             .frames_out
-            .store(self.stack.frames_out, Ordering::Relaxed);
+            .store(self.tap.out_counters().frames, Ordering::Relaxed);
         Ok(false)
     }
 
@@ -654,9 +654,7 @@ impl Engine {
                     let h = header(&mut self.stack);
                     let (rx, mut tx) = self.tap.split();
                     let data = &rx[icmp.start + 8..icmp.end];
-                    if tx.build(|buf| emit::echo_reply(buf, &h, dst, src, ident, seq, data)) {
-                        self.stack.frames_out += 1;
-                    }
+                    tx.build(|buf| emit::echo_reply(buf, &h, dst, src, ident, seq, data));
                     return;
                 }
                 match route(&self.cfg, &self.local, SocketAddrV4::new(dst, 0)) {
@@ -800,7 +798,7 @@ impl Engine {
         let msg = &rx[payload];
         let dhcp = &mut self.dhcp;
         let mut res = Ok(None);
-        let sent = tx.build(|buf| {
+        tx.build(|buf| {
             let Some(out) = buf.get_mut(emit::UDP_PAYLOAD_OFFSET..) else {
                 return 0;
             };
@@ -816,9 +814,6 @@ impl Engine {
                 _ => 0,
             }
         });
-        if sent {
-            self.stack.frames_out += 1;
-        }
         match res {
             Ok(Some(r)) => debug!(kind = ?r.kind, addr = %r.yiaddr, "dhcp"),
             Ok(None) => {}
@@ -945,9 +940,7 @@ impl Engine {
         let h = header(&mut self.stack);
         let (rx, mut tx) = self.tap.split();
         let orig = &rx[ip_off..len];
-        if tx.build(|buf| emit::dst_unreachable(buf, &h, from, to, code, orig)) {
-            self.stack.frames_out += 1;
-        }
+        tx.build(|buf| emit::dst_unreachable(buf, &h, from, to, code, orig));
     }
 
     /// Refuses the guest packet at `ip_off..len` of the current TAP frame:
@@ -975,9 +968,7 @@ impl Engine {
         let Some(orig) = rx.get(ip_off..len) else {
             return;
         };
-        if tx.build(|buf| emit::dst_unreachable6(buf, &h, from, to, code, orig)) {
-            self.stack.frames_out += 1;
-        }
+        tx.build(|buf| emit::dst_unreachable6(buf, &h, from, to, code, orig));
     }
 
     /// [`Self::deny`] for an IPv6 guest packet; the gateway (::2) reports.
@@ -1047,9 +1038,7 @@ impl Engine {
             ident: 0,
         };
         let mut tx = self.tap.tx();
-        if tx.build(|buf| emit::neighbor_advert(buf, &h, target, dst, target, flags)) {
-            self.stack.frames_out += 1;
-        }
+        tx.build(|buf| emit::neighbor_advert(buf, &h, target, dst, target, flags));
     }
 
     /// Sends a router advertisement to all nodes.
@@ -1071,9 +1060,7 @@ impl Engine {
             lifetime: RA_ROUTER_LIFETIME,
         };
         let mut tx = self.tap.tx();
-        if tx.build(|buf| emit::router_advert(buf, &h, v6.link_local, all_nodes, &ra)) {
-            self.stack.frames_out += 1;
-        }
+        tx.build(|buf| emit::router_advert(buf, &h, v6.link_local, all_nodes, &ra));
     }
 
     /// Answers an ICMPv6 echo request to one of rnet's own addresses.
@@ -1090,9 +1077,7 @@ impl Engine {
         let Some(data) = rx.get(icmp.start + 8..icmp.end) else {
             return;
         };
-        if tx.build(|buf| emit::echo6_reply(buf, &h, dst, src, ident, seq, data)) {
-            self.stack.frames_out += 1;
-        }
+        tx.build(|buf| emit::echo6_reply(buf, &h, dst, src, ident, seq, data));
     }
 
     /// Sends a guest datagram from `src` to `target` through the flow of
@@ -1556,7 +1541,7 @@ impl Engine {
         self.resume_paused();
         self.stats
             .frames_out
-            .store(self.stack.frames_out, Ordering::Relaxed);
+            .store(self.tap.out_counters().frames, Ordering::Relaxed);
     }
 
     fn service_tcp(&mut self, idx: usize, now: Instant) {
@@ -1627,10 +1612,7 @@ impl Engine {
                         _ => None,
                     };
                     match reply {
-                        Some(sent) => {
-                            if sent {
-                                self.stack.frames_out += 1;
-                            }
+                        Some(_) => {
                             // Drop the flow silently: the guest got its answer.
                             self.remove(idx);
                             return;

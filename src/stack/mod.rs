@@ -129,8 +129,6 @@ pub struct Stack {
     pub mtu: usize,
     /// Addresses of the virtual network.
     pub addrs: NetAddrs,
-    /// Frames written to the TAP.
-    pub frames_out: u64,
     ip_ident: u16,
 }
 
@@ -140,8 +138,7 @@ impl Stack {
         let mac = EthernetAddress(GATEWAY_MAC);
         let addrs = NetAddrs::from_config(cfg);
         let mtu = cfg.mtu() as usize;
-        let mut sent = 0;
-        let mut dev = FrameDevice::new(None, tx, mtu, &mut sent);
+        let mut dev = FrameDevice::new(None, tx, mtu);
         let mut ic = IfaceConfig::new(HardwareAddress::Ethernet(mac));
         ic.random_seed = seed();
         let mut iface = Interface::new(ic, &mut dev, now);
@@ -163,14 +160,13 @@ impl Stack {
             guest_mac: None,
             mtu,
             addrs,
-            frames_out: 0,
             ip_ident: 1,
         }
     }
 
     /// Feeds one frame to smoltcp together with the socket set that owns it.
     pub fn ingress(&mut self, now: Instant, frame: &[u8], tx: TapTx<'_>, sockets: &mut SocketSet) {
-        let mut dev = FrameDevice::new(Some(frame), tx, self.mtu, &mut self.frames_out);
+        let mut dev = FrameDevice::new(Some(frame), tx, self.mtu);
         self.iface.poll_ingress_single(now, &mut dev, sockets);
     }
 
@@ -187,8 +183,7 @@ impl Stack {
         // Each round emits at most one segment per socket; bound the rounds
         // so one flow cannot monopolise the loop (its timer brings it back).
         for _ in 0..256 {
-            let mut dev = FrameDevice::new(None, tx.reborrow(), self.mtu, &mut self.frames_out)
-                .with_guest_mss(guest_mss);
+            let mut dev = FrameDevice::new(None, tx.reborrow(), self.mtu).with_guest_mss(guest_mss);
             if self.iface.poll_egress(now, &mut dev, sockets) == smoltcp::iface::PollResult::None {
                 break;
             }
