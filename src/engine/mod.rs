@@ -20,8 +20,7 @@
 //! processing against a one-socket set, independent of the number of flows.
 //! Timers live in a binary heap with lazy invalidation.
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::ops::Range;
@@ -32,7 +31,6 @@ use std::time::Duration as StdDuration;
 
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
-use slab::Slab;
 use smoltcp::iface::SocketSet;
 use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::Icmpv4DstUnreachable;
@@ -41,12 +39,12 @@ use tracing::{debug, info, warn};
 use crate::config::Config;
 use crate::nat::icmp::{self, IcmpFlow};
 use crate::nat::local::LocalAddrs;
-use crate::nat::tcp::{self, Step, TcpFlow, TcpKey};
+use crate::nat::tcp::{self, Step, TcpFlow};
 use crate::nat::udp::UdpFlow;
 use crate::nat::udpio::{self, GsoBatch, Push, RecvBatch};
 use crate::nat::{Deny, Route, route, route_any};
 use crate::services::dhcp::{DhcpConfig, DhcpServer};
-use crate::services::dns::{DnsQuery, Reply, ResolvWatch};
+use crate::services::dns::{self, DnsQuery, Reply, ResolvWatch};
 use crate::stack::classify::{Verdict, classify};
 use crate::stack::emit::{self, Header};
 use crate::stack::{self, Stack};
@@ -54,7 +52,10 @@ use crate::stats::{DropReason, Stats};
 use crate::tap::{ReadOutcome, Tap};
 pub(crate) use ports::Command;
 
+mod flows;
 mod ports;
+
+use flows::{FIRST_FLOW, Flow, FlowTable, Slot};
 
 const TAP: Token = Token(0);
 const WAKER: Token = Token(1);
@@ -62,7 +63,6 @@ const PIDFD: Token = Token(2);
 const EXIT_FD: Token = Token(3);
 const LOCAL_ADDRS: Token = Token(6);
 const TEST_HOOK: Token = Token(7);
-const FIRST_FLOW: usize = 16;
 
 /// Frames read from the TAP per loop iteration before other work runs.
 const TAP_BATCH: usize = 256;
@@ -104,19 +104,6 @@ impl Control {
     pub(crate) fn send(&self, cmd: Command) -> bool {
         self.commands.send(cmd).is_ok() && self.waker.wake().is_ok()
     }
-}
-
-enum Flow {
-    Tcp(Box<TcpFlow>),
-    Udp(UdpFlow),
-    Icmp(IcmpFlow),
-    Dns(DnsQuery),
-    TcpListen(ports::TcpListen),
-    UdpListen(ports::UdpListen),
-    Splice(Box<crate::nat::splice::SpliceFlow>),
-    /// A second epoll source of the flow at this slab index (the guest
-    /// side of a spliced connection).
-    Alias(usize, u64),
 }
 
 /// A classified frame, with offsets into the TAP receive buffer instead of
@@ -229,17 +216,6 @@ impl Action {
     }
 }
 
-struct Slot {
-    flow: Flow,
-    /// Unique over the engine's lifetime: slab indices are reused, ids not.
-    id: u64,
-    /// The deadline of this flow's live timer entry.
-    sched: Option<Instant>,
-    dirty: bool,
-    /// The published-port rule a connection came in on (0: none).
-    rule: u64,
-}
-
 /// The data plane of one network.
 pub struct Engine {
     cfg: Arc<Config>,
@@ -255,10 +231,7 @@ pub struct Engine {
     tap_readable: bool,
     stack: Stack,
     services: SocketSet<'static>,
-    flows: Slab<Slot>,
-    next_id: u64,
-    tcp_index: HashMap<TcpKey, usize>,
-    udp_index: HashMap<SocketAddr, usize>,
+    flows: FlowTable,
     /// The guest's consecutive datagrams of one flow and destination,
     /// waiting to leave in one `UDP_SEGMENT` send (flushed when another
     /// kind arrives and after each TAP batch).
@@ -270,9 +243,6 @@ pub struct Engine {
     /// The frame being handled is a USO super-frame of datagrams of this
     /// size.
     rx_udp_gso: Option<u16>,
-    icmp_index: HashMap<(IpAddr, u16), usize>,
-    timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
-    dirty: Vec<(usize, u64)>,
     stats: Arc<Stats>,
     control: Arc<Control>,
     /// Kept open for as long as the loop watches the target.
@@ -298,12 +268,6 @@ pub struct Engine {
     /// Bytes moved by spliced connections that have closed (to, from guest).
     spliced_closed: (u64, u64),
     limits: crate::config::Limits,
-    /// TCP flows whose host connect is in progress.
-    half_open: usize,
-    /// TCP ring memory and the flows its budget paused.
-    mem: RingBudget,
-    /// Outbound TCP and UDP flows per guest address.
-    per_guest: HashMap<IpAddr, (usize, usize)>,
     last_limit_warn: Option<std::time::Instant>,
     /// When the next unsolicited router advertisement is due (IPv6 on).
     next_ra: Option<Instant>,
@@ -314,11 +278,6 @@ pub struct Engine {
     v6_learned: HashMap<Ipv6Addr, Instant>,
     /// The host's own addresses (refused like host loopback).
     local: LocalAddrs,
-    /// UDP flows by recency (re-indexed at most once a second each), so
-    /// that eviction at a bound takes the oldest without a scan.
-    udp_lru: BTreeSet<(Instant, usize)>,
-    /// The same per guest address.
-    udp_lru_guest: BTreeSet<(IpAddr, Instant, usize)>,
     last_udp_open_warn: Option<std::time::Instant>,
     /// Under a supervisor: the rules to adopt (see [`crate::supervise`]).
     worker: Option<crate::supervise::Worker>,
@@ -406,17 +365,11 @@ impl Engine {
             tap_readable: true,
             stack,
             services: SocketSet::new(Vec::new()),
-            flows: Slab::new(),
-            next_id: 1,
-            tcp_index: HashMap::new(),
-            udp_index: HashMap::new(),
+            flows: FlowTable::new(cfg_limits, stats.clone()),
             udp_batch: GsoBatch::new(),
             udp_rx: Box::new(RecvBatch::new()),
             udp_io: udpio::Counters::default(),
             rx_udp_gso: None,
-            icmp_index: HashMap::new(),
-            timers: BinaryHeap::new(),
-            dirty: Vec::new(),
             stats: stats.clone(),
             control: control.clone(),
             _pidfd: pidfd,
@@ -433,16 +386,11 @@ impl Engine {
             started: std::time::Instant::now(),
             spliced_closed: (0, 0),
             limits: cfg_limits,
-            half_open: 0,
-            mem: RingBudget::new(cfg_limits.memory_budget),
-            per_guest: HashMap::new(),
             last_limit_warn: None,
             next_ra: None,
             ra_dns,
             v6_learned: HashMap::new(),
             local,
-            udp_lru: BTreeSet::new(),
-            udp_lru_guest: BTreeSet::new(),
             last_udp_open_warn: None,
             worker: None,
             _test_hook: test_hook,
@@ -514,7 +462,7 @@ impl Engine {
     }
 
     fn next_timeout(&mut self, now: Instant) -> Option<StdDuration> {
-        if self.tap_readable || !self.dirty.is_empty() {
+        if self.tap_readable || self.flows.has_dirty() {
             return Some(StdDuration::ZERO);
         }
         if (now - self.last_active).total_micros() < self.busy_poll_us {
@@ -525,7 +473,7 @@ impl Engine {
         }
         // About to sleep: make the capture file current.
         self.tap.flush_pcap();
-        let next = self.timers.peek().map(|Reverse((at, _, _))| *at);
+        let next = self.flows.next_deadline();
         let next = [next, self.next_ra, self.fast.next_deadline()]
             .into_iter()
             .flatten()
@@ -729,36 +677,27 @@ impl Engine {
                             crate::stack::rewrite_syn_mss(&mut self.tap.rx_mut()[ip_off..len]);
                     }
                 }
-                if let Some(&idx) = self.tcp_index.get(&(src, dst)) {
-                    let slot = &mut self.flows[idx];
-                    if let Flow::Tcp(f) = &mut slot.flow {
-                        if guest_mss.is_some() {
-                            // The guest's SYN-ACK on a published port.
-                            f.guest_mss = guest_mss;
+                if let Some(idx) = self.flows.tcp_slot(&(src, dst)) {
+                    let mut len = len;
+                    if !self
+                        .flows
+                        .charge_guest_data(idx, &self.tap.rx_mut()[ip_off..len])
+                    {
+                        // At the budget: take the ACK, not the data.
+                        if let Some(n) = tcp::strip_payload(&mut self.tap.rx_mut()[ip_off..len]) {
+                            len = ip_off + n;
+                            self.flows.note_stripped();
                         }
-                        let mut len = len;
-                        let room = self.mem.guest_room();
-                        match f.take_rx_memory(&self.tap.rx_mut()[ip_off..len], room) {
-                            Some(taken) => {
-                                self.mem.used += taken;
-                                f.accounted += taken;
-                            }
-                            None => {
-                                // At the budget: take the ACK, not the data.
-                                if let Some(n) =
-                                    tcp::strip_payload(&mut self.tap.rx_mut()[ip_off..len])
-                                {
-                                    len = ip_off + n;
-                                    self.mem.stripped += 1;
-                                }
-                            }
-                        }
+                    }
+                    let id = self.flows[idx].id;
+                    if let Some(f) = self.flows.tcp_mut(idx) {
+                        // On a published port: the guest's SYN-ACK.
+                        f.set_guest_mss(guest_mss);
                         let (rx, tx) = self.tap.split();
                         f.note_guest_segment(&rx[ip_off..len]);
-                        self.stack.ingress(now, &rx[..len], tx, &mut f.sockets);
+                        f.ingress(&mut self.stack, now, &rx[..len], tx);
                     }
-                    let id = slot.id;
-                    self.mark_dirty(idx, id);
+                    self.flows.mark_dirty(idx, id);
                 } else if syn_only {
                     self.tcp_open(src, dst, len, ip_off, guest_mss, now);
                 } else {
@@ -859,17 +798,7 @@ impl Engine {
                 return;
             }
         };
-        let guest_tcp = self.per_guest.get(&src.ip()).map_or(0, |c| c.0);
-        let over = if self.tcp_index.len() >= self.limits.tcp_flows {
-            Some("TCP flows")
-        } else if self.half_open >= self.limits.tcp_half_open {
-            Some("half-open TCP flows")
-        } else if guest_tcp >= self.limits.tcp_flows_per_guest {
-            Some("TCP flows of one guest address")
-        } else {
-            None
-        };
-        if let Some(what) = over {
+        if let Some(what) = self.flows.tcp_refusal(src.ip()) {
             self.limit_reached(what);
             // No listener exists for this SYN, so smoltcp answers RST.
             let (rx, tx) = self.tap.split();
@@ -881,24 +810,13 @@ impl Engine {
         let ip = &frame[ip_off..];
         match TcpFlow::open((src, dst), target, bind, ip) {
             Ok(mut f) => {
-                f.half_open = true;
-                f.guest_mss = guest_mss;
-                self.half_open += 1;
-                self.per_guest.entry(src.ip()).or_default().0 += 1;
+                f.set_guest_mss(guest_mss);
                 f.note_guest_segment(ip);
-                self.stack.ingress(now, frame, tx, &mut f.sockets);
+                f.ingress(&mut self.stack, now, frame, tx);
                 debug!(guest = %src, dst = %dst, %target, "tcp flow");
-                // A refused registration drops the flow, which undoes the
-                // counts above in `remove`'s stead.
-                let Some((idx, id)) = self.add_flow(Flow::Tcp(Box::new(f)), 0) else {
-                    self.half_open -= 1;
-                    self.guest_count(src.ip(), |c| c.0 -= 1);
-                    return;
-                };
-                self.tcp_index.insert((src, dst), idx);
-                self.stats.tcp_opened.fetch_add(1, Ordering::Relaxed);
-                self.stats.tcp_flows.fetch_add(1, Ordering::Relaxed);
-                self.mark_dirty(idx, id);
+                if let Some((idx, id)) = self.add_tcp(Box::new(f), 0) {
+                    self.flows.mark_dirty(idx, id);
+                }
             }
             Err(e) => {
                 debug!(guest = %src, dst = %dst, error = %e, "host connect failed at once");
@@ -1091,26 +1009,22 @@ impl Engine {
         payload: Range<usize>,
         now: Instant,
     ) {
-        if !self.udp_index.contains_key(&src) {
+        if self.flows.udp_slot(&src).is_none() {
             // Eviction may close the flow a batch is waiting for.
             self.flush_udp_batch();
             self.make_room_for_udp(src.ip());
         }
-        let idx = match self.udp_index.get(&src) {
-            Some(&i) => i,
+        let idx = match self.flows.udp_slot(&src) {
+            Some(i) => i,
             None => match UdpFlow::open(src, self.cfg.outbound_bind(src.ip()), now) {
                 Ok(f) => {
-                    let Some((idx, _)) = self.add_flow(Flow::Udp(f), 0) else {
+                    let r = self.flows.insert_udp(f, self.poll.registry());
+                    let Some(idx) = self.registered(r) else {
                         return;
                     };
-                    self.udp_index.insert(src, idx);
-                    self.udp_lru.insert((now, idx));
-                    self.udp_lru_guest.insert((src.ip(), now, idx));
-                    self.per_guest.entry(src.ip()).or_default().1 += 1;
-                    self.stats.udp_flows.fetch_add(1, Ordering::Relaxed);
                     let at =
                         now + Duration::from_micros(self.cfg.udp_idle_timeout.as_micros() as u64);
-                    self.schedule(idx, at);
+                    self.flows.schedule(idx, at);
                     idx
                 }
                 Err(e) => {
@@ -1155,7 +1069,7 @@ impl Engine {
                 }
             }
         }
-        self.udp_touch(idx);
+        self.flows.udp_touch(idx);
     }
 
     /// Sends the gathered datagrams of one flow (one `UDP_SEGMENT` send
@@ -1204,26 +1118,6 @@ impl Engine {
         }
     }
 
-    /// Moves a UDP flow to its place in the recency index after activity,
-    /// at most once a second per flow (eviction order is by the second).
-    fn udp_touch(&mut self, idx: usize) {
-        let Some(Slot {
-            flow: Flow::Udp(f), ..
-        }) = self.flows.get_mut(idx)
-        else {
-            return;
-        };
-        if f.last_active < f.indexed_at + Duration::from_secs(1) {
-            return;
-        }
-        let (old, new, ip) = (f.indexed_at, f.last_active, f.guest.ip());
-        f.indexed_at = new;
-        self.udp_lru.remove(&(old, idx));
-        self.udp_lru.insert((new, idx));
-        self.udp_lru_guest.remove(&(ip, old, idx));
-        self.udp_lru_guest.insert((ip, new, idx));
-    }
-
     /// Follows `watch` (the resolv.conf the upstreams were read from):
     /// DNS queries pick up its changes.
     pub fn set_resolv_watch(&mut self, watch: ResolvWatch) {
@@ -1262,12 +1156,12 @@ impl Engine {
         let query = &self.tap.split().0[payload];
         match DnsQuery::start(src, query, &self.upstreams) {
             Ok(q) => {
-                let Some((idx, _)) = self.add_flow(Flow::Dns(q), 0) else {
+                let r = self.flows.insert_dns(q, self.poll.registry());
+                let Some(idx) = self.registered(r) else {
                     return;
                 };
-                self.stats.dns_queries.fetch_add(1, Ordering::Relaxed);
                 let at = now + Duration::from_micros(self.cfg.dns_timeout.as_micros() as u64);
-                self.schedule(idx, at);
+                self.flows.schedule(idx, at);
             }
             Err(e) => {
                 debug!(guest = %src, error = %e, "dns query not forwarded");
@@ -1286,24 +1180,21 @@ impl Engine {
         icmp: Range<usize>,
         now: Instant,
     ) {
-        if !self.icmp_index.contains_key(&(src, ident))
-            && self.icmp_index.len() >= self.limits.icmp_flows
-        {
+        if self.flows.icmp_full(&(src, ident)) {
             self.limit_reached("ICMP echo identifiers");
             return;
         }
-        let idx = match self.icmp_index.get(&(src, ident)) {
-            Some(&i) => i,
+        let idx = match self.flows.icmp_slot(&(src, ident)) {
+            Some(i) => i,
             None => match IcmpFlow::open(src, ident, self.cfg.outbound_bind(src), now) {
                 Ok(f) => {
-                    let Some((idx, _)) = self.add_flow(Flow::Icmp(f), 0) else {
+                    let r = self.flows.insert_icmp(f, self.poll.registry());
+                    let Some(idx) = self.registered(r) else {
                         return;
                     };
-                    self.icmp_index.insert((src, ident), idx);
-                    self.stats.icmp_flows.fetch_add(1, Ordering::Relaxed);
                     let at =
                         now + Duration::from_micros(self.cfg.udp_idle_timeout.as_micros() as u64);
-                    self.schedule(idx, at);
+                    self.flows.schedule(idx, at);
                     idx
                 }
                 Err(e) => {
@@ -1331,40 +1222,31 @@ impl Engine {
         }
     }
 
-    /// Puts a new flow in the slab and registers its host socket under the
-    /// flow's token. Returns its index and id, or None (counted) if epoll
-    /// refuses the socket.
-    fn add_flow(&mut self, mut flow: Flow, rule: u64) -> Option<(usize, u64)> {
-        let entry = self.flows.vacant_entry();
-        let idx = entry.key();
-        let token = Token(idx + FIRST_FLOW);
-        let both = Interest::READABLE | Interest::WRITABLE;
-        let reg = self.poll.registry();
-        let registered = match &mut flow {
-            Flow::Tcp(f) => reg.register(&mut f.host, token, both),
-            Flow::Splice(f) => reg.register(&mut f.host, token, both),
-            Flow::Udp(f) => reg.register(&mut f.socket, token, Interest::READABLE),
-            Flow::Icmp(f) => reg.register(&mut f.socket, token, Interest::READABLE),
-            Flow::Dns(q) => reg.register(&mut q.socket, token, Interest::READABLE),
-            Flow::TcpListen(l) => reg.register(&mut l.listener, token, Interest::READABLE),
-            Flow::UdpListen(l) => reg.register(&mut l.socket, token, Interest::READABLE),
-            Flow::Alias(..) => Ok(()),
-        };
-        if let Err(e) = registered {
+    /// Puts a new flow in the table and registers its host socket under
+    /// the flow's token. Returns its index and id, or None (counted) if
+    /// epoll refuses the socket.
+    fn add_flow(&mut self, flow: Flow, rule: u64) -> Option<(usize, u64)> {
+        let r = self.flows.insert(flow, rule, self.poll.registry());
+        self.registered(r)
+    }
+
+    /// [`Self::add_flow`] for a TCP flow (indexed, and counted as opened).
+    fn add_tcp(&mut self, f: Box<TcpFlow>, rule: u64) -> Option<(usize, u64)> {
+        let r = self.flows.insert_tcp(f, rule, self.poll.registry());
+        self.registered(r)
+    }
+
+    /// The result of an insertion, with a refused registration counted.
+    fn registered<T>(&self, r: io::Result<T>) -> Option<T> {
+        r.map_err(|e| {
             warn!(error = %e, "cannot watch a host socket");
             self.stats.count_drop(DropReason::HostSocket);
-            return None;
-        }
-        let id = self.next_id;
-        self.next_id += 1;
-        entry.insert(Slot {
-            flow,
-            id,
-            sched: None,
-            dirty: false,
-            rule,
-        });
-        Some((idx, id))
+        })
+        .ok()
+    }
+
+    fn mark_dirty(&mut self, idx: usize, id: u64) {
+        self.flows.mark_dirty(idx, id);
     }
 
     fn flow_event(&mut self, idx: usize, readable: bool, writable: bool) {
@@ -1403,93 +1285,65 @@ impl Engine {
         self.mark_dirty(idx, id);
     }
 
-    fn mark_dirty(&mut self, idx: usize, id: u64) {
-        if let Some(slot) = self.flows.get_mut(idx)
-            && !slot.dirty
-        {
-            slot.dirty = true;
-            self.dirty.push((idx, id));
+    fn fire_timers(&mut self, now: Instant) {
+        let idle = Duration::from_micros(self.cfg.udp_idle_timeout.as_micros() as u64);
+        while let Some((idx, id)) = self.flows.pop_due(now) {
+            let last_active = match &self.flows[idx].flow {
+                Flow::Tcp(_) => {
+                    self.flows.mark_dirty(idx, id);
+                    continue;
+                }
+                Flow::Udp(f) => f.last_active,
+                Flow::Icmp(f) => f.last_active,
+                Flow::Dns(_) => {
+                    self.dns_timeout(idx, now);
+                    continue;
+                }
+                Flow::TcpListen(_) | Flow::UdpListen(_) | Flow::Splice(_) | Flow::Alias(..) => {
+                    continue;
+                }
+            };
+            let due = last_active + idle;
+            if due <= now {
+                self.remove(idx);
+            } else {
+                self.flows.schedule(idx, due);
+            }
         }
     }
 
-    fn schedule(&mut self, idx: usize, at: Instant) {
-        let Some(slot) = self.flows.get_mut(idx) else {
+    /// A DNS query's upstream did not answer in time: asks the next one,
+    /// or gives up.
+    fn dns_timeout(&mut self, idx: usize, now: Instant) {
+        let Some(Slot {
+            flow: Flow::Dns(q), ..
+        }) = self.flows.get_mut(idx)
+        else {
             return;
         };
-        if slot.sched.is_some_and(|s| s <= at) {
+        let Some(mut old) = q.retry(&self.upstreams) else {
+            self.remove(idx);
+            return;
+        };
+        debug!(upstream = %self.upstreams[q.upstream], "dns upstream timed out; trying the next");
+        let reg = self.poll.registry();
+        let _ = reg.deregister(&mut old);
+        if let Err(e) = reg.register(&mut q.socket, flows::token(idx), Interest::READABLE) {
+            warn!(error = %e, "cannot watch a host socket");
+            self.stats.count_drop(DropReason::HostSocket);
+            self.remove(idx);
             return;
         }
-        slot.sched = Some(at);
-        self.timers.push(Reverse((at, idx, slot.id)));
-    }
-
-    fn fire_timers(&mut self, now: Instant) {
-        while let Some(Reverse((at, idx, id))) = self.timers.peek().copied() {
-            if at > now {
-                break;
-            }
-            self.timers.pop();
-            let idle = Duration::from_micros(self.cfg.udp_idle_timeout.as_micros() as u64);
-            let Some(slot) = self.flows.get_mut(idx) else {
-                continue;
-            };
-            if slot.id != id || slot.sched != Some(at) {
-                continue;
-            }
-            slot.sched = None;
-            match &mut slot.flow {
-                Flow::Tcp(_) => self.mark_dirty(idx, id),
-                Flow::Udp(f) => {
-                    let due = f.last_active + idle;
-                    if due <= now {
-                        self.remove(idx);
-                    } else {
-                        self.schedule(idx, due);
-                    }
-                }
-                Flow::Icmp(f) => {
-                    let due = f.last_active + idle;
-                    if due <= now {
-                        self.remove(idx);
-                    } else {
-                        self.schedule(idx, due);
-                    }
-                }
-                Flow::TcpListen(_) | Flow::UdpListen(_) | Flow::Splice(_) | Flow::Alias(..) => {}
-                Flow::Dns(q) => {
-                    if let Some(mut old) = q.retry(&self.upstreams) {
-                        debug!(upstream = %self.upstreams[q.upstream], "dns upstream timed out; trying the next");
-                        let reg = self.poll.registry();
-                        let _ = reg.deregister(&mut old);
-                        let token = Token(idx + FIRST_FLOW);
-                        if let Err(e) = reg.register(&mut q.socket, token, Interest::READABLE) {
-                            warn!(error = %e, "cannot watch a host socket");
-                            self.stats.count_drop(DropReason::HostSocket);
-                            self.remove(idx);
-                            continue;
-                        }
-                        let at =
-                            now + Duration::from_micros(self.cfg.dns_timeout.as_micros() as u64);
-                        self.schedule(idx, at);
-                    } else {
-                        self.remove(idx);
-                    }
-                }
-            }
-        }
+        let at = now + Duration::from_micros(self.cfg.dns_timeout.as_micros() as u64);
+        self.flows.schedule(idx, at);
     }
 
     fn service_dirty(&mut self, now: Instant) {
-        let dirty = std::mem::take(&mut self.dirty);
-        for (idx, id) in dirty {
-            let Some(slot) = self.flows.get_mut(idx) else {
-                continue;
-            };
-            if slot.id != id {
+        for (idx, id) in self.flows.take_dirty() {
+            if !self.flows.begin_service(idx, id) {
                 continue;
             }
-            slot.dirty = false;
-            match &mut slot.flow {
+            match &mut self.flows[idx].flow {
                 Flow::Tcp(_) => self.service_tcp(idx, now),
                 Flow::Udp(f) => {
                     let r = f.to_guest(
@@ -1504,7 +1358,7 @@ impl Engine {
                     for _ in 0..r.filtered {
                         self.stats.count_drop(DropReason::Filtered);
                     }
-                    self.udp_touch(idx);
+                    self.flows.udp_touch(idx);
                     if r.more {
                         self.mark_dirty(idx, id);
                     }
@@ -1538,94 +1392,38 @@ impl Engine {
                 }
             }
         }
-        self.resume_paused();
+        self.flows.resume_paused();
         self.stats
             .frames_out
             .store(self.tap.out_counters().frames, Ordering::Relaxed);
     }
 
     fn service_tcp(&mut self, idx: usize, now: Instant) {
-        let Flow::Tcp(f) = &mut self.flows[idx].flow else {
+        let Some((step, mut room)) = self.flows.service_tcp_host(idx) else {
             return;
         };
-        let mut room = self.mem.room();
-        let mut remove = false;
-        let step = f.service(&mut room);
-        if f.half_open && !f.connecting() {
-            f.half_open = false;
-            self.half_open -= 1;
-        }
-        match step {
-            Step::Keep => {}
-            Step::Remove => remove = true,
+        let remove = match step {
+            Step::Keep => false,
+            Step::Remove => true,
             Step::ConnectFailed(e) => {
-                let is_dns = f.key.1 == SocketAddr::from((self.stack.addrs.dns, 53))
-                    || self
-                        .stack
-                        .addrs
-                        .v6
-                        .is_some_and(|v6| f.key.1 == SocketAddr::from((v6.dns, 53)));
-                let next = self
-                    .upstreams
-                    .iter()
-                    .position(|u| *u == f.target)
-                    .and_then(|i| self.upstreams.get(i + 1))
-                    .copied();
-                if let (true, Some(next)) = (is_dns, next) {
-                    debug!(failed = %f.target, %next, error = %e, "dns over tcp: trying the next upstream");
-                    let _ = self.poll.registry().deregister(&mut f.host);
-                    let ok = f.retarget(next).is_ok()
-                        && self
-                            .poll
-                            .registry()
-                            .register(
-                                &mut f.host,
-                                Token(idx + FIRST_FLOW),
-                                Interest::READABLE | Interest::WRITABLE,
-                            )
-                            .is_ok();
-                    if !ok {
-                        f.abort_guest();
-                        remove = true;
+                let Some(f) = self.flows.tcp_mut(idx) else {
+                    return;
+                };
+                match dns::tcp_failover(f.key.1, f.target, &self.stack.addrs, &self.upstreams) {
+                    Some(next) => {
+                        debug!(failed = %f.target, %next, error = %e, "dns over tcp: trying the next upstream");
+                        !self.retarget_tcp(idx, next)
                     }
-                } else {
-                    debug!(guest = %f.key.0, dst = %f.key.1, target = %f.target, error = %e, "host connect failed");
-                    let reply = match (f.key.0.ip(), f.key.1.ip()) {
-                        (IpAddr::V4(guest), IpAddr::V4(dst)) => {
-                            tcp::connect_error_reply(&e).map(|code| {
-                                let h = header(&mut self.stack);
-                                let quote = f.syn_quote();
-                                self.tap.tx().build(|buf| {
-                                    emit::dst_unreachable(buf, &h, dst, guest, code, quote)
-                                })
-                            })
-                        }
-                        (IpAddr::V6(guest), IpAddr::V6(_)) => tcp::connect_error_reply6(&e)
-                            .zip(self.stack.addrs.v6)
-                            .map(|(code, v6)| {
-                                let h = header(&mut self.stack);
-                                let quote = f.syn_quote();
-                                self.tap.tx().build(|buf| {
-                                    emit::dst_unreachable6(buf, &h, v6.gateway, guest, code, quote)
-                                })
-                            }),
-                        _ => None,
-                    };
-                    match reply {
-                        Some(_) => {
-                            // Drop the flow silently: the guest got its answer.
-                            self.remove(idx);
-                            return;
-                        }
-                        None => {
-                            f.abort_guest();
-                            remove = true;
-                        }
+                    None if self.refuse_tcp(idx, &e) => {
+                        // Drop the flow silently: the guest got its answer.
+                        self.remove(idx);
+                        return;
                     }
+                    None => true,
                 }
             }
-        }
-        let Flow::Tcp(f) = &mut self.flows[idx].flow else {
+        };
+        let Some(f) = self.flows.tcp_mut(idx) else {
             return;
         };
         f.egress(&mut self.stack, now, self.tap.tx());
@@ -1640,15 +1438,8 @@ impl Engine {
             self.remove(idx);
             return;
         }
-        let release_at = f.trim(now, self.mem.pressure());
-        let r = f.resident();
-        self.mem.used = self.mem.used + r - f.accounted;
-        f.accounted = r;
-        if f.wants_memory() && !f.paused {
-            f.paused = true;
-            self.mem.pause(idx, self.flows[idx].id);
-        }
-        let Flow::Tcp(f) = &mut self.flows[idx].flow else {
+        let release_at = self.flows.settle_tcp_memory(idx, now);
+        let Some(f) = self.flows.tcp_mut(idx) else {
             return;
         };
         let at = match (f.poll_at(&mut self.stack, now), release_at) {
@@ -1656,91 +1447,83 @@ impl Engine {
             (a, b) => a.or(b),
         };
         if let Some(at) = at {
-            self.schedule(idx, at.max(now));
+            self.flows.schedule(idx, at.max(now));
         }
     }
 
-    /// Services again every flow the memory budget paused once the ring
-    /// memory in use is below the low-water mark. Their host sockets still
-    /// hold unread data; with edge-triggered epoll no new event would come.
-    fn resume_paused(&mut self) {
-        if !self.mem.may_resume() {
-            return;
-        }
-        for (idx, id) in std::mem::take(&mut self.mem.paused) {
-            if let Some(Slot {
-                flow: Flow::Tcp(f),
-                id: live,
-                ..
-            }) = self.flows.get_mut(idx)
-                && *live == id
-            {
-                f.paused = false;
-                self.mem.resumes += 1;
-                self.mark_dirty(idx, id);
-            }
-        }
-    }
-
-    fn remove(&mut self, idx: usize) {
-        let slot = self.flows.remove(idx);
+    /// Moves the host side of the TCP flow at `idx` to the DNS upstream
+    /// `next`; false (the guest side aborted) if that cannot start.
+    fn retarget_tcp(&mut self, idx: usize, next: SocketAddr) -> bool {
+        let Some(f) = self.flows.tcp_mut(idx) else {
+            return false;
+        };
         let reg = self.poll.registry();
-        match slot.flow {
-            Flow::Tcp(mut f) => {
-                let _ = reg.deregister(&mut f.host);
-                self.tcp_index.remove(&f.key);
-                self.stats.tcp_flows.fetch_sub(1, Ordering::Relaxed);
-                if f.half_open {
-                    self.half_open -= 1;
-                }
-                self.mem.used -= f.accounted;
-                if slot.rule == 0 {
-                    self.guest_count(f.key.0.ip(), |c| c.0 -= 1);
-                }
-            }
-            Flow::Udp(mut f) => {
-                let _ = reg.deregister(&mut f.socket);
-                self.udp_index.remove(&f.guest);
-                self.udp_lru.remove(&(f.indexed_at, idx));
-                self.udp_lru_guest
-                    .remove(&(f.guest.ip(), f.indexed_at, idx));
-                self.stats.udp_flows.fetch_sub(1, Ordering::Relaxed);
-                self.guest_count(f.guest.ip(), |c| c.1 -= 1);
-            }
-            Flow::Icmp(mut f) => {
-                let _ = reg.deregister(&mut f.socket);
-                self.icmp_index.remove(&(f.guest, f.ident));
-                self.stats.icmp_flows.fetch_sub(1, Ordering::Relaxed);
-            }
-            Flow::Dns(mut q) => {
-                let _ = reg.deregister(&mut q.socket);
-                self.stats.dns_queries.fetch_sub(1, Ordering::Relaxed);
-            }
-            Flow::TcpListen(mut l) => {
-                let _ = reg.deregister(&mut l.listener);
-            }
-            Flow::Splice(mut f) => {
-                let _ = reg.deregister(&mut f.host);
-                let _ = reg.deregister(&mut f.guest);
+        let _ = reg.deregister(&mut f.host);
+        let ok = f.retarget(next).is_ok()
+            && reg
+                .register(
+                    &mut f.host,
+                    flows::token(idx),
+                    Interest::READABLE | Interest::WRITABLE,
+                )
+                .is_ok();
+        if !ok {
+            f.abort_guest();
+        }
+        ok
+    }
+
+    /// The host connect of the TCP flow at `idx` failed with `e`: answers
+    /// the guest's SYN with the ICMP error that matches, if any (true), or
+    /// aborts the guest side (false).
+    fn refuse_tcp(&mut self, idx: usize, e: &io::Error) -> bool {
+        let Some(f) = self.flows.tcp_mut(idx) else {
+            return false;
+        };
+        debug!(guest = %f.key.0, dst = %f.key.1, target = %f.target, error = %e, "host connect failed");
+        let reply = match (f.key.0.ip(), f.key.1.ip()) {
+            (IpAddr::V4(guest), IpAddr::V4(dst)) => tcp::connect_error_reply(e).map(|code| {
+                let h = header(&mut self.stack);
+                let quote = f.syn_quote();
+                self.tap
+                    .tx()
+                    .build(|buf| emit::dst_unreachable(buf, &h, dst, guest, code, quote))
+            }),
+            (IpAddr::V6(guest), IpAddr::V6(_)) => tcp::connect_error_reply6(e)
+                .zip(self.stack.addrs.v6)
+                .map(|(code, v6)| {
+                    let h = header(&mut self.stack);
+                    let quote = f.syn_quote();
+                    self.tap.tx().build(|buf| {
+                        emit::dst_unreachable6(buf, &h, v6.gateway, guest, code, quote)
+                    })
+                }),
+            _ => None,
+        };
+        if reply.is_none() {
+            f.abort_guest();
+        }
+        reply.is_some()
+    }
+
+    /// Removes the flow at `idx`, with what the flow table does not own:
+    /// a splice's alias slot and byte counts, a listener's UDP clients.
+    fn remove(&mut self, idx: usize) {
+        match self.flows.remove(idx, self.poll.registry()) {
+            Some(Flow::Splice(f)) => {
                 let (up, down) = f.bytes();
                 self.spliced_closed.0 += up;
                 self.spliced_closed.1 += down;
                 debug!(up, down, "spliced connection closed");
-                self.stats.tcp_flows.fetch_sub(1, Ordering::Relaxed);
                 if let Some(client) = f.transparent_client {
                     self.fast.release(client);
                 }
-                if let Some(alias) = self.splice_alias.remove(&idx)
-                    && self.flows.contains(alias)
-                {
-                    self.flows.remove(alias);
+                if let Some(alias) = self.splice_alias.remove(&idx) {
+                    self.flows.remove(alias, self.poll.registry());
                 }
             }
-            Flow::Alias(..) => {}
-            Flow::UdpListen(mut l) => {
-                let _ = reg.deregister(&mut l.socket);
-                self.forget_udp_clients_of(idx);
-            }
+            Some(Flow::UdpListen(_)) => self.forget_udp_clients_of(idx),
+            _ => {}
         }
     }
 
@@ -1767,39 +1550,11 @@ impl Engine {
         }
     }
 
-    fn guest_count(&mut self, ip: IpAddr, f: impl FnOnce(&mut (usize, usize))) {
-        if let Some(c) = self.per_guest.get_mut(&ip) {
-            f(c);
-            if *c == (0, 0) {
-                self.per_guest.remove(&ip);
-            }
-        }
-    }
-
     /// Before a new UDP flow for `guest`: if a bound is reached, evicts the
-    /// least recently active flow (of that guest when its own bound is the
-    /// one reached), the first entry of the recency index: no scan.
+    /// least recently active flow (see [`FlowTable::udp_victim`]).
     fn make_room_for_udp(&mut self, guest: IpAddr) {
-        let own = self.per_guest.get(&guest).map_or(0, |c| c.1);
-        let per_guest = own >= self.limits.udp_flows_per_guest;
-        if !per_guest && self.udp_index.len() < self.limits.udp_flows {
-            return;
-        }
-        let victim = if per_guest {
-            self.udp_lru_guest
-                .range((guest, Instant::from_micros(i64::MIN), 0)..)
-                .next()
-                .filter(|(ip, _, _)| *ip == guest)
-                .map(|&(_, at, idx)| (at, idx))
-        } else {
-            self.udp_lru.first().copied()
-        };
-        if let Some((_, idx)) = victim {
-            self.limit_reached(if per_guest {
-                "UDP flows of one guest address"
-            } else {
-                "UDP flows"
-            });
+        if let Some((idx, what)) = self.flows.udp_victim(guest) {
+            self.limit_reached(what);
             self.remove(idx);
         }
     }
@@ -1830,6 +1585,7 @@ impl Engine {
             }
         }
         let s = self.stats.snapshot();
+        let mem = self.flows.mem();
         let out = self.tap.out_counters();
         let drops: serde_json::Map<String, serde_json::Value> = s
             .drops
@@ -1875,13 +1631,13 @@ impl Engine {
             },
             "tcp_opened": s.tcp_opened,
             "tcp_memory": {
-                "budget": self.mem.budget,
-                "resident": self.mem.used,
-                "peak": self.mem.peak,
-                "paused_flows": self.mem.paused.len(),
-                "pauses": self.mem.pauses,
-                "resumes": self.mem.resumes,
-                "guest_data_deferred": self.mem.stripped,
+                "budget": mem.budget,
+                "resident": mem.used,
+                "peak": mem.peak,
+                "paused_flows": mem.paused.len(),
+                "pauses": mem.pauses,
+                "resumes": mem.resumes,
+                "guest_data_deferred": mem.stripped,
             },
             "spliced_bytes": { "to_guest": up, "from_guest": down },
             "drops": drops,
@@ -1957,69 +1713,6 @@ impl Engine {
         ) {
             info!(prefix = %format!("{p}/64"), %guest, gateway = %g, dns = %d, "ipv6 ready");
         }
-    }
-}
-
-/// The global budget of TCP ring memory (see [`crate::nat::tcp`]'s
-/// "Ring memory").
-struct RingBudget {
-    budget: usize,
-    /// Resident ring memory of all flows, as last accounted.
-    used: usize,
-    /// Highest `used` seen.
-    peak: usize,
-    /// Flows (slab index, id) that left host data unread for want of memory.
-    paused: Vec<(usize, u64)>,
-    pauses: u64,
-    resumes: u64,
-    /// Guest segments whose payload was cut off at the budget.
-    stripped: u64,
-}
-
-impl RingBudget {
-    fn new(budget: usize) -> Self {
-        Self {
-            budget,
-            used: 0,
-            peak: 0,
-            paused: Vec::new(),
-            pauses: 0,
-            resumes: 0,
-            stripped: 0,
-        }
-    }
-
-    /// Memory a flow may still make resident.
-    fn room(&mut self) -> usize {
-        self.peak = self.peak.max(self.used);
-        self.budget.saturating_sub(self.used)
-    }
-
-    /// Memory guest data may still make resident: up to a hard ceiling a
-    /// quarter above the budget. Past the budget host reads pause, which
-    /// frees memory as the guest reads; cutting guest data off costs the
-    /// guest a retransmission timeout, so it is the last resort.
-    fn guest_room(&self) -> usize {
-        (self.budget + self.budget / 4).saturating_sub(self.used)
-    }
-
-    /// Below this, paused flows are resumed; at or above it, drained ring
-    /// chunks are given back at once instead of after the idle delay.
-    fn low_water(&self) -> usize {
-        self.budget - self.budget / 8
-    }
-
-    fn pressure(&self) -> bool {
-        self.used >= self.low_water()
-    }
-
-    fn may_resume(&self) -> bool {
-        !self.paused.is_empty() && self.used < self.low_water()
-    }
-
-    fn pause(&mut self, idx: usize, id: u64) {
-        self.pauses += 1;
-        self.paused.push((idx, id));
     }
 }
 

@@ -8,7 +8,7 @@
 //! the query (ID, QR bit or question differ) is dropped and counted
 //! (`dns_mismatch`), and the query keeps waiting for the real answer. TCP queries are ordinary TCP
 //! flows whose host side connects to an upstream (see the engine), moving
-//! on to the next upstream when a connect fails.
+//! on to the next upstream when a connect fails ([`tcp_failover`]).
 //!
 //! Upstreams come from `--dns-upstream` or from the `nameserver` lines of
 //! /etc/resolv.conf, which is then followed ([`ResolvWatch`]: looked at on
@@ -29,8 +29,8 @@ use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::Mode;
 
 use crate::sandbox::KeptDir;
-use crate::stack::Stack;
 use crate::stack::emit::{self, Header, UDP_PAYLOAD_OFFSET, UDP6_PAYLOAD_OFFSET};
+use crate::stack::{NetAddrs, Stack};
 use crate::tap::TapTx;
 
 /// Reads the nameservers of a resolv.conf text.
@@ -244,6 +244,27 @@ fn question_len(msg: &[u8]) -> Option<usize> {
         msg.get(..i)?;
     }
     Some(i - 12)
+}
+
+/// DNS over TCP: where a guest connection to the forwarder goes after
+/// its host connect to `failed` did not succeed: the upstream listed next,
+/// if `dialled` (what the guest connected to) is the forwarder's port 53
+/// on IPv4 or IPv6. None otherwise, or when no upstream is left.
+pub fn tcp_failover(
+    dialled: SocketAddr,
+    failed: SocketAddr,
+    addrs: &NetAddrs,
+    upstreams: &[SocketAddr],
+) -> Option<SocketAddr> {
+    let forwarder = dialled == SocketAddr::from((addrs.dns, 53))
+        || addrs
+            .v6
+            .is_some_and(|v6| dialled == SocketAddr::from((v6.dns, 53)));
+    if !forwarder {
+        return None;
+    }
+    let at = upstreams.iter().position(|u| *u == failed)?;
+    upstreams.get(at + 1).copied()
 }
 
 /// Whether `reply` answers `query`: a response (QR set) with the same ID,
