@@ -47,6 +47,7 @@ use crate::services::dhcp::{DhcpConfig, DhcpServer};
 use crate::services::dns::{self, DnsQuery, Reply, ResolvWatch};
 use crate::stack::classify::{Verdict, classify};
 use crate::stack::emit::{self, Header};
+use crate::stack::ndp::Ndp;
 use crate::stack::{self, Stack};
 use crate::stats::{DropReason, Stats};
 use crate::tap::{ReadOutcome, Tap};
@@ -66,10 +67,6 @@ const TEST_HOOK: Token = Token(7);
 
 /// Frames read from the TAP per loop iteration before other work runs.
 const TAP_BATCH: usize = 256;
-/// Seconds between unsolicited router advertisements.
-const RA_INTERVAL_SECS: u64 = 60;
-/// Router lifetime announced in router advertisements (seconds).
-const RA_ROUTER_LIFETIME: u16 = 1800;
 /// DNS queries in flight at once; more are dropped (the guest retries).
 const MAX_DNS_QUERIES: usize = 1024;
 
@@ -269,13 +266,8 @@ pub struct Engine {
     spliced_closed: (u64, u64),
     limits: crate::config::Limits,
     last_limit_warn: Option<std::time::Instant>,
-    /// When the next unsolicited router advertisement is due (IPv6 on).
-    next_ra: Option<Instant>,
-    /// What router advertisements announce besides the prefix: the IPv6
-    /// DNS servers (RDNSS) and the search list in DNS wire format (DNSSL).
-    ra_dns: (Vec<Ipv6Addr>, Vec<u8>),
-    /// Guest IPv6 addresses recently taught to smoltcp's neighbour cache.
-    v6_learned: HashMap<Ipv6Addr, Instant>,
+    /// Neighbour discovery and router advertisements.
+    ndp: Ndp,
     /// The host's own addresses (refused like host loopback).
     local: LocalAddrs,
     last_udp_open_warn: Option<std::time::Instant>,
@@ -352,7 +344,7 @@ impl Engine {
         }
         let (cfg_net, cfg_mtu, cfg_limits) = (cfg.cidr(), cfg.mtu(), cfg.limits());
         let dhcp = DhcpServer::new(dhcp_config(&cfg, cfg_net, cfg_mtu));
-        let ra_dns = ra_dns(&cfg);
+        let ndp = Ndp::new(&cfg);
         let engine = Self {
             exit_fd: cfg.exit_fd,
             cfg,
@@ -387,9 +379,7 @@ impl Engine {
             spliced_closed: (0, 0),
             limits: cfg_limits,
             last_limit_warn: None,
-            next_ra: None,
-            ra_dns,
-            v6_learned: HashMap::new(),
+            ndp,
             local,
             last_udp_open_warn: None,
             worker: None,
@@ -454,10 +444,8 @@ impl Engine {
                 self.sweep_udp_returns(now);
                 self.next_sweep = now + Duration::from_secs(5);
             }
-            if self.next_ra.is_some_and(|at| now >= at) && self.cfg.services.ra {
-                self.router_advert();
-                self.next_ra = Some(now + Duration::from_secs(RA_INTERVAL_SECS));
-            }
+            let ra = self.cfg.services.ra;
+            self.ndp.tick(&self.stack, now, ra, self.tap.tx());
         }
     }
 
@@ -474,7 +462,7 @@ impl Engine {
         // About to sleep: make the capture file current.
         self.tap.flush_pcap();
         let next = self.flows.next_deadline();
-        let next = [next, self.next_ra, self.fast.next_deadline()]
+        let next = [next, self.ndp.next_deadline(), self.fast.next_deadline()]
             .into_iter()
             .flatten()
             .min();
@@ -559,9 +547,8 @@ impl Engine {
             (Action::from_verdict(c.verdict, frame), c.src_mac)
         };
         if !matches!(action, Action::Drop(_)) {
-            if self.stack.guest_mac.is_none() && self.stack.addrs.v6.is_some() {
-                // The guest is there: announce the router at once.
-                self.next_ra = Some(now);
+            if self.stack.guest_mac.is_none() {
+                self.ndp.guest_appeared(&self.stack, now);
             }
             self.stack.guest_mac = Some(src_mac);
         }
@@ -657,12 +644,16 @@ impl Engine {
                     Route::Dns | Route::Deny(_) => self.deny6(Deny::NotAllowed, src, 14, len),
                 }
             }
-            Action::NeighborSolicit { src, target } => self.neighbor_advert(src, target, src_mac),
+            Action::NeighborSolicit { src, target } => {
+                let tx = self.tap.tx();
+                self.ndp
+                    .neighbor_advert(&self.stack, src, target, src_mac, tx);
+            }
             Action::NeighborAdvert => {
                 let (rx, tx) = self.tap.split();
                 self.stack.ingress(now, &rx[..len], tx, &mut self.services);
             }
-            Action::RouterSolicit => self.router_advert(),
+            Action::RouterSolicit => self.ndp.router_advert(&self.stack, self.tap.tx()),
             Action::Tcp {
                 src,
                 dst,
@@ -671,7 +662,10 @@ impl Engine {
             } => {
                 let mut guest_mss = None;
                 if let SocketAddr::V6(s6) = src {
-                    self.learn_v6(*s6.ip(), src_mac, now);
+                    let tx = self.tap.tx();
+                    let ip = *s6.ip();
+                    self.ndp
+                        .learn(&mut self.stack, now, ip, src_mac, tx, &mut self.services);
                     if self.tap.offloads() {
                         guest_mss =
                             crate::stack::rewrite_syn_mss(&mut self.tap.rx_mut()[ip_off..len]);
@@ -906,79 +900,6 @@ impl Engine {
             (IpAddr::V6(g), _) => self.deny6(d, g, ip_off, len),
             _ => self.stats.count_drop(DropReason::Policy),
         }
-    }
-
-    /// Teaches smoltcp where a guest IPv6 address is, at most every 20 s
-    /// per address (its neighbour entries live 60 s).
-    fn learn_v6(&mut self, ip: Ipv6Addr, mac: smoltcp::wire::EthernetAddress, now: Instant) {
-        if self
-            .v6_learned
-            .get(&ip)
-            .is_some_and(|t| now < *t + Duration::from_secs(20))
-        {
-            return;
-        }
-        if self.v6_learned.len() >= 1024 {
-            self.v6_learned.clear();
-        }
-        self.v6_learned.insert(ip, now);
-        let tx = self.tap.tx();
-        self.stack.learn_v6(now, ip, mac, tx, &mut self.services);
-    }
-
-    /// Answers a neighbour solicitation for one of rnet's IPv6 addresses.
-    fn neighbor_advert(
-        &mut self,
-        src: Ipv6Addr,
-        target: Ipv6Addr,
-        guest_mac: smoltcp::wire::EthernetAddress,
-    ) {
-        let Some(v6) = self.stack.addrs.v6 else {
-            return;
-        };
-        let all_nodes = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
-        // Router flag for the gateway and the link-local router address: a
-        // cleared flag would make the guest drop its routes via them.
-        let router = if target == v6.dns { 0 } else { 0x80 };
-        let (dst, eth_dst, flags) = if src.is_unspecified() {
-            // Duplicate address detection: defend, to all nodes.
-            (
-                all_nodes,
-                emit::ipv6_multicast_mac(all_nodes),
-                router | 0x20,
-            )
-        } else {
-            (src, guest_mac, router | 0x40 | 0x20)
-        };
-        let h = Header {
-            eth_src: self.stack.mac,
-            eth_dst,
-            ident: 0,
-        };
-        let mut tx = self.tap.tx();
-        tx.build(|buf| emit::neighbor_advert(buf, &h, target, dst, target, flags));
-    }
-
-    /// Sends a router advertisement to all nodes.
-    fn router_advert(&mut self) {
-        let Some(v6) = self.stack.addrs.v6 else {
-            return;
-        };
-        let all_nodes = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
-        let h = Header {
-            eth_src: self.stack.mac,
-            eth_dst: emit::ipv6_multicast_mac(all_nodes),
-            ident: 0,
-        };
-        let ra = emit::RouterAdvert {
-            prefix: v6.prefix,
-            mtu: self.cfg.mtu(),
-            dns: &self.ra_dns.0,
-            search: &self.ra_dns.1,
-            lifetime: RA_ROUTER_LIFETIME,
-        };
-        let mut tx = self.tap.tx();
-        tx.build(|buf| emit::router_advert(buf, &h, v6.link_local, all_nodes, &ra));
     }
 
     /// Answers an ICMPv6 echo request to one of rnet's own addresses.
@@ -1724,14 +1645,6 @@ fn header(stack: &mut Stack) -> Header {
             .unwrap_or(smoltcp::wire::EthernetAddress::BROADCAST),
         ident: stack.next_ident(),
     }
-}
-
-/// The IPv6 DNS servers and the search list (DNS wire format) router
-/// advertisements announce.
-fn ra_dns(cfg: &Config) -> (Vec<Ipv6Addr>, Vec<u8>) {
-    let mut search = Vec::new();
-    crate::config::encode_domains(cfg.search_domains(), &mut search);
-    (cfg.dns_announced_v6().collect(), search)
 }
 
 /// The DHCP server's settings: the network's defaults, with the gateway,

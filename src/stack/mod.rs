@@ -20,6 +20,7 @@
 pub mod classify;
 pub mod device;
 pub mod emit;
+pub mod ndp;
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -187,31 +188,6 @@ impl Stack {
             if self.iface.poll_egress(now, &mut dev, sockets) == smoltcp::iface::PollResult::None {
                 break;
             }
-        }
-    }
-
-    /// Teaches smoltcp's neighbour cache that the guest's `ip` is at `mac`
-    /// (a synthetic neighbour advertisement, which smoltcp answers with
-    /// nothing), so TCP towards a guest IPv6 address need not wait for
-    /// neighbour discovery.
-    pub fn learn_v6(
-        &mut self,
-        now: Instant,
-        ip: Ipv6Addr,
-        mac: EthernetAddress,
-        tx: TapTx<'_>,
-        sockets: &mut SocketSet,
-    ) {
-        let Some(v6) = self.addrs.v6 else { return };
-        let mut frame = [0u8; emit::ICMP6_OFFSET + 32];
-        let h = emit::Header {
-            eth_src: mac,
-            eth_dst: self.mac,
-            ident: 0,
-        };
-        let n = emit::neighbor_advert(&mut frame, &h, ip, v6.gateway, ip, 0x20);
-        if n > 0 {
-            self.ingress(now, &frame[..n], tx, sockets);
         }
     }
 
