@@ -720,3 +720,6 @@ fn busy_poll_us(cfg: &Config) -> u64 {
     }
     cfg.busy_poll().as_micros() as u64
 }
+
+#[cfg(test)]
+mod tests;

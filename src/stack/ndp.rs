@@ -137,7 +137,7 @@ impl Ndp {
     }
 
     /// Teaches smoltcp where the guest address `ip` is, at most every
-    /// [`RELEARN`] per address.
+    /// 20 s per address.
     pub fn learn(
         &mut self,
         stack: &mut Stack,
