@@ -94,7 +94,8 @@ pub struct Stats {
     pub frames_in: AtomicU64,
     /// Bytes read from the TAP.
     pub bytes_in: AtomicU64,
-    /// Frames written to the TAP.
+    /// Frames written to the TAP: a copy of the TAP writer's own count
+    /// (`Tap::out_counters`), stored by the loop after each batch.
     pub frames_out: AtomicU64,
     /// TCP flows currently open.
     pub tcp_flows: AtomicU64,

@@ -19,44 +19,51 @@
 //! Work per frame is a classification, one or two hash lookups and smoltcp
 //! processing against a one-socket set, independent of the number of flows.
 //! Timers live in a binary heap with lazy invalidation.
+//!
+//! # Layout
+//!
+//! - this file: the loop, its set-up and the status it reports;
+//! - [`flows`]: the [`flows::FlowTable`] (slab, indices, timers, dirty
+//!   list, state bounds, TCP ring budget) and its invariants;
+//! - [`dispatch`]: step 2, what each guest frame's verdict leads to;
+//! - [`service`]: steps 3 and 4, timers and dirty flows;
+//! - `ports`: the publishing side (rules, listeners, the fast path).
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::ops::Range;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::Duration as StdDuration;
 
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
-use slab::Slab;
 use smoltcp::iface::SocketSet;
 use smoltcp::time::{Duration, Instant};
-use smoltcp::wire::Icmpv4DstUnreachable;
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
-use crate::nat::icmp::{self, IcmpFlow};
 use crate::nat::local::LocalAddrs;
-use crate::nat::tcp::{self, Step, TcpFlow, TcpKey};
-use crate::nat::udp::UdpFlow;
-use crate::nat::udpio::{self, GsoBatch, Push, RecvBatch};
-use crate::nat::{Deny, Route, route, route_any};
+use crate::nat::tcp::TcpFlow;
+use crate::nat::udpio::{self, GsoBatch, RecvBatch};
+use crate::services::dhcp::{DhcpConfig, DhcpServer};
+use crate::services::dns::ResolvWatch;
+use crate::stack::ndp::Ndp;
 use crate::phy::tap::{ReadOutcome, Tap};
 use crate::ports::fastpath::{self, FastPath};
 pub(crate) use crate::ports::listeners::Command;
-use crate::ports::listeners::{Publisher, TcpListen, UdpListen};
-use crate::services::dhcp::{DhcpConfig, DhcpServer};
-use crate::services::dns::{DnsQuery, Reply, ResolvWatch};
+use crate::ports::listeners::Publisher;
 use crate::stack::{self, Stack};
 use crate::stats::{DropReason, Stats};
-use crate::wire::classify::{Verdict, classify};
-use crate::wire::emit::{self, Header};
+use crate::wire::emit::Header;
 
+mod dispatch;
+mod flows;
 mod ports;
+mod service;
+
+use flows::{FIRST_FLOW, Flow, FlowTable, Slot};
 
 const TAP: Token = Token(0);
 const WAKER: Token = Token(1);
@@ -64,16 +71,11 @@ const PIDFD: Token = Token(2);
 const EXIT_FD: Token = Token(3);
 const LOCAL_ADDRS: Token = Token(6);
 const TEST_HOOK: Token = Token(7);
-const FIRST_FLOW: usize = 16;
 
 /// Frames read from the TAP per loop iteration before other work runs.
 const TAP_BATCH: usize = 256;
-/// Seconds between unsolicited router advertisements.
-const RA_INTERVAL_SECS: u64 = 60;
-/// Router lifetime announced in router advertisements (seconds).
-const RA_ROUTER_LIFETIME: u16 = 1800;
 /// DNS queries in flight at once; more are dropped (the guest retries).
-const MAX_DNS_QUERIES: usize = 1024;
+pub(super) const MAX_DNS_QUERIES: usize = 1024;
 
 /// Why the event loop ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -115,140 +117,6 @@ impl Control {
     }
 }
 
-enum Flow {
-    Tcp(Box<TcpFlow>),
-    Udp(UdpFlow),
-    Icmp(IcmpFlow),
-    Dns(DnsQuery),
-    TcpListen(TcpListen),
-    UdpListen(UdpListen),
-    Splice(Box<crate::ports::splice::SpliceFlow>),
-    /// A second epoll source of the flow at this slab index (the guest
-    /// side of a spliced connection).
-    Alias(usize, u64),
-}
-
-/// A classified frame, with offsets into the TAP receive buffer instead of
-/// borrowed slices so handlers may use the whole engine.
-#[derive(Debug)]
-enum Action {
-    Drop(DropReason),
-    Arp,
-    Tcp {
-        src: SocketAddr,
-        dst: SocketAddr,
-        syn_only: bool,
-        ip_off: usize,
-    },
-    Udp {
-        src: SocketAddr,
-        dst: SocketAddr,
-        payload: Range<usize>,
-        ip_off: usize,
-    },
-    Echo6 {
-        src: Ipv6Addr,
-        dst: Ipv6Addr,
-        ident: u16,
-        seq: u16,
-        icmp: Range<usize>,
-    },
-    NeighborSolicit {
-        src: Ipv6Addr,
-        target: Ipv6Addr,
-    },
-    NeighborAdvert,
-    RouterSolicit,
-    Echo {
-        src: Ipv4Addr,
-        dst: Ipv4Addr,
-        ident: u16,
-        seq: u16,
-        icmp: Range<usize>,
-        ip_off: usize,
-    },
-    Dhcp {
-        payload: Range<usize>,
-    },
-}
-
-impl Action {
-    fn from_verdict(v: Verdict<'_>, frame: &[u8]) -> Self {
-        let off = |s: &[u8]| s.as_ptr() as usize - frame.as_ptr() as usize;
-        let range = |s: &[u8]| off(s)..off(s) + s.len();
-        match v {
-            Verdict::Drop(r) => Action::Drop(r),
-            Verdict::Arp => Action::Arp,
-            Verdict::Tcp {
-                src,
-                dst,
-                syn_only,
-                ip,
-            } => Action::Tcp {
-                src,
-                dst,
-                syn_only,
-                ip_off: off(ip),
-            },
-            Verdict::Udp {
-                src,
-                dst,
-                payload,
-                ip,
-            } => Action::Udp {
-                src,
-                dst,
-                payload: range(payload),
-                ip_off: off(ip),
-            },
-            Verdict::Echo6 {
-                src,
-                dst,
-                ident,
-                seq,
-                icmp,
-            } => Action::Echo6 {
-                src,
-                dst,
-                ident,
-                seq,
-                icmp: range(icmp),
-            },
-            Verdict::NeighborSolicit { src, target } => Action::NeighborSolicit { src, target },
-            Verdict::NeighborAdvert => Action::NeighborAdvert,
-            Verdict::RouterSolicit => Action::RouterSolicit,
-            Verdict::Dhcp { payload } => Action::Dhcp {
-                payload: range(payload),
-            },
-            Verdict::Echo {
-                src,
-                dst,
-                ident,
-                seq,
-                icmp,
-            } => Action::Echo {
-                src,
-                dst,
-                ident,
-                seq,
-                icmp: range(icmp),
-                ip_off: 14,
-            },
-        }
-    }
-}
-
-struct Slot {
-    flow: Flow,
-    /// Unique over the engine's lifetime: slab indices are reused, ids not.
-    id: u64,
-    /// The deadline of this flow's live timer entry.
-    sched: Option<Instant>,
-    dirty: bool,
-    /// The published-port rule a connection came in on (0: none).
-    rule: u64,
-}
-
 /// The data plane of one network.
 pub struct Engine {
     cfg: Arc<Config>,
@@ -264,10 +132,7 @@ pub struct Engine {
     tap_readable: bool,
     stack: Stack,
     services: SocketSet<'static>,
-    flows: Slab<Slot>,
-    next_id: u64,
-    tcp_index: HashMap<TcpKey, usize>,
-    udp_index: HashMap<SocketAddr, usize>,
+    flows: FlowTable,
     /// The guest's consecutive datagrams of one flow and destination,
     /// waiting to leave in one `UDP_SEGMENT` send (flushed when another
     /// kind arrives and after each TAP batch).
@@ -279,9 +144,6 @@ pub struct Engine {
     /// The frame being handled is a USO super-frame of datagrams of this
     /// size.
     rx_udp_gso: Option<u16>,
-    icmp_index: HashMap<(IpAddr, u16), usize>,
-    timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
-    dirty: Vec<(usize, u64)>,
     stats: Arc<Stats>,
     control: Arc<Control>,
     /// Kept open for as long as the loop watches the target.
@@ -297,27 +159,11 @@ pub struct Engine {
     fast: FastPath,
     started: std::time::Instant,
     limits: crate::config::Limits,
-    /// TCP flows whose host connect is in progress.
-    half_open: usize,
-    /// TCP ring memory and the flows its budget paused.
-    mem: RingBudget,
-    /// Outbound TCP and UDP flows per guest address.
-    per_guest: HashMap<IpAddr, (usize, usize)>,
     last_limit_warn: Option<std::time::Instant>,
-    /// When the next unsolicited router advertisement is due (IPv6 on).
-    next_ra: Option<Instant>,
-    /// What router advertisements announce besides the prefix: the IPv6
-    /// DNS servers (RDNSS) and the search list in DNS wire format (DNSSL).
-    ra_dns: (Vec<Ipv6Addr>, Vec<u8>),
-    /// Guest IPv6 addresses recently taught to smoltcp's neighbour cache.
-    v6_learned: HashMap<Ipv6Addr, Instant>,
+    /// Neighbour discovery and router advertisements.
+    ndp: Ndp,
     /// The host's own addresses (refused like host loopback).
     local: LocalAddrs,
-    /// UDP flows by recency (re-indexed at most once a second each), so
-    /// that eviction at a bound takes the oldest without a scan.
-    udp_lru: BTreeSet<(Instant, usize)>,
-    /// The same per guest address.
-    udp_lru_guest: BTreeSet<(IpAddr, Instant, usize)>,
     last_udp_open_warn: Option<std::time::Instant>,
     /// Under a supervisor: the rules to adopt (see [`crate::supervise`]).
     worker: Option<crate::supervise::Worker>,
@@ -392,7 +238,7 @@ impl Engine {
         }
         let (cfg_net, cfg_mtu, cfg_limits) = (cfg.cidr(), cfg.mtu(), cfg.limits());
         let dhcp = DhcpServer::new(dhcp_config(&cfg, cfg_net, cfg_mtu));
-        let ra_dns = ra_dns(&cfg);
+        let ndp = Ndp::new(&cfg);
         let engine = Self {
             exit_fd: cfg.exit_fd,
             cfg,
@@ -405,17 +251,11 @@ impl Engine {
             tap_readable: true,
             stack,
             services: SocketSet::new(Vec::new()),
-            flows: Slab::new(),
-            next_id: 1,
-            tcp_index: HashMap::new(),
-            udp_index: HashMap::new(),
+            flows: FlowTable::new(cfg_limits, stats.clone()),
             udp_batch: GsoBatch::new(),
             udp_rx: Box::new(RecvBatch::new()),
             udp_io: udpio::Counters::default(),
             rx_udp_gso: None,
-            icmp_index: HashMap::new(),
-            timers: BinaryHeap::new(),
-            dirty: Vec::new(),
             stats: stats.clone(),
             control: control.clone(),
             _pidfd: pidfd,
@@ -427,16 +267,9 @@ impl Engine {
             fast: FastPath::default(),
             started: std::time::Instant::now(),
             limits: cfg_limits,
-            half_open: 0,
-            mem: RingBudget::new(cfg_limits.memory_budget),
-            per_guest: HashMap::new(),
             last_limit_warn: None,
-            next_ra: None,
-            ra_dns,
-            v6_learned: HashMap::new(),
+            ndp,
             local,
-            udp_lru: BTreeSet::new(),
-            udp_lru_guest: BTreeSet::new(),
             last_udp_open_warn: None,
             worker: None,
             _test_hook: test_hook,
@@ -500,15 +333,13 @@ impl Engine {
                 self.sweep_udp_returns(now);
                 self.next_sweep = now + Duration::from_secs(5);
             }
-            if self.next_ra.is_some_and(|at| now >= at) && self.cfg.services.ra {
-                self.router_advert();
-                self.next_ra = Some(now + Duration::from_secs(RA_INTERVAL_SECS));
-            }
+            let ra = self.cfg.services.ra;
+            self.ndp.tick(&self.stack, now, ra, self.tap.tx());
         }
     }
 
     fn next_timeout(&mut self, now: Instant) -> Option<StdDuration> {
-        if self.tap_readable || !self.dirty.is_empty() {
+        if self.tap_readable || self.flows.has_dirty() {
             return Some(StdDuration::ZERO);
         }
         if (now - self.last_active).total_micros() < self.busy_poll_us {
@@ -519,8 +350,8 @@ impl Engine {
         }
         // About to sleep: make the capture file current.
         self.tap.flush_pcap();
-        let next = self.timers.peek().map(|Reverse((at, _, _))| *at);
-        let next = [next, self.next_ra, self.fast.next_deadline()]
+        let next = self.flows.next_deadline();
+        let next = [next, self.ndp.next_deadline(), self.fast.next_deadline()]
             .into_iter()
             .flatten()
             .min();
@@ -573,664 +404,8 @@ impl Engine {
         self.flush_udp_batch();
         self.stats
             .frames_out
-            .store(self.stack.frames_out, Ordering::Relaxed);
+            .store(self.tap.out_counters().frames, Ordering::Relaxed);
         Ok(false)
-    }
-
-    fn on_frame(&mut self, len: usize, now: Instant) {
-        let meta = self.tap.rx_meta();
-        if meta.unsupported {
-            // A GSO type rnet never enabled (UDP fragmentation offload).
-            self.stats.count_drop(DropReason::Unsupported);
-            return;
-        }
-        if len > self.stack.mtu + 14 && !meta.gso {
-            // Larger than the link allows: the guest's TAP MTU was raised
-            // behind rnet's back, or the frame is forged. (A TSO burst from
-            // the guest kernel is one TCP segment of up to 64 KiB.)
-            self.stats.count_drop(DropReason::Malformed);
-            return;
-        }
-        // Classify while borrowing the frame, then act on offsets into the
-        // TAP's receive buffer, which stays untouched until the next read.
-        let (action, src_mac) = {
-            let (rx, _) = self.tap.split();
-            let frame = &rx[..len];
-            let c = classify(
-                frame,
-                self.stack.mac,
-                &self.stack.addrs,
-                meta.l4_csum_vouched,
-            );
-            (Action::from_verdict(c.verdict, frame), c.src_mac)
-        };
-        if !matches!(action, Action::Drop(_)) {
-            if self.stack.guest_mac.is_none() && self.stack.addrs.v6.is_some() {
-                // The guest is there: announce the router at once.
-                self.next_ra = Some(now);
-            }
-            self.stack.guest_mac = Some(src_mac);
-        }
-        if !self.serves(&action) {
-            self.stats.count_drop(DropReason::Policy);
-            return;
-        }
-        self.rx_udp_gso = meta.udp_gso;
-        if let Some(seg) = meta.udp_gso {
-            // A USO super-frame must be UDP and hold more than one
-            // datagram of its segment size: anything else is forged.
-            let ok = match &action {
-                Action::Udp { payload, .. } => seg > 0 && payload.len() >= usize::from(seg),
-                _ => false,
-            };
-            if !ok {
-                self.udp_io.uso_in_bad += 1;
-                self.stats.count_drop(DropReason::Malformed);
-                return;
-            }
-        }
-        match action {
-            Action::Drop(r) => self.stats.count_drop(r),
-            Action::Dhcp { payload } => self.dhcp_request(payload),
-            Action::Arp => {
-                let (rx, tx) = self.tap.split();
-                self.stack.ingress(now, &rx[..len], tx, &mut self.services);
-            }
-            Action::Echo {
-                src,
-                dst,
-                ident,
-                seq,
-                icmp,
-                ip_off,
-            } => {
-                if self.stack.addrs.is_virtual(dst) {
-                    let h = header(&mut self.stack);
-                    let (rx, mut tx) = self.tap.split();
-                    let data = &rx[icmp.start + 8..icmp.end];
-                    if tx.build(|buf| emit::echo_reply(buf, &h, dst, src, ident, seq, data)) {
-                        self.stack.frames_out += 1;
-                    }
-                    return;
-                }
-                match route(&self.cfg, &self.local, SocketAddrV4::new(dst, 0)) {
-                    Route::Host(_) => self.relay_echo(src.into(), dst.into(), ident, icmp, now),
-                    Route::Dns | Route::Deny(_) => {
-                        self.deny(Deny::NotAllowed, src, dst, ip_off, len)
-                    }
-                }
-            }
-            Action::Udp {
-                src: SocketAddr::V4(src),
-                dst: SocketAddr::V4(dst),
-                payload,
-                ip_off,
-            } => match route(&self.cfg, &self.local, dst) {
-                _ if self.udp_return_to_client(src.into(), dst.into(), payload.clone(), now) => {}
-                _ if self.udp_hairpin(src.into(), dst.into(), payload.clone(), now) => {}
-                Route::Host(target) => self.udp_out(src.into(), target, None, payload, now),
-                Route::Dns => self.dns_query(src.into(), payload, now),
-                Route::Deny(d) => self.deny(d, *src.ip(), *dst.ip(), ip_off, len),
-            },
-            Action::Udp {
-                src: SocketAddr::V6(src),
-                dst: SocketAddr::V6(dst),
-                payload,
-                ip_off,
-            } => match crate::nat::route6(&self.cfg, &self.local, dst) {
-                _ if self.udp_return_to_client(src.into(), dst.into(), payload.clone(), now) => {}
-                _ if self.udp_hairpin(src.into(), dst.into(), payload.clone(), now) => {}
-                Route::Host(target) => self.udp_out(src.into(), target, None, payload, now),
-                Route::Dns => self.dns_query(src.into(), payload, now),
-                Route::Deny(d) => self.deny6(d, *src.ip(), ip_off, len),
-            },
-            Action::Udp { .. } => self.stats.count_drop(DropReason::Malformed),
-            Action::Echo6 {
-                src,
-                dst,
-                ident,
-                seq,
-                icmp,
-            } => {
-                // Answered for rnet's own addresses, relayed through a ping
-                // socket where the address policy allows, refused elsewhere.
-                if self.stack.addrs.v6.is_some_and(|v6| v6.is_virtual(dst)) {
-                    self.echo6_reply(src, dst, ident, seq, icmp);
-                    return;
-                }
-                match crate::nat::route6(&self.cfg, &self.local, SocketAddrV6::new(dst, 0, 0, 0)) {
-                    Route::Host(_) => {
-                        self.relay_echo(src.into(), dst.into(), ident, icmp, now);
-                    }
-                    Route::Dns | Route::Deny(_) => self.deny6(Deny::NotAllowed, src, 14, len),
-                }
-            }
-            Action::NeighborSolicit { src, target } => self.neighbor_advert(src, target, src_mac),
-            Action::NeighborAdvert => {
-                let (rx, tx) = self.tap.split();
-                self.stack.ingress(now, &rx[..len], tx, &mut self.services);
-            }
-            Action::RouterSolicit => self.router_advert(),
-            Action::Tcp {
-                src,
-                dst,
-                syn_only,
-                ip_off,
-            } => {
-                let mut guest_mss = None;
-                if let SocketAddr::V6(s6) = src {
-                    self.learn_v6(*s6.ip(), src_mac, now);
-                    if self.tap.offloads() {
-                        guest_mss =
-                            crate::stack::rewrite_syn_mss(&mut self.tap.rx_mut()[ip_off..len]);
-                    }
-                }
-                if let Some(&idx) = self.tcp_index.get(&(src, dst)) {
-                    let slot = &mut self.flows[idx];
-                    if let Flow::Tcp(f) = &mut slot.flow {
-                        if guest_mss.is_some() {
-                            // The guest's SYN-ACK on a published port.
-                            f.guest_mss = guest_mss;
-                        }
-                        let mut len = len;
-                        let room = self.mem.guest_room();
-                        match f.take_rx_memory(&self.tap.rx_mut()[ip_off..len], room) {
-                            Some(taken) => {
-                                self.mem.used += taken;
-                                f.accounted += taken;
-                            }
-                            None => {
-                                // At the budget: take the ACK, not the data.
-                                if let Some(n) =
-                                    tcp::strip_payload(&mut self.tap.rx_mut()[ip_off..len])
-                                {
-                                    len = ip_off + n;
-                                    self.mem.stripped += 1;
-                                }
-                            }
-                        }
-                        let (rx, tx) = self.tap.split();
-                        f.note_guest_segment(&rx[ip_off..len]);
-                        self.stack.ingress(now, &rx[..len], tx, &mut f.sockets);
-                    }
-                    let id = slot.id;
-                    self.mark_dirty(idx, id);
-                } else if syn_only {
-                    self.tcp_open(src, dst, len, ip_off, guest_mss, now);
-                } else {
-                    // A stray segment: with no listener smoltcp answers RST.
-                    self.stats.count_drop(DropReason::NoFlow);
-                    let (rx, tx) = self.tap.split();
-                    self.stack.ingress(now, &rx[..len], tx, &mut self.services);
-                }
-            }
-        }
-    }
-
-    /// Answers a DHCP client message from the current TAP frame.
-    /// Whether what the guest sent is for a service left on ([`Services`]).
-    fn serves(&self, action: &Action) -> bool {
-        let s = &self.cfg.services;
-        match action {
-            // New connections only: a published port's stack-path flow
-            // (the guest answering a SYN) is not the guest opening one.
-            Action::Tcp { syn_only, .. } => s.tcp || !*syn_only,
-            Action::Udp { .. } => s.udp,
-            Action::Echo { .. } | Action::Echo6 { .. } => s.icmp,
-            Action::Dhcp { .. } => s.dhcp,
-            Action::NeighborSolicit { .. } => s.ndp,
-            Action::RouterSolicit => s.ra,
-            Action::Drop(_) | Action::Arp | Action::NeighborAdvert => true,
-        }
-    }
-
-    fn dhcp_request(&mut self, payload: Range<usize>) {
-        let h = Header {
-            eth_src: self.stack.mac,
-            eth_dst: smoltcp::wire::EthernetAddress::BROADCAST,
-            ident: self.stack.next_ident(),
-        };
-        let (rx, mut tx) = self.tap.split();
-        let msg = &rx[payload];
-        let dhcp = &mut self.dhcp;
-        let mut res = Ok(None);
-        let sent = tx.build(|buf| {
-            let Some(out) = buf.get_mut(emit::UDP_PAYLOAD_OFFSET..) else {
-                return 0;
-            };
-            res = dhcp.handle(msg, std::time::Instant::now(), out);
-            match &res {
-                Ok(Some(r)) => {
-                    let h = Header {
-                        eth_dst: smoltcp::wire::EthernetAddress(r.dst_mac),
-                        ..h
-                    };
-                    emit::udp_frame(buf, &h, r.src, r.dst, r.len)
-                }
-                _ => 0,
-            }
-        });
-        if sent {
-            self.stack.frames_out += 1;
-        }
-        match res {
-            Ok(Some(r)) => debug!(kind = ?r.kind, addr = %r.yiaddr, "dhcp"),
-            Ok(None) => {}
-            Err(e) => {
-                self.stats.count_drop(DropReason::Dhcp);
-                debug!(error = %e, "dhcp message dropped");
-            }
-        }
-    }
-
-    /// Starts a TCP flow for the SYN in the current TAP frame.
-    fn tcp_open(
-        &mut self,
-        src: SocketAddr,
-        dst: SocketAddr,
-        len: usize,
-        ip_off: usize,
-        guest_mss: Option<u16>,
-        now: Instant,
-    ) {
-        let hairpin = self.hairpin(crate::ports::Proto::Tcp, dst);
-        let route = match hairpin {
-            Some(t) => Route::Host(t),
-            None => route_any(&self.cfg, &self.local, dst),
-        };
-        if matches!(route, Route::Dns) {
-            self.refresh_upstreams();
-        }
-        let (target, bind) = match route {
-            // A hairpin goes to rnet's own listener on the host's loopback;
-            // it needs no outbound source address.
-            Route::Host(t) if hairpin.is_some() => (t, None),
-            Route::Host(t) => (t, self.cfg.outbound_bind(t.ip())),
-            Route::Dns => match self.upstreams.first() {
-                Some(t) => (*t, None),
-                None => {
-                    self.stats.count_drop(DropReason::Policy);
-                    return;
-                }
-            },
-            Route::Deny(d) => {
-                self.deny_any(d, src.ip(), dst.ip(), ip_off, len);
-                return;
-            }
-        };
-        let guest_tcp = self.per_guest.get(&src.ip()).map_or(0, |c| c.0);
-        let over = if self.tcp_index.len() >= self.limits.tcp_flows {
-            Some("TCP flows")
-        } else if self.half_open >= self.limits.tcp_half_open {
-            Some("half-open TCP flows")
-        } else if guest_tcp >= self.limits.tcp_flows_per_guest {
-            Some("TCP flows of one guest address")
-        } else {
-            None
-        };
-        if let Some(what) = over {
-            self.limit_reached(what);
-            // No listener exists for this SYN, so smoltcp answers RST.
-            let (rx, tx) = self.tap.split();
-            self.stack.ingress(now, &rx[..len], tx, &mut self.services);
-            return;
-        }
-        let (rx, tx) = self.tap.split();
-        let frame = &rx[..len];
-        let ip = &frame[ip_off..];
-        match TcpFlow::open((src, dst), target, bind, ip) {
-            Ok(mut f) => {
-                f.half_open = true;
-                f.guest_mss = guest_mss;
-                self.half_open += 1;
-                self.per_guest.entry(src.ip()).or_default().0 += 1;
-                f.note_guest_segment(ip);
-                self.stack.ingress(now, frame, tx, &mut f.sockets);
-                debug!(guest = %src, dst = %dst, %target, "tcp flow");
-                // A refused registration drops the flow, which undoes the
-                // counts above in `remove`'s stead.
-                let Some((idx, id)) = self.add_flow(Flow::Tcp(Box::new(f)), 0) else {
-                    self.half_open -= 1;
-                    self.guest_count(src.ip(), |c| c.0 -= 1);
-                    return;
-                };
-                self.tcp_index.insert((src, dst), idx);
-                self.stats.tcp_opened.fetch_add(1, Ordering::Relaxed);
-                self.stats.tcp_flows.fetch_add(1, Ordering::Relaxed);
-                self.mark_dirty(idx, id);
-            }
-            Err(e) => {
-                debug!(guest = %src, dst = %dst, error = %e, "host connect failed at once");
-                match (src, dst) {
-                    (SocketAddr::V4(s4), SocketAddr::V4(d4)) => {
-                        match tcp::connect_error_reply(&e) {
-                            Some(code) => self.icmp_error(code, *d4.ip(), *s4.ip(), ip_off, len),
-                            None => {
-                                // No listener exists, so smoltcp resets the SYN.
-                                self.stack.ingress(now, frame, tx, &mut self.services);
-                            }
-                        }
-                    }
-                    (SocketAddr::V6(s6), SocketAddr::V6(d6)) => {
-                        match tcp::connect_error_reply6(&e) {
-                            Some(code) => self.icmp6_error(code, *d6.ip(), *s6.ip(), ip_off, len),
-                            None => self.stack.ingress(now, frame, tx, &mut self.services),
-                        }
-                    }
-                    _ => {}
-                }
-                if e.raw_os_error() == Some(libc::EMFILE) || e.raw_os_error() == Some(libc::ENFILE)
-                {
-                    self.stats.count_drop(DropReason::HostSocket);
-                }
-            }
-        }
-    }
-
-    /// ICMP unreachable for the packet at `ip_off` in the current TAP frame.
-    fn icmp_error(
-        &mut self,
-        code: Icmpv4DstUnreachable,
-        from: Ipv4Addr,
-        to: Ipv4Addr,
-        ip_off: usize,
-        len: usize,
-    ) {
-        let h = header(&mut self.stack);
-        let (rx, mut tx) = self.tap.split();
-        let orig = &rx[ip_off..len];
-        if tx.build(|buf| emit::dst_unreachable(buf, &h, from, to, code, orig)) {
-            self.stack.frames_out += 1;
-        }
-    }
-
-    /// Refuses the guest packet at `ip_off..len` of the current TAP frame:
-    /// counts it and answers per the policy.
-    fn deny(&mut self, d: Deny, guest: Ipv4Addr, dst: Ipv4Addr, ip_off: usize, len: usize) {
-        self.stats.count_drop(DropReason::Policy);
-        debug!(%guest, %dst, reason = ?d, "refused");
-        let Some(code) = d.icmp_code() else { return };
-        // The gateway reports, as the router on the path would.
-        let from = self.stack.addrs.gateway;
-        self.icmp_error(code, from, guest, ip_off, len);
-    }
-
-    /// ICMPv6 unreachable for the packet at `ip_off` in the current TAP frame.
-    fn icmp6_error(
-        &mut self,
-        code: emit::Unreach6,
-        from: Ipv6Addr,
-        to: Ipv6Addr,
-        ip_off: usize,
-        len: usize,
-    ) {
-        let h = header(&mut self.stack);
-        let (rx, mut tx) = self.tap.split();
-        let Some(orig) = rx.get(ip_off..len) else {
-            return;
-        };
-        if tx.build(|buf| emit::dst_unreachable6(buf, &h, from, to, code, orig)) {
-            self.stack.frames_out += 1;
-        }
-    }
-
-    /// [`Self::deny`] for an IPv6 guest packet; the gateway (::2) reports.
-    fn deny6(&mut self, d: Deny, guest: Ipv6Addr, ip_off: usize, len: usize) {
-        self.stats.count_drop(DropReason::Policy);
-        debug!(%guest, reason = ?d, "refused (ipv6)");
-        let (Some(code), Some(v6)) = (d.icmp6_code(), self.stack.addrs.v6) else {
-            return;
-        };
-        self.icmp6_error(code, v6.gateway, guest, ip_off, len);
-    }
-
-    /// [`Self::deny`] or [`Self::deny6`] by family.
-    fn deny_any(&mut self, d: Deny, guest: IpAddr, dst: IpAddr, ip_off: usize, len: usize) {
-        match (guest, dst) {
-            (IpAddr::V4(g), IpAddr::V4(t)) => self.deny(d, g, t, ip_off, len),
-            (IpAddr::V6(g), _) => self.deny6(d, g, ip_off, len),
-            _ => self.stats.count_drop(DropReason::Policy),
-        }
-    }
-
-    /// Teaches smoltcp where a guest IPv6 address is, at most every 20 s
-    /// per address (its neighbour entries live 60 s).
-    fn learn_v6(&mut self, ip: Ipv6Addr, mac: smoltcp::wire::EthernetAddress, now: Instant) {
-        if self
-            .v6_learned
-            .get(&ip)
-            .is_some_and(|t| now < *t + Duration::from_secs(20))
-        {
-            return;
-        }
-        if self.v6_learned.len() >= 1024 {
-            self.v6_learned.clear();
-        }
-        self.v6_learned.insert(ip, now);
-        let tx = self.tap.tx();
-        self.stack.learn_v6(now, ip, mac, tx, &mut self.services);
-    }
-
-    /// Answers a neighbour solicitation for one of rnet's IPv6 addresses.
-    fn neighbor_advert(
-        &mut self,
-        src: Ipv6Addr,
-        target: Ipv6Addr,
-        guest_mac: smoltcp::wire::EthernetAddress,
-    ) {
-        let Some(v6) = self.stack.addrs.v6 else {
-            return;
-        };
-        let all_nodes = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
-        // Router flag for the gateway and the link-local router address: a
-        // cleared flag would make the guest drop its routes via them.
-        let router = if target == v6.dns { 0 } else { 0x80 };
-        let (dst, eth_dst, flags) = if src.is_unspecified() {
-            // Duplicate address detection: defend, to all nodes.
-            (
-                all_nodes,
-                emit::ipv6_multicast_mac(all_nodes),
-                router | 0x20,
-            )
-        } else {
-            (src, guest_mac, router | 0x40 | 0x20)
-        };
-        let h = Header {
-            eth_src: self.stack.mac,
-            eth_dst,
-            ident: 0,
-        };
-        let mut tx = self.tap.tx();
-        if tx.build(|buf| emit::neighbor_advert(buf, &h, target, dst, target, flags)) {
-            self.stack.frames_out += 1;
-        }
-    }
-
-    /// Sends a router advertisement to all nodes.
-    fn router_advert(&mut self) {
-        let Some(v6) = self.stack.addrs.v6 else {
-            return;
-        };
-        let all_nodes = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
-        let h = Header {
-            eth_src: self.stack.mac,
-            eth_dst: emit::ipv6_multicast_mac(all_nodes),
-            ident: 0,
-        };
-        let ra = emit::RouterAdvert {
-            prefix: v6.prefix,
-            mtu: self.cfg.mtu(),
-            dns: &self.ra_dns.0,
-            search: &self.ra_dns.1,
-            lifetime: RA_ROUTER_LIFETIME,
-        };
-        let mut tx = self.tap.tx();
-        if tx.build(|buf| emit::router_advert(buf, &h, v6.link_local, all_nodes, &ra)) {
-            self.stack.frames_out += 1;
-        }
-    }
-
-    /// Answers an ICMPv6 echo request to one of rnet's own addresses.
-    fn echo6_reply(
-        &mut self,
-        src: Ipv6Addr,
-        dst: Ipv6Addr,
-        ident: u16,
-        seq: u16,
-        icmp: Range<usize>,
-    ) {
-        let h = header(&mut self.stack);
-        let (rx, mut tx) = self.tap.split();
-        let Some(data) = rx.get(icmp.start + 8..icmp.end) else {
-            return;
-        };
-        if tx.build(|buf| emit::echo6_reply(buf, &h, dst, src, ident, seq, data)) {
-            self.stack.frames_out += 1;
-        }
-    }
-
-    /// Sends a guest datagram from `src` to `target` through the flow of
-    /// `src`; `shown` is the destination the guest used when the answers
-    /// come from elsewhere (a hairpin).
-    fn udp_out(
-        &mut self,
-        src: SocketAddr,
-        target: SocketAddr,
-        shown: Option<SocketAddr>,
-        payload: Range<usize>,
-        now: Instant,
-    ) {
-        if !self.udp_index.contains_key(&src) {
-            // Eviction may close the flow a batch is waiting for.
-            self.flush_udp_batch();
-            self.make_room_for_udp(src.ip());
-        }
-        let idx = match self.udp_index.get(&src) {
-            Some(&i) => i,
-            None => match UdpFlow::open(src, self.cfg.outbound_bind(src.ip()), now) {
-                Ok(f) => {
-                    let Some((idx, _)) = self.add_flow(Flow::Udp(f), 0) else {
-                        return;
-                    };
-                    self.udp_index.insert(src, idx);
-                    self.udp_lru.insert((now, idx));
-                    self.udp_lru_guest.insert((src.ip(), now, idx));
-                    self.per_guest.entry(src.ip()).or_default().1 += 1;
-                    self.stats.udp_flows.fetch_add(1, Ordering::Relaxed);
-                    let at =
-                        now + Duration::from_micros(self.cfg.udp_idle_timeout.as_micros() as u64);
-                    self.schedule(idx, at);
-                    idx
-                }
-                Err(e) => {
-                    self.stats.count_drop(DropReason::HostSocket);
-                    let wall = std::time::Instant::now();
-                    if self
-                        .last_udp_open_warn
-                        .is_none_or(|t| wall.duration_since(t) >= StdDuration::from_secs(10))
-                    {
-                        self.last_udp_open_warn = Some(wall);
-                        warn!(guest = %src, error = %e, "cannot open a UDP socket; the datagram is dropped (counted as `host_socket`; this message repeats at most every 10 s)");
-                    }
-                    return;
-                }
-            },
-        };
-        if let Flow::Udp(f) = &mut self.flows[idx].flow {
-            f.note_send(target, shown, now);
-        }
-        match self.rx_udp_gso {
-            Some(seg) => {
-                // A super-frame from the guest: on in one segmented send.
-                self.flush_udp_batch();
-                let seg = usize::from(seg);
-                let data = &self.tap.split().0[payload];
-                if let Flow::Udp(f) = &self.flows[idx].flow {
-                    let (sent, r) = udpio::send_segments(f.socket.as_fd(), target, data, seg);
-                    self.udp_io.note_send(sent, data.len().div_ceil(seg));
-                    self.udp_io.uso_in += 1;
-                    if let Err(e) = r {
-                        debug!(guest = %src, %target, error = %e, "udp send failed");
-                        self.stats.count_drop(DropReason::HostSocket);
-                    }
-                }
-            }
-            None => {
-                let data = &self.tap.split().0[payload.clone()];
-                if self.udp_batch.push((idx, target), data) == Push::Flush {
-                    self.flush_udp_batch();
-                    let data = &self.tap.split().0[payload];
-                    self.udp_batch.push((idx, target), data);
-                }
-            }
-        }
-        self.udp_touch(idx);
-    }
-
-    /// Sends the gathered datagrams of one flow (one `UDP_SEGMENT` send
-    /// where the kernel takes it).
-    fn flush_udp_batch(&mut self) {
-        let Some(((idx, target), data, seg, n)) = self.udp_batch.take() else {
-            return;
-        };
-        let Some(Slot {
-            flow: Flow::Udp(f), ..
-        }) = self.flows.get(idx)
-        else {
-            return;
-        };
-        let (sent, r) = udpio::send_segments(f.socket.as_fd(), target, data, seg);
-        self.udp_io.note_send(sent, n);
-        if let Err(e) = r {
-            debug!(guest = %f.guest, %target, error = %e, "udp send failed");
-            self.stats.count_drop(DropReason::HostSocket);
-        }
-    }
-
-    /// Sends a guest datagram to a port rnet publishes back through that
-    /// port (hairpin); false if `dst` is not one.
-    fn udp_hairpin(
-        &mut self,
-        src: SocketAddr,
-        dst: SocketAddr,
-        payload: Range<usize>,
-        now: Instant,
-    ) -> bool {
-        match self.hairpin(crate::ports::Proto::Udp, dst) {
-            Some(mut target) => {
-                // IPv4 flow sockets bound to --outbound-addr cannot send to
-                // loopback; that address is the host's too, so the
-                // published socket takes the datagram there.
-                if let (Some(out), SocketAddr::V4(t)) = (self.cfg.outbound_addr(), target)
-                    && t.ip().is_loopback()
-                {
-                    target = SocketAddr::from((out, t.port()));
-                }
-                self.udp_out(src, target, Some(dst), payload, now);
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// Moves a UDP flow to its place in the recency index after activity,
-    /// at most once a second per flow (eviction order is by the second).
-    fn udp_touch(&mut self, idx: usize) {
-        let Some(Slot {
-            flow: Flow::Udp(f), ..
-        }) = self.flows.get_mut(idx)
-        else {
-            return;
-        };
-        if f.last_active < f.indexed_at + Duration::from_secs(1) {
-            return;
-        }
-        let (old, new, ip) = (f.indexed_at, f.last_active, f.guest.ip());
-        f.indexed_at = new;
-        self.udp_lru.remove(&(old, idx));
-        self.udp_lru.insert((new, idx));
-        self.udp_lru_guest.remove(&(ip, old, idx));
-        self.udp_lru_guest.insert((ip, new, idx));
     }
 
     /// Follows `watch` (the resolv.conf the upstreams were read from):
@@ -1239,520 +414,51 @@ impl Engine {
         self.resolv = Some(watch);
     }
 
-    /// Re-reads the upstreams if their resolv.conf changed (looked at most
-    /// once a second). A file without nameservers keeps the old ones.
-    fn refresh_upstreams(&mut self) {
-        let Some(w) = self.resolv.as_mut() else {
-            return;
-        };
-        match w.poll(std::time::Instant::now()) {
-            None => {}
-            Some(Ok(ups)) if ups.is_empty() => {
-                warn!(path = %w.path().display(), "resolv.conf now lists no nameserver; keeping the previous DNS upstreams");
-            }
-            Some(Ok(ups)) if ups != self.upstreams => {
-                let list: Vec<String> = ups.iter().map(ToString::to_string).collect();
-                info!(path = %w.path().display(), upstreams = %list.join(","), "resolv.conf changed; new DNS upstreams");
-                self.upstreams = ups;
-            }
-            Some(Ok(_)) => {}
-            Some(Err(e)) => {
-                warn!(path = %w.path().display(), error = %e, "resolv.conf changed but cannot be read; keeping the previous DNS upstreams");
-            }
-        }
+    /// Puts a new flow in the table and registers its host socket under
+    /// the flow's token. Returns its index and id, or None (counted) if
+    /// epoll refuses the socket.
+    fn add_flow(&mut self, flow: Flow, rule: u64) -> Option<(usize, u64)> {
+        let r = self.flows.insert(flow, rule, self.poll.registry());
+        self.registered(r)
     }
 
-    fn dns_query(&mut self, src: SocketAddr, payload: Range<usize>, now: Instant) {
-        self.refresh_upstreams();
-        if self.stats.dns_queries.load(Ordering::Relaxed) as usize >= MAX_DNS_QUERIES {
-            self.stats.count_drop(DropReason::HostSocket);
-            return;
-        }
-        let query = &self.tap.split().0[payload];
-        match DnsQuery::start(src, query, &self.upstreams) {
-            Ok(q) => {
-                let Some((idx, _)) = self.add_flow(Flow::Dns(q), 0) else {
-                    return;
-                };
-                self.stats.dns_queries.fetch_add(1, Ordering::Relaxed);
-                let at = now + Duration::from_micros(self.cfg.dns_timeout.as_micros() as u64);
-                self.schedule(idx, at);
-            }
-            Err(e) => {
-                debug!(guest = %src, error = %e, "dns query not forwarded");
-                self.stats.count_drop(DropReason::HostSocket);
-            }
-        }
+    /// [`Self::add_flow`] for a TCP flow (indexed, and counted as opened).
+    fn add_tcp(&mut self, f: Box<TcpFlow>, rule: u64) -> Option<(usize, u64)> {
+        let r = self.flows.insert_tcp(f, rule, self.poll.registry());
+        self.registered(r)
     }
 
-    /// Relays a guest echo request (the ICMP or ICMPv6 message at `icmp`
-    /// in the current TAP frame) through the ping socket of its identifier.
-    fn relay_echo(
-        &mut self,
-        src: IpAddr,
-        dst: IpAddr,
-        ident: u16,
-        icmp: Range<usize>,
-        now: Instant,
-    ) {
-        if !self.icmp_index.contains_key(&(src, ident))
-            && self.icmp_index.len() >= self.limits.icmp_flows
-        {
-            self.limit_reached("ICMP echo identifiers");
-            return;
-        }
-        let idx = match self.icmp_index.get(&(src, ident)) {
-            Some(&i) => i,
-            None => match IcmpFlow::open(src, ident, self.cfg.outbound_bind(src), now) {
-                Ok(f) => {
-                    let Some((idx, _)) = self.add_flow(Flow::Icmp(f), 0) else {
-                        return;
-                    };
-                    self.icmp_index.insert((src, ident), idx);
-                    self.stats.icmp_flows.fetch_add(1, Ordering::Relaxed);
-                    let at =
-                        now + Duration::from_micros(self.cfg.udp_idle_timeout.as_micros() as u64);
-                    self.schedule(idx, at);
-                    idx
-                }
-                Err(e) => {
-                    self.stats.count_drop(DropReason::HostSocket);
-                    if !self.ping_warned {
-                        self.ping_warned = true;
-                        // SAFETY: getegid has no preconditions.
-                        let gid = unsafe { libc::getegid() };
-                        warn!(
-                            error = %e,
-                            "ICMP echo to {dst} cannot be relayed: the host's net.ipv4.ping_group_range ({}) does not admit rnet's group {gid}; allow it with `sysctl -w net.ipv4.ping_group_range=\"{gid} {gid}\"` (echo to the gateway is still answered; this is logged once)",
-                            icmp::ping_group_range()
-                        );
-                    }
-                    return;
-                }
-            },
-        };
-        let msg = &self.tap.split().0[icmp];
-        if let Flow::Icmp(f) = &mut self.flows[idx].flow
-            && let Err(e) = f.send(dst, msg, now)
-        {
-            debug!(%dst, error = %e, "echo not relayed");
-            self.stats.count_drop(DropReason::HostSocket);
-        }
-    }
-
-    /// Puts a new flow in the slab and registers its host socket under the
-    /// flow's token. Returns its index and id, or None (counted) if epoll
-    /// refuses the socket.
-    fn add_flow(&mut self, mut flow: Flow, rule: u64) -> Option<(usize, u64)> {
-        let entry = self.flows.vacant_entry();
-        let idx = entry.key();
-        let token = Token(idx + FIRST_FLOW);
-        let both = Interest::READABLE | Interest::WRITABLE;
-        let reg = self.poll.registry();
-        let registered = match &mut flow {
-            Flow::Tcp(f) => reg.register(&mut f.host, token, both),
-            Flow::Splice(f) => reg.register(&mut f.host, token, both),
-            Flow::Udp(f) => reg.register(&mut f.socket, token, Interest::READABLE),
-            Flow::Icmp(f) => reg.register(&mut f.socket, token, Interest::READABLE),
-            Flow::Dns(q) => reg.register(&mut q.socket, token, Interest::READABLE),
-            Flow::TcpListen(l) => reg.register(&mut l.listener, token, Interest::READABLE),
-            Flow::UdpListen(l) => reg.register(&mut l.socket, token, Interest::READABLE),
-            Flow::Alias(..) => Ok(()),
-        };
-        if let Err(e) = registered {
+    /// The result of an insertion, with a refused registration counted.
+    fn registered<T>(&self, r: io::Result<T>) -> Option<T> {
+        r.map_err(|e| {
             warn!(error = %e, "cannot watch a host socket");
             self.stats.count_drop(DropReason::HostSocket);
-            return None;
-        }
-        let id = self.next_id;
-        self.next_id += 1;
-        entry.insert(Slot {
-            flow,
-            id,
-            sched: None,
-            dirty: false,
-            rule,
-        });
-        Some((idx, id))
-    }
-
-    fn flow_event(&mut self, idx: usize, readable: bool, writable: bool) {
-        let Some(slot) = self.flows.get_mut(idx) else {
-            return;
-        };
-        let id = slot.id;
-        match &mut slot.flow {
-            Flow::Tcp(f) => f.host_ready(readable, writable),
-            Flow::Splice(f) => f.host_event(readable, writable),
-            Flow::Alias(parent, pid) => {
-                let (parent, pid) = (*parent, *pid);
-                if let Some(Slot {
-                    flow: Flow::Splice(f),
-                    id,
-                    ..
-                }) = self.flows.get_mut(parent)
-                    && *id == pid
-                {
-                    f.guest_event(readable, writable);
-                    self.mark_dirty(parent, pid);
-                }
-                return;
-            }
-            Flow::Udp(_)
-            | Flow::Icmp(_)
-            | Flow::Dns(_)
-            | Flow::TcpListen(_)
-            | Flow::UdpListen(_)
-                if !readable =>
-            {
-                return;
-            }
-            _ => {}
-        }
-        self.mark_dirty(idx, id);
+        })
+        .ok()
     }
 
     fn mark_dirty(&mut self, idx: usize, id: u64) {
-        if let Some(slot) = self.flows.get_mut(idx)
-            && !slot.dirty
-        {
-            slot.dirty = true;
-            self.dirty.push((idx, id));
-        }
+        self.flows.mark_dirty(idx, id);
     }
 
-    fn schedule(&mut self, idx: usize, at: Instant) {
-        let Some(slot) = self.flows.get_mut(idx) else {
-            return;
-        };
-        if slot.sched.is_some_and(|s| s <= at) {
-            return;
-        }
-        slot.sched = Some(at);
-        self.timers.push(Reverse((at, idx, slot.id)));
-    }
-
-    fn fire_timers(&mut self, now: Instant) {
-        while let Some(Reverse((at, idx, id))) = self.timers.peek().copied() {
-            if at > now {
-                break;
-            }
-            self.timers.pop();
-            let idle = Duration::from_micros(self.cfg.udp_idle_timeout.as_micros() as u64);
-            let Some(slot) = self.flows.get_mut(idx) else {
-                continue;
-            };
-            if slot.id != id || slot.sched != Some(at) {
-                continue;
-            }
-            slot.sched = None;
-            match &mut slot.flow {
-                Flow::Tcp(_) => self.mark_dirty(idx, id),
-                Flow::Udp(f) => {
-                    let due = f.last_active + idle;
-                    if due <= now {
-                        self.remove(idx);
-                    } else {
-                        self.schedule(idx, due);
-                    }
-                }
-                Flow::Icmp(f) => {
-                    let due = f.last_active + idle;
-                    if due <= now {
-                        self.remove(idx);
-                    } else {
-                        self.schedule(idx, due);
-                    }
-                }
-                Flow::TcpListen(_) | Flow::UdpListen(_) | Flow::Splice(_) | Flow::Alias(..) => {}
-                Flow::Dns(q) => {
-                    if let Some(mut old) = q.retry(&self.upstreams) {
-                        debug!(upstream = %self.upstreams[q.upstream], "dns upstream timed out; trying the next");
-                        let reg = self.poll.registry();
-                        let _ = reg.deregister(&mut old);
-                        let token = Token(idx + FIRST_FLOW);
-                        if let Err(e) = reg.register(&mut q.socket, token, Interest::READABLE) {
-                            warn!(error = %e, "cannot watch a host socket");
-                            self.stats.count_drop(DropReason::HostSocket);
-                            self.remove(idx);
-                            continue;
-                        }
-                        let at =
-                            now + Duration::from_micros(self.cfg.dns_timeout.as_micros() as u64);
-                        self.schedule(idx, at);
-                    } else {
-                        self.remove(idx);
-                    }
-                }
-            }
-        }
-    }
-
-    fn service_dirty(&mut self, now: Instant) {
-        let dirty = std::mem::take(&mut self.dirty);
-        for (idx, id) in dirty {
-            let Some(slot) = self.flows.get_mut(idx) else {
-                continue;
-            };
-            if slot.id != id {
-                continue;
-            }
-            slot.dirty = false;
-            match &mut slot.flow {
-                Flow::Tcp(_) => self.service_tcp(idx, now),
-                Flow::Udp(f) => {
-                    let r = f.to_guest(
-                        &self.cfg,
-                        &self.local,
-                        &mut self.stack,
-                        &mut self.udp_rx,
-                        self.tap.tx(),
-                        &mut self.udp_io,
-                        now,
-                    );
-                    for _ in 0..r.filtered {
-                        self.stats.count_drop(DropReason::Filtered);
-                    }
-                    self.udp_touch(idx);
-                    if r.more {
-                        self.mark_dirty(idx, id);
-                    }
-                }
-                Flow::Icmp(f) => f.to_guest(&self.cfg, &mut self.stack, self.tap.tx(), now),
-                Flow::TcpListen(_) => self.accept_tcp(idx, now),
-                Flow::Splice(f) => {
-                    if f.service() == crate::ports::splice::SpliceStep::Done {
-                        self.remove(idx);
-                    }
-                }
-                Flow::Alias(..) => {}
-                Flow::UdpListen(_) => self.udp_from_clients(idx, now),
-                Flow::Dns(q) => {
-                    let dns = match (q.guest, self.stack.addrs.v6) {
-                        (SocketAddr::V6(_), Some(v6)) => SocketAddr::from((v6.dns, 53)),
-                        _ => SocketAddr::from((self.stack.addrs.dns, 53)),
-                    };
-                    // Read until the answer or nothing is left (edge-
-                    // triggered); other datagrams are counted.
-                    loop {
-                        match q.to_guest(dns, &mut self.stack, self.tap.tx()) {
-                            Reply::Answer => {
-                                self.remove(idx);
-                                break;
-                            }
-                            Reply::Mismatch => self.stats.count_drop(DropReason::DnsMismatch),
-                            Reply::Empty => break,
-                        }
-                    }
-                }
-            }
-        }
-        self.resume_paused();
-        self.stats
-            .frames_out
-            .store(self.stack.frames_out, Ordering::Relaxed);
-    }
-
-    fn service_tcp(&mut self, idx: usize, now: Instant) {
-        let Flow::Tcp(f) = &mut self.flows[idx].flow else {
-            return;
-        };
-        let mut room = self.mem.room();
-        let mut remove = false;
-        let step = f.service(&mut room);
-        if f.half_open && !f.connecting() {
-            f.half_open = false;
-            self.half_open -= 1;
-        }
-        match step {
-            Step::Keep => {}
-            Step::Remove => remove = true,
-            Step::ConnectFailed(e) => {
-                let is_dns = f.key.1 == SocketAddr::from((self.stack.addrs.dns, 53))
-                    || self
-                        .stack
-                        .addrs
-                        .v6
-                        .is_some_and(|v6| f.key.1 == SocketAddr::from((v6.dns, 53)));
-                let next = self
-                    .upstreams
-                    .iter()
-                    .position(|u| *u == f.target)
-                    .and_then(|i| self.upstreams.get(i + 1))
-                    .copied();
-                if let (true, Some(next)) = (is_dns, next) {
-                    debug!(failed = %f.target, %next, error = %e, "dns over tcp: trying the next upstream");
-                    let _ = self.poll.registry().deregister(&mut f.host);
-                    let ok = f.retarget(next).is_ok()
-                        && self
-                            .poll
-                            .registry()
-                            .register(
-                                &mut f.host,
-                                Token(idx + FIRST_FLOW),
-                                Interest::READABLE | Interest::WRITABLE,
-                            )
-                            .is_ok();
-                    if !ok {
-                        f.abort_guest();
-                        remove = true;
-                    }
-                } else {
-                    debug!(guest = %f.key.0, dst = %f.key.1, target = %f.target, error = %e, "host connect failed");
-                    let reply = match (f.key.0.ip(), f.key.1.ip()) {
-                        (IpAddr::V4(guest), IpAddr::V4(dst)) => {
-                            tcp::connect_error_reply(&e).map(|code| {
-                                let h = header(&mut self.stack);
-                                let quote = f.syn_quote();
-                                self.tap.tx().build(|buf| {
-                                    emit::dst_unreachable(buf, &h, dst, guest, code, quote)
-                                })
-                            })
-                        }
-                        (IpAddr::V6(guest), IpAddr::V6(_)) => tcp::connect_error_reply6(&e)
-                            .zip(self.stack.addrs.v6)
-                            .map(|(code, v6)| {
-                                let h = header(&mut self.stack);
-                                let quote = f.syn_quote();
-                                self.tap.tx().build(|buf| {
-                                    emit::dst_unreachable6(buf, &h, v6.gateway, guest, code, quote)
-                                })
-                            }),
-                        _ => None,
-                    };
-                    match reply {
-                        Some(sent) => {
-                            if sent {
-                                self.stack.frames_out += 1;
-                            }
-                            // Drop the flow silently: the guest got its answer.
-                            self.remove(idx);
-                            return;
-                        }
-                        None => {
-                            f.abort_guest();
-                            remove = true;
-                        }
-                    }
-                }
-            }
-        }
-        let Flow::Tcp(f) = &mut self.flows[idx].flow else {
-            return;
-        };
-        f.egress(&mut self.stack, now, self.tap.tx());
-        if remove {
-            self.remove(idx);
-            return;
-        }
-        // Sending may have freed room for more host data, and a close may
-        // have completed; one more pass settles both without waiting.
-        if matches!(f.service(&mut room), Step::Remove) {
-            f.egress(&mut self.stack, now, self.tap.tx());
-            self.remove(idx);
-            return;
-        }
-        let release_at = f.trim(now, self.mem.pressure());
-        let r = f.resident();
-        self.mem.used = self.mem.used + r - f.accounted;
-        f.accounted = r;
-        if f.wants_memory() && !f.paused {
-            f.paused = true;
-            self.mem.pause(idx, self.flows[idx].id);
-        }
-        let Flow::Tcp(f) = &mut self.flows[idx].flow else {
-            return;
-        };
-        let at = match (f.poll_at(&mut self.stack, now), release_at) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        if let Some(at) = at {
-            self.schedule(idx, at.max(now));
-        }
-    }
-
-    /// Services again every flow the memory budget paused once the ring
-    /// memory in use is below the low-water mark. Their host sockets still
-    /// hold unread data; with edge-triggered epoll no new event would come.
-    fn resume_paused(&mut self) {
-        if !self.mem.may_resume() {
-            return;
-        }
-        for (idx, id) in std::mem::take(&mut self.mem.paused) {
-            if let Some(Slot {
-                flow: Flow::Tcp(f),
-                id: live,
-                ..
-            }) = self.flows.get_mut(idx)
-                && *live == id
-            {
-                f.paused = false;
-                self.mem.resumes += 1;
-                self.mark_dirty(idx, id);
-            }
-        }
-    }
-
+    /// Removes the flow at `idx`, with what the flow table does not own:
+    /// a splice's alias slot and byte counts, a listener's UDP clients.
     fn remove(&mut self, idx: usize) {
-        let slot = self.flows.remove(idx);
-        let reg = self.poll.registry();
-        match slot.flow {
-            Flow::Tcp(mut f) => {
-                let _ = reg.deregister(&mut f.host);
-                self.tcp_index.remove(&f.key);
-                self.stats.tcp_flows.fetch_sub(1, Ordering::Relaxed);
-                if f.half_open {
-                    self.half_open -= 1;
-                }
-                self.mem.used -= f.accounted;
-                if slot.rule == 0 {
-                    self.guest_count(f.key.0.ip(), |c| c.0 -= 1);
-                }
-            }
-            Flow::Udp(mut f) => {
-                let _ = reg.deregister(&mut f.socket);
-                self.udp_index.remove(&f.guest);
-                self.udp_lru.remove(&(f.indexed_at, idx));
-                self.udp_lru_guest
-                    .remove(&(f.guest.ip(), f.indexed_at, idx));
-                self.stats.udp_flows.fetch_sub(1, Ordering::Relaxed);
-                self.guest_count(f.guest.ip(), |c| c.1 -= 1);
-            }
-            Flow::Icmp(mut f) => {
-                let _ = reg.deregister(&mut f.socket);
-                self.icmp_index.remove(&(f.guest, f.ident));
-                self.stats.icmp_flows.fetch_sub(1, Ordering::Relaxed);
-            }
-            Flow::Dns(mut q) => {
-                let _ = reg.deregister(&mut q.socket);
-                self.stats.dns_queries.fetch_sub(1, Ordering::Relaxed);
-            }
-            Flow::TcpListen(mut l) => {
-                let _ = reg.deregister(&mut l.listener);
-            }
-            Flow::Splice(mut f) => {
-                let _ = reg.deregister(&mut f.host);
-                let _ = reg.deregister(&mut f.guest);
+        match self.flows.remove(idx, self.poll.registry()) {
+            Some(Flow::Splice(f)) => {
                 let (up, down) = f.bytes();
                 self.ports.spliced_closed.0 += up;
                 self.ports.spliced_closed.1 += down;
                 debug!(up, down, "spliced connection closed");
-                self.stats.tcp_flows.fetch_sub(1, Ordering::Relaxed);
                 if let Some(client) = f.transparent_client {
                     self.fast.release(client);
                 }
-                if let Some(alias) = self.ports.splice_alias.remove(&idx)
-                    && self.flows.contains(alias)
-                {
-                    self.flows.remove(alias);
+                if let Some(alias) = self.ports.splice_alias.remove(&idx) {
+                    self.flows.remove(alias, self.poll.registry());
                 }
             }
-            Flow::Alias(..) => {}
-            Flow::UdpListen(mut l) => {
-                let _ = reg.deregister(&mut l.socket);
-                self.ports.forget_udp_clients_of(idx);
-            }
+            Some(Flow::UdpListen(_)) => self.ports.forget_udp_clients_of(idx),
+            _ => {}
         }
     }
 
@@ -1779,39 +485,11 @@ impl Engine {
         }
     }
 
-    fn guest_count(&mut self, ip: IpAddr, f: impl FnOnce(&mut (usize, usize))) {
-        if let Some(c) = self.per_guest.get_mut(&ip) {
-            f(c);
-            if *c == (0, 0) {
-                self.per_guest.remove(&ip);
-            }
-        }
-    }
-
     /// Before a new UDP flow for `guest`: if a bound is reached, evicts the
-    /// least recently active flow (of that guest when its own bound is the
-    /// one reached), the first entry of the recency index: no scan.
+    /// least recently active flow (see [`FlowTable::udp_victim`]).
     fn make_room_for_udp(&mut self, guest: IpAddr) {
-        let own = self.per_guest.get(&guest).map_or(0, |c| c.1);
-        let per_guest = own >= self.limits.udp_flows_per_guest;
-        if !per_guest && self.udp_index.len() < self.limits.udp_flows {
-            return;
-        }
-        let victim = if per_guest {
-            self.udp_lru_guest
-                .range((guest, Instant::from_micros(i64::MIN), 0)..)
-                .next()
-                .filter(|(ip, _, _)| *ip == guest)
-                .map(|&(_, at, idx)| (at, idx))
-        } else {
-            self.udp_lru.first().copied()
-        };
-        if let Some((_, idx)) = victim {
-            self.limit_reached(if per_guest {
-                "UDP flows of one guest address"
-            } else {
-                "UDP flows"
-            });
+        if let Some((idx, what)) = self.flows.udp_victim(guest) {
+            self.limit_reached(what);
             self.remove(idx);
         }
     }
@@ -1844,6 +522,7 @@ impl Engine {
             }
         }
         let s = self.stats.snapshot();
+        let mem = self.flows.mem();
         let out = self.tap.out_counters();
         let ports = self
             .ports
@@ -1885,13 +564,13 @@ impl Engine {
             },
             tcp_opened: s.tcp_opened,
             tcp_memory: TcpMemory {
-                budget: self.mem.budget as u64,
-                resident: self.mem.used as u64,
-                peak: self.mem.peak as u64,
-                paused_flows: self.mem.paused.len() as u64,
-                pauses: self.mem.pauses,
-                resumes: self.mem.resumes,
-                guest_data_deferred: self.mem.stripped,
+                budget: mem.budget as u64,
+                resident: mem.used as u64,
+                peak: mem.peak as u64,
+                paused_flows: mem.paused.len() as u64,
+                pauses: mem.pauses,
+                resumes: mem.resumes,
+                guest_data_deferred: mem.stripped,
             },
             spliced_bytes: SplicedBytes {
                 to_guest: up,
@@ -1973,69 +652,6 @@ impl Engine {
     }
 }
 
-/// The global budget of TCP ring memory (see [`crate::nat::tcp`]'s
-/// "Ring memory").
-struct RingBudget {
-    budget: usize,
-    /// Resident ring memory of all flows, as last accounted.
-    used: usize,
-    /// Highest `used` seen.
-    peak: usize,
-    /// Flows (slab index, id) that left host data unread for want of memory.
-    paused: Vec<(usize, u64)>,
-    pauses: u64,
-    resumes: u64,
-    /// Guest segments whose payload was cut off at the budget.
-    stripped: u64,
-}
-
-impl RingBudget {
-    fn new(budget: usize) -> Self {
-        Self {
-            budget,
-            used: 0,
-            peak: 0,
-            paused: Vec::new(),
-            pauses: 0,
-            resumes: 0,
-            stripped: 0,
-        }
-    }
-
-    /// Memory a flow may still make resident.
-    fn room(&mut self) -> usize {
-        self.peak = self.peak.max(self.used);
-        self.budget.saturating_sub(self.used)
-    }
-
-    /// Memory guest data may still make resident: up to a hard ceiling a
-    /// quarter above the budget. Past the budget host reads pause, which
-    /// frees memory as the guest reads; cutting guest data off costs the
-    /// guest a retransmission timeout, so it is the last resort.
-    fn guest_room(&self) -> usize {
-        (self.budget + self.budget / 4).saturating_sub(self.used)
-    }
-
-    /// Below this, paused flows are resumed; at or above it, drained ring
-    /// chunks are given back at once instead of after the idle delay.
-    fn low_water(&self) -> usize {
-        self.budget - self.budget / 8
-    }
-
-    fn pressure(&self) -> bool {
-        self.used >= self.low_water()
-    }
-
-    fn may_resume(&self) -> bool {
-        !self.paused.is_empty() && self.used < self.low_water()
-    }
-
-    fn pause(&mut self, idx: usize, id: u64) {
-        self.pauses += 1;
-        self.paused.push((idx, id));
-    }
-}
-
 fn header(stack: &mut Stack) -> Header {
     Header {
         eth_src: stack.mac,
@@ -2044,14 +660,6 @@ fn header(stack: &mut Stack) -> Header {
             .unwrap_or(smoltcp::wire::EthernetAddress::BROADCAST),
         ident: stack.next_ident(),
     }
-}
-
-/// The IPv6 DNS servers and the search list (DNS wire format) router
-/// advertisements announce.
-fn ra_dns(cfg: &Config) -> (Vec<Ipv6Addr>, Vec<u8>) {
-    let mut search = Vec::new();
-    crate::config::encode_domains(cfg.search_domains(), &mut search);
-    (cfg.dns_announced_v6().collect(), search)
 }
 
 /// The DHCP server's settings: the network's defaults, with the gateway,
@@ -2107,3 +715,6 @@ fn busy_poll_us(cfg: &Config) -> u64 {
     }
     cfg.busy_poll().as_micros() as u64
 }
+
+#[cfg(test)]
+mod tests;

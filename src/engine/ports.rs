@@ -497,14 +497,7 @@ impl Engine {
             return;
         };
         // The guest-side socket reports under an alias slot of its own.
-        let alias = self.flows.insert(Slot {
-            flow: Flow::Alias(midx, mid),
-            id: self.next_id,
-            sched: None,
-            dirty: false,
-            rule: 0,
-        });
-        self.next_id += 1;
+        let alias = self.flows.insert_alias(midx, mid);
         let ok = match &mut self.flows[midx].flow {
             Flow::Splice(f) => self
                 .poll
@@ -538,11 +531,11 @@ impl Engine {
         rule: u64,
     ) {
         let key = (guest, client);
-        if self.tcp_index.len() >= self.limits.tcp_flows {
+        if self.flows.tcp_count() >= self.limits.tcp_flows {
             self.limit_reached("TCP flows");
             return;
         }
-        if self.tcp_index.contains_key(&key) {
+        if self.flows.tcp_slot(&key).is_some() {
             self.stats.count_drop(DropReason::HostSocket);
             return;
         }
@@ -554,12 +547,9 @@ impl Engine {
             }
         };
         debug!(%peer, %guest, "published connection");
-        let Some((fidx, fid)) = self.add_flow(Flow::Tcp(Box::new(flow)), rule) else {
+        let Some((fidx, fid)) = self.add_tcp(Box::new(flow), rule) else {
             return;
         };
-        self.tcp_index.insert(key, fidx);
-        self.stats.tcp_opened.fetch_add(1, Ordering::Relaxed);
-        self.stats.tcp_flows.fetch_add(1, Ordering::Relaxed);
         self.mark_dirty(fidx, fid);
     }
 }

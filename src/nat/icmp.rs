@@ -123,7 +123,6 @@ impl IcmpFlow {
                 }
             });
             if sent {
-                stack.frames_out += 1;
                 self.last_active = now;
             }
             if !more {

@@ -128,7 +128,7 @@ pub struct TcpFlow {
     /// Where the host socket connects.
     pub target: SocketAddr,
     /// The one-socket set this flow's segments are processed with.
-    pub sockets: SocketSet<'static>,
+    sockets: SocketSet<'static>,
     handle: SocketHandle,
     /// The host socket.
     pub host: TcpStream,
@@ -143,14 +143,14 @@ pub struct TcpFlow {
     syn_quote: [u8; 60],
     syn_len: usize,
     /// Ring memory of this flow in the engine's total when last accounted.
-    pub accounted: usize,
+    accounted: usize,
     /// On the engine's list of flows paused by the memory budget.
-    pub paused: bool,
+    paused: bool,
     /// Counted among the half-open flows (engine's limit).
-    pub half_open: bool,
+    half_open: bool,
     /// The guest's real MSS when its SYN was rewritten for large segments
     /// ([`crate::stack::rewrite_syn_mss`]).
-    pub guest_mss: Option<u16>,
+    guest_mss: Option<u16>,
     /// The last service stopped taking host data for want of ring memory.
     wants_memory: bool,
     /// Ring offset just past the last byte written into the transmit ring.
@@ -353,9 +353,9 @@ impl TcpFlow {
 
     /// Before smoltcp sees the guest segment `ip`: the receive ring chunks
     /// its payload lands in that are not resident yet are taken from `room`
-    /// (and counted in [`Self::resident`] from now on). Returns the bytes
-    /// taken, or None when `room` is too small (the engine then cuts the
-    /// payload off, see [`strip_payload`]).
+    /// (and counted in [`Self::resident`] and [`Self::accounted`] from now
+    /// on). Returns the bytes taken, or None when `room` is too small (the
+    /// engine then cuts the payload off, see [`strip_payload`]).
     pub fn take_rx_memory(&mut self, ip: &[u8], room: usize) -> Option<usize> {
         let new = self.rx_chunks_needed(ip);
         let bytes = new.count_ones() as usize * CHUNK;
@@ -363,7 +363,70 @@ impl TcpFlow {
             return None;
         }
         self.rx_mem.touched |= new;
+        self.accounted += bytes;
         Some(bytes)
+    }
+
+    /// Ring memory of this flow in the engine's total.
+    pub fn accounted(&self) -> usize {
+        self.accounted
+    }
+
+    /// Brings this flow's share of the engine's total up to date with
+    /// [`Self::resident`]; returns (the share before, the share now).
+    pub fn reaccount(&mut self) -> (usize, usize) {
+        let before = self.accounted;
+        self.accounted = self.resident();
+        (before, self.accounted)
+    }
+
+    /// True once when the flow must go on the engine's paused list: host
+    /// data was left unread for want of memory and it is not there yet.
+    pub fn pause_for_memory(&mut self) -> bool {
+        if self.wants_memory && !self.paused {
+            self.paused = true;
+            return true;
+        }
+        false
+    }
+
+    /// Taken off the engine's paused list.
+    pub fn resume(&mut self) {
+        self.paused = false;
+    }
+
+    /// Counts the flow among the engine's half-open flows (its host
+    /// connect is in progress).
+    pub fn count_half_open(&mut self) {
+        self.half_open = true;
+    }
+
+    /// Whether the flow is counted among the half-open flows.
+    pub fn is_half_open(&self) -> bool {
+        self.half_open
+    }
+
+    /// True once when the host connect has finished while the flow was
+    /// counted half-open: the engine lowers its count.
+    pub fn settle_half_open(&mut self) -> bool {
+        if self.half_open && !self.connecting() {
+            self.half_open = false;
+            return true;
+        }
+        false
+    }
+
+    /// Keeps the guest's real MSS when rnet rewrote its SYN (or SYN-ACK)
+    /// for large segments; None leaves what is known.
+    pub fn set_guest_mss(&mut self, mss: Option<u16>) {
+        if mss.is_some() {
+            self.guest_mss = mss;
+        }
+    }
+
+    /// Feeds a guest frame of this flow to smoltcp with the flow's socket.
+    pub fn ingress(&mut self, stack: &mut Stack, now: Instant, frame: &[u8], tx: TapTx<'_>) {
+        stack.ingress(now, frame, tx, &mut self.sockets);
     }
 
     /// The chunks not yet resident that the payload of `ip` would land in.

@@ -339,18 +339,11 @@ impl<'a> TrainOut<'a> {
             }
             _ => 0,
         };
-        let sent = if t.count > 1 {
-            let ok = self.tx.build_udp_train(t.seg as u16, train);
-            if ok {
-                io.uso_out += 1;
-                io.uso_out_datagrams += t.count as u64;
-            }
-            ok
-        } else {
-            self.tx.build(frame)
-        };
-        if sent {
-            stack.frames_out += 1;
+        if t.count <= 1 {
+            self.tx.build(frame);
+        } else if self.tx.build_udp_train(t.seg as u16, train) {
+            io.uso_out += 1;
+            io.uso_out_datagrams += t.count as u64;
         }
     }
 }

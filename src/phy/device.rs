@@ -25,19 +25,17 @@ pub struct FrameDevice<'a> {
     rx: Option<&'a [u8]>,
     tx: TapTx<'a>,
     mtu: usize,
-    sent: &'a mut u64,
     guest_mss: Option<u16>,
 }
 
 impl<'a> FrameDevice<'a> {
     /// A device that yields `rx` once (if any) and writes to `tx`.
-    /// `mtu` is the IP MTU; `sent` counts transmitted frames.
-    pub fn new(rx: Option<&'a [u8]>, tx: TapTx<'a>, mtu: usize, sent: &'a mut u64) -> Self {
+    /// `mtu` is the IP MTU. (The TAP writer counts what it sends.)
+    pub fn new(rx: Option<&'a [u8]>, tx: TapTx<'a>, mtu: usize) -> Self {
         Self {
             rx,
             tx,
             mtu,
-            sent,
             guest_mss: None,
         }
     }
@@ -47,7 +45,6 @@ impl<'a> FrameDevice<'a> {
     fn tx_token(&mut self) -> Tx<'_> {
         Tx {
             tx: self.tx.reborrow(),
-            sent: self.sent,
             gso: self.guest_mss.map(Gso::Mss),
         }
     }
@@ -127,17 +124,12 @@ impl phy::RxToken for Rx<'_> {
 /// Transmit token: builds the frame in the TAP scratch buffer and writes it.
 pub struct Tx<'b> {
     tx: TapTx<'b>,
-    sent: &'b mut u64,
     gso: Option<Gso>,
 }
 
 impl phy::TxToken for Tx<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(mut self, len: usize, f: F) -> R {
-        let (r, ok) = self.tx.send_with(len, self.gso, f);
-        if ok {
-            *self.sent += 1;
-        }
-        r
+        self.tx.send_with(len, self.gso, f).0
     }
 
     fn set_meta(&mut self, meta: PacketMeta) {

@@ -8,7 +8,7 @@
 //! the query (ID, QR bit or question differ) is dropped and counted
 //! (`dns_mismatch`), and the query keeps waiting for the real answer. TCP queries are ordinary TCP
 //! flows whose host side connects to an upstream (see the engine), moving
-//! on to the next upstream when a connect fails.
+//! on to the next upstream when a connect fails ([`tcp_failover`]).
 //!
 //! Upstreams come from `--dns-upstream` or from the `nameserver` lines of
 //! /etc/resolv.conf, which is then followed ([`ResolvWatch`]: looked at on
@@ -30,7 +30,7 @@ use nix::sys::stat::Mode;
 
 use crate::phy::tap::TapTx;
 use crate::sandbox::KeptDir;
-use crate::stack::Stack;
+use crate::stack::{NetAddrs, Stack};
 use crate::wire::emit::{self, Header, UDP_PAYLOAD_OFFSET, UDP6_PAYLOAD_OFFSET};
 
 /// Reads the nameservers of a resolv.conf text.
@@ -246,6 +246,27 @@ fn question_len(msg: &[u8]) -> Option<usize> {
     Some(i - 12)
 }
 
+/// DNS over TCP: where a guest connection to the forwarder goes after
+/// its host connect to `failed` did not succeed: the upstream listed next,
+/// if `dialled` (what the guest connected to) is the forwarder's port 53
+/// on IPv4 or IPv6. None otherwise, or when no upstream is left.
+pub fn tcp_failover(
+    dialled: SocketAddr,
+    failed: SocketAddr,
+    addrs: &NetAddrs,
+    upstreams: &[SocketAddr],
+) -> Option<SocketAddr> {
+    let forwarder = dialled == SocketAddr::from((addrs.dns, 53))
+        || addrs
+            .v6
+            .is_some_and(|v6| dialled == SocketAddr::from((v6.dns, 53)));
+    if !forwarder {
+        return None;
+    }
+    let at = upstreams.iter().position(|u| *u == failed)?;
+    upstreams.get(at + 1).copied()
+}
+
 /// Whether `reply` answers `query`: a response (QR set) with the same ID,
 /// question count and question (names compared without regard to ASCII
 /// case, as resolvers that randomise it expect).
@@ -318,7 +339,7 @@ impl DnsQuery {
         let (socket, guest) = (&self.socket, self.guest);
         let (query, question) = (&self.query, self.question);
         let mut got = Reply::Empty;
-        let sent = tx.build(|buf| {
+        tx.build(|buf| {
             let end = (off + max).min(buf.len());
             let Some(room) = buf.get_mut(off..end) else {
                 return 0;
@@ -348,9 +369,6 @@ impl DnsQuery {
                 }
             }
         });
-        if sent {
-            stack.frames_out += 1;
-        }
         got
     }
 }

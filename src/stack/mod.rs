@@ -18,6 +18,7 @@
 //! destination the guest dials; ARP is filtered before smoltcp so that only
 //! the gateway and DNS addresses are ever claimed.
 
+pub mod ndp;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use smoltcp::iface::{Config as IfaceConfig, Interface, SocketSet};
@@ -127,8 +128,6 @@ pub struct Stack {
     pub mtu: usize,
     /// Addresses of the virtual network.
     pub addrs: NetAddrs,
-    /// Frames written to the TAP.
-    pub frames_out: u64,
     ip_ident: u16,
 }
 
@@ -138,8 +137,7 @@ impl Stack {
         let mac = EthernetAddress(GATEWAY_MAC);
         let addrs = NetAddrs::from_config(cfg);
         let mtu = cfg.mtu() as usize;
-        let mut sent = 0;
-        let mut dev = FrameDevice::new(None, tx, mtu, &mut sent);
+        let mut dev = FrameDevice::new(None, tx, mtu);
         let mut ic = IfaceConfig::new(HardwareAddress::Ethernet(mac));
         ic.random_seed = seed();
         let mut iface = Interface::new(ic, &mut dev, now);
@@ -161,14 +159,13 @@ impl Stack {
             guest_mac: None,
             mtu,
             addrs,
-            frames_out: 0,
             ip_ident: 1,
         }
     }
 
     /// Feeds one frame to smoltcp together with the socket set that owns it.
     pub fn ingress(&mut self, now: Instant, frame: &[u8], tx: TapTx<'_>, sockets: &mut SocketSet) {
-        let mut dev = FrameDevice::new(Some(frame), tx, self.mtu, &mut self.frames_out);
+        let mut dev = FrameDevice::new(Some(frame), tx, self.mtu);
         self.iface.poll_ingress_single(now, &mut dev, sockets);
     }
 
@@ -185,36 +182,10 @@ impl Stack {
         // Each round emits at most one segment per socket; bound the rounds
         // so one flow cannot monopolise the loop (its timer brings it back).
         for _ in 0..256 {
-            let mut dev = FrameDevice::new(None, tx.reborrow(), self.mtu, &mut self.frames_out)
-                .with_guest_mss(guest_mss);
+            let mut dev = FrameDevice::new(None, tx.reborrow(), self.mtu).with_guest_mss(guest_mss);
             if self.iface.poll_egress(now, &mut dev, sockets) == smoltcp::iface::PollResult::None {
                 break;
             }
-        }
-    }
-
-    /// Teaches smoltcp's neighbour cache that the guest's `ip` is at `mac`
-    /// (a synthetic neighbour advertisement, which smoltcp answers with
-    /// nothing), so TCP towards a guest IPv6 address need not wait for
-    /// neighbour discovery.
-    pub fn learn_v6(
-        &mut self,
-        now: Instant,
-        ip: Ipv6Addr,
-        mac: EthernetAddress,
-        tx: TapTx<'_>,
-        sockets: &mut SocketSet,
-    ) {
-        let Some(v6) = self.addrs.v6 else { return };
-        let mut frame = [0u8; emit::ICMP6_OFFSET + 32];
-        let h = emit::Header {
-            eth_src: mac,
-            eth_dst: self.mac,
-            ident: 0,
-        };
-        let n = emit::neighbor_advert(&mut frame, &h, ip, v6.gateway, ip, 0x20);
-        if n > 0 {
-            self.ingress(now, &frame[..n], tx, sockets);
         }
     }
 
