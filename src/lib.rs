@@ -100,7 +100,6 @@ pub mod supervise;
 #[doc(hidden)]
 pub mod wire;
 
-pub use ports::auto::AutoPublish;
 pub use config::{
     Config, ConfigBuilder, ConfigError, IpCidr, Ipv4Cidr, Ipv6Cidr, Limits, OutboundPolicy,
     Services, UdpFilter,
@@ -109,6 +108,7 @@ pub use engine::ExitReason;
 pub use handle::{COMMAND_QUEUE, Handle};
 pub use network::{Error, Network, wait_for_exit};
 pub use ns::{NsError, NsKind, SpawnOptions, Target};
+pub use ports::auto::AutoPublish;
 pub use ports::{PortError, PortInfo, PortSpec, PortSpecError, Proto};
 pub use sandbox::SandboxError;
 pub use stats::{DropReason, StatsSnapshot};

@@ -23,8 +23,8 @@ use crate::handle::Handle;
 use crate::ns::{self, NsError, Target};
 use crate::phy::{pcap, tap};
 use crate::ports::PortError;
-use crate::stats::Stats;
 use crate::ports::{api, auto as autopub};
+use crate::stats::Stats;
 use crate::{metrics, sandbox, services, supervise};
 
 /// Everything that can stop a network from starting or running.
@@ -137,7 +137,15 @@ impl Network {
         config: Config,
     ) -> Result<Network, Error> {
         let name = config.tap_name().to_string();
-        Network::serve(tap, false, name, None, watch_pid.map(Target::Pid), None, config)
+        Network::serve(
+            tap,
+            false,
+            name,
+            None,
+            watch_pid.map(Target::Pid),
+            None,
+            config,
+        )
     }
 
     /// As [`Network::attach_tap`], for a descriptor whose frames each carry
@@ -150,7 +158,15 @@ impl Network {
         config: Config,
     ) -> Result<Network, Error> {
         let name = config.tap_name().to_string();
-        Network::serve(tap, true, name, None, watch_pid.map(Target::Pid), None, config)
+        Network::serve(
+            tap,
+            true,
+            name,
+            None,
+            watch_pid.map(Target::Pid),
+            None,
+            config,
+        )
     }
 
     /// Serves `fd` in three stages: [`Prepared::open`] opens everything

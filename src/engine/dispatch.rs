@@ -30,13 +30,13 @@ use crate::nat::tcp::{self, TcpFlow};
 use crate::nat::udp::UdpFlow;
 use crate::nat::udpio::{self, Push};
 use crate::nat::{Deny, Route, route, route_any};
+use crate::phy::tap::TapTx;
 use crate::services::dhcp::DhcpServer;
 use crate::services::dns::DnsQuery;
 use crate::stack::Stack;
+use crate::stats::{DropReason, Stats};
 use crate::wire::classify::{Verdict, classify};
 use crate::wire::emit::{self, Header};
-use crate::stats::{DropReason, Stats};
-use crate::phy::tap::TapTx;
 
 /// Where `part` (a slice of `frame`) lies in it.
 fn range_in(frame: &[u8], part: &[u8]) -> Range<usize> {

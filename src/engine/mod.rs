@@ -47,13 +47,13 @@ use crate::config::Config;
 use crate::nat::local::LocalAddrs;
 use crate::nat::tcp::TcpFlow;
 use crate::nat::udpio::{self, GsoBatch, RecvBatch};
-use crate::services::dhcp::{DhcpConfig, DhcpServer};
-use crate::services::dns::ResolvWatch;
-use crate::stack::ndp::Ndp;
 use crate::phy::tap::{ReadOutcome, Tap};
 use crate::ports::fastpath::{self, FastPath};
 pub(crate) use crate::ports::listeners::Command;
 use crate::ports::listeners::Publisher;
+use crate::services::dhcp::{DhcpConfig, DhcpServer};
+use crate::services::dns::ResolvWatch;
+use crate::stack::ndp::Ndp;
 use crate::stack::{self, Stack};
 use crate::stats::{DropReason, Stats};
 use crate::wire::emit::Header;
@@ -527,18 +527,16 @@ impl Engine {
         let ports = self
             .ports
             .infos()
-            .map(|p| {
-                PortStatus {
-                    id: p.id,
-                    proto: p.spec.proto,
-                    host_addr: p.spec.host_ip,
-                    host_port: p.spec.host_port,
-                    guest_addr: p.guest_ip,
-                    guest_port: p.spec.guest_port,
-                    count: p.spec.count,
-                    path: p.path.to_string(),
-                    connections: conns.get(&p.id).copied().unwrap_or(0),
-                }
+            .map(|p| PortStatus {
+                id: p.id,
+                proto: p.spec.proto,
+                host_addr: p.spec.host_ip,
+                host_port: p.spec.host_port,
+                guest_addr: p.guest_ip,
+                guest_port: p.spec.guest_port,
+                count: p.spec.count,
+                path: p.path.to_string(),
+                connections: conns.get(&p.id).copied().unwrap_or(0),
             })
             .collect();
         StatusReport {

@@ -18,8 +18,8 @@ use super::flows::{self, Flow};
 use super::{Engine, Slot, header};
 use crate::nat::tcp::{self, Step};
 use crate::services::dns::{self, Reply};
-use crate::wire::emit;
 use crate::stats::DropReason;
+use crate::wire::emit;
 
 impl Engine {
     pub(super) fn flow_event(&mut self, idx: usize, readable: bool, writable: bool) {

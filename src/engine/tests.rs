@@ -22,8 +22,8 @@ use smoltcp::wire::{
 
 use super::{Control, Engine, ExitReason};
 use crate::config::{Config, Limits, OutboundPolicy};
-use crate::stats::Stats;
 use crate::phy::tap::Tap;
+use crate::stats::Stats;
 
 const GUEST_MAC: EthernetAddress = EthernetAddress([0x02, 0, 0, 0, 0, 0x64]);
 const GW_MAC: EthernetAddress = EthernetAddress(crate::stack::GATEWAY_MAC);
