@@ -437,12 +437,28 @@ fn apply_opt(
 
 /// Applies an option that sets an address, a mask, DNS or search
 /// domains; returns whether `opt` was one.
+/// Sets a one-per-family address option. As in pasta, the last one given
+/// wins; an earlier, different one is logged as having no effect, so that a
+/// launch script that passes two sees which one counts.
+fn replace<T: PartialEq + std::fmt::Display + Copy>(
+    slot: &mut Option<T>,
+    new: T,
+    flag: &str,
+    ignored: &mut Vec<String>,
+) {
+    if let Some(old) = slot.replace(new)
+        && old != new
+    {
+        ignored.push(format!("{flag} {old} (replaced by the later {flag} {new})"));
+    }
+}
+
 fn apply_addr(o: &mut PastaOptions, opt: Opt, v: &str) -> Result<bool, ArgError> {
     let v = v.to_string();
     match opt {
         Opt::Address => match v.parse::<IpAddr>() {
-            Ok(IpAddr::V4(a)) => o.address = Some(a),
-            Ok(IpAddr::V6(a)) => o.address6 = Some(a),
+            Ok(IpAddr::V4(a)) => replace(&mut o.address, a, "-a", &mut o.ignored),
+            Ok(IpAddr::V6(a)) => replace(&mut o.address6, a, "-a", &mut o.ignored),
             Err(_) => return Err(bad(format!("Invalid address: {v}"))),
         },
         Opt::Netmask => o.netmask = Some(parse_netmask(&v).map_err(bad)?),
@@ -453,8 +469,8 @@ fn apply_addr(o: &mut PastaOptions, opt: Opt, v: &str) -> Result<bool, ArgError>
             );
         }
         Opt::Gateway => match v.parse::<IpAddr>() {
-            Ok(IpAddr::V4(a)) => o.gateway = Some(a),
-            Ok(IpAddr::V6(a)) => o.gateway6 = Some(a),
+            Ok(IpAddr::V4(a)) => replace(&mut o.gateway, a, "-g", &mut o.ignored),
+            Ok(IpAddr::V6(a)) => replace(&mut o.gateway6, a, "-g", &mut o.ignored),
             Err(_) => return Err(bad(format!("Invalid gateway address: {v}"))),
         },
         Opt::Interface => o.ignored.push(format!("-i {v}")),
@@ -949,6 +965,26 @@ mod tests {
         assert_eq!(g.address6, Some("fd12:3456::10".parse().unwrap()));
         assert_eq!(g.gateway6, Some("fd12:3456::1".parse().unwrap()));
         assert_eq!((g.address, g.gateway), (None, None));
+        // One address per family: the last wins (as in pasta) and the
+        // replaced one is reported; one of each family is not a repeat.
+        let twice = run(&[
+            "-a",
+            "10.0.2.5",
+            "-a",
+            "fd12::5",
+            "-a",
+            "10.0.2.100",
+            "-g",
+            "10.0.2.2",
+            "-g",
+            "10.0.2.2",
+        ]);
+        assert_eq!(twice.address, Some(Ipv4Addr::new(10, 0, 2, 100)));
+        assert_eq!(twice.address6, Some("fd12::5".parse().unwrap()));
+        assert_eq!(
+            twice.ignored,
+            vec!["-a 10.0.2.5 (replaced by the later -a 10.0.2.100)".to_string()]
+        );
         assert!(o.no_icmp && o.debug == 1);
         assert_eq!(o.pid_file, Some("/tmp/x.pid".into()));
         assert_eq!(
