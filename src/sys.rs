@@ -2,7 +2,7 @@
 //! wrapper with its `// SAFETY:` reasoning: process set-up (fork, `_exit`,
 //! signal dispositions, `mallopt`), descriptors (`pidfd_open`,
 //! `close_range`, `fcntl`, stdio redirection, `openat2`), and confinement
-//! (`prctl`, `capget`/`capset`, `seccomp`). Where nix already offers a safe
+//! (`prctl`, `capget`/`capset`, `seccomp`, Landlock). Where nix already offers a safe
 //! call (`set_dumpable`, `set_pdeathsig`, `getrlimit`/`setrlimit`,
 //! `sysconf`, `eventfd`, `fchmod`, socket options), the callers use nix and
 //! nothing is wrapped here.
@@ -24,9 +24,8 @@
 //! - The call sites of [`fork`] and of [`close_range`]/[`close`]: their
 //!   soundness is the caller's (one thread; a child that never returns into
 //!   the frames owning the descriptors), so the `unsafe` sits there.
-//! - Landlock (`sandbox/landlock.rs`), whose calls read the kernel structs
-//!   defined and versioned beside them, and the environment wipe in
-//!   `ns/agent/confine.rs`, which writes to memory.
+//! - The environment wipe in `ns/agent/confine.rs`, which writes to
+//!   memory, and the signal handler rnet installs in `supervise.rs`.
 
 use std::ffi::CStr;
 use std::io;
@@ -379,6 +378,108 @@ pub fn seccomp_set_filter(prog: &[seccompiler::sock_filter]) -> Result<(), Errno
         )
     };
     Errno::result(r).map(drop)
+}
+
+/// `landlock_create_ruleset(NULL, 0, LANDLOCK_CREATE_RULESET_VERSION)`:
+/// the Landlock ABI the kernel offers (0: none).
+pub fn landlock_abi() -> i64 {
+    const CREATE_RULESET_VERSION: u32 = 1 << 0;
+    // SAFETY: with a null attribute and size 0 the kernel reads no memory
+    // and only returns a number.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<u8>(),
+            0usize,
+            CREATE_RULESET_VERSION,
+        )
+    };
+    r.max(0)
+}
+
+/// The kernel's `struct landlock_ruleset_attr` (as of ABI 6).
+#[repr(C)]
+struct RulesetAttr {
+    handled_access_fs: u64,
+    handled_access_net: u64,
+    scoped: u64,
+}
+
+/// `landlock_create_ruleset` of a ruleset handling the file-system rights
+/// `handled_fs` and the `scoped` restrictions, passing the attribute's
+/// length of ABI `abi` (older kernels refuse a longer one).
+pub fn landlock_create_ruleset(abi: i64, handled_fs: u64, scoped: u64) -> io::Result<OwnedFd> {
+    let attr = RulesetAttr {
+        handled_access_fs: handled_fs,
+        handled_access_net: 0,
+        scoped,
+    };
+    let size = match abi {
+        1..=3 => 8,
+        4 | 5 => 16,
+        _ => std::mem::size_of::<RulesetAttr>(),
+    };
+    // SAFETY: the kernel reads `size` bytes of `attr` (never more than
+    // its size, see above), all initialised and live for the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            &attr as *const RulesetAttr,
+            size,
+            0u32,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// The kernel's `struct landlock_path_beneath_attr`.
+#[repr(C, packed)]
+struct PathBeneath {
+    allowed_access: u64,
+    parent_fd: i32,
+}
+
+/// `landlock_add_rule(ruleset, LANDLOCK_RULE_PATH_BENEATH, {rights, dir})`.
+pub fn landlock_add_path_beneath(
+    ruleset: BorrowedFd<'_>,
+    dir: BorrowedFd<'_>,
+    rights: u64,
+) -> io::Result<()> {
+    const RULE_PATH_BENEATH: i32 = 1;
+    let rule = PathBeneath {
+        allowed_access: rights,
+        parent_fd: dir.as_raw_fd(),
+    };
+    // SAFETY: the kernel reads the packed rule, live for the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_add_rule,
+            ruleset.as_raw_fd(),
+            RULE_PATH_BENEATH,
+            &rule as *const PathBeneath,
+            0u32,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `landlock_restrict_self(ruleset, 0)`: the calling thread enters the
+/// ruleset's domain (no_new_privs or CAP_SYS_ADMIN needed).
+pub fn landlock_restrict_self(ruleset: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: landlock_restrict_self with a ruleset descriptor and no
+    // flags; no memory is passed.
+    let r = unsafe { libc::syscall(libc::SYS_landlock_restrict_self, ruleset.as_raw_fd(), 0u32) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
