@@ -116,6 +116,20 @@ pub fn fd_flags(fd: RawFd) -> io::Result<libc::c_int> {
     Ok(flags)
 }
 
+/// Sets `O_NONBLOCK` on `fd` (`fcntl(F_GETFL)`, then `F_SETFL`).
+pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: F_GETFL only reads the status flags; no memory is passed.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: F_SETFL takes the flags by value; no memory is passed.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// `close_range(lo, hi, 0)` (Linux 5.9).
 ///
 /// # Safety
@@ -490,6 +504,9 @@ mod tests {
     fn fd_flags_tells_open_from_closed() {
         let (a, _b) = nix::unistd::pipe().expect("pipe");
         assert!(fd_flags(a.as_raw_fd()).is_ok());
+        set_nonblocking(a.as_raw_fd()).expect("O_NONBLOCK");
+        let fl = nix::fcntl::fcntl(&a, nix::fcntl::FcntlArg::F_GETFL).expect("F_GETFL");
+        assert_ne!(fl & libc::O_NONBLOCK, 0);
         assert_eq!(
             fd_flags(-1).map_err(|e| e.raw_os_error()),
             Err(Some(libc::EBADF))
