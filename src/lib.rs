@@ -43,6 +43,7 @@
 //!   counters).
 //! - `sandbox`: self-isolation once set up.
 //! - `supervise`: the supervisor that restarts a data plane that died.
+//! - `sys`: the control plane's raw system calls behind safe wrappers.
 //!
 //! # Example
 //!
@@ -97,6 +98,8 @@ pub mod stats;
 pub mod status;
 #[doc(hidden)]
 pub mod supervise;
+#[doc(hidden)]
+pub mod sys;
 #[doc(hidden)]
 pub mod wire;
 

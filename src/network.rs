@@ -545,12 +545,7 @@ fn isolate(
 /// free, and from then on large blocks come zeroed, hence resident, from
 /// the heap.
 fn lazy_large_allocations() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: mallopt only changes allocator tuning; any value is accepted
-    // or refused with a return code, and no memory is touched.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
-    }
+    crate::sys::set_mmap_threshold(128 * 1024);
 }
 
 /// Raises the soft limit on open files to the hard limit: every flow and

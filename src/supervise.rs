@@ -60,11 +60,12 @@ use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, sigprocmask};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
 use nix::sys::wait::{WaitStatus, waitpid};
-use nix::unistd::{ForkResult, Pid, fork};
+use nix::unistd::Pid;
 use tracing::{error, info, warn};
 
 use crate::ns::fdpass::{recv_with_fd, send_with_fd};
 use crate::ports::PortSpec;
+use crate::sys::{ForkResult, fork, pidfd_open};
 
 /// Restarts allowed within [`WINDOW`]; the next crash ends rnet.
 pub const MAX_RESTARTS: usize = 5;
@@ -196,8 +197,7 @@ fn start_inner(
             ForkResult::Child => {
                 // A worker never outlives its supervisor (which holds the
                 // listeners and would be missed by nobody else).
-                // SAFETY: prctl with integer arguments only.
-                unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+                let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
                 if nix::unistd::getppid() != supervisor {
                     std::process::exit(1);
                 }
@@ -482,17 +482,6 @@ fn ordinal(n: usize) -> String {
     }
 }
 
-fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new
-    // descriptor or -1; no memory is passed.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel just returned this descriptor to us.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
-}
-
 /// The test hook: with [`TEST_HOOKS_ENV`] set to 1, SIGUSR2 writes to
 /// the returned eventfd, which the event loop watches and answers with a
 /// panic. None (and SIGUSR2 keeps its default action) otherwise.
@@ -500,20 +489,12 @@ pub(crate) fn panic_hook_fd() -> Option<OwnedFd> {
     if !test_hooks() {
         return None;
     }
-    // SAFETY: eventfd takes two integers and returns a new descriptor.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-    if fd < 0 {
-        return None;
-    }
-    // SAFETY: the kernel just returned this descriptor.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    use nix::sys::eventfd::{EfdFlags, EventFd};
+    let owned =
+        OwnedFd::from(EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK).ok()?);
     HOOK_FD.store(owned.as_raw_fd(), Ordering::Relaxed);
     extern "C" fn on_usr2(_: libc::c_int) {
-        let fd = HOOK_FD.load(Ordering::Relaxed);
-        let one: u64 = 1;
-        // SAFETY: write(2) on an eventfd is async-signal-safe; the buffer
-        // is a local of the right size.
-        unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+        crate::sys::write_u64(HOOK_FD.load(Ordering::Relaxed), 1);
     }
     let action = nix::sys::signal::SigAction::new(
         nix::sys::signal::SigHandler::Handler(on_usr2),

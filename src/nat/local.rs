@@ -67,24 +67,11 @@ impl LocalAddrs {
         dump.bind_auto()?;
         dump.connect(&SocketAddr::new(0, 0))?;
         // The event loop waits for dumps: never for long.
-        let timeout = libc::timeval {
-            tv_sec: 1,
-            tv_usec: 0,
-        };
-        // SAFETY: SO_RCVTIMEO on a socket we own, with a timeval of the
-        // length passed.
-        let rc = unsafe {
-            libc::setsockopt(
-                dump.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&raw const timeout).cast(),
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        nix::sys::socket::setsockopt(
+            &dump,
+            nix::sys::socket::sockopt::ReceiveTimeout,
+            &nix::sys::time::TimeVal::new(1, 0),
+        )?;
         let mut me = Self {
             sockets: Some(Sockets {
                 events,

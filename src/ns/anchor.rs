@@ -45,11 +45,12 @@ use std::time::Duration;
 
 use nix::sched::{CloneFlags, setns};
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
-use nix::unistd::{ForkResult, Pid};
+use nix::unistd::Pid;
 
 use super::Target;
 use super::agent::confine;
 use super::fdpass::{recv_with_fd, send_with_fd};
+use crate::sys::ForkResult;
 
 /// The one capability the anchor keeps, in the guest's user namespace
 /// only: following a `/proc/PID/ns/net` path (RootlessKit's `--netns`) is
@@ -116,7 +117,7 @@ pub fn spawn(netns: &Path, userns: Option<&Path>, poll: Duration) -> Result<Anch
     let parent = nix::unistd::getpid();
     // SAFETY: the caller is single-threaded (documented above), so the
     // child may do anything the parent could; it never returns.
-    match unsafe { nix::unistd::fork() }.map_err(|e| format!("fork: {e}"))? {
+    match unsafe { crate::sys::fork() }.map_err(|e| format!("fork: {e}"))? {
         ForkResult::Parent { child } => {
             drop((theirs, ns, user, null));
             let got = receive(&ours);
@@ -195,7 +196,7 @@ impl Plan<'_> {
     /// confines the process; `report` is its only descriptor left open
     /// afterwards (besides 0-2 on /dev/null).
     fn enter(self, report: &OwnedFd) -> Result<(), String> {
-        confine::std_to_null(self.null.as_raw_fd());
+        crate::sys::stdio_to_null(self.null.as_raw_fd());
         let mut keep = vec![report.as_raw_fd(), self.net.as_raw_fd()];
         if let Some((u, _)) = &self.user {
             keep.push(u.as_raw_fd());

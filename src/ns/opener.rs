@@ -27,13 +27,14 @@ use nix::sys::socket::{
     AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, bind, listen, setsockopt, socket,
     socketpair, sockopt,
 };
-use nix::unistd::{ForkResult, Pid};
+use nix::unistd::Pid;
 
 use super::Target;
 use super::agent::confine;
 use super::fdpass::{recv_with_fd, send_with_fd};
 use super::nsfile::{JoinPlan, open_target};
 use crate::ports::Proto;
+use crate::sys::{self, ForkResult};
 
 /// A running opener; dropping it ends the process.
 pub struct Opener {
@@ -69,7 +70,7 @@ impl Opener {
         let parent = nix::unistd::getpid();
         // SAFETY: the caller is single-threaded (see above), so the child
         // may do anything the parent could; it never returns.
-        match unsafe { nix::unistd::fork() }.map_err(|e| format!("fork: {e}"))? {
+        match unsafe { sys::fork() }.map_err(|e| format!("fork: {e}"))? {
             ForkResult::Child => {
                 let _ = confine::undumpable();
                 drop(ours);
@@ -80,9 +81,7 @@ impl Opener {
                         1
                     }
                 };
-                // SAFETY: _exit ends the forked child without running the
-                // parent's atexit handlers or destructors.
-                unsafe { libc::_exit(code) }
+                sys::exit_now(code)
             }
             ForkResult::Parent { child } => {
                 drop(theirs);
@@ -124,7 +123,7 @@ impl Opener {
 
 /// The child: joins, confines itself, then serves requests until EOF.
 fn child(parent: Pid, sock: &OwnedFd, plan: JoinPlan, null: File) -> Result<(), String> {
-    confine::std_to_null(null.as_raw_fd());
+    crate::sys::stdio_to_null(null.as_raw_fd());
     drop(null);
     let mut keep = vec![sock.as_raw_fd()];
     keep.extend(plan.user.iter().chain(&plan.net).map(AsRawFd::as_raw_fd));

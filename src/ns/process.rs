@@ -9,7 +9,9 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use nix::errno::Errno;
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
 use nix::sys::wait::{WaitStatus, waitpid};
-use nix::unistd::{ForkResult, Pid, fork};
+use nix::unistd::Pid;
+
+use crate::sys::{self, ForkResult, fork};
 
 /// Forks a helper process joined to its parent by a close-on-exec
 /// SOCK_SEQPACKET pair. The child gets its end and runs `child` to `_exit`
@@ -61,9 +63,7 @@ const PANIC_EXIT: i32 = 101;
 /// parent's copied frames.
 pub(crate) fn exit_child(body: impl FnOnce() -> i32) -> ! {
     let code = catch_unwind(AssertUnwindSafe(body)).unwrap_or(PANIC_EXIT);
-    // SAFETY: _exit(2) ends the process at once; it is async-signal-safe and
-    // has no preconditions.
-    unsafe { libc::_exit(code) }
+    sys::exit_now(code)
 }
 
 /// In a freshly forked child: closes every close-on-exec descriptor above
@@ -85,18 +85,14 @@ pub(crate) fn close_private_fds(keep: &[RawFd]) {
         if fd <= 2 || keep.contains(&fd) {
             continue;
         }
-        // SAFETY: F_GETFD only reads the descriptor flags; a stale number
-        // (the read_dir descriptor, now closed) just yields EBADF.
-        let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
-        if flags >= 0 && flags & libc::FD_CLOEXEC != 0 {
+        // A stale number (the read_dir descriptor, now closed) has no flags.
+        if sys::fd_flags(fd).is_ok_and(|f| f & libc::FD_CLOEXEC != 0) {
             // SAFETY: this runs only in a forked child that will exec or
             // _exit without returning to the code that owns these
             // descriptors: their owners live in the parent's other threads
             // (absent here) or in frames that never resume, so nothing uses
             // or closes them again. `keep` protects the child's own.
-            unsafe {
-                libc::close(fd);
-            }
+            unsafe { sys::close(fd) };
         }
     }
 }
@@ -153,16 +149,13 @@ mod tests {
             inherit_r.as_raw_fd(),
         );
         // SAFETY: the child only makes system calls and `_exit`s.
-        match unsafe { nix::unistd::fork() }.expect("fork") {
-            nix::unistd::ForkResult::Child => exit_child(|| {
+        match unsafe { fork() }.expect("fork") {
+            ForkResult::Child => exit_child(|| {
                 close_private_fds(&[keep]);
-                let open = |fd| {
-                    // SAFETY: F_GETFD only reads the descriptor flags.
-                    unsafe { libc::fcntl(fd, libc::F_GETFD) >= 0 }
-                };
+                let open = |fd| sys::fd_flags(fd).is_ok();
                 i32::from(!(open(keep) && !open(gone) && open(inherit)))
             }),
-            nix::unistd::ForkResult::Parent { child } => {
+            ForkResult::Parent { child } => {
                 assert_eq!(reap(child), Ok(Some(WaitStatus::Exited(child, 0))));
             }
         }

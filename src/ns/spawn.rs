@@ -12,14 +12,15 @@ use std::path::{Path, PathBuf};
 use nix::errno::Errno;
 use nix::fcntl::{OFlag, open};
 use nix::sched::{CloneFlags, unshare};
-use nix::sys::signal::{SigSet, SigmaskHow, Signal, sigprocmask};
+use nix::sys::signal::Signal;
 use nix::sys::socket::{AddressFamily, MsgFlags, SockFlag, SockType, send, socketpair};
 use nix::sys::stat::Mode;
-use nix::unistd::{ForkResult, Pid, execvp, fork, getgid, getpid, getppid, getuid, pipe2};
+use nix::unistd::{Pid, execvp, getgid, getpid, getppid, getuid, pipe2};
 
 use super::NsError;
 use super::process::{close_private_fds, describe, exit_child, kill_and_reap, reap};
 use super::report::{self, ChildError, Report, Step, read_stream_report};
+use crate::sys::{ForkResult, fork};
 
 fn os_err(what: &'static str) -> impl Fn(Errno) -> NsError {
     move |errno| NsError::Os { what, errno }
@@ -459,17 +460,7 @@ fn private_resolv_conf(text: &str) -> Result<(), (Errno, &'static str)> {
 /// Restores default signal dispositions and an empty signal mask, so the
 /// command does not inherit what rnet blocked or ignored (e.g. SIGPIPE).
 fn reset_signals() {
-    let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
-    for sig in 1..=libc::SIGRTMAX() {
-        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
-            continue;
-        }
-        // SAFETY: installing SIG_DFL registers no handler code; failures
-        // (signals reserved by libc) are harmless and ignored.
-        unsafe {
-            libc::signal(sig, libc::SIG_DFL);
-        }
-    }
+    crate::sys::reset_signals(&[]);
 }
 
 /// The command's process after fork: returns its exit code if it does not

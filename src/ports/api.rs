@@ -40,7 +40,6 @@
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -316,10 +315,7 @@ impl Drop for ApiServer {
 /// link planted meanwhile.
 fn bind_private(path: &Path) -> io::Result<UnixListener> {
     let sock = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)?;
-    // SAFETY: fchmod on a descriptor owned by `sock`, live for the call.
-    if unsafe { libc::fchmod(sock.as_raw_fd(), 0o600) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    nix::sys::stat::fchmod(&sock, nix::sys::stat::Mode::from_bits_truncate(0o600))?;
     sock.bind(&socket2::SockAddr::unix(path)?)?;
     let meta = std::fs::symlink_metadata(path)?;
     if meta.permissions().mode() & 0o077 != 0 {

@@ -169,7 +169,7 @@ fn ephemeral_start(pid: i32) -> u16 {
 /// [`SYSCTL_CAP`] bytes.
 pub fn read_in_root(root: &str, rel: &str) -> std::io::Result<String> {
     use std::io::{Error, ErrorKind};
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::fd::{AsFd, AsRawFd};
 
     use nix::fcntl::OFlag;
     let root = nix::fcntl::open(
@@ -178,34 +178,12 @@ pub fn read_in_root(root: &str, rel: &str) -> std::io::Result<String> {
         nix::sys::stat::Mode::empty(),
     )?;
     let rel = std::ffi::CString::new(rel).map_err(|_| Error::from(ErrorKind::InvalidInput))?;
-    /// `struct open_how` (linux/openat2.h).
-    #[repr(C)]
-    struct OpenHow {
-        flags: u64,
-        mode: u64,
-        resolve: u64,
-    }
-    let how = OpenHow {
-        flags: (libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC) as u64,
-        mode: 0,
-        resolve: libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS,
-    };
-    // SAFETY: openat2 reads the NUL-terminated path and `how` (of the size
-    // given), both live for the call; a new descriptor is returned.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_openat2,
-            root.as_raw_fd(),
-            rel.as_ptr(),
-            &how as *const OpenHow,
-            std::mem::size_of::<OpenHow>(),
-        )
-    };
-    if fd < 0 {
-        return Err(Error::last_os_error());
-    }
-    // SAFETY: openat2 returned a new descriptor that nothing else owns.
-    let path_fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let path_fd = crate::sys::openat2(
+        root.as_fd(),
+        &rel,
+        (libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC) as u64,
+        libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS,
+    )?;
     let st = nix::sys::stat::fstat(&path_fd)?;
     if st.st_mode & libc::S_IFMT != libc::S_IFREG {
         return Err(Error::new(ErrorKind::InvalidInput, "not a regular file"));

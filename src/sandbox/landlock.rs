@@ -14,6 +14,7 @@ use nix::sys::stat::Mode;
 use tracing::info;
 
 use super::{SandboxError, SandboxOptions, Stage, at};
+use crate::sys;
 
 /// Landlock file-system rights (linux/landlock.h).
 mod ll {
@@ -33,8 +34,6 @@ mod ll {
     pub const ABI1: u64 = (1 << 13) - 1;
     /// `scoped`, ABI 6: no connecting to abstract Unix sockets outside.
     pub const SCOPE_ABSTRACT_UNIX_SOCKET: u64 = 1 << 0;
-    pub const CREATE_RULESET_VERSION: u32 = 1 << 0;
-    pub const RULE_PATH_BENEATH: i32 = 1;
 }
 
 /// What a [`KeptDir`] may still be used for once Landlock is in force.
@@ -46,33 +45,7 @@ const KEPT_UNLINK: u64 = ll::REMOVE_FILE;
 /// dropped.
 static KEPT: std::sync::Mutex<Vec<(std::os::fd::RawFd, u64)>> = std::sync::Mutex::new(Vec::new());
 
-/// The Landlock ABI the kernel offers (0: none).
-pub(super) fn landlock_abi() -> i64 {
-    // SAFETY: landlock_create_ruleset(NULL, 0, VERSION) only returns a
-    // number.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_landlock_create_ruleset,
-            std::ptr::null::<u8>(),
-            0usize,
-            ll::CREATE_RULESET_VERSION,
-        )
-    };
-    r.max(0)
-}
-
-#[repr(C)]
-struct RulesetAttr {
-    handled_access_fs: u64,
-    handled_access_net: u64,
-    scoped: u64,
-}
-
-#[repr(C, packed)]
-struct PathBeneath {
-    allowed_access: u64,
-    parent_fd: i32,
-}
+pub(super) use crate::sys::landlock_abi;
 
 /// Stage 1b, after the new root is in place: Landlock confines every later
 /// open, whatever descriptor it starts from, to the new root (read-only
@@ -125,15 +98,8 @@ pub(super) fn restrict_paths(opts: &SandboxOptions) -> Result<Option<i64>, Sandb
         add(fd, *rights, "a kept directory")?;
     }
     debug_assert_eq!(ll::EXECUTE & (ll::READ_FILE | ll::READ_DIR), 0);
-    // SAFETY: landlock_restrict_self with a ruleset descriptor and no flags.
-    let r = unsafe { libc::syscall(libc::SYS_landlock_restrict_self, ruleset.as_raw_fd(), 0u32) };
-    if r != 0 {
-        return Err(SandboxError::new(
-            s,
-            "entering the Landlock domain",
-            io::Error::last_os_error(),
-        ));
-    }
+    sys::landlock_restrict_self(ruleset.as_fd())
+        .map_err(|e| SandboxError::new(s, "entering the Landlock domain", e))?;
     Ok(Some(abi))
 }
 
@@ -156,39 +122,13 @@ fn handled_rights(abi: i64) -> u64 {
 /// A new ruleset handling `handled` (and, from ABI 6, abstract Unix sockets).
 fn create_ruleset(abi: i64, handled: u64) -> Result<OwnedFd, SandboxError> {
     let s = Stage::Mount;
-    let attr = RulesetAttr {
-        handled_access_fs: handled,
-        handled_access_net: 0,
-        scoped: if abi >= 6 {
-            ll::SCOPE_ABSTRACT_UNIX_SOCKET
-        } else {
-            0
-        },
+    let scoped = if abi >= 6 {
+        ll::SCOPE_ABSTRACT_UNIX_SOCKET
+    } else {
+        0
     };
-    let size = match abi {
-        1..=3 => 8,
-        4 | 5 => 16,
-        _ => std::mem::size_of::<RulesetAttr>(),
-    };
-    // SAFETY: the kernel reads `size` bytes of `attr`, all initialised.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_landlock_create_ruleset,
-            &attr as *const RulesetAttr,
-            size,
-            0u32,
-        )
-    };
-    if fd < 0 {
-        return Err(SandboxError::new(
-            s,
-            "creating a Landlock ruleset",
-            io::Error::last_os_error(),
-        ));
-    }
-    // SAFETY: a new descriptor nothing else owns.
-    let ruleset = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
-    Ok(ruleset)
+    sys::landlock_create_ruleset(abi, handled, scoped)
+        .map_err(|e| SandboxError::new(s, "creating a Landlock ruleset", e))
 }
 
 /// Grants `rights` beneath the directory `dir` in `ruleset`.
@@ -199,28 +139,8 @@ fn add_rule(
     what: &str,
 ) -> Result<(), SandboxError> {
     let s = Stage::Mount;
-    let rule = PathBeneath {
-        allowed_access: rights,
-        parent_fd: dir.as_raw_fd(),
-    };
-    // SAFETY: the kernel reads the packed rule, live for the call.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_landlock_add_rule,
-            ruleset.as_raw_fd(),
-            ll::RULE_PATH_BENEATH,
-            &rule as *const PathBeneath,
-            0u32,
-        )
-    };
-    if r != 0 {
-        return Err(SandboxError::new(
-            s,
-            format!("adding the Landlock rule for {what}"),
-            io::Error::last_os_error(),
-        ));
-    }
-    Ok(())
+    sys::landlock_add_path_beneath(ruleset, dir, rights)
+        .map_err(|e| SandboxError::new(s, format!("adding the Landlock rule for {what}"), e))
 }
 
 // ---------------------------------------------------------------------------

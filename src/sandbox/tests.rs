@@ -7,9 +7,9 @@ use std::os::unix::ffi::OsStrExt;
 use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
+use crate::sys::{ForkResult, exit_now, fork};
 use nix::sys::signal::Signal;
 use nix::sys::wait::{WaitStatus, waitpid};
-use nix::unistd::{ForkResult, fork};
 
 use std::os::fd::AsFd;
 use std::path::Path;
@@ -48,9 +48,7 @@ fn in_child(f: impl FnOnce(&mut std::fs::File) -> Result<(), String>) -> Outcome
                 }
                 Err(_) => 2,
             };
-            // SAFETY: _exit(2) ends the child at once, running none of
-            // the parent's destructors or atexit handlers.
-            unsafe { libc::_exit(code) }
+            exit_now(code)
         }
         ForkResult::Parent { child } => {
             drop(w);
@@ -366,8 +364,7 @@ fn forbidden_calls_kill_the_process() {
         ("fork", || {
             // SAFETY: fork(2); the child (if any) _exits at once.
             if let Ok(ForkResult::Child) = unsafe { fork() } {
-                // SAFETY: as above.
-                unsafe { libc::_exit(0) }
+                exit_now(0)
             }
         }),
         ("netlink socket", || {

@@ -10,7 +10,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
 use nix::errno::Errno;
 use nix::sched::setns;
-use nix::sys::signal::{SigSet, SigmaskHow, Signal, sigprocmask};
+use nix::sys::signal::Signal;
 use nix::unistd::{Pid, getppid};
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -27,26 +27,11 @@ use crate::ports::Proto;
 /// inherited from the parent would run its code on descriptors that are
 /// closed or reused here), then ignores SIGINT, SIGHUP and SIGTERM.
 pub(super) fn reset_signals() {
-    let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
-    for sig in 1..=libc::SIGRTMAX() {
-        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
-            continue;
-        }
-        // SIGTERM too: a service manager's or timeout(1)'s SIGTERM to rnet's
-        // process group must not end the launcher before rnet (which then
-        // logs a lost launcher at a clean stop); it ends with rnet anyway
-        // (its socket closes; PR_SET_PDEATHSIG), and is stopped by SIGKILL.
-        let disposition = if sig == libc::SIGINT || sig == libc::SIGHUP || sig == libc::SIGTERM {
-            libc::SIG_IGN
-        } else {
-            libc::SIG_DFL
-        };
-        // SAFETY: installing SIG_DFL or SIG_IGN registers no handler code;
-        // failures (signals reserved by libc) are harmless and ignored.
-        unsafe {
-            libc::signal(sig, disposition);
-        }
-    }
+    // SIGTERM too: a service manager's or timeout(1)'s SIGTERM to rnet's
+    // process group must not end the launcher before rnet (which then
+    // logs a lost launcher at a clean stop); it ends with rnet anyway
+    // (its socket closes; PR_SET_PDEATHSIG), and is stopped by SIGKILL.
+    crate::sys::reset_signals(&[libc::SIGINT, libc::SIGHUP, libc::SIGTERM]);
 }
 
 /// The agent after fork from its launcher: confines itself, joins the
@@ -66,7 +51,7 @@ pub(super) fn agent_main(
     opts: AgentOptions,
 ) -> i32 {
     let undumpable = confine::undumpable();
-    confine::std_to_null(null);
+    crate::sys::stdio_to_null(null);
     let mut keep = vec![sock.as_raw_fd()];
     keep.extend(plan.user.iter().chain(&plan.net).map(|f| f.as_raw_fd()));
     confine::close_all_but(&keep);

@@ -15,7 +15,8 @@
 //! - **No descriptors** ([`close_all_but`]): everything except the helper's
 //!   own socket is closed with `close_range(2)`; stdin, stdout and stderr
 //!   become `/dev/null` (opened by the launcher while it still sees the
-//!   host's files), so no later socket can take their numbers.
+//!   host's files; [`crate::sys::stdio_to_null`]), so no later socket can
+//!   take their numbers.
 //! - **No environment** ([`clear_environment`]): the inherited environment
 //!   strings are zeroed and `PR_SET_MM_MAP` points the environment at an
 //!   empty range, so `/proc/PID/environ` is empty.
@@ -31,6 +32,7 @@
 use std::collections::BTreeMap;
 use std::os::fd::RawFd;
 
+use crate::sys;
 use nix::errno::Errno;
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
@@ -45,16 +47,13 @@ pub(crate) const CAP_SYS_ADMIN: u32 = 21;
 
 /// `PR_SET_DUMPABLE 0`.
 pub(crate) fn undumpable() -> Result<(), Errno> {
-    // SAFETY: prctl with integer arguments only.
-    let r = unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
-    Errno::result(r).map(drop)
+    nix::sys::prctl::set_dumpable(false)
 }
 
 /// Whether the process is dumpable (for tests).
 #[cfg(test)]
 pub(crate) fn is_dumpable() -> bool {
-    // SAFETY: prctl with integer arguments only.
-    unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) == 1 }
+    nix::sys::prctl::get_dumpable().unwrap_or(false)
 }
 
 /// Closes every descriptor from 3 up except those in `keep`
@@ -75,10 +74,9 @@ pub(crate) fn close_all_but(keep: &[RawFd]) {
     }
     ranges.push((from, u32::MAX));
     for (lo, hi) in ranges {
-        // SAFETY: close_range only closes descriptors; this runs in a
-        // freshly forked child that never returns into code owning them.
-        let r = unsafe { libc::syscall(libc::SYS_close_range, lo, hi, 0) };
-        if r != 0 {
+        // SAFETY: this runs in a freshly forked child that never returns
+        // into code owning the descriptors it closes.
+        if unsafe { sys::close_range(lo, hi) }.is_err() {
             close_slowly(lo, hi);
         }
     }
@@ -86,52 +84,17 @@ pub(crate) fn close_all_but(keep: &[RawFd]) {
 
 /// `close_range` without the system call.
 fn close_slowly(lo: u32, hi: u32) {
-    // SAFETY: sysconf has no preconditions.
-    let max = unsafe { libc::sysconf(libc::_SC_OPEN_MAX) };
-    let max = if max <= 0 { 65536 } else { max as u64 };
+    use nix::unistd::{SysconfVar, sysconf};
+    let max = match sysconf(SysconfVar::OPEN_MAX) {
+        Ok(Some(n)) if n > 0 => n as u64,
+        _ => 65536,
+    };
     let hi = u64::from(hi).min(max.saturating_sub(1));
     for fd in u64::from(lo)..=hi {
         // SAFETY: as in close_all_but; EBADF for numbers not open.
-        unsafe {
-            libc::close(fd as libc::c_int);
-        }
+        unsafe { sys::close(fd as RawFd) };
     }
 }
-
-/// Points stdin, stdout and stderr at `null` (an open `/dev/null`).
-pub(crate) fn std_to_null(null: RawFd) {
-    for fd in 0..=2 {
-        if fd != null {
-            // SAFETY: dup2 onto the standard descriptors of this child.
-            unsafe {
-                libc::dup2(null, fd);
-            }
-        }
-    }
-}
-
-/// The kernel's `struct prctl_mm_map`.
-#[repr(C)]
-#[derive(Default)]
-struct MmMap {
-    start_code: u64,
-    end_code: u64,
-    start_data: u64,
-    end_data: u64,
-    start_brk: u64,
-    brk: u64,
-    start_stack: u64,
-    arg_start: u64,
-    arg_end: u64,
-    env_start: u64,
-    env_end: u64,
-    auxv: u64,
-    auxv_size: u32,
-    exe_fd: u32,
-}
-
-const PR_SET_MM: libc::c_int = 35;
-const PR_SET_MM_MAP: libc::c_ulong = 14;
 
 /// Zeroes the inherited environment strings and makes `/proc/PID/environ`
 /// empty. Needs `/proc/self/stat` (call before the root is emptied).
@@ -154,9 +117,8 @@ pub(crate) fn clear_environment() -> Result<(), Errno> {
             std::ptr::write_bytes(env_start as *mut u8, 0, (env_end - env_start) as usize);
         }
     }
-    // SAFETY: sbrk(0) only reads the current program break.
-    let brk = unsafe { libc::sbrk(0) } as u64;
-    let map = MmMap {
+    let brk = sys::program_break();
+    let map = sys::MmMap {
         start_code: field(26)?,
         end_code: field(27)?,
         start_stack: field(28)?,
@@ -172,19 +134,7 @@ pub(crate) fn clear_environment() -> Result<(), Errno> {
         auxv_size: 0,
         exe_fd: u32::MAX,
     };
-    // SAFETY: PR_SET_MM_MAP reads a `struct prctl_mm_map` of the given
-    // size; `map` is one, alive for the call. Without exe_fd it needs no
-    // privilege.
-    let r = unsafe {
-        libc::prctl(
-            PR_SET_MM,
-            PR_SET_MM_MAP,
-            &map as *const MmMap,
-            std::mem::size_of::<MmMap>(),
-            0,
-        )
-    };
-    Errno::result(r).map(drop)
+    sys::set_mm_map(&map)
 }
 
 /// How a call in an allow-list is narrowed by its arguments.
@@ -238,21 +188,7 @@ pub(crate) fn build_seccomp(
 pub(crate) fn install_seccomp(progs: &[BpfProgram; 2]) -> Result<(), Errno> {
     nix::sys::prctl::set_no_new_privs()?;
     for p in progs.iter().rev() {
-        let prog = libc::sock_fprog {
-            len: p.len() as u16,
-            filter: p.as_ptr() as *mut libc::sock_filter,
-        };
-        // SAFETY: seccomp(SET_MODE_FILTER) reads the program through the
-        // sock_fprog, whose buffer `p` outlives the call.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_seccomp,
-                libc::SECCOMP_SET_MODE_FILTER,
-                0,
-                &prog as *const libc::sock_fprog,
-            )
-        };
-        Errno::result(r)?;
+        sys::seccomp_set_filter(p)?;
     }
     Ok(())
 }
@@ -294,8 +230,8 @@ pub(crate) fn base_calls() -> Vec<(libc::c_long, Arg)> {
 mod tests {
     use super::*;
     use crate::ns::process::{exit_child, reap};
+    use crate::sys::{ForkResult, fork};
     use nix::sys::wait::WaitStatus;
-    use nix::unistd::{ForkResult, fork};
 
     #[test]
     fn environment_becomes_empty() {
@@ -327,8 +263,7 @@ mod tests {
         match unsafe { fork() }.expect("fork") {
             ForkResult::Child => exit_child(|| {
                 close_all_but(&[keep]);
-                // SAFETY: F_GETFD only reads descriptor flags.
-                let open = |fd| unsafe { libc::fcntl(fd, libc::F_GETFD) >= 0 };
+                let open = |fd| sys::fd_flags(fd).is_ok();
                 i32::from(!(open(keep) && !open(gone) && open(2)))
             }),
             ForkResult::Parent { child } => {

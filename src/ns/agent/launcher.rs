@@ -240,7 +240,7 @@ fn launcher_main(
     opts: AgentOptions,
 ) -> i32 {
     let _ = confine::undumpable();
-    confine::std_to_null(null.as_raw_fd());
+    crate::sys::stdio_to_null(null.as_raw_fd());
     let mut keep = vec![sock.as_raw_fd(), null.as_raw_fd()];
     keep.extend(plan.user.iter().chain(&plan.net).map(|f| f.as_raw_fd()));
     confine::close_all_but(&keep);

@@ -9,9 +9,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Instant;
 
+use crate::sys::{ForkResult, fork};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::sockopt;
-use nix::unistd::{ForkResult, fork};
 
 use crate::ns::process::{exit_child, kill_and_reap};
 use nix::sys::socket::{SockaddrIn, getpeername, getsockname};
@@ -446,10 +446,9 @@ fn lost_descriptor_keeps_the_agent() {
                     }
                     other => {
                         let msg = format!("unexpected answer: {other:?}\n");
-                        // SAFETY: writing a buffer to stderr.
-                        unsafe {
-                            libc::write(2, msg.as_ptr().cast(), msg.len());
-                        }
+                        // Not through std's locked handle: this is a forked
+                        // child of a threaded process.
+                        let _ = nix::unistd::write(std::io::stderr(), msg.as_bytes());
                         return 6;
                     }
                 }

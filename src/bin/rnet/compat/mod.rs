@@ -313,11 +313,8 @@ fn serve(o: &Options) -> Result<(), String> {
 
 /// Takes ownership of an inherited TAP descriptor after checking it is open.
 fn take_fd(fd: i32) -> Result<OwnedFd, String> {
-    // SAFETY: F_GETFD only reads the descriptor flags; an invalid number
-    // just fails with EBADF.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
-    if flags == -1 {
-        return Err(format!("tap fd {fd}: {}", std::io::Error::last_os_error()));
+    if let Err(e) = rnet::sys::fd_flags(fd) {
+        return Err(format!("tap fd {fd}: {e}"));
     }
     // SAFETY: the descriptor is open (checked above) and was handed to this
     // process by its parent for exactly this use; nothing else in the
