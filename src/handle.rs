@@ -78,7 +78,7 @@ impl Handle {
     }
 
     /// How many times the supervisor restarted the data plane (see
-    /// [`supervise`](crate::supervise)); 0 without supervision.
+    /// `rnet::supervise`); 0 without supervision.
     pub fn restarts(&self) -> u64 {
         supervise::restarts()
     }

@@ -67,9 +67,6 @@
 //! [smoltcp]: https://docs.rs/smoltcp
 
 #![deny(unsafe_op_in_unsafe_fn)]
-// The hidden internal modules link to private items on purpose: they are
-// read with `cargo doc --document-private-items`, where those links resolve.
-#![allow(rustdoc::private_intra_doc_links)]
 
 #[doc(hidden)]
 pub mod config;

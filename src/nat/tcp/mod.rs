@@ -27,7 +27,7 @@
 //!
 //! smoltcp fixes a socket's buffer capacity (and with it the window scale it
 //! announces) when the socket is made, and cannot swap buffers later. So
-//! each ring is a [`RING_CAP`] anonymous mapping of rnet's own ([`RingMem`])
+//! each ring is a [`RING_CAP`] anonymous mapping of rnet's own (`RingMem`)
 //! that smoltcp borrows, and what grows and shrinks is its *resident*
 //! memory, tracked in [`CHUNK`]-sized chunks:
 //!
