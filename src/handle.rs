@@ -121,9 +121,7 @@ impl crate::ports::PortControl for Handle {
 #[cfg(test)]
 mod tests {
     use std::net::UdpSocket;
-    use std::os::fd::OwnedFd;
-
-    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+    use std::os::unix::net::UnixDatagram;
 
     use super::*;
     use crate::config::{Config, OutboundPolicy};
@@ -133,7 +131,7 @@ mod tests {
     /// A handle whose engine is built but whose loop never runs, so no
     /// request is ever taken off the queue. The engine, the guest's end of
     /// its socket pair and the (silent) DNS upstream are kept alive.
-    fn idle_handle() -> (Handle, Engine, OwnedFd, UdpSocket) {
+    fn idle_handle() -> (Handle, Engine, UnixDatagram, UdpSocket) {
         let dns = UdpSocket::bind("127.0.0.1:0").unwrap();
         let upstream = dns.local_addr().unwrap();
         let cfg = Config::builder()
@@ -141,14 +139,8 @@ mod tests {
             .dns_upstreams(vec![upstream])
             .build()
             .expect("test config");
-        let (guest, tap) = socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )
-        .unwrap();
-        let tap = Tap::new(tap).unwrap();
+        let (guest, tap) = UnixDatagram::pair().unwrap();
+        let tap = Tap::new(tap.into()).unwrap();
         let (engine, control, stats) =
             Engine::new(Arc::new(cfg), tap, None, vec![upstream]).unwrap();
         (Handle::new(control, stats), engine, guest, dns)
