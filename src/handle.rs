@@ -78,7 +78,7 @@ impl Handle {
     }
 
     /// How many times the supervisor restarted the data plane (see
-    /// [`supervise`](crate::supervise)); 0 without supervision.
+    /// `rnet::supervise`); 0 without supervision.
     pub fn restarts(&self) -> u64 {
         supervise::restarts()
     }
@@ -115,5 +115,65 @@ impl crate::ports::PortControl for Handle {
     }
     fn is_running(&self) -> bool {
         Handle::is_running(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::UdpSocket;
+    use std::os::unix::net::UnixDatagram;
+
+    use super::*;
+    use crate::config::{Config, OutboundPolicy};
+    use crate::engine::{Command, Engine};
+    use crate::phy::tap::Tap;
+
+    /// A handle whose engine is built but whose loop never runs, so no
+    /// request is ever taken off the queue. The engine, the guest's end of
+    /// its socket pair and the (silent) DNS upstream are kept alive.
+    fn idle_handle() -> (Handle, Engine, UnixDatagram, UdpSocket) {
+        let dns = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let upstream = dns.local_addr().unwrap();
+        let cfg = Config::builder()
+            .outbound(OutboundPolicy::Only(vec![]))
+            .dns_upstreams(vec![upstream])
+            .build()
+            .expect("test config");
+        let (guest, tap) = UnixDatagram::pair().unwrap();
+        let tap = Tap::new(tap.into()).unwrap();
+        let (engine, control, stats) =
+            Engine::new(Arc::new(cfg), tap, None, vec![upstream]).unwrap();
+        (Handle::new(control, stats), engine, guest, dns)
+    }
+
+    #[test]
+    fn a_full_command_queue_refuses_at_once_with_busy() {
+        let (handle, engine, _guest, _dns) = idle_handle();
+        // Fill the queue; each request keeps its reply channel open, as a
+        // caller waiting for an answer would.
+        let mut replies = Vec::new();
+        for i in 0..COMMAND_QUEUE {
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            let queued = handle.control.send(Command::ListPorts(tx));
+            assert!(
+                queued.is_ok(),
+                "request {i} of {COMMAND_QUEUE} refused: {queued:?}"
+            );
+            replies.push(rx);
+        }
+        // The next request of any kind is refused without waiting for the
+        // loop (which would answer Stopped only after its deadline).
+        assert!(matches!(handle.ports(), Err(PortError::Busy)));
+        assert!(matches!(
+            handle.status_within(Duration::from_secs(3600)),
+            Err(PortError::Busy)
+        ));
+        assert!(matches!(handle.remove_port(1), Err(PortError::Busy)));
+        // Nothing was answered: the queued requests are still waiting.
+        assert!(replies.iter().all(|rx| rx.try_recv().is_err()));
+        assert!(handle.is_running());
+        // Once the loop is gone, a request says so instead of Busy.
+        drop(engine);
+        assert!(matches!(handle.ports(), Err(PortError::Stopped)));
     }
 }

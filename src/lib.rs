@@ -28,8 +28,9 @@
 //! - `ns`: entering the target's namespaces, creating and configuring
 //!   the TAP, passing its descriptor back (SCM_RIGHTS), `rnet run`'s
 //!   fresh namespaces, the fast-path namespace agent.
-//! - `phy`: the TAP descriptor (frames, offload header), the smoltcp
-//!   device over it, `--pcap` captures.
+//! - `phy`: the TAP descriptor, the virtio-net offload header and its
+//!   checksums, UDP-tunnel GSO cutting, the smoltcp device over the TAP,
+//!   `--pcap` captures.
 //! - `wire`: frame classification and the frames rnet builds itself.
 //! - `stack`: the smoltcp interface and the virtual hosts.
 //! - `engine`: the event loop that ties them together on one thread.
@@ -67,9 +68,6 @@
 //! [smoltcp]: https://docs.rs/smoltcp
 
 #![deny(unsafe_op_in_unsafe_fn)]
-// The hidden internal modules link to private items on purpose: they are
-// read with `cargo doc --document-private-items`, where those links resolve.
-#![allow(rustdoc::private_intra_doc_links)]
 
 #[doc(hidden)]
 pub mod config;

@@ -6,7 +6,7 @@
 //! does all of its set-up that must survive a crash in the calling process:
 //! it opens the TAP (the guest's `tap0` and its addresses live as long as
 //! that descriptor does), binds the control socket and the metrics
-//! endpoint, and opens what `--publish-auto` reads. Then [`start`] turns
+//! endpoint, and opens what `--publish-auto` reads. Then `start` turns
 //! the calling process into the supervisor: it forks a worker and returns
 //! only in the worker, which goes on exactly as an unsupervised rnet does
 //! (a fresh epoll and event loop of its own, the published ports, the

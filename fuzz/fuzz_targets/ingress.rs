@@ -69,7 +69,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
-use rnet::phy::tap::VNET_HDR_LEN;
+use rnet::phy::vnet::VNET_HDR_LEN;
 use rnet::{Config, Network, OutboundPolicy};
 
 const GUEST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x64];

@@ -22,7 +22,8 @@ use std::sync::Mutex;
 
 use libfuzzer_sys::fuzz_target;
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
-use rnet::phy::tap::{Gso, ReadOutcome, Tap, VNET_HDR_LEN};
+use rnet::phy::tap::{ReadOutcome, Tap};
+use rnet::phy::vnet::{Gso, VNET_HDR_LEN};
 
 struct Pair {
     guest: OwnedFd,

@@ -112,7 +112,7 @@ fn uso_well_formed(seg: Option<u16>, v: &Verdict<'_>) -> bool {
 impl Engine {
     /// The offload metadata of the frame of `len` bytes just read, or None
     /// (counted) when the frame cannot be from a well-behaved guest.
-    fn admit(&mut self, len: usize) -> Option<crate::phy::tap::RxMeta> {
+    fn admit(&mut self, len: usize) -> Option<crate::phy::vnet::RxMeta> {
         let meta = self.tap.rx_meta();
         if meta.unsupported {
             // A GSO type rnet never enabled (UDP fragmentation offload).

@@ -19,7 +19,6 @@
 pub mod icmp;
 pub mod local;
 pub mod tcp;
-pub mod tunnel;
 pub mod udp;
 pub mod udpio;
 

@@ -13,7 +13,7 @@
 //!
 //! [`GsoBatch`] collects the guest's consecutive datagrams of one flow so
 //! they can leave that way (a guest's UDP-tunnel super-frames are cut into
-//! such trains by [`crate::nat::tunnel`]).
+//! such trains by [`crate::phy::tunnel`]).
 
 use std::io;
 use std::net::SocketAddr;

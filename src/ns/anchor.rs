@@ -24,8 +24,8 @@
 //! - stdin, stdout and stderr on `/dev/null`, no other descriptor once it
 //!   has reported, an empty environment, parent-death `SIGKILL`;
 //! - no capability but `CAP_SYS_PTRACE` inside the guest's user namespace
-//!   (see [`CAP_SYS_PTRACE`]), no_new_privs and a seccomp allow-list
-//!   ([`anchor_calls`]: the stat calls, sleeping, memory, exit, and
+//!   (see `CAP_SYS_PTRACE`), no_new_privs and a seccomp allow-list
+//!   (`anchor_calls`: the stat calls, sleeping, memory, exit, and
 //!   writing and closing its one report).
 //!
 //! # The namespaces it hands back

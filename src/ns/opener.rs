@@ -5,11 +5,11 @@
 //!
 //! The guest is root in the user namespace the opener joins and may signal
 //! or try to trace it, so it is confined as the namespace agent is
-//! ([`super::agent::confine`]): undumpable from the first instruction
+//! (`super::agent::confine`): undumpable from the first instruction
 //! after fork, stdin/stdout/stderr on `/dev/null` and no other descriptor
 //! than its socket, an empty environment, an empty read-only root, only
 //! `CAP_NET_BIND_SERVICE`, no_new_privs and a seccomp allow-list
-//! ([`opener_calls`]: `socket` for AF_INET/AF_INET6 only, `bind`,
+//! (`opener_calls`: `socket` for AF_INET/AF_INET6 only, `bind`,
 //! `listen`, `setsockopt`, `fcntl`, its socket's `sendmsg`/`recvmsg`,
 //! exit). It dies with rnet (parent-death signal) and exits when rnet
 //! closes its end.

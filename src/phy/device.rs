@@ -18,7 +18,8 @@ use std::num::NonZeroUsize;
 use smoltcp::phy::{self, Checksum, ChecksumCapabilities, DeviceCapabilities, Medium, PacketMeta};
 use smoltcp::time::Instant;
 
-use crate::phy::tap::{Gso, MAX_GSO_FRAME, TapTx};
+use crate::phy::tap::TapTx;
+use crate::phy::vnet::{Gso, MAX_GSO_FRAME};
 
 /// A one-frame device over the TAP.
 pub struct FrameDevice<'a> {

@@ -74,7 +74,7 @@ const LOG_EVERY: Duration = Duration::from_secs(10);
 pub const MAX_PATH: usize = 108;
 
 /// A running control socket; [`ApiServer::shutdown`] removes the file
-/// (if it is still this process's socket: see [`SocketFile`]).
+/// (if it is still this process's socket: see `SocketFile`).
 pub struct ApiServer {
     file: SocketFile,
     /// The listening socket, shut down to wake the server's `accept`.

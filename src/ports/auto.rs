@@ -166,7 +166,7 @@ fn ephemeral_start(pid: i32) -> u16 {
 /// final symbolic link) and opened `O_PATH` first, so nothing the guest put
 /// there (a FIFO, a device) is ever opened for reading; only a regular file
 /// on a procfs is then reopened, without blocking, and read up to
-/// [`SYSCTL_CAP`] bytes.
+/// `SYSCTL_CAP` bytes.
 pub fn read_in_root(root: &str, rel: &str) -> std::io::Result<String> {
     use std::io::{Error, ErrorKind};
     use std::os::fd::{AsFd, AsRawFd};

@@ -98,7 +98,7 @@ pub struct Classified<'a> {
 }
 
 /// Classifies one Ethernet frame from the guest. `l4_vouched` says the
-/// guest kernel vouched for the TCP/UDP checksum (see [`crate::phy::tap::RxMeta`]),
+/// guest kernel vouched for the TCP/UDP checksum (see [`crate::phy::vnet::RxMeta`]),
 /// which then is not checked: it may be partial by design.
 pub fn classify<'a>(
     frame: &'a [u8],

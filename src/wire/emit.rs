@@ -351,7 +351,7 @@ pub struct RouterAdvert<'a> {
     pub dns: &'a [Ipv6Addr],
     /// DNS search list (DNSSL, RFC 8106; left out when empty): domain
     /// names in DNS wire format without compression
-    /// ([`crate::config::encode_domains`]).
+    /// (`crate::config::encode_domains`).
     pub search: &'a [u8],
     /// Router lifetime in seconds (also the lifetime of the DNS options).
     pub lifetime: u16,

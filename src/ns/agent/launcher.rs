@@ -50,7 +50,7 @@ pub(super) const START_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The environment variable of the test hook that makes every agent answer
 /// connection requests with a pipe instead of a socket (see
-/// [`AgentOptions::bad_fd`]). Read once, when the launcher starts; for
+/// `AgentOptions::bad_fd`). Read once, when the launcher starts; for
 /// rnet's own tests only.
 pub const TEST_BAD_FD_ENV: &str = "RNET_TEST_AGENT_BAD_FD";
 

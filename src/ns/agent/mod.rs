@@ -13,7 +13,7 @@
 //! # Trust
 //!
 //! The agent lives where the guest is root. It is confined as
-//! [`confine`] describes: undumpable before it joins anything, no
+//! `confine` describes: undumpable before it joins anything, no
 //! descriptors but its socket and the namespace's socket tables, an empty
 //! environment, an empty read-only root of its own, only `CAP_NET_ADMIN`
 //! (rules, `IP_TRANSPARENT`) and `CAP_NET_BIND_SERVICE` (client ports below
@@ -185,7 +185,7 @@ pub enum Submit {
 /// A helper process living in a target's user and network namespaces that
 /// opens sockets there on request, started by a [`Launcher`]. Requests are
 /// served one at a time, in order. The blocking methods wait at most
-/// [`REPLY_TIMEOUT`] for the answer; an event loop uses [`Agent::submit`]
+/// `REPLY_TIMEOUT` for the answer; an event loop uses [`Agent::submit`]
 /// and [`Agent::try_reply`] on the non-blocking socket instead.
 ///
 /// Dropping it removes the reply rules it still has installed (best

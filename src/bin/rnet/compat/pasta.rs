@@ -90,7 +90,9 @@ use std::time::Duration;
 use nix::sys::signal::{SigSet, Signal};
 use nix::unistd::{ForkResult, Pid};
 use rnet::ports::auto::AutoPublish;
-use rnet::{Config, Ipv4Cidr, Network, OutboundPolicy, PortSpec, Proto, Target, config};
+use rnet::{
+    Config, ConfigBuilder, Ipv4Cidr, Network, OutboundPolicy, PortSpec, Proto, Target, config,
+};
 use tracing::{info, warn};
 
 use super::args::ArgError;
@@ -309,49 +311,7 @@ pub fn build_config(o: &PastaOptions) -> Result<Config, String> {
     } else {
         None
     };
-    let no_host = |what: &str| {
-        format!(
-            "no {what} given and none to copy from the host (no interface with an IPv4 default route): pass -a ADDR -n PREFIX -g GATEWAY"
-        )
-    };
-    let host_addr = host.as_ref().and_then(|h| h.addr);
-    let addr = match o.address {
-        Some(a) => a,
-        None => host_addr.map(|(a, _)| a).ok_or_else(|| no_host("-a"))?,
-    };
-    let prefix = match o.netmask {
-        Some(n) => n,
-        None => host_addr.map(|(_, p)| p).ok_or_else(|| no_host("-n"))?,
-    };
-    let gateway = match o.gateway {
-        Some(g) => g,
-        None => host
-            .as_ref()
-            .map(|h| h.gateway)
-            .ok_or_else(|| no_host("-g"))?,
-    };
-    if !(1..=30).contains(&prefix) {
-        return Err(format!(
-            "netmask /{prefix}: rnet needs a prefix length of 1-30 (room for the guest and the gateway)"
-        ));
-    }
-    let cidr = Ipv4Cidr::new(addr, prefix).map_err(|e| e.to_string())?;
-    let cidr = Ipv4Cidr::new(cidr.network(), prefix).map_err(|e| e.to_string())?;
-    if !cidr.contains(gateway) {
-        return Err(format!(
-            "gateway {gateway} is outside {}/{prefix}: give -g inside the network of -a/-n",
-            cidr.network()
-        ));
-    }
-    let dns = o.dns_forward.unwrap_or_else(|| {
-        let d = cidr.nth(3);
-        if d != addr && d != gateway && cidr.contains(d) && d != cidr.broadcast() {
-            d
-        } else {
-            Ipv4Addr::new(169, 254, 1, 1)
-        }
-    });
-
+    let v4 = ipv4_network(o, host.as_ref())?;
     let outbound = match std::env::var(super::ENV_OUTBOUND_ALLOW) {
         Ok(v) => super::parse_outbound_allow(&v)?,
         Err(_) => OutboundPolicy::Any,
@@ -377,14 +337,14 @@ pub fn build_config(o: &PastaOptions) -> Result<Config, String> {
         }
     };
     let ipv6 = ipv6_prefix(o, mtu)?;
-    let mut b = Config::builder()
+    let b = Config::builder()
         .tap_name(tap)
         .mtu(mtu)
         .configure(o.config_net)
-        .cidr(cidr)
-        .guest_addr(Some(addr))
-        .gateway_addr(Some(gateway))
-        .dns_addr(Some(dns))
+        .cidr(v4.cidr)
+        .guest_addr(Some(v4.addr))
+        .gateway_addr(Some(v4.gateway))
+        .dns_addr(Some(v4.dns))
         .outbound(outbound)
         .outbound_addr(outbound_addr)
         .dns_upstreams(upstreams)
@@ -404,6 +364,75 @@ pub fn build_config(o: &PastaOptions) -> Result<Config, String> {
         })
         .sandbox(true)
         .seccomp(true);
+    let b = with_host_addresses(b, o, v4.gateway);
+    let b = with_port_forwards(b, o)?;
+    reverse_ports(o)?;
+    b.build().map_err(|e| e.to_string())
+}
+
+/// The IPv4 side of the virtual network: what `-a`, `-n`, `-g` and
+/// `--dns-forward` give, the rest copied from the host's default route.
+struct Ipv4Net {
+    addr: Ipv4Addr,
+    cidr: Ipv4Cidr,
+    gateway: Ipv4Addr,
+    dns: Ipv4Addr,
+}
+
+/// Works out and checks the IPv4 network (`host`: the host's defaults,
+/// looked up when an option is missing).
+fn ipv4_network(o: &PastaOptions, host: Option<&HostDefaults>) -> Result<Ipv4Net, String> {
+    let no_host = |what: &str| {
+        format!(
+            "no {what} given and none to copy from the host (no interface with an IPv4 default route): pass -a ADDR -n PREFIX -g GATEWAY"
+        )
+    };
+    let host_addr = host.and_then(|h| h.addr);
+    let addr = match o.address {
+        Some(a) => a,
+        None => host_addr.map(|(a, _)| a).ok_or_else(|| no_host("-a"))?,
+    };
+    let prefix = match o.netmask {
+        Some(n) => n,
+        None => host_addr.map(|(_, p)| p).ok_or_else(|| no_host("-n"))?,
+    };
+    let gateway = match o.gateway {
+        Some(g) => g,
+        None => host.map(|h| h.gateway).ok_or_else(|| no_host("-g"))?,
+    };
+    if !(1..=30).contains(&prefix) {
+        return Err(format!(
+            "netmask /{prefix}: rnet needs a prefix length of 1-30 (room for the guest and the gateway)"
+        ));
+    }
+    let cidr = Ipv4Cidr::new(addr, prefix).map_err(|e| e.to_string())?;
+    let cidr = Ipv4Cidr::new(cidr.network(), prefix).map_err(|e| e.to_string())?;
+    if !cidr.contains(gateway) {
+        return Err(format!(
+            "gateway {gateway} is outside {}/{prefix}: give -g inside the network of -a/-n",
+            cidr.network()
+        ));
+    }
+    let dns = o.dns_forward.unwrap_or_else(|| {
+        let d = cidr.nth(3);
+        if d != addr && d != gateway && cidr.contains(d) && d != cidr.broadcast() {
+            d
+        } else {
+            Ipv4Addr::new(169, 254, 1, 1)
+        }
+    });
+    Ok(Ipv4Net {
+        addr,
+        cidr,
+        gateway,
+        dns,
+    })
+}
+
+/// How the guest reaches the host: `--no-map-gw`/`--map-gw` and
+/// `--map-host-loopback` (the loopback switch and its alias),
+/// `--map-guest-addr`; and the DNS servers announced (`-D`).
+fn with_host_addresses(mut b: ConfigBuilder, o: &PastaOptions, gateway: Ipv4Addr) -> ConfigBuilder {
     b = match o.host_loopback {
         HostLoopback::Gateway => b.allow_host_loopback(true),
         HostLoopback::Off => b.allow_host_loopback(false),
@@ -416,6 +445,12 @@ pub fn build_config(o: &PastaOptions) -> Result<Config, String> {
     if let Some(d) = &o.dns {
         b = b.dns_announced(d.clone());
     }
+    b
+}
+
+/// The `-t` (TCP) and `-u` (UDP) ports: published host ports, or
+/// `--publish-auto` for `auto`.
+fn with_port_forwards(mut b: ConfigBuilder, o: &PastaOptions) -> Result<ConfigBuilder, String> {
     let eph = ephemeral_range();
     for (proto, list) in [(Proto::Tcp, &o.tcp), (Proto::Udp, &o.udp)] {
         for f in list {
@@ -450,8 +485,7 @@ pub fn build_config(o: &PastaOptions) -> Result<Config, String> {
             }
         }
     }
-    reverse_ports(o)?;
-    b.build().map_err(|e| e.to_string())
+    Ok(b)
 }
 
 /// The `-T` (TCP) and `-U` (UDP) ports: the namespace's loopback to the

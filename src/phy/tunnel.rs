@@ -1,6 +1,6 @@
 //! UDP-tunnel GSO super-frames from the guest, cut as a NIC would.
 //!
-//! With `TUN_F_UDP_TUNNEL_GSO` on the TAP (see [`crate::tap`]), a VXLAN or
+//! With `TUN_F_UDP_TUNNEL_GSO` on the TAP (see [`crate::phy::vnet`]), a VXLAN or
 //! Geneve device in the guest hands over one outer UDP datagram carrying
 //! an inner TCP segment (or UDP train) of up to 64 KiB, its segment size
 //! and the offsets of the outer transport and inner network headers in the

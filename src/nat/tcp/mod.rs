@@ -27,7 +27,7 @@
 //!
 //! smoltcp fixes a socket's buffer capacity (and with it the window scale it
 //! announces) when the socket is made, and cannot swap buffers later. So
-//! each ring is a [`RING_CAP`] anonymous mapping of rnet's own ([`RingMem`])
+//! each ring is a [`RING_CAP`] anonymous mapping of rnet's own (`RingMem`)
 //! that smoltcp borrows, and what grows and shrinks is its *resident*
 //! memory, tracked in [`CHUNK`]-sized chunks:
 //!
@@ -71,20 +71,31 @@
 //! off earlier instead (tried: receive rings capped at half the budget)
 //! made the guest's retransmission timers back off until flows stalled.
 
+mod host;
+mod ring;
+mod segment;
+#[cfg(test)]
+mod tests;
+
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
-use std::ptr::NonNull;
 use std::time::Duration as StdDuration;
 
 use mio::net::TcpStream;
 use smoltcp::iface::{SocketHandle, SocketSet};
 use smoltcp::socket::tcp::{self, State};
 use smoltcp::time::{Duration, Instant};
-use smoltcp::wire::{Icmpv4DstUnreachable, IpListenEndpoint};
-use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use smoltcp::wire::IpListenEndpoint;
+use socket2::SockRef;
 
 use crate::phy::tap::TapTx;
 use crate::stack::Stack;
+
+use host::connect;
+pub use host::{connect_error_reply, connect_error_reply6};
+use ring::{RingMem, span, writable};
+pub use segment::strip_payload;
+use segment::tcp_seq;
 
 /// Capacity of each guest-side ring (receive and transmit) per flow; what
 /// it costs in memory is only its resident chunks (see the module docs).
@@ -555,25 +566,10 @@ impl TcpFlow {
     /// and [`Self::wants_memory`] says so. New chunks taken are subtracted.
     pub fn service(&mut self, room: &mut usize) -> Step {
         self.wants_memory = false;
-        if self.phase == Phase::Connecting {
-            match self.check_connect() {
-                Ok(true) => {
-                    self.phase = Phase::Open;
-                    self.sockets
-                        .get_mut::<tcp::Socket>(self.handle)
-                        .pause_synack(false);
-                }
-                Ok(false) => {
-                    // The guest may have given up (RST) while we wait.
-                    let s = self.sockets.get::<tcp::Socket>(self.handle);
-                    return if matches!(s.state(), State::Closed) {
-                        Step::Remove
-                    } else {
-                        Step::Keep
-                    };
-                }
-                Err(e) => return Step::ConnectFailed(e),
-            }
+        if self.phase == Phase::Connecting
+            && let Some(step) = self.finish_connect()
+        {
+            return step;
         }
         // Guest bytes smoltcp put in the receive ring since the last visit.
         let (rx_live, _) = self.live();
@@ -675,6 +671,31 @@ impl TcpFlow {
         }
     }
 
+    /// While connecting: once the host connect is done, opens the flow and
+    /// releases the guest's SYN-ACK (None: service goes on); otherwise the
+    /// step to return now.
+    fn finish_connect(&mut self) -> Option<Step> {
+        match self.check_connect() {
+            Ok(true) => {
+                self.phase = Phase::Open;
+                self.sockets
+                    .get_mut::<tcp::Socket>(self.handle)
+                    .pause_synack(false);
+                None
+            }
+            Ok(false) => {
+                // The guest may have given up (RST) while we wait.
+                let s = self.sockets.get::<tcp::Socket>(self.handle);
+                Some(if matches!(s.state(), State::Closed) {
+                    Step::Remove
+                } else {
+                    Step::Keep
+                })
+            }
+            Err(e) => Some(Step::ConnectFailed(e)),
+        }
+    }
+
     /// Whether a non-blocking connect finished: Ok(true) connected,
     /// Ok(false) still pending, Err the failure.
     fn check_connect(&mut self) -> io::Result<bool> {
@@ -692,306 +713,5 @@ impl TcpFlow {
             }
             Err(e) => Err(e),
         }
-    }
-}
-
-/// How a failed host connect is reported to an IPv6 guest.
-pub fn connect_error_reply6(e: &io::Error) -> Option<crate::wire::emit::Unreach6> {
-    use crate::wire::emit::Unreach6;
-    match e.raw_os_error() {
-        Some(libc::ENETUNREACH) => Some(Unreach6::NoRoute),
-        Some(libc::EHOSTUNREACH) | Some(libc::ETIMEDOUT) => Some(Unreach6::Address),
-        Some(libc::EACCES) | Some(libc::EPERM) => Some(Unreach6::AdminProhibited),
-        _ => None,
-    }
-}
-
-/// How a failed host connect is reported to the guest.
-pub fn connect_error_reply(e: &io::Error) -> Option<Icmpv4DstUnreachable> {
-    match e.raw_os_error() {
-        Some(libc::ENETUNREACH) => Some(Icmpv4DstUnreachable::NetUnreachable),
-        Some(libc::EHOSTUNREACH) | Some(libc::ETIMEDOUT) => {
-            Some(Icmpv4DstUnreachable::HostUnreachable)
-        }
-        Some(libc::EACCES) | Some(libc::EPERM) => Some(Icmpv4DstUnreachable::CommProhibited),
-        // Refused and everything else: a reset.
-        _ => None,
-    }
-}
-
-/// A non-blocking connect to `target`, optionally from `bind` (an address
-/// of `target`'s family; loopback targets included).
-fn connect(target: SocketAddr, bind: Option<std::net::IpAddr>) -> io::Result<TcpStream> {
-    let domain = Domain::for_address(target);
-    let s = Socket::new(
-        domain,
-        Type::STREAM.nonblocking().cloexec(),
-        Some(Protocol::TCP),
-    )?;
-    s.set_tcp_nodelay(true)?;
-    if let Some(ip) = bind.filter(|ip| ip.is_ipv4() == target.is_ipv4()) {
-        s.bind(&SocketAddr::new(ip, 0).into())?;
-    }
-    match s.connect(&target.into()) {
-        Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
-        Err(e) => return Err(e),
-    }
-    Ok(TcpStream::from_std(s.into()))
-}
-
-/// One ring's storage: a private anonymous mapping of [`RING_CAP`] bytes
-/// that smoltcp's `SocketBuffer` borrows, with the chunks that may be
-/// resident (written since they were last given back).
-struct RingMem {
-    base: NonNull<u8>,
-    /// Bit `i`: chunk `i` may hold resident pages.
-    touched: u64,
-}
-
-const _: () = assert!(CHUNKS <= 64 && RING_CAP % CHUNK == 0);
-
-// SAFETY: a RingMem owns its mapping exclusively (like a Box<[u8]>); the
-// flow that holds it moves between threads only as a whole, with the socket
-// borrowing the mapping.
-unsafe impl Send for RingMem {}
-
-impl RingMem {
-    /// Maps a ring; no page is resident until written.
-    fn new() -> io::Result<Self> {
-        // SAFETY: a fresh private anonymous mapping; no existing memory is
-        // touched. NORESERVE: the budget, not overcommit accounting, bounds
-        // what becomes resident.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                RING_CAP,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let base = NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap gave 0"))?;
-        Ok(Self { base, touched: 0 })
-    }
-
-    /// The whole ring as the slice smoltcp works on.
-    ///
-    /// The slice claims `'static`; it lives as long as this mapping, which
-    /// [`TcpFlow`] drops only after the socket set holding the slice
-    /// (fields drop in declaration order, and the set never leaves the flow).
-    fn storage(&self) -> &'static mut [u8] {
-        // SAFETY: the mapping is RING_CAP bytes, readable and writable, and
-        // handed out once (each RingMem backs exactly one SocketBuffer); see
-        // above for its lifetime.
-        unsafe { std::slice::from_raw_parts_mut(self.base.as_ptr(), RING_CAP) }
-    }
-
-    /// Ring offset of a slice smoltcp handed to a `send`/`recv` closure.
-    fn offset_of(&self, p: *const u8) -> usize {
-        (p as usize).wrapping_sub(self.base.as_ptr() as usize) % RING_CAP
-    }
-
-    /// Chunks resident (as far as rnet knows).
-    fn chunks(&self) -> usize {
-        self.touched.count_ones() as usize
-    }
-
-    /// Gives back the pages of the chunks in `mask` (which must hold no live
-    /// bytes); returns how many chunks were released.
-    fn release(&mut self, mask: u64) -> usize {
-        let mut m = mask & self.touched;
-        let n = m.count_ones() as usize;
-        while m != 0 {
-            let first = m.trailing_zeros() as usize;
-            let run = (m >> first).trailing_ones() as usize;
-            // SAFETY: the range lies inside the mapping; the chunks hold no
-            // byte smoltcp will read before writing it again (the caller's
-            // live-byte rule), and nothing borrows the ring during the call
-            // (one thread; no smoltcp call is in progress). DONTNEED on a
-            // private anonymous mapping makes the pages read as zero again.
-            unsafe {
-                libc::madvise(
-                    self.base.as_ptr().add(first * CHUNK).cast(),
-                    run * CHUNK,
-                    libc::MADV_DONTNEED,
-                );
-            }
-            m &= !(u64::MAX >> (64 - run) << first);
-        }
-        self.touched &= !mask;
-        n
-    }
-}
-
-impl Drop for RingMem {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping made in `new`; the socket that
-        // borrowed it is gone (see `storage`).
-        unsafe {
-            libc::munmap(self.base.as_ptr().cast(), RING_CAP);
-        }
-    }
-}
-
-/// How many of the `len` bytes from ring offset `off` may be written: all
-/// that fall in chunks already resident (`touched`), plus as many new
-/// chunks as `room` allows.
-fn writable(touched: u64, off: usize, len: usize, room: usize) -> usize {
-    let mut n = 0;
-    let mut left = room;
-    let mut pos = off;
-    while n < len {
-        let c = pos / CHUNK;
-        let in_chunk = ((c + 1) * CHUNK - pos).min(len - n);
-        if touched & (1 << (c % CHUNKS)) == 0 {
-            if left < CHUNK {
-                break;
-            }
-            left -= CHUNK;
-        }
-        n += in_chunk;
-        pos += in_chunk;
-    }
-    n
-}
-
-/// Cuts the payload off the guest TCP segment in the IP packet `ip`, so
-/// that smoltcp takes its acknowledgement and window but no data (the
-/// guest sends the bytes again, as after a loss); a FIN goes with the
-/// payload it followed. Returns the new length of the IP packet, or None
-/// (unchanged) if `ip` is not such a segment.
-pub fn strip_payload(ip: &mut [u8]) -> Option<usize> {
-    use smoltcp::wire::{IpAddress, Ipv4Packet, Ipv6Packet, TcpPacket};
-    let (hlen, total) = match ip.first()? >> 4 {
-        4 => (
-            usize::from(ip[0] & 0x0f) * 4,
-            usize::from(u16::from_be_bytes([*ip.get(2)?, *ip.get(3)?])),
-        ),
-        6 if *ip.get(6)? == 6 => (40, 40 + usize::from(u16::from_be_bytes([ip[4], ip[5]]))),
-        _ => return None,
-    };
-    let doff = usize::from(ip.get(hlen + 12)? >> 4) * 4;
-    let new = hlen + doff;
-    if doff < 20 || new > total.min(ip.len()) {
-        return None;
-    }
-    ip[hlen + 13] &= !0x09; // FIN, PSH
-    let (src, dst): (IpAddress, IpAddress) = if hlen == 40 {
-        let mut p = Ipv6Packet::new_unchecked(&mut ip[..new]);
-        p.set_payload_len(doff as u16);
-        (p.src_addr().into(), p.dst_addr().into())
-    } else {
-        let mut p = Ipv4Packet::new_unchecked(&mut ip[..new]);
-        p.set_total_len(new as u16);
-        p.fill_checksum();
-        (p.src_addr().into(), p.dst_addr().into())
-    };
-    TcpPacket::new_unchecked(&mut ip[hlen..new]).fill_checksum(&src, &dst);
-    Some(new)
-}
-
-/// Sequence number, flags and payload length of the TCP segment in the IP
-/// packet `ip` (no IPv6 extension headers).
-fn tcp_seq(ip: &[u8]) -> Option<(u32, u8, usize)> {
-    let (hlen, total) = match ip.first()? >> 4 {
-        4 => {
-            let declared = u16::from_be_bytes([*ip.get(2)?, *ip.get(3)?]);
-            (usize::from(ip[0] & 0x0f) * 4, usize::from(declared))
-        }
-        6 if *ip.get(6)? == 6 => {
-            let declared = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
-            (
-                40,
-                if declared == 0 {
-                    ip.len()
-                } else {
-                    40 + declared
-                },
-            )
-        }
-        _ => return None,
-    };
-    let tcp = ip.get(hlen..total.min(ip.len()))?;
-    if tcp.len() < 20 {
-        return None;
-    }
-    let doff = usize::from(tcp[12] >> 4) * 4;
-    let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
-    Some((seq, tcp[13], tcp.len().checked_sub(doff)?))
-}
-
-/// The chunks covering ring offsets `[start, start + len)`, wrapping.
-fn span(start: usize, len: usize) -> u64 {
-    if len == 0 {
-        return 0;
-    }
-    if len >= RING_CAP {
-        return u64::MAX >> (64 - CHUNKS);
-    }
-    let first = start / CHUNK;
-    let last = (start + len - 1) / CHUNK;
-    let mut m = 0u64;
-    for c in first..=last {
-        m |= 1 << (c % CHUNKS);
-    }
-    m
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn span_covers_and_wraps() {
-        assert_eq!(span(0, 0), 0);
-        assert_eq!(span(0, 1), 1);
-        assert_eq!(span(CHUNK - 1, 2), 0b11);
-        assert_eq!(span(RING_CAP - 1, 2), 1 | 1 << (CHUNKS - 1));
-        assert_eq!(span(5, RING_CAP), (1u64 << CHUNKS) - 1);
-        assert_eq!(span(3 * CHUNK, CHUNK), 1 << 3);
-    }
-
-    #[test]
-    fn strip_payload_keeps_a_valid_ack() {
-        use smoltcp::wire::{IpAddress, Ipv4Packet, TcpPacket};
-        let mut ip = vec![0u8; 20 + 20 + 100];
-        ip[0] = 0x45;
-        ip[2..4].copy_from_slice(&140u16.to_be_bytes());
-        ip[8] = 64;
-        ip[9] = 6;
-        ip[12..16].copy_from_slice(&[10, 0, 2, 100]);
-        ip[16..20].copy_from_slice(&[10, 0, 2, 2]);
-        ip[20 + 4..20 + 8].copy_from_slice(&1000u32.to_be_bytes());
-        ip[20 + 12] = 5 << 4;
-        ip[20 + 13] = 0x19; // ACK PSH FIN
-        assert_eq!(tcp_seq(&ip), Some((1000, 0x19, 100)));
-        let n = strip_payload(&mut ip).unwrap();
-        assert_eq!(n, 40);
-        let p = Ipv4Packet::new_checked(&ip[..n]).unwrap();
-        assert!(p.verify_checksum());
-        let (s, d): (IpAddress, IpAddress) = (p.src_addr().into(), p.dst_addr().into());
-        let t = TcpPacket::new_checked(&ip[20..n]).unwrap();
-        assert!(t.verify_checksum(&s, &d));
-        assert!(t.ack() && !t.fin() && !t.psh());
-        assert_eq!(tcp_seq(&ip[..n]), Some((1000, 0x10, 0)));
-    }
-
-    #[test]
-    fn release_returns_pages() {
-        let mut r = RingMem::new().unwrap();
-        let s = r.storage();
-        s[CHUNK * 2] = 7;
-        s[CHUNK * 5 + 9] = 9;
-        r.touched |= span(CHUNK * 2, 1) | span(CHUNK * 5 + 9, 1);
-        assert_eq!(r.chunks(), 2);
-        assert_eq!(r.release(1 << 2), 1);
-        assert_eq!(s[CHUNK * 2], 0, "a released chunk reads as zero");
-        assert_eq!(s[CHUNK * 5 + 9], 9, "other chunks keep their bytes");
-        assert_eq!(r.chunks(), 1);
     }
 }
