@@ -785,15 +785,8 @@ fn open_background_stdio(log: Option<&Path>) -> Result<(OwnedFd, Option<OwnedFd>
 fn redirect_stdio(null: &OwnedFd, log: &Option<OwnedFd>) -> Result<(), String> {
     let out = log.as_ref().unwrap_or(null);
     for (src, dst) in [(null, 0), (out, 1), (out, 2)] {
-        // SAFETY: dup2 only replaces descriptor `dst` (0-2) with a copy of
-        // an open descriptor this function borrows; nothing in the process
-        // holds 0-2 as owned Rust objects.
-        if unsafe { libc::dup2(src.as_raw_fd(), dst) } < 0 {
-            return Err(format!(
-                "redirecting descriptor {dst}: {}",
-                std::io::Error::last_os_error()
-            ));
-        }
+        rnet::sys::dup_to_stdio(src.as_raw_fd(), dst)
+            .map_err(|e| format!("redirecting descriptor {dst}: {e}"))?;
     }
     Ok(())
 }
