@@ -29,7 +29,9 @@
 //! announces) when the socket is made, and cannot swap buffers later. So
 //! each ring is a [`RING_CAP`] anonymous mapping of rnet's own ([`RingMem`])
 //! that smoltcp borrows, and what grows and shrinks is its *resident*
-//! memory, tracked in [`CHUNK`]-sized chunks:
+//! memory, tracked in [`CHUNK`]-sized chunks (a closed flow's rings go to a
+//! small pool of mappings with their pages given back, [`pool`], so a short
+//! connection neither maps nor unmaps):
 //!
 //! - A fresh ring holds no pages. A chunk becomes resident when bytes are
 //!   written into it: by rnet (host → guest, `send`), or by smoltcp when a
@@ -72,6 +74,7 @@
 //! made the guest's retransmission timers back off until flows stalled.
 
 mod host;
+mod pool;
 mod ring;
 mod segment;
 #[cfg(test)]
@@ -704,6 +707,12 @@ impl TcpFlow {
         }
         if let Some(e) = self.host.take_error()? {
             return Err(e);
+        }
+        if self.host_writable {
+            // A connecting TCP socket reports writable only once the
+            // handshake is done (or failed, which `take_error` saw): no
+            // getpeername needed.
+            return Ok(true);
         }
         match self.host.peer_addr() {
             Ok(_) => Ok(true),
