@@ -29,7 +29,9 @@
 //! announces) when the socket is made, and cannot swap buffers later. So
 //! each ring is a [`RING_CAP`] anonymous mapping of rnet's own (`RingMem`)
 //! that smoltcp borrows, and what grows and shrinks is its *resident*
-//! memory, tracked in [`CHUNK`]-sized chunks:
+//! memory, tracked in [`CHUNK`]-sized chunks (a closed flow's rings go to a
+//! small pool of mappings with their pages given back, [`pool`], so a short
+//! connection neither maps nor unmaps):
 //!
 //! - A fresh ring holds no pages. A chunk becomes resident when bytes are
 //!   written into it: by rnet (host → guest, `send`), or by smoltcp when a
@@ -72,6 +74,7 @@
 //! made the guest's retransmission timers back off until flows stalled.
 
 mod host;
+mod pool;
 mod ring;
 mod segment;
 #[cfg(test)]
@@ -150,6 +153,9 @@ pub struct TcpFlow {
     host_eof: bool,
     /// The guest's FIN was passed on with shutdown(SHUT_WR).
     host_shut_wr: bool,
+    /// The connect was looked at before any host event (see
+    /// `check_connect`).
+    probed: bool,
     /// The first bytes of the guest's SYN, quoted in an ICMP error.
     syn_quote: [u8; 60],
     syn_len: usize,
@@ -228,6 +234,7 @@ impl TcpFlow {
             host_writable: false,
             host_eof: false,
             host_shut_wr: false,
+            probed: false,
             syn_quote,
             syn_len,
             accounted: 0,
@@ -289,6 +296,7 @@ impl TcpFlow {
             host_writable: true,
             host_eof: false,
             host_shut_wr: false,
+            probed: false,
             syn_quote: [0; 60],
             syn_len: 0,
             accounted: 0,
@@ -316,6 +324,7 @@ impl TcpFlow {
         self.phase = Phase::Connecting;
         self.host_readable = false;
         self.host_writable = false;
+        self.probed = false;
         Ok(())
     }
 
@@ -655,7 +664,13 @@ impl TcpFlow {
             State::CloseWait | State::LastAck | State::Closing | State::TimeWait
         );
         if guest_fin && !sock.can_recv() && !self.host_shut_wr {
-            let _ = host.shutdown(Shutdown::Write);
+            // Both sides closed (TIME-WAIT after the host's EOF): the flow
+            // is removed in this pass and its close sends the FIN, as the
+            // host's receive queue is empty; one syscall less per short
+            // connection.
+            if !(state == State::TimeWait && self.host_eof) {
+                let _ = host.shutdown(Shutdown::Write);
+            }
             self.host_shut_wr = true;
         }
         match state {
@@ -700,10 +715,27 @@ impl TcpFlow {
     /// Ok(false) still pending, Err the failure.
     fn check_connect(&mut self) -> io::Result<bool> {
         if !self.host_writable && !self.host_readable {
-            return Ok(false);
+            // Once, before any event: a loopback connect is often done by
+            // the time connect() returns, and then the SYN-ACK leaves in
+            // the pass that saw the guest's SYN, not a loop pass later.
+            if self.probed {
+                return Ok(false);
+            }
+            self.probed = true;
+            let done = self.host.peer_addr().is_ok();
+            // Connected with an empty send queue: writable (a write that
+            // finds it otherwise clears this and waits for the event).
+            self.host_writable = done;
+            return Ok(done);
         }
         if let Some(e) = self.host.take_error()? {
             return Err(e);
+        }
+        if self.host_writable {
+            // A connecting TCP socket reports writable only once the
+            // handshake is done (or failed, which `take_error` saw): no
+            // getpeername needed.
+            return Ok(true);
         }
         match self.host.peer_addr() {
             Ok(_) => Ok(true),

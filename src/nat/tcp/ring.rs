@@ -24,25 +24,10 @@ const _: () = assert!(CHUNKS <= 64 && RING_CAP % CHUNK == 0);
 unsafe impl Send for RingMem {}
 
 impl RingMem {
-    /// Maps a ring; no page is resident until written.
+    /// A ring with no page resident until written: a pooled one (see
+    /// [`super::pool`]) or a fresh mapping.
     pub(super) fn new() -> io::Result<Self> {
-        // SAFETY: a fresh private anonymous mapping; no existing memory is
-        // touched. NORESERVE: the budget, not overcommit accounting, bounds
-        // what becomes resident.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                RING_CAP,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let base = NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap gave 0"))?;
+        let base = super::pool::take_tcp_ring()?;
         Ok(Self { base, touched: 0 })
     }
 
@@ -97,11 +82,9 @@ impl RingMem {
 
 impl Drop for RingMem {
     fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping made in `new`; the socket that
-        // borrowed it is gone (see `storage`).
-        unsafe {
-            libc::munmap(self.base.as_ptr().cast(), RING_CAP);
-        }
+        // The socket that borrowed the ring is gone (see `storage`): its
+        // pages go back, its address space to the pool.
+        super::pool::give_tcp_ring(self.base, self.touched);
     }
 }
 
