@@ -668,8 +668,7 @@ impl Engine {
                     self.stats.count_drop(DropReason::HostSocket);
                     if !self.ping_warned {
                         self.ping_warned = true;
-                        // SAFETY: getegid has no preconditions.
-                        let gid = unsafe { libc::getegid() };
+                        let gid = nix::unistd::getegid();
                         warn!(
                             error = %e,
                             "ICMP echo to {dst} cannot be relayed: the host's net.ipv4.ping_group_range ({}) does not admit rnet's group {gid}; allow it with `sysctl -w net.ipv4.ping_group_range=\"{gid} {gid}\"` (echo to the gateway is still answered; this is logged once)",

@@ -32,7 +32,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::Duration as StdDuration;
@@ -194,7 +194,7 @@ impl Engine {
         let stack = Stack::new(&cfg, tap.tx(), stack::now());
         let pidfd = match pid {
             Some(p) => {
-                let fd = pidfd_open(p)?;
+                let fd = crate::sys::pidfd_open(p)?;
                 poll.registry().register(
                     &mut SourceFd(&fd.as_raw_fd()),
                     PIDFD,
@@ -205,7 +205,7 @@ impl Engine {
             None => None,
         };
         if let Some(fd) = cfg.exit_fd {
-            set_nonblocking(fd)?;
+            crate::sys::set_nonblocking(fd)?;
             poll.registry()
                 .register(&mut SourceFd(&fd), EXIT_FD, Interest::READABLE)?;
         }
@@ -678,29 +678,6 @@ fn dhcp_config(cfg: &Config, net: crate::config::Ipv4Cidr, mtu: u32) -> DhcpConf
         d.pool_size = 1;
     }
     d
-}
-
-fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel just returned this fd to us; nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
-}
-
-fn set_nonblocking(fd: RawFd) -> io::Result<()> {
-    // SAFETY: F_GETFL/F_SETFL on a caller-provided fd; no memory is passed.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    if flags < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: as above.
-    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// How long the loop keeps polling after traffic, in microseconds: the
