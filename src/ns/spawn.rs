@@ -146,6 +146,64 @@ fn map_subids(pid: Pid, plan: &(SubRange, SubRange, PathBuf, PathBuf)) -> Result
     Ok(())
 }
 
+/// The subordinate-id ranges to map for `--subids`, logged either way;
+/// None maps only the caller's own ids.
+fn subid_plan() -> Option<(SubRange, SubRange, PathBuf, PathBuf)> {
+    match find_subids() {
+        Ok(plan) => {
+            tracing::info!(
+                uids = format!("0={},1-{}={}+", getuid(), plan.0.count, plan.0.start),
+                gids = format!("0={},1-{}={}+", getgid(), plan.1.count, plan.1.start),
+                "mapping subordinate ids"
+            );
+            Some(plan)
+        }
+        Err(why) => {
+            tracing::info!(
+                "{why}: mapping only uid {} and gid {} to root in the namespace (package managers and container runtimes inside may fail)",
+                getuid(),
+                getgid()
+            );
+            None
+        }
+    }
+}
+
+/// The parent's side once the child has reported (or not) that its
+/// namespaces exist: the command, or why it could not start. An error
+/// drops `cmd`, whose Drop kills and reaps the child unless it was already
+/// reaped (`go` taken).
+fn settle(
+    mut cmd: SpawnedCommand,
+    ready: std::io::Result<Option<Vec<u8>>>,
+) -> Result<SpawnedCommand, NsError> {
+    let child = cmd.pid;
+    match ready {
+        Ok(Some(bytes)) => match report::decode(&bytes) {
+            Ok(Report::Ok(_)) => Ok(cmd),
+            Ok(Report::Err(e)) => {
+                cmd.go = None;
+                let _ = reap(child);
+                Err(spawn_error(e, &cmd.program))
+            }
+            Err(detail) => Err(NsError::Helper { detail }),
+        },
+        Ok(None) => {
+            cmd.go = None;
+            let status = reap(child);
+            Err(NsError::Helper {
+                detail: format!(
+                    "the command's process {} before creating its namespaces",
+                    describe(status.ok().flatten())
+                ),
+            })
+        }
+        Err(e) => Err(NsError::Helper {
+            detail: format!("cannot read from the command's process: {e}"),
+        }),
+    }
+}
+
 /// Like [`spawn_in_new_namespaces`], with the choices of `opts`.
 pub fn spawn_with(argv: &[OsString], opts: &SpawnOptions) -> Result<SpawnedCommand, NsError> {
     let Some(first) = argv.first() else {
@@ -162,28 +220,7 @@ pub fn spawn_with(argv: &[OsString], opts: &SpawnOptions) -> Result<SpawnedComma
         .collect::<Result<Vec<_>, _>>()?;
     let uid_map = format!("0 {} 1\n", getuid());
     let gid_map = format!("0 {} 1\n", getgid());
-    let subids = if opts.subids {
-        match find_subids() {
-            Ok(plan) => {
-                tracing::info!(
-                    uids = format!("0={},1-{}={}+", getuid(), plan.0.count, plan.0.start),
-                    gids = format!("0={},1-{}={}+", getgid(), plan.1.count, plan.1.start),
-                    "mapping subordinate ids"
-                );
-                Some(plan)
-            }
-            Err(why) => {
-                tracing::info!(
-                    "{why}: mapping only uid {} and gid {} to root in the namespace (package managers and container runtimes inside may fail)",
-                    getuid(),
-                    getgid()
-                );
-                None
-            }
-        }
-    } else {
-        None
-    };
+    let subids = if opts.subids { subid_plan() } else { None };
     let parent = getpid();
     // Child → parent "namespaces created", parent → child "ids mapped".
     let (sync_r, sync_w) = pipe2(OFlag::O_CLOEXEC)
@@ -253,38 +290,13 @@ pub fn spawn_with(argv: &[OsString], opts: &SpawnOptions) -> Result<SpawnedComma
             drop(mapped_w);
             let mut status = File::from(status_r);
             let ready = read_stream_report(&mut status);
-            let mut cmd = SpawnedCommand {
+            let cmd = SpawnedCommand {
                 pid: child,
                 program,
                 go: Some(go_w),
                 status: Some(status),
             };
-            match ready {
-                Ok(Some(bytes)) => match report::decode(&bytes) {
-                    Ok(Report::Ok(_)) => Ok(cmd),
-                    Ok(Report::Err(e)) => {
-                        cmd.go = None;
-                        let _ = reap(child);
-                        Err(spawn_error(e, &cmd.program))
-                    }
-                    Err(detail) => Err(NsError::Helper { detail }),
-                },
-                Ok(None) => {
-                    cmd.go = None;
-                    let status = reap(child);
-                    Err(NsError::Helper {
-                        detail: format!(
-                            "the command's process {} before creating its namespaces",
-                            describe(status.ok().flatten())
-                        ),
-                    })
-                }
-                Err(e) => Err(NsError::Helper {
-                    detail: format!("cannot read from the command's process: {e}"),
-                }),
-            }
-            // Any Err above drops `cmd`, whose Drop kills and reaps the child
-            // unless it was already reaped (go taken).
+            settle(cmd, ready)
         }
     }
 }
